@@ -1,0 +1,524 @@
+"""SimKernel: one simulated machine, holding every piece of state; SimProcess: a process on it.
+
+Virtual time
+------------
+Nothing here reads the wall clock.  User calls happen at the current virtual
+time and take none.  ksmd is a kernel thread on the virtual clock: it runs a
+batch of ``pages_to_scan`` pages, which costs ksmd CPU time according to a
+simple cost model, then sleeps ``sleep_millisecs``, exactly as
+``ksm_scan_thread`` loops.  ``advance(ms)`` and ``wait_full_scans(n)`` move the
+clock and let ksmd run.
+
+Model choice (cost model): a batch costs ``ksmd_batch_ns`` plus
+``ksmd_page_ns`` per page handed to cmp_and_merge_page.  The defaults (2 µs
+and 3 µs) are rough figures for this machine's real ksmd (about 600k empty
+batches per second; about 3 µs of CPU per page visit in 1 GiB runs); they
+matter only for timing (virtual time, the advisor's CPU estimate), never for
+which pages merge.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+from typing import Any, Self
+
+from ksmlab.api import KsmStat, SmapsEntry
+from ksmlab.constants import (
+    MAP_ANONYMOUS,
+    MAP_PRIVATE,
+    MMF_VM_MERGE_ANY,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PR_GET_MEMORY_MERGE,
+    PR_SET_MEMORY_MERGE,
+    PROT_READ,
+    PROT_WRITE,
+    RMAP_ITEM_SIZE,
+    VM_DONTCOPY,
+    VM_IO,
+    VM_MAYWRITE,
+    VM_PFNMAP,
+    VM_READ,
+    VM_SHARED,
+    VM_WIPEONFORK,
+    VM_WRITE,
+)
+from ksmlab.errors import KernelError, ProcessExitedError, ScanStalledError, kernel_error
+from ksmlab.ksm.ksm import Ksm
+from ksmlab.ksm.sysfs import KsmSysfs
+from ksmlab.mm.madvise import do_madvise
+from ksmlab.mm.memory import Fault, Memory
+from ksmlab.mm.mm_types import AnonVma, MappedFile, MmStruct, Vma
+from ksmlab.mm.mmap import VmaOps
+from ksmlab.mm.page import PhysMem
+from ksmlab.mm.slab import Slab
+from ksmlab.tracing import TraceEvent
+
+MMF_INIT_MASK = 1 << MMF_VM_MERGE_ANY
+"""The mm flags fork and exec carry into the new mm (of those the model has)."""
+
+NS_PER_MS = 1_000_000
+
+
+class SimKernel:
+    """A deterministic model of a Linux 6.18 machine's KSM and the mm slice it needs.
+
+    Args:
+        config_ksm: False models CONFIG_KSM=n: no /sys/kernel/mm/ksm, and
+            MADV_(UN)MERGEABLE and the prctl fail with EINVAL.
+        numa_nodes: number of NUMA nodes (pages are placed with ``mmap(node=)``).
+        max_frames: physical pages available; None for unlimited.
+        slab_limit: kernel object allocations allowed before they fail (ENOMEM
+            inside, EAGAIN at madvise); None for unlimited.  Also settable
+            later as ``k.slab.limit``.
+        max_map_count: ``vm.max_map_count``.
+        ksmd_batch_ns, ksmd_page_ns: ksmd's CPU cost model (see module doc).
+        trace: record tracepoints in :attr:`events`.
+    """
+
+    def __init__(self, *, config_ksm: bool = True, numa_nodes: int = 1,
+                 max_frames: int | None = None, slab_limit: int | None = None,
+                 max_map_count: int = 65530, ksmd_batch_ns: int = 2000,
+                 ksmd_page_ns: int = 3000, trace: bool = True) -> None:
+        if numa_nodes < 1:
+            msg = f"numa_nodes must be at least 1, got {numa_nodes}"
+            raise ValueError(msg)
+        if ksmd_batch_ns <= 0 or ksmd_page_ns < 0:
+            msg = "ksmd_batch_ns must be positive and ksmd_page_ns not negative"
+            raise ValueError(msg)
+        self.config_ksm = config_ksm
+        self.numa_nodes = numa_nodes
+        self.now_ns = 0
+        """Virtual time, in nanoseconds since boot."""
+        self.ksmd_cpu_ns = 0
+        """CPU time ksmd has used, by the cost model."""
+        self.ksmd_batch_ns = ksmd_batch_ns
+        self.ksmd_page_ns = ksmd_page_ns
+        self.trace_enabled = trace
+        self.events: list[TraceEvent] = []
+        """Tracepoint records, in order."""
+        self.phys = PhysMem(numa_nodes, max_frames)
+        self.slab = Slab(slab_limit)
+        self.memory = Memory(self.phys, self._on_ksm_zero_unmap)
+        self.vmaops = VmaOps(self.memory, max_map_count)
+        self.ksm = Ksm(self.memory, self.slab, numa_nodes=numa_nodes,
+                       now_ms=lambda: self.now_ns / NS_PER_MS,
+                       cpu_ns=lambda: self.ksmd_cpu_ns, trace=self._trace)
+        self.ksm.wake_ksmd = self._wake_ksmd
+        self._sysfs = KsmSysfs(self.ksm)
+        self._ksmd_wake_ns: int | None = None
+        self._pids = itertools.count(1000)
+        self._mm_ids = itertools.count(1)
+        self.processes: dict[int, SimProcess] = {}
+        """Live processes by pid."""
+        self._files: dict[str, bytes] = {}
+
+    # --- context manager (for API parity with LinuxKernel) -----------------------------
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Nothing to release: the model holds no host resources."""
+
+    # --- tracing ----------------------------------------------------------------------
+    def _trace(self, name: str, **fields: Any) -> None:
+        if self.trace_enabled:
+            self.events.append(TraceEvent(self.now_ns, name, fields))
+
+    # --- sysfs ------------------------------------------------------------------------
+    @property
+    def sysfs(self) -> KsmSysfs:
+        """/sys/kernel/mm/ksm; OSError(ENOENT) when KSM is configured out."""
+        if not self.config_ksm:
+            raise kernel_error(errno.ENOENT, "/sys/kernel/mm/ksm (CONFIG_KSM is not set)")
+        return self._sysfs
+
+    # --- processes --------------------------------------------------------------------
+    def new_mm(self) -> MmStruct:
+        """A fresh, empty address space."""
+        return MmStruct(next(self._mm_ids))
+
+    def spawn(self) -> SimProcess:
+        """A new process with an empty address space."""
+        proc = SimProcess(self, next(self._pids), self.new_mm())
+        self.processes[proc.pid] = proc
+        return proc
+
+    def host_file(self, path: str) -> bytes:
+        """The bytes of a host file, read once per kernel (model choice: read-only)."""
+        key = os.path.abspath(path)
+        if key not in self._files:
+            try:
+                with open(key, "rb") as f:
+                    self._files[key] = f.read()
+            except OSError as e:
+                raise kernel_error(e.errno or errno.ENOENT, path) from None
+        return self._files[key]
+
+    # --- ksmd on the virtual clock ------------------------------------------------------
+    def _wake_ksmd(self) -> None:
+        self._ksmd_wake_ns = self.now_ns
+
+    def _ksmd_batch(self) -> None:
+        """One iteration of ``ksm_scan_thread``: a batch, then the sleep."""
+        assert self._ksmd_wake_ns is not None
+        self.now_ns = max(self.now_ns, self._ksmd_wake_ns)
+        scanned = self.ksm.ksm_do_scan(self.ksm.pages_to_scan)
+        cost = self.ksmd_batch_ns + scanned * self.ksmd_page_ns
+        self.ksmd_cpu_ns += cost
+        self.now_ns += cost
+        self._ksmd_wake_ns = self.now_ns + self.ksm.sleep_millisecs * NS_PER_MS
+
+    def _ksmd_next(self) -> int | None:
+        """When ksmd runs next, or None if it is blocked (run != 1 or nothing registered)."""
+        if not self.ksm.ksmd_should_run():
+            self._ksmd_wake_ns = None
+            return None
+        if self._ksmd_wake_ns is None:
+            self._ksmd_wake_ns = self.now_ns
+        return self._ksmd_wake_ns
+
+    def advance(self, ms: float) -> None:
+        """Let *ms* milliseconds of virtual time pass, running ksmd as it would."""
+        if ms < 0:
+            msg = f"cannot advance by a negative time: {ms} ms"
+            raise ValueError(msg)
+        target = self.now_ns + round(ms * NS_PER_MS)
+        while (wake := self._ksmd_next()) is not None and wake <= target:
+            self._ksmd_batch()
+        self.now_ns = max(self.now_ns, target)
+
+    def wait_full_scans(self, n: int = 1, *, timeout: float | None = None) -> None:
+        """Advance virtual time until ``full_scans`` has grown by *n*.
+
+        Raises ScanStalledError instead of waiting forever when ksmd is not
+        running (run != 1), has no mm to scan, or pages_to_scan is 0; and
+        when *timeout* (virtual seconds) passes first.
+        """
+        if n < 0:
+            msg = f"n must not be negative, got {n}"
+            raise ValueError(msg)
+        if not self.config_ksm:
+            msg = "KSM is configured out (config_ksm=False): there is no ksmd"
+            raise ScanStalledError(msg)
+        target = self.ksm.full_scans + n
+        deadline = None if timeout is None else self.now_ns + round(timeout * 1e9)
+        while self.ksm.full_scans < target:
+            wake = self._ksmd_next()
+            reason = self._stall_reason()
+            if wake is None or reason:
+                msg = (f"full_scans is stuck at {self.ksm.full_scans} (waiting for {target}): "
+                       f"{reason or 'ksmd is not running'}")
+                raise ScanStalledError(msg)
+            if deadline is not None and wake > deadline:
+                self.now_ns = deadline
+                msg = f"timeout: full_scans reached {self.ksm.full_scans}, not {target}"
+                raise ScanStalledError(msg)
+            self._ksmd_batch()
+
+    def _stall_reason(self) -> str:
+        ksm = self.ksm
+        if ksm.run != 1:
+            return f"run={ksm.run} (write run=1 to start ksmd)"
+        if ksm.list_empty():
+            return "no process has registered mergeable memory, so ksmd sleeps"
+        if ksm.pages_to_scan == 0:
+            return "pages_to_scan=0, so ksmd scans nothing"
+        return ""
+
+    # --- hooks --------------------------------------------------------------------------
+    def _on_ksm_zero_unmap(self, mm: MmStruct) -> None:
+        self.ksm.on_ksm_zero_unmap(mm)
+
+    @property
+    def cow_ksm(self) -> int:
+        """vmstat ``cow_ksm``: COW and unshare faults on KSM pages."""
+        return self.memory.cow_ksm
+
+
+class SimProcess:
+    """A process of a SimKernel: its address space and the syscalls on it."""
+
+    def __init__(self, kernel: SimKernel, pid: int, mm: MmStruct) -> None:
+        self.kernel = kernel
+        self._pid = pid
+        self._mm: MmStruct | None = mm
+
+    def __repr__(self) -> str:
+        state = "exited" if self._mm is None else f"mm={self._mm.id}"
+        return f"<SimProcess pid={self._pid} {state}>"
+
+    @property
+    def pid(self) -> int:
+        """Process id."""
+        return self._pid
+
+    @property
+    def alive(self) -> bool:
+        """False once the process has exited."""
+        return self._mm is not None
+
+    @property
+    def mm(self) -> MmStruct:
+        """The address space; ProcessExitedError after exit."""
+        if self._mm is None:
+            msg = f"process {self._pid} has exited"
+            raise ProcessExitedError(msg)
+        return self._mm
+
+    # --- memory syscalls ---------------------------------------------------------------
+    def mmap(self, length: int, prot: int = PROT_READ | PROT_WRITE,
+             flags: int = MAP_PRIVATE | MAP_ANONYMOUS, *, addr: int = 0,
+             node: int | None = None, path: str | None = None, offset: int = 0,
+             vm_flags: int = 0) -> int:
+        """mmap(2); returns the address.  ``vm_flags`` is model-only: extra VM_* flags
+        a driver's mmap hook would set (e.g. VM_PFNMAP|VM_IO), for areas user
+        space cannot otherwise create."""
+        mm = self.mm
+        _check_int("length", length)
+        if node is not None and not 0 <= node < self.kernel.numa_nodes:
+            msg = f"node {node} does not exist (numa_nodes={self.kernel.numa_nodes})"
+            raise ValueError(msg)
+        if path is not None and flags & MAP_ANONYMOUS:
+            msg = "pass either path= or MAP_ANONYMOUS, not both"
+            raise ValueError(msg)
+        file = None
+        if path is not None:
+            file = MappedFile(os.path.abspath(path), self.kernel.host_file(path))
+            # One MappedFile per path and kernel, so mappings share the page cache.
+            file = self.kernel.__dict__.setdefault("_mapped_files", {}).setdefault(
+                file.name, file)
+        ksm = self.kernel.ksm
+        return self.kernel.vmaops.do_mmap(
+            mm, length, prot, flags, addr=addr, file=file, offset=offset, nid=node,
+            extra_vm_flags=vm_flags, ksm_vma_flags=ksm.ksm_vma_flags)
+
+    def munmap(self, addr: int, length: int) -> None:
+        """munmap(2)."""
+        self.kernel.vmaops.do_munmap(self.mm, addr, length)
+
+    def mprotect(self, addr: int, length: int, prot: int) -> None:
+        """mprotect(2)."""
+        self.kernel.vmaops.do_mprotect(self.mm, addr, length, prot)
+
+    def madvise(self, addr: int, length: int, advice: int) -> None:
+        """madvise(2): None, or OSError with the kernel's errno."""
+        k = self.kernel
+        do_madvise(k.vmaops, self.mm, addr, length, advice, config_ksm=k.config_ksm,
+                   ksm_madvise=k.ksm.ksm_madvise)
+
+    def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0,
+              arg5: int = 0) -> int:
+        """prctl(2) for PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE (others: EINVAL)."""
+        mm = self.mm
+        ksm = self.kernel.ksm
+        if not self.kernel.config_ksm or option not in (PR_SET_MEMORY_MERGE,
+                                                       PR_GET_MEMORY_MERGE):
+            raise kernel_error(errno.EINVAL, f"prctl option {option}")
+        if option == PR_SET_MEMORY_MERGE:
+            if arg3 or arg4 or arg5:
+                raise kernel_error(errno.EINVAL, "PR_SET_MEMORY_MERGE takes one argument")
+            err = ksm.ksm_enable_merge_any(mm) if arg2 else ksm.ksm_disable_merge_any(mm)
+            if err:
+                raise kernel_error(err, "PR_SET_MEMORY_MERGE")
+            return 0
+        if arg2 or arg3 or arg4 or arg5:
+            raise kernel_error(errno.EINVAL, "PR_GET_MEMORY_MERGE takes no argument")
+        return int(mm.merge_any)
+
+    # --- access --------------------------------------------------------------------------
+    def _vmas_for(self, addr: int, length: int, *, write: bool, force: bool) -> list[Vma]:
+        """The vma of every page in the range, or OSError(EFAULT) if any page is inaccessible."""
+        _check_int("addr", addr)
+        _check_int("length", length)
+        mm = self.mm
+        out: list[Vma] = []
+        first, last = addr >> PAGE_SHIFT, (addr + length - 1) >> PAGE_SHIFT
+        for vpn in range(first, last + 1):
+            vma = mm.vma_lookup(vpn << PAGE_SHIFT)
+            if vma is None or vma.flags & (VM_IO | VM_PFNMAP):
+                raise kernel_error(errno.EFAULT, f"{vpn << PAGE_SHIFT:#x} is not accessible")
+            need = VM_WRITE if write else VM_READ
+            if not vma.flags & need and not (force and (not write or vma.flags & VM_MAYWRITE
+                                                        or not vma.flags & VM_SHARED)):
+                raise kernel_error(errno.EFAULT, f"{vpn << PAGE_SHIFT:#x}: protection")
+            out.append(vma)
+        return out
+
+    def write(self, addr: int, data: bytes, *, force: bool = False) -> None:
+        """Store *data* at *addr* as the process's CPU would, with its faults and COW.
+
+        ``force=True`` writes like /proc/PID/mem (ptrace access, ignoring PROT_*
+        on private areas).  An inaccessible page anywhere in the range raises
+        OSError(EFAULT) and nothing is written.
+        """
+        if not isinstance(data, bytes | bytearray | memoryview):
+            msg = f"data must be bytes, not {type(data).__name__}"
+            raise TypeError(msg)
+        data = bytes(data)
+        if not data:
+            return
+        vmas = self._vmas_for(addr, len(data), write=True, force=force)
+        mm, memory = self.mm, self.kernel.memory
+        self._check_memory_for_write(addr, len(data), vmas)
+        pos = 0
+        while pos < len(data):
+            a = addr + pos
+            page = a & ~(PAGE_SIZE - 1)
+            off = a - page
+            n = min(PAGE_SIZE - off, len(data) - pos)
+            fault = memory.write_page(mm, vmas[(page >> PAGE_SHIFT) - (addr >> PAGE_SHIFT)],
+                                      page, off, data[pos:pos + n])
+            if fault is Fault.OOM:  # ruled out by the check above
+                raise kernel_error(errno.ENOMEM, "out of memory")
+            pos += n
+
+    def _check_memory_for_write(self, addr: int, length: int, vmas: list[Vma]) -> None:
+        """Refuse, before writing anything, a write that would run out of frames."""
+        phys = self.kernel.phys
+        if phys.max_frames is None:
+            return
+        mm, memory = self.mm, self.kernel.memory
+        first = addr >> PAGE_SHIFT
+        need = 0
+        for i, vma in enumerate(vmas):
+            frame = mm.ptes.get(first + i)
+            if frame is None or not memory.can_write_in_place(vma, frame):
+                need += 1
+        if phys.nr_frames + need > phys.max_frames:
+            raise kernel_error(errno.ENOMEM, "out of memory (max_frames reached)")
+
+    def read(self, addr: int, length: int, *, force: bool = False) -> bytes:
+        """Load *length* bytes at *addr* (first touch maps the zero page or page cache)."""
+        if length == 0:
+            return b""
+        vmas = self._vmas_for(addr, length, write=False, force=force)
+        mm, memory = self.mm, self.kernel.memory
+        out = bytearray()
+        end = addr + length
+        a = addr
+        while a < end:
+            page = a & ~(PAGE_SIZE - 1)
+            fault, data = memory.read_page(mm, vmas[(page >> PAGE_SHIFT) - (addr >> PAGE_SHIFT)],
+                                           page)
+            if fault is Fault.OOM:
+                raise kernel_error(errno.ENOMEM, "out of memory")
+            n = min(page + PAGE_SIZE, end) - a
+            out += data[a - page:a - page + n]
+            a += n
+        return bytes(out)
+
+    # --- process lifecycle ------------------------------------------------------------
+    def fork(self) -> SimProcess:
+        """fork(2): the child shares every anonymous page copy-on-write."""
+        parent = self.mm
+        k = self.kernel
+        child = k.new_mm()
+        child.flags = parent.flags & MMF_INIT_MASK
+        child.mmap_base = parent.mmap_base
+        for vma in parent.vmas:
+            if vma.flags & VM_DONTCOPY:
+                continue
+            copy = Vma(vma.start, vma.end, vma.flags, vma.pgoff, vma.file, None, True, vma.nid)
+            if vma.anon_vma is not None and not vma.flags & VM_WIPEONFORK:
+                # anon_vma_fork: the child's chain also links the parent's anon_vma.
+                copy.anon_vma, copy.anon_vma_singular = AnonVma(), False
+            child.vmas.append(copy)
+            if not vma.flags & VM_WIPEONFORK:
+                k.memory.copy_page_range(child, parent, vma)
+        # dup_mm copies the counters; the KSM zero PTEs really are shared.
+        # Model choice: count the copied ones (the same unless a
+        # DONTCOPY/WIPEONFORK area held KSM zero pages).
+        child.ksm_zero_pages = sum(1 for f in child.ptes.values()
+                                   if f is k.phys.ksm_zero_page)
+        k.ksm.ksm_fork(child, parent)
+        proc = SimProcess(k, next(k._pids), child)
+        k.processes[proc.pid] = proc
+        return proc
+
+    def _mmput(self, mm: MmStruct) -> None:
+        """Last user gone: KSM's exit hook, then tear down the address space (``__mmput``)."""
+        k = self.kernel
+        mm.mm_users = 0
+        k.ksm.ksm_exit(mm)
+        for vma in mm.vmas:
+            k.memory.zap_range(mm, vma.start, vma.end)
+        mm.vmas.clear()
+
+    def exec(self) -> None:
+        """execve(2): a fresh, empty address space; MMF_VM_MERGE_ANY is kept."""
+        old = self.mm
+        k = self.kernel
+        new = k.new_mm()
+        new.flags = old.flags & MMF_INIT_MASK
+        err = k.ksm.ksm_execve(new)
+        if err:
+            raise kernel_error(err, "exec could not register with KSM")
+        self._mm = new
+        self._mmput(old)
+
+    def exit(self) -> None:
+        """exit(2): the address space goes away; ksmd reaps its KSM state later."""
+        mm = self.mm
+        self._mm = None
+        self.kernel.processes.pop(self._pid, None)
+        self._mmput(mm)
+
+    # --- /proc ---------------------------------------------------------------------------
+    def ksm_stat(self) -> KsmStat:
+        """/proc/PID/ksm_stat as a dict."""
+        mm = self.mm
+        profit = ((mm.ksm_merging_pages + mm.ksm_zero_pages) * PAGE_SIZE
+                  - mm.ksm_rmap_items * RMAP_ITEM_SIZE)
+        return {
+            "ksm_rmap_items": mm.ksm_rmap_items,
+            "ksm_zero_pages": mm.ksm_zero_pages,
+            "ksm_merging_pages": mm.ksm_merging_pages,
+            "ksm_process_profit": profit,
+            "ksm_merge_any": mm.merge_any,
+            "ksm_mergeable": self.kernel.ksm.ksm_process_mergeable(mm),
+        }
+
+    def ksm_merging_pages(self) -> int:
+        """/proc/PID/ksm_merging_pages."""
+        return self.mm.ksm_merging_pages
+
+    def smaps(self) -> list[SmapsEntry]:
+        """/proc/PID/smaps, one record per vma."""
+        mm = self.mm
+        out = []
+        for vma in mm.vmas:
+            rss = anon = ksm = 0
+            for vpn in range(vma.start >> PAGE_SHIFT, vma.end >> PAGE_SHIFT):
+                frame = mm.ptes.get(vpn)
+                if frame is None or frame.zero:
+                    continue  # the zero page is not counted (vm_normal_page is NULL)
+                rss += PAGE_SIZE
+                if frame.anon:
+                    anon += PAGE_SIZE
+                if frame.ksm:
+                    ksm += PAGE_SIZE
+            out.append(SmapsEntry(vma.start, vma.end, vma.perms(), vma.mnemonics(), rss, anon,
+                                  ksm))
+        return out
+
+    def pfns(self, addr: int, length: int) -> list[int | None]:
+        """/proc/PID/pagemap: the frame number of each page, None where nothing is mapped."""
+        mm = self.mm
+        first, last = addr >> PAGE_SHIFT, (addr + max(length, 1) - 1) >> PAGE_SHIFT
+        return [f.pfn if (f := mm.ptes.get(v)) is not None else None
+                for v in range(first, last + 1)]
+
+
+def _check_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        msg = f"{name} must be a non-negative int, got {value!r}"
+        raise TypeError(msg) if not isinstance(value, int) else ValueError(msg)
+
+
+__all__ = ["KernelError", "SimKernel", "SimProcess"]

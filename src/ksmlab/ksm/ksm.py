@@ -1,0 +1,1079 @@
+"""Kernel Samepage Merging: ksmd's scanner and the stable and unstable trees (``mm/ksm.c``).
+
+Overview (our own words for ksm.c's ``DOC: Overview``)
+-------------------------------------------------------
+ksmd walks the VM_MERGEABLE areas of every registered mm, one page at a time,
+and tries to find another page with identical content.  It keeps two trees,
+both ordered by page content:
+
+* the **stable tree** holds KSM pages: merged, write-protected pages whose
+  content therefore cannot change.  Every mapping of a KSM page is recorded
+  by an rmap_item hanging off the page's stable node.
+* the **unstable tree** holds ordinary pages seen during the current full
+  scan.  Their content can change under ksmd, so the tree is only a hint; it
+  is thrown away and rebuilt at every full scan.
+
+Four techniques make the unstable tree usable: (1) it is rebuilt from empty
+every full scan; (2) only pages whose checksum did not change since the last
+visit are inserted, so hot pages stay out; (3) the stable tree is searched
+first; (4) a merge re-checks content with a full comparison while the pages
+are write-protected.
+
+A KSM page may be shared by at most ``max_page_sharing`` mappings.  More
+identical pages form further KSM pages with the same content ("dups"); the
+tree then holds a **chain** node for that content, whose dups are the pages.
+
+Model choices (differences from the kernel that are not observable, or are
+marked here as deliberate):
+
+* Single-threaded: no locks, no trylock failures, no GUP pins, so
+  ``write_protect_page`` always succeeds and no lookup returns -EBUSY.
+* No page migration, swap, THP or memory hot-remove: the ``migrate_nodes``
+  list is never populated, and KSM pages never change NUMA node.
+* No signals: unmerging never returns -ERESTARTSYS.
+* Slab allocations (mm_slot, rmap_item, stable_node, vma) go through
+  :class:`ksmlab.mm.slab.Slab`, whose limit makes ENOMEM paths reachable.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from typing import Any
+
+from ksmlab.constants import (
+    KSM_RUN_MERGE,
+    KSM_RUN_UNMERGE,
+    MADV_MERGEABLE,
+    MADV_UNMERGEABLE,
+    MMF_VM_MERGE_ANY,
+    MMF_VM_MERGEABLE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    VM_DROPPABLE,
+    VM_HUGETLB,
+    VM_MAYSHARE,
+    VM_MERGEABLE,
+    VM_SHARED,
+    VM_SPECIAL,
+)
+from ksmlab.errors import kernel_error, vm_bug_on
+from ksmlab.ksm.advisor import (
+    DEFAULT_PAGES_TO_SCAN,
+    AdvisorCtx,
+    AdvisorKnobs,
+    scan_time_advisor,
+)
+from ksmlab.ksm.rbtree import RbRoot, rb_erase, rb_insert_color, rb_link_node, rb_replace_node
+from ksmlab.ksm.types import (
+    SEQNR_MASK,
+    KsmScan,
+    MmSlot,
+    NodeKind,
+    RmapItem,
+    RmapState,
+    StableNode,
+    is_stable_node_chain,
+    is_stable_node_dup,
+)
+from ksmlab.mm.memory import Fault, Memory, present_vpns
+from ksmlab.mm.mm_types import MmStruct, Vma
+from ksmlab.mm.page import ZERO_CHECKSUM, Frame, calc_checksum
+from ksmlab.mm.slab import Slab
+
+Tracer = Callable[..., None]
+
+
+def memcmp_pages(a: Frame, b: Frame) -> int:
+    """Compare two pages' bytes like ``memcmp``: negative, zero or positive."""
+    if a.data == b.data:
+        return 0
+    return -1 if a.data < b.data else 1
+
+
+def vma_ksm_compatible(vma: Vma) -> bool:
+    """Whether KSM may ever touch *vma* (``vma_ksm_compatible``).
+
+    Shared, special (PFN/IO/DONTEXPAND/MIXEDMAP), hugetlb and droppable areas
+    are never merged; the advice is silently ignored there.  (DAX, VM_SAO and
+    VM_SPARC_ADI do not exist in the model's x86-64 world.)
+    """
+    return not vma.flags & (VM_SHARED | VM_MAYSHARE | VM_SPECIAL | VM_HUGETLB | VM_DROPPABLE)
+
+
+class Ksm:
+    """All of KSM's state for one machine: tunables, counters, trees, ksmd's cursor.
+
+    Counters and tunables carry the names of their sysfs files.  The object
+    is driven by the owning kernel: syscalls call the entry points
+    (``ksm_madvise``, ``__ksm_enter``, ``ksm_fork``, ``ksm_exit`` ...),
+    ksmd's thread loop calls :meth:`ksm_do_scan`.
+    """
+
+    def __init__(self, memory: Memory, slab: Slab, *, numa_nodes: int,
+                 now_ms: Callable[[], float], cpu_ns: Callable[[], int],
+                 trace: Tracer) -> None:
+        self.memory = memory
+        self.slab = slab
+        self.numa_nodes = numa_nodes
+        self._now_ms = now_ms
+        self._cpu_ns = cpu_ns
+        self._trace = trace
+        # --- tunables ----------------------------------------------------------------
+        self.run = 0
+        self.pages_to_scan = DEFAULT_PAGES_TO_SCAN
+        self.sleep_millisecs = 20
+        self.max_page_sharing = 256
+        self.merge_across_nodes = 1
+        self.use_zero_pages = False
+        self.smart_scan = True
+        self.stable_node_chains_prune_millisecs = 2000
+        self.advisor_scan_time = False
+        self.advisor = AdvisorKnobs()
+        self.advisor_ctx = AdvisorCtx()
+        # --- counters ------------------------------------------------------------------
+        self.pages_shared = 0
+        self.pages_sharing = 0
+        self.pages_unshared = 0
+        self.rmap_items = 0
+        self.pages_scanned = 0
+        self.pages_skipped = 0
+        self.stable_node_chains = 0
+        self.stable_node_dups = 0
+        self.ksm_zero_pages = 0
+        self.callouts = {"ksm_fork": 0, "ksm_exit": 0, "ksm_execve": 0}
+        """How often fork/exit/exec called into KSM (only for mms with MMF_VM_MERGEABLE)."""
+        # --- trees and lists -------------------------------------------------------------
+        self.root_stable_tree = [RbRoot() for _ in range(numa_nodes)]
+        self.root_unstable_tree = [RbRoot() for _ in range(numa_nodes)]
+        self.mm_head = MmSlot(None)
+        self.mm_slots: dict[int, MmSlot] = {}
+        self.scan = KsmScan(self.mm_head)
+        self.warned_overflow = False
+        self.wake_ksmd: Callable[[], None] = lambda: None
+        """Set by the kernel: makes ksmd run its next batch now."""
+
+    def trace(self, name: str, **fields: Any) -> None:
+        """Emit a tracepoint record (``trace_ksm_*``)."""
+        self._trace(name, **fields)
+
+    # --- derived counters ---------------------------------------------------------------
+    @property
+    def pages_volatile(self) -> int:
+        """``pages_volatile``: items in no tree, concealing negatives as the kernel does."""
+        return max(0, self.rmap_items - self.pages_shared - self.pages_sharing
+                   - self.pages_unshared)
+
+    @property
+    def general_profit(self) -> int:
+        """``general_profit`` in bytes (signed)."""
+        from ksmlab.constants import RMAP_ITEM_SIZE
+        return ((self.pages_sharing + self.ksm_zero_pages) * PAGE_SIZE
+                - self.rmap_items * RMAP_ITEM_SIZE)
+
+    @property
+    def full_scans(self) -> int:
+        """``full_scans``: completed passes (``ksm_scan.seqnr``)."""
+        return self.scan.seqnr
+
+    def list_empty(self) -> bool:
+        """No mm is registered."""
+        return self.mm_head.next is self.mm_head
+
+    def ksmd_should_run(self) -> bool:
+        """``ksmd_should_run``: run has the MERGE bit and some mm is registered."""
+        return bool(self.run & KSM_RUN_MERGE) and not self.list_empty()
+
+    # --- allocation helpers ----------------------------------------------------------------
+    def alloc_rmap_item(self, mm: MmStruct, address: int) -> RmapItem | None:
+        """``alloc_rmap_item``: a zeroed item, counted in rmap_items (None on ENOMEM)."""
+        if not self.slab.alloc("rmap_item"):
+            return None
+        self.rmap_items += 1
+        mm.ksm_rmap_items += 1
+        return RmapItem(mm, address)
+
+    def free_rmap_item(self, item: RmapItem) -> None:
+        """``free_rmap_item``."""
+        vm_bug_on(item.state is not RmapState.NONE, f"freeing {item!r} still in a tree")
+        self.rmap_items -= 1
+        item.mm.ksm_rmap_items -= 1
+
+    @staticmethod
+    def ksm_test_exit(mm: MmStruct) -> bool:
+        """``ksm_test_exit``: the mm has no users left (its process exited)."""
+        return mm.mm_users == 0
+
+    def get_kpfn_nid(self, frame: Frame) -> int:
+        """Index of the tree pair a page belongs to (``get_kpfn_nid``)."""
+        return 0 if self.merge_across_nodes else frame.nid
+
+    # --- COW breaking ---------------------------------------------------------------------
+    def break_ksm(self, mm: MmStruct, vma: Vma, addr: int) -> int:
+        """Replace a KSM page (or KSM zero page) at *addr* by a private copy (``break_ksm``).
+
+        Returns 0, or ENOMEM if the unshare fault ran out of memory.
+        """
+        frame = mm.ptes.get(addr >> PAGE_SHIFT)
+        if frame is None or not (frame.ksm or frame is self.memory.phys.ksm_zero_page):
+            return 0
+        fault = self.memory.handle_mm_fault(mm, vma, addr, unshare=True)
+        return errno.ENOMEM if fault is Fault.OOM else 0
+
+    def find_mergeable_vma(self, mm: MmStruct, addr: int) -> Vma | None:
+        """The VM_MERGEABLE vma with an anon_vma at *addr*, if any (``find_mergeable_vma``)."""
+        if self.ksm_test_exit(mm):
+            return None
+        vma = mm.vma_lookup(addr)
+        if vma is None or not vma.flags & VM_MERGEABLE or vma.anon_vma is None:
+            return None
+        return vma
+
+    def break_cow(self, item: RmapItem) -> None:
+        """Undo a merge of *item*'s page (``break_cow``)."""
+        item.anon_vma = None
+        vma = self.find_mergeable_vma(item.mm, item.address)
+        if vma is not None:
+            self.break_ksm(item.mm, vma, item.address)
+
+    def get_mergeable_page(self, item: RmapItem) -> Frame | None:
+        """The anonymous page mapped at *item*'s address, if still mergeable (``get_mergeable_page``)."""
+        if self.find_mergeable_vma(item.mm, item.address) is None:
+            return None
+        frame = item.mm.ptes.get(item.address >> PAGE_SHIFT)
+        return frame if frame is not None and frame.anon else None
+
+    # --- stable node helpers ------------------------------------------------------------------
+    def stable_node_chain_add_dup(self, dup: StableNode, chain: StableNode) -> None:
+        """Make *dup* the head dup of *chain* (``stable_node_chain_add_dup``)."""
+        vm_bug_on(is_stable_node_dup(dup), f"{dup!r} is already a dup")
+        dup.kind = NodeKind.DUP
+        dup.chain = chain
+        chain.dups.insert(0, dup)
+        self.stable_node_dups += 1
+
+    def stable_node_dup_del(self, node: StableNode) -> None:
+        """Take *node* out of its chain or out of the tree (``stable_node_dup_del``)."""
+        vm_bug_on(is_stable_node_chain(node), "stable_node_dup_del on a chain")
+        if is_stable_node_dup(node):
+            assert node.chain is not None
+            node.chain.dups.remove(node)
+            node.chain = None
+            self.stable_node_dups -= 1
+        else:
+            rb_erase(node, self.root_stable_tree[node.nid])
+
+    def alloc_stable_node_chain(self, dup: StableNode, root: RbRoot) -> StableNode | None:
+        """Put a chain in *dup*'s tree position and demote *dup* to its first dup."""
+        if not self.slab.alloc("stable_node"):
+            return None
+        chain = StableNode(NodeKind.CHAIN, None, dup.nid)
+        chain.chain_prune_time = int(self._now_ms())
+        self.stable_node_chains += 1
+        rb_replace_node(dup, chain, root)
+        self.stable_node_chain_add_dup(dup, chain)
+        return chain
+
+    def free_stable_node_chain(self, chain: StableNode, root: RbRoot) -> None:
+        """``free_stable_node_chain``."""
+        rb_erase(chain, root)
+        self.stable_node_chains -= 1
+
+    def remove_node_from_stable_tree(self, node: StableNode) -> None:
+        """Drop a stale node, uncounting all its items at once (``remove_node_from_stable_tree``)."""
+        vm_bug_on(is_stable_node_chain(node), "remove_node_from_stable_tree on a chain")
+        items = list(reversed(node.items))  # hlist order: newest first
+        for i, item in enumerate(items):
+            if i < len(items) - 1:
+                self.pages_sharing -= 1
+                self.trace("ksm_remove_rmap_item", pfn=self._kpfn(node), rmap_item=item.address,
+                           mm=item.mm.id)
+            else:
+                self.pages_shared -= 1
+            item.mm.ksm_merging_pages -= 1
+            item.state = RmapState.NONE
+            item.head = None
+            item.anon_vma = None
+        node.items.clear()
+        self.trace("ksm_remove_ksm_page", pfn=self._kpfn(node))
+        self.stable_node_dup_del(node)
+
+    @staticmethod
+    def _kpfn(node: StableNode) -> int:
+        return node.kpage.pfn if node.kpage is not None else -1
+
+    def ksm_get_folio(self, node: StableNode) -> Frame | None:
+        """The node's KSM page if it is still that page; else drop the stale node (``ksm_get_folio``).
+
+        The node holds no reference on its page: it checks through the
+        "keyhole" that the page still points back to it.
+        """
+        page = node.kpage
+        if page is None or page.freed or page.stable_node is not node:
+            self.remove_node_from_stable_tree(node)
+            return None
+        return page
+
+    def remove_rmap_item_from_tree(self, item: RmapItem) -> None:
+        """Take *item* out of the stable or unstable tree, with counters (``remove_rmap_item_from_tree``)."""
+        if item.state is RmapState.STABLE:
+            node = item.head
+            assert node is not None
+            if self.ksm_get_folio(node) is None:
+                return  # the stale node was removed together with all its items
+            del node.items[item]
+            if node.items:
+                self.pages_sharing -= 1
+            else:
+                self.pages_shared -= 1
+            item.mm.ksm_merging_pages -= 1
+            item.anon_vma = None
+            item.head = None
+            item.state = RmapState.NONE
+        elif item.state is RmapState.UNSTABLE:
+            # The unstable root was reset at the start of this full scan, so only
+            # an item inserted during this scan is still linked in the tree.
+            age = (self.scan.seqnr - item.seqnr) & SEQNR_MASK
+            vm_bug_on(age > 1, f"{item!r} left in the unstable tree for {age} scans")
+            if age == 0:
+                rb_erase(item, self.root_unstable_tree[item.nid])
+            self.pages_unshared -= 1
+            item.state = RmapState.NONE
+
+    def _cursor_get(self, slot: MmSlot, prev: RmapItem | None) -> RmapItem | None:
+        return slot.rmap_list if prev is None else prev.rmap_next
+
+    def _cursor_set(self, slot: MmSlot, prev: RmapItem | None, item: RmapItem | None) -> None:
+        if prev is None:
+            slot.rmap_list = item
+        else:
+            prev.rmap_next = item
+
+    def remove_trailing_rmap_items(self, slot: MmSlot, prev: RmapItem | None) -> None:
+        """Free every item after the cursor (``remove_trailing_rmap_items``)."""
+        while (item := self._cursor_get(slot, prev)) is not None:
+            self._cursor_set(slot, prev, item.rmap_next)
+            self.remove_rmap_item_from_tree(item)
+            self.free_rmap_item(item)
+
+    def unmerge_ksm_pages(self, mm: MmStruct, vma: Vma, start: int, end: int) -> int:
+        """COW-break every KSM page in [start, end) of *vma* (``unmerge_ksm_pages``).
+
+        Returns 0 or ENOMEM.  Only page-table entries that exist are visited;
+        break_ksm does nothing on the others, so the result is the kernel's.
+        """
+        for vpn in present_vpns(mm, start, end):
+            if self.ksm_test_exit(mm):
+                break
+            err = self.break_ksm(mm, vma, vpn << PAGE_SHIFT)
+            if err:
+                return err
+        return 0
+
+    # --- sysfs-driven whole-tree operations ---------------------------------------------------
+    def remove_stable_node(self, node: StableNode) -> int:
+        """Remove *node* if its page is no longer mapped; EBUSY otherwise (``remove_stable_node``)."""
+        page = self.ksm_get_folio(node)
+        if page is None:
+            return 0
+        if page.mapcount:
+            return errno.EBUSY
+        page.stable_node = None
+        self.remove_node_from_stable_tree(node)
+        return 0
+
+    def remove_stable_node_chain(self, node: StableNode, root: RbRoot) -> bool:
+        """Remove a tree node and all its dups; True if one was busy."""
+        if not is_stable_node_chain(node):
+            return bool(self.remove_stable_node(node))
+        for dup in list(node.dups):
+            if self.remove_stable_node(dup):
+                return True
+        vm_bug_on(bool(node.dups), "chain not empty after removing its dups")
+        self.free_stable_node_chain(node, root)
+        return False
+
+    def remove_all_stable_nodes(self) -> int:
+        """Remove every removable stable node; EBUSY if some page is still mapped."""
+        err = 0
+        for root in self.root_stable_tree:
+            while root.node is not None:
+                node = root.node
+                assert isinstance(node, StableNode)
+                if self.remove_stable_node_chain(node, root):
+                    err = errno.EBUSY
+                    break
+        return err
+
+    def unmerge_and_remove_all_rmap_items(self) -> int:
+        """What ``run=2`` does: unmerge everything, free all items (``unmerge_and_remove_all_rmap_items``)."""
+        self.scan.mm_slot = self.mm_head.next
+        while (slot := self.scan.mm_slot) is not self.mm_head:
+            mm = slot.mm
+            assert mm is not None
+            if not self.ksm_test_exit(mm):
+                for vma in list(mm.vmas):
+                    if not vma.flags & VM_MERGEABLE or vma.anon_vma is None:
+                        continue
+                    err = self.unmerge_ksm_pages(mm, vma, vma.start, vma.end)
+                    if err:
+                        self.scan.mm_slot = self.mm_head
+                        return err
+            self.remove_trailing_rmap_items(slot, None)
+            self.scan.mm_slot = slot.next
+            if self.ksm_test_exit(mm):
+                self._free_mm_slot(slot, clear_merge_any=True)
+        self.remove_all_stable_nodes()
+        self.scan.seqnr = 0
+        return 0
+
+    def _free_mm_slot(self, slot: MmSlot, *, clear_merge_any: bool) -> None:
+        mm = slot.mm
+        assert mm is not None
+        del self.mm_slots[mm.id]
+        slot.list_del()
+        mm.clear_flag(MMF_VM_MERGEABLE)
+        if clear_merge_any:
+            mm.clear_flag(MMF_VM_MERGE_ANY)
+
+    # --- merging --------------------------------------------------------------------------
+    def replace_page(self, mm: MmStruct, addr: int, kpage: Frame) -> None:
+        """Map *kpage* at *addr* instead of the page there (``replace_page``)."""
+        vpn = addr >> PAGE_SHIFT
+        if kpage.zero:
+            self.memory.zap_pte(mm, vpn)
+            mm.ptes[vpn] = self.memory.phys.ksm_zero_page
+            mm.ksm_zero_pages += 1  # ksm_map_zero_page
+            self.ksm_zero_pages += 1
+        else:
+            self.memory.replace_pte(mm, vpn, kpage)
+
+    def try_to_merge_one_page(self, mm: MmStruct, addr: int, page: Frame,
+                              kpage: Frame | None) -> int:
+        """Merge *page* (mapped at *addr*) into *kpage*, or make it a KSM page (``try_to_merge_one_page``).
+
+        Returns 0 on success, EFAULT otherwise.
+        """
+        if page is kpage:  # ksm page forked
+            return 0
+        if not page.anon:
+            return errno.EFAULT
+        # write_protect_page: in the model nothing else holds a reference, so
+        # write-protecting always succeeds (no GUP pins, no swap cache).
+        if kpage is None:
+            page.ksm = True
+            page.stable_node = None
+            return 0
+        if page.data == kpage.data:  # pages_identical
+            self.replace_page(mm, addr, kpage)
+            return 0
+        return errno.EFAULT
+
+    def try_to_merge_with_zero_page(self, item: RmapItem, page: Frame) -> int:
+        """Merge a zero-filled page with the zero page when use_zero_pages is on.
+
+        Returns 0 if merged or if the vma has gone (stop here), EFAULT to go on.
+        """
+        if not (self.use_zero_pages and item.oldchecksum == ZERO_CHECKSUM):
+            return errno.EFAULT
+        if self.find_mergeable_vma(item.mm, item.address) is None:
+            return 0
+        zero = self.memory.phys.zero_page
+        err = self.try_to_merge_one_page(item.mm, item.address, page, zero)
+        self.trace("ksm_merge_one_page", pfn=zero.pfn, rmap_item=item.address, mm=item.mm.id,
+                   err=-err)
+        return err
+
+    def try_to_merge_with_ksm_page(self, item: RmapItem, page: Frame,
+                                   kpage: Frame | None) -> int:
+        """Merge *item*'s page into *kpage* (or make it a KSM page) (``try_to_merge_with_ksm_page``)."""
+        err = errno.EFAULT
+        vma = self.find_mergeable_vma(item.mm, item.address)
+        if vma is not None:
+            err = self.try_to_merge_one_page(item.mm, item.address, page, kpage)
+            if not err:
+                self.remove_rmap_item_from_tree(item)
+                item.anon_vma = vma.anon_vma
+        self.trace("ksm_merge_with_ksm_page", ksm_page=kpage.pfn if kpage else None,
+                   pfn=(kpage or page).pfn, rmap_item=item.address, mm=item.mm.id, err=-err)
+        return err
+
+    def try_to_merge_two_pages(self, item: RmapItem, page: Frame, tree_item: RmapItem,
+                               tree_page: Frame) -> Frame | None:
+        """Make *page* a KSM page and merge *tree_page* into it (``try_to_merge_two_pages``)."""
+        err = self.try_to_merge_with_ksm_page(item, page, None)
+        if not err:
+            err = self.try_to_merge_with_ksm_page(tree_item, tree_page, page)
+            if err:
+                # A KSM page with a single mapping and no node: break it again.
+                self.break_cow(item)
+        return None if err else page
+
+    # --- the stable tree --------------------------------------------------------------------
+    def __is_page_sharing_candidate(self, node: StableNode, offset: int) -> bool:
+        vm_bug_on(is_stable_node_chain(node), "sharing candidate test on a chain")
+        n = node.rmap_hlist_len
+        return n > 0 and n + offset < self.max_page_sharing
+
+    def is_page_sharing_candidate(self, node: StableNode) -> bool:
+        """Node has at least one mapping and room for one more (``is_page_sharing_candidate``)."""
+        return self.__is_page_sharing_candidate(node, 0)
+
+    def stable_node_dup(self, chain: StableNode, root: RbRoot,
+                        prune: bool) -> tuple[Frame | None, StableNode | None, StableNode]:
+        """Pick the best dup of *chain* (``stable_node_dup``).
+
+        Returns (its page, the dup, the tree node): the tree node is the dup
+        itself if the chain collapsed to a single dup.  A page of None means
+        every dup was stale and the chain has been freed.
+        """
+        now = int(self._now_ms())
+        if not prune or now < chain.chain_prune_time + self.stable_node_chains_prune_millisecs:
+            prune = False
+        else:
+            chain.chain_prune_time = now
+        found: StableNode | None = None
+        found_len = 0
+        tree_page: Frame | None = None
+        for dup in list(chain.dups):
+            page = self.ksm_get_folio(dup)
+            if page is None:
+                continue
+            if found is None or (self.is_page_sharing_candidate(dup) and (
+                    not self.is_page_sharing_candidate(found) or dup.rmap_hlist_len > found_len)):
+                found, found_len, tree_page = dup, dup.rmap_hlist_len, page
+                if not prune and self.is_page_sharing_candidate(found):
+                    break
+        if found is None:
+            self.free_stable_node_chain(chain, root)
+            return None, None, chain
+        if len(chain.dups) == 1:
+            # A single dup left: it replaces the chain in the tree.
+            rb_replace_node(chain, found, root)
+            chain.dups.clear()
+            found.kind = NodeKind.REGULAR
+            found.chain = None
+            self.stable_node_chains -= 1
+            self.stable_node_dups -= 1
+            return tree_page, found, found
+        if chain.dups[0] is not found and self.__is_page_sharing_candidate(found, 1):
+            chain.dups.remove(found)
+            chain.dups.insert(0, found)
+        return tree_page, found, chain
+
+    def __stable_node_chain(self, node: StableNode, root: RbRoot,
+                            prune: bool) -> tuple[Frame | None, StableNode | None, StableNode]:
+        if not is_stable_node_chain(node):
+            return self.ksm_get_folio(node), node, node
+        return self.stable_node_dup(node, root, prune)
+
+    def stable_tree_search(self, page: Frame) -> Frame | None:
+        """A KSM page identical to *page* that can take one more mapping (``stable_tree_search``)."""
+        if page.ksm and page.stable_node is not None:
+            return page  # ksm page forked
+        root = self.root_stable_tree[self.get_kpfn_nid(page)]
+        while True:  # "again": restart after a stale node rebalanced the tree
+            cur = root.node
+            restart = False
+            while cur is not None:
+                assert isinstance(cur, StableNode)
+                tree_page, dup, node = self.__stable_node_chain(cur, root, True)
+                if tree_page is None:
+                    restart = True
+                    break
+                assert dup is not None
+                ret = memcmp_pages(page, tree_page)
+                if ret < 0:
+                    cur = node.rb_left
+                elif ret > 0:
+                    cur = node.rb_right
+                else:
+                    if not self.is_page_sharing_candidate(dup):
+                        # All dups are full: let the page find a partner in the
+                        # unstable tree and form a new dup later.
+                        return None
+                    if self.ksm_get_folio(dup) is None:
+                        restart = True
+                        break
+                    return tree_page
+            if not restart:
+                return None
+
+    def stable_tree_insert(self, kpage: Frame) -> StableNode | None:
+        """File a new KSM page in the stable tree, forming a chain if needed (``stable_tree_insert``)."""
+        nid = self.get_kpfn_nid(kpage)
+        root = self.root_stable_tree[nid]
+        while True:
+            parent: StableNode | None = None
+            left = False
+            cur = root.node
+            equal: StableNode | None = None
+            restart = False
+            while cur is not None:
+                assert isinstance(cur, StableNode)
+                tree_page, _dup, node = self.__stable_node_chain(cur, root, False)
+                if tree_page is None:
+                    restart = True
+                    break
+                ret = memcmp_pages(kpage, tree_page)
+                parent = node
+                if ret < 0:
+                    cur, left = node.rb_left, True
+                elif ret > 0:
+                    cur, left = node.rb_right, False
+                else:
+                    equal = node
+                    break
+            if not restart:
+                break
+        if not self.slab.alloc("stable_node"):
+            return None
+        dup = StableNode(NodeKind.REGULAR, kpage, nid)
+        if equal is None:
+            rb_link_node(dup, parent, left, root)
+            rb_insert_color(dup, root)
+        else:
+            chain: StableNode | None = equal
+            if not is_stable_node_chain(equal):
+                chain = self.alloc_stable_node_chain(equal, root)
+                if chain is None:
+                    return None
+            assert chain is not None
+            self.stable_node_chain_add_dup(dup, chain)
+        kpage.stable_node = dup
+        return dup
+
+    def unstable_tree_search_insert(self, item: RmapItem,
+                                    page: Frame) -> tuple[RmapItem, Frame] | None:
+        """Find an identical page in the unstable tree, else insert *item* (``unstable_tree_search_insert``)."""
+        nid = self.get_kpfn_nid(page)
+        root = self.root_unstable_tree[nid]
+        parent: RmapItem | None = None
+        left = False
+        cur = root.node
+        while cur is not None:
+            assert isinstance(cur, RmapItem)
+            tree_page = self.get_mergeable_page(cur)
+            if tree_page is None:
+                return None
+            if tree_page is page:  # don't substitute a ksm page for a forked page
+                return None
+            ret = memcmp_pages(page, tree_page)
+            parent = cur
+            if ret < 0:
+                cur, left = cur.rb_left, True
+            elif ret > 0:
+                cur, left = cur.rb_right, False
+            elif not self.merge_across_nodes and tree_page.nid != nid:
+                return None
+            else:
+                return cur, tree_page
+        item.state = RmapState.UNSTABLE
+        item.seqnr = self.scan.seqnr & SEQNR_MASK
+        item.nid = nid
+        rb_link_node(item, parent, left, root)
+        rb_insert_color(item, root)
+        self.pages_unshared += 1
+        return None
+
+    def stable_tree_append(self, item: RmapItem, node: StableNode, bypass: bool) -> None:
+        """Hang *item* off *node* (``stable_tree_append``)."""
+        vm_bug_on(is_stable_node_chain(node), "append to a chain")
+        node.items[item] = None
+        if not bypass and node.rmap_hlist_len > self.max_page_sharing and not self.warned_overflow:
+            self.warned_overflow = True  # WARN_ON_ONCE: possibly non fatal, only warn
+            self.trace("warn_on_once", what="rmap_hlist_len > max_page_sharing")
+        item.head = node
+        item.state = RmapState.STABLE
+        if node.rmap_hlist_len > 1:
+            self.pages_sharing += 1
+        else:
+            self.pages_shared += 1
+        item.mm.ksm_merging_pages += 1
+
+    # --- the per-page decision ----------------------------------------------------------------
+    def cmp_and_merge_page(self, page: Frame, item: RmapItem) -> None:
+        """Try to merge *page* via the stable tree, else the unstable tree (``cmp_and_merge_page``)."""
+        bypass = False
+        stable_node = page.stable_node if page.ksm else None
+        if stable_node is not None:
+            if item.head is stable_node:
+                return  # steady state of a merged page
+            # A KSM page mapped by a fork child (or re-mapped): join its node,
+            # even past max_page_sharing.
+            if not self.is_page_sharing_candidate(stable_node):
+                bypass = True
+        else:
+            self.remove_rmap_item_from_tree(item)
+            checksum = calc_checksum(page.data)
+            if item.oldchecksum != checksum:
+                item.oldchecksum = checksum  # volatile this round
+                return
+            if not self.try_to_merge_with_zero_page(item, page):
+                return
+        kpage = self.stable_tree_search(page)
+        if kpage is page and item.head is stable_node:
+            return
+        self.remove_rmap_item_from_tree(item)
+        if kpage is not None:
+            if not self.try_to_merge_with_ksm_page(item, page, kpage):
+                assert kpage.stable_node is not None
+                self.stable_tree_append(item, kpage.stable_node, bypass)
+            return
+        found = self.unstable_tree_search_insert(item, page)
+        if found is None:
+            return
+        tree_item, tree_page = found
+        kpage = self.try_to_merge_two_pages(item, page, tree_item, tree_page)
+        if kpage is None:
+            return
+        node = self.stable_tree_insert(kpage)
+        if node is not None:
+            self.stable_tree_append(tree_item, node, False)
+            self.stable_tree_append(item, node, False)
+        else:
+            self.break_cow(tree_item)
+            self.break_cow(item)
+
+    # --- the scanner ------------------------------------------------------------------------
+    def get_next_rmap_item(self, slot: MmSlot, addr: int) -> RmapItem | None:
+        """The item for *addr*, freeing items of addresses passed over (``get_next_rmap_item``)."""
+        prev = self.scan.rmap_prev
+        while (item := self._cursor_get(slot, prev)) is not None:
+            if item.address == addr:
+                return item
+            if item.address > addr:
+                break
+            self._cursor_set(slot, prev, item.rmap_next)
+            self.remove_rmap_item_from_tree(item)
+            self.free_rmap_item(item)
+        assert slot.mm is not None
+        new = self.alloc_rmap_item(slot.mm, addr)
+        if new is not None:
+            new.rmap_next = self._cursor_get(slot, prev)
+            self._cursor_set(slot, prev, new)
+        return new
+
+    @staticmethod
+    def skip_age(age: int) -> int:
+        """How many scans to skip a page of this age (``skip_age``)."""
+        if age <= 3:
+            return 1
+        if age <= 5:
+            return 2
+        if age <= 8:
+            return 4
+        return 8
+
+    def should_skip_rmap_item(self, page: Frame, item: RmapItem) -> bool:
+        """Smart scan: skip pages that have long failed to merge (``should_skip_rmap_item``)."""
+        if not self.smart_scan or page.ksm:
+            return False
+        age = item.age
+        if age != 255:
+            item.age += 1
+        if age < 3:
+            return False
+        if not item.remaining_skips:
+            item.remaining_skips = self.skip_age(age)
+            return False
+        self.pages_skipped += 1
+        item.remaining_skips -= 1
+        self.remove_rmap_item_from_tree(item)
+        return True
+
+    def scan_get_next_rmap_item(self) -> tuple[RmapItem, Frame] | None:
+        """Advance ksmd's cursor to the next page to look at (``scan_get_next_rmap_item``).
+
+        Returns None at the end of a full scan (and ``full_scans`` grows), when
+        no mm is registered, or when an rmap_item cannot be allocated.
+        """
+        if self.list_empty():
+            return None
+        scan = self.scan
+        slot = scan.mm_slot
+        if slot is self.mm_head:
+            self.advisor_start_scan()
+            self.trace("ksm_start_scan", seq=scan.seqnr, rss=self.rmap_items)
+            for root in self.root_unstable_tree:
+                root.node = None
+            slot = scan.mm_slot = self.mm_head.next
+            if slot is self.mm_head:
+                return None
+            scan.address, scan.rmap_prev = 0, None
+        while True:  # "next_mm"
+            mm = slot.mm
+            assert mm is not None
+            if not self.ksm_test_exit(mm):
+                found = self._scan_mm(slot, mm)
+                if found is not None:
+                    return found if found is not _ALLOC_FAILED else None
+            else:
+                scan.address, scan.rmap_prev = 0, None
+            self.remove_trailing_rmap_items(slot, scan.rmap_prev)
+            scan.mm_slot = slot.next
+            if scan.address == 0:
+                # No VM_MERGEABLE vma (or the mm is exiting): drop the slot.
+                # Since 6.18 MMF_VM_MERGE_ANY survives this.
+                self._free_mm_slot(slot, clear_merge_any=self.ksm_test_exit(mm))
+            slot = scan.mm_slot
+            if slot is self.mm_head:
+                break
+            scan.address, scan.rmap_prev = 0, None
+        self.advisor_stop_scan()
+        self.trace("ksm_stop_scan", seq=scan.seqnr, rss=self.rmap_items)
+        scan.seqnr += 1
+        return None
+
+    def _scan_mm(self, slot: MmSlot, mm: MmStruct) -> Any:
+        """Walk *mm*'s mergeable vmas from the cursor; the (item, page) found, or None at the end."""
+        scan = self.scan
+        vma = mm.find_vma(scan.address)
+        i = mm.vma_index(vma) if vma is not None else len(mm.vmas)
+        while i < len(mm.vmas):
+            vma = mm.vmas[i]
+            i += 1
+            if not vma.flags & VM_MERGEABLE:
+                continue
+            if scan.address < vma.start:
+                scan.address = vma.start
+            if vma.anon_vma is None:
+                scan.address = vma.end
+            ptes = mm.ptes
+            while scan.address < vma.end:
+                page = ptes.get(scan.address >> PAGE_SHIFT)
+                if page is not None and page.anon:
+                    item = self.get_next_rmap_item(slot, scan.address)
+                    if item is None:
+                        return _ALLOC_FAILED
+                    scan.rmap_prev = item
+                    scan.address += PAGE_SIZE
+                    if self.should_skip_rmap_item(page, item):
+                        continue
+                    return item, page
+                scan.address += PAGE_SIZE
+        return None
+
+    def ksm_do_scan(self, scan_npages: int) -> int:
+        """One batch of ksmd: up to *scan_npages* pages (``ksm_do_scan``); returns pages scanned."""
+        done = 0
+        while done < scan_npages:
+            found = self.scan_get_next_rmap_item()
+            if found is None:
+                break
+            item, page = found
+            self.cmp_and_merge_page(page, item)
+            self.pages_scanned += 1
+            done += 1
+        return done
+
+    # --- the advisor -----------------------------------------------------------------------
+    def advisor_start_scan(self) -> None:
+        """Record the start of a full scan for the scan-time advisor."""
+        if self.advisor_scan_time:
+            self.advisor_ctx.start_scan_ms = self._now_ms()
+
+    def advisor_stop_scan(self) -> None:
+        """At the end of a full scan, let the advisor set pages_to_scan."""
+        if not self.advisor_scan_time:
+            return
+        old = self.pages_to_scan
+        self.pages_to_scan = scan_time_advisor(self.advisor_ctx, self.advisor,
+                                               now_ms=self._now_ms(), cpu_ns=self._cpu_ns(),
+                                               pages_to_scan=old)
+        self.trace("ksm_advisor", scan_time=self.advisor_ctx.scan_time_s,
+                   pages_to_scan=self.pages_to_scan)
+
+    def set_advisor_defaults(self) -> None:
+        """Reset pages_to_scan (and the advisor state) after a mode change."""
+        if self.advisor_scan_time:
+            self.advisor_ctx = AdvisorCtx()
+            self.pages_to_scan = self.advisor.min_pages_to_scan & 0xFFFFFFFF
+        else:
+            self.pages_to_scan = DEFAULT_PAGES_TO_SCAN
+
+    # --- entry points from the rest of mm ------------------------------------------------------
+    def __ksm_enter(self, mm: MmStruct) -> int:
+        """Register *mm* with ksmd (``__ksm_enter``); 0 or ENOMEM."""
+        if not self.slab.alloc("mm_slot"):
+            return errno.ENOMEM
+        slot = MmSlot(mm)
+        needs_wakeup = self.list_empty()
+        self.mm_slots[mm.id] = slot
+        if self.run & KSM_RUN_UNMERGE:
+            slot.list_add_before(self.mm_head)
+        else:
+            # Just behind the cursor: scanned last in the next full scan, which
+            # lets the area settle (and wastes nothing on fork + exec).
+            slot.list_add_before(self.scan.mm_slot)
+        mm.set_flag(MMF_VM_MERGEABLE)
+        if needs_wakeup:
+            self.wake_ksmd()
+        self.trace("ksm_enter", mm=mm.id)
+        return 0
+
+    ksm_enter = __ksm_enter
+
+    def __ksm_exit(self, mm: MmStruct) -> None:
+        """Unregister an exiting mm, or leave it for ksmd to reap (``__ksm_exit``)."""
+        slot = self.mm_slots.get(mm.id)
+        easy_to_free = False
+        if slot is not None and self.scan.mm_slot is not slot:
+            if slot.rmap_list is None:
+                del self.mm_slots[mm.id]
+                slot.list_del()
+                easy_to_free = True
+            else:
+                slot.list_del()
+                slot.list_add_after(self.scan.mm_slot)
+        if easy_to_free:
+            mm.clear_flag(MMF_VM_MERGE_ANY)
+            mm.clear_flag(MMF_VM_MERGEABLE)
+        self.trace("ksm_exit", mm=mm.id)
+
+    def ksm_exit(self, mm: MmStruct) -> None:
+        """Exit hook: only mms with MMF_VM_MERGEABLE call into KSM (``ksm_exit``)."""
+        if mm.ksm_registered:
+            self.callouts["ksm_exit"] += 1
+            self.__ksm_exit(mm)
+
+    def ksm_fork(self, child: MmStruct, parent: MmStruct) -> None:
+        """Fork hook, after a successful address-space copy (``ksm_fork``, 6.18)."""
+        if parent.ksm_registered:
+            self.callouts["ksm_fork"] += 1
+            child.ksm_merging_pages = 0
+            child.ksm_rmap_items = 0
+            self.ksm_zero_pages += child.ksm_zero_pages
+            self.__ksm_enter(child)  # best effort: a failure does not fail fork
+
+    def ksm_execve(self, mm: MmStruct) -> int:
+        """Exec hook: re-register a MERGE_ANY mm (``ksm_execve``); 0 or ENOMEM."""
+        if mm.merge_any:
+            self.callouts["ksm_execve"] += 1
+            return self.__ksm_enter(mm)
+        return 0
+
+    def ksm_vma_flags(self, mm: MmStruct, vma: Vma) -> int:
+        """VM_MERGEABLE for a new vma of a MERGE_ANY process (``ksm_vma_flags``, 6.16+)."""
+        if not mm.merge_any or not vma_ksm_compatible(vma):
+            return 0
+        if not mm.ksm_registered and self.__ksm_enter(mm):
+            return 0
+        return VM_MERGEABLE
+
+    def ksm_madvise(self, mm: MmStruct, vma: Vma, start: int, end: int, advice: int,
+                    vm_flags: int) -> int:
+        """New vm_flags for MADV_(UN)MERGEABLE on [start, end) of *vma* (``ksm_madvise``).
+
+        Raises KernelError(ENOMEM) if registering or unmerging runs out of memory.
+        """
+        if advice == MADV_MERGEABLE:
+            if vma.flags & VM_MERGEABLE or not vma_ksm_compatible(vma):
+                return vm_flags  # already mergeable, or just ignore the advice
+            if not mm.ksm_registered and self.__ksm_enter(mm):
+                raise kernel_error(errno.ENOMEM, "cannot allocate a KSM mm_slot")
+            return vm_flags | VM_MERGEABLE
+        if advice == MADV_UNMERGEABLE:
+            if not vm_flags & VM_MERGEABLE:
+                return vm_flags
+            if vma.anon_vma is not None:
+                err = self.unmerge_ksm_pages(mm, vma, start, end)
+                if err:
+                    raise kernel_error(err, "unmerging KSM pages")
+            return vm_flags & ~VM_MERGEABLE
+        raise ValueError(f"ksm_madvise: unexpected advice {advice}")
+
+    def ksm_add_vmas(self, mm: MmStruct) -> None:
+        """Flag every compatible vma VM_MERGEABLE in place (``ksm_add_vmas``)."""
+        for vma in mm.vmas:
+            if not vma.flags & VM_MERGEABLE and vma_ksm_compatible(vma):
+                vma.flags |= VM_MERGEABLE
+
+    def ksm_del_vmas(self, mm: MmStruct) -> int:
+        """Unmerge and unflag every mergeable vma (``ksm_del_vmas``); 0 or ENOMEM."""
+        for vma in mm.vmas:
+            if not vma.flags & VM_MERGEABLE:
+                continue
+            if vma.anon_vma is not None:
+                err = self.unmerge_ksm_pages(mm, vma, vma.start, vma.end)
+                if err:
+                    return err
+            vma.flags &= ~VM_MERGEABLE
+        return 0
+
+    def ksm_enable_merge_any(self, mm: MmStruct) -> int:
+        """prctl(PR_SET_MEMORY_MERGE, 1) (``ksm_enable_merge_any``); 0 or ENOMEM."""
+        if mm.merge_any:
+            return 0
+        if not mm.ksm_registered:
+            err = self.__ksm_enter(mm)
+            if err:
+                return err
+        mm.set_flag(MMF_VM_MERGE_ANY)
+        self.ksm_add_vmas(mm)
+        return 0
+
+    def ksm_disable_merge_any(self, mm: MmStruct) -> int:
+        """prctl(PR_SET_MEMORY_MERGE, 0) (``ksm_disable_merge_any``); 0 or ENOMEM."""
+        if not mm.merge_any:
+            return 0
+        err = self.ksm_del_vmas(mm)
+        if err:
+            self.ksm_add_vmas(mm)
+            return err
+        mm.clear_flag(MMF_VM_MERGE_ANY)
+        return 0
+
+    def ksm_process_mergeable(self, mm: MmStruct) -> bool:
+        """Any vma currently VM_MERGEABLE (``ksm_process_mergeable``)."""
+        return any(v.flags & VM_MERGEABLE for v in mm.vmas)
+
+    def on_ksm_zero_unmap(self, mm: MmStruct) -> None:
+        """A KSM-placed zero PTE went away: decrement both zero-page counts at once."""
+        mm.ksm_zero_pages -= 1
+        self.ksm_zero_pages -= 1
+
+    # --- sysfs stores with side effects ---------------------------------------------------------
+    def set_run(self, flags: int) -> None:
+        """``run_store`` after parsing: start, stop, or unmerge everything."""
+        if self.run != flags:
+            self.run = flags
+            if flags & KSM_RUN_UNMERGE:
+                err = self.unmerge_and_remove_all_rmap_items()
+                if err:
+                    self.run = 0
+                    raise kernel_error(err, "run=2 could not unmerge everything")
+        if flags & KSM_RUN_MERGE:
+            self.wake_ksmd()
+
+    def set_max_page_sharing(self, knob: int) -> None:
+        """``max_page_sharing_store`` after parsing; EBUSY while KSM pages exist."""
+        if self.max_page_sharing == knob:
+            return
+        if self.pages_shared or self.remove_all_stable_nodes():
+            raise kernel_error(errno.EBUSY, "KSM pages exist")
+        self.max_page_sharing = knob
+
+    def set_merge_across_nodes(self, knob: int) -> None:
+        """``merge_across_nodes_store`` after parsing; EBUSY while KSM pages exist."""
+        if self.merge_across_nodes == knob:
+            return
+        if self.pages_shared or self.remove_all_stable_nodes():
+            raise kernel_error(errno.EBUSY, "KSM pages exist")
+        if not knob and not self.slab.alloc("stable_roots"):
+            raise kernel_error(errno.ENOMEM, "cannot allocate per-node tree roots")
+        self.merge_across_nodes = knob
+
+    def set_advisor_mode(self, scan_time: bool) -> None:
+        """``advisor_mode_store`` after parsing: a real change resets pages_to_scan."""
+        changed = scan_time != self.advisor_scan_time
+        self.advisor_scan_time = scan_time
+        if changed:
+            self.set_advisor_defaults()
+
+
+class _AllocFailed:
+    """Marker: an rmap_item allocation failed; the batch ends."""
+
+
+_ALLOC_FAILED: Any = _AllocFailed()

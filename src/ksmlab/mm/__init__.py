@@ -1,0 +1,1 @@
+"""The slice of the memory manager KSM plugs into: frames, vmas, page tables, faults, syscalls."""

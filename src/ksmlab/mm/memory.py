@@ -1,0 +1,207 @@
+"""Page faults, copy-on-write, and tearing down mappings (``mm/memory.c``).
+
+The model keeps no separate "writable" bit per page-table entry.  Whether a
+write may go straight to the mapped frame is decided at write time, the way
+``do_wp_page`` decides whether it can reuse a page: only an anonymous,
+non-KSM frame mapped exactly once is written in place; every other mapped
+frame (KSM page, zero page, page shared with a fork relative, page cache of
+a private file mapping) is copied first.  That is observationally the same as
+tracking write-protection per PTE, and it cannot drift out of sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum
+
+from ksmlab.constants import PAGE_SHIFT, PAGE_SIZE, VM_EXEC, VM_READ, VM_SHARED, VM_WRITE
+from ksmlab.errors import vm_bug_on
+from ksmlab.mm.mm_types import AnonVma, MmStruct, Vma
+from ksmlab.mm.page import ZERO_DATA, Frame, PhysMem
+
+_ANON_COMPAT_IGNORE = VM_READ | VM_WRITE | VM_EXEC
+
+
+class Fault(Enum):
+    """Result of a fault (the parts of ``vm_fault_t`` the model needs)."""
+
+    OK = 0
+    OOM = 1
+
+
+class Memory:
+    """Faults and page-table manipulation over one PhysMem.
+
+    Attributes:
+        phys: the simulated RAM.
+        cow_ksm: vmstat ``cow_ksm``: COW or unshare faults on KSM pages.
+        on_ksm_zero_unmap: called with the mm whenever a KSM-placed zero PTE
+            goes away (KSM decrements its zero-page counters eagerly).
+    """
+
+    def __init__(self, phys: PhysMem, on_ksm_zero_unmap: Callable[[MmStruct], None]) -> None:
+        self.phys = phys
+        self.cow_ksm = 0
+        self.on_ksm_zero_unmap = on_ksm_zero_unmap
+
+    # --- anon_vma ------------------------------------------------------------------
+    def anon_vma_prepare(self, mm: MmStruct, vma: Vma) -> None:
+        """Give *vma* an anon_vma, reusing a compatible neighbour's (``__anon_vma_prepare``)."""
+        if vma.anon_vma is not None:
+            return
+        i = mm.vma_index(vma)
+        for j in (i + 1, i - 1):  # find_mergeable_anon_vma looks at next, then prev
+            if 0 <= j < len(mm.vmas):
+                other = mm.vmas[j]
+                a, b = (vma, other) if j > i else (other, vma)
+                if (other.anon_vma is not None and other.anon_vma_singular
+                        and _anon_vma_compatible(a, b)):
+                    vma.anon_vma = other.anon_vma
+                    return
+        vma.anon_vma = AnonVma()
+        vma.anon_vma_singular = True
+
+    # --- mapping helpers -----------------------------------------------------------
+    def _node(self, vma: Vma) -> int:
+        return vma.nid if vma.nid is not None else 0
+
+    def _map(self, mm: MmStruct, vpn: int, frame: Frame) -> None:
+        if not frame.zero:
+            frame.mapcount += 1
+        mm.ptes[vpn] = frame
+
+    def zap_pte(self, mm: MmStruct, vpn: int) -> None:
+        """Remove one page-table entry, freeing an anonymous frame nobody maps any more."""
+        frame = mm.ptes.pop(vpn)
+        if frame is self.phys.ksm_zero_page:
+            self.on_ksm_zero_unmap(mm)
+        elif not frame.zero:
+            frame.mapcount -= 1
+            vm_bug_on(frame.mapcount < 0, f"negative mapcount on {frame!r}")
+            if frame.mapcount == 0 and frame.anon:
+                self.phys.free(frame)
+
+    def zap_range(self, mm: MmStruct, start: int, end: int) -> None:
+        """Unmap every page in [start, end) (``zap_page_range_single``)."""
+        for vpn in present_vpns(mm, start, end):
+            self.zap_pte(mm, vpn)
+
+    def replace_pte(self, mm: MmStruct, vpn: int, new: Frame) -> None:
+        """Point the PTE at *vpn* to *new* instead of its current frame."""
+        self.zap_pte(mm, vpn)
+        self._map(mm, vpn, new)
+
+    # --- faults ----------------------------------------------------------------------
+    def handle_mm_fault(self, mm: MmStruct, vma: Vma, addr: int, *, write: bool = False,
+                        unshare: bool = False) -> Fault:
+        """Make *addr* readable (or privately writable if *write*) (``handle_mm_fault``).
+
+        ``unshare`` is ``FAULT_FLAG_UNSHARE`` as break_ksm raises it: replace a
+        KSM page or a KSM-placed zero page by a private copy, touch nothing else.
+        """
+        vpn = addr >> PAGE_SHIFT
+        frame = mm.ptes.get(vpn)
+        if frame is None:
+            if unshare:
+                return Fault.OK
+            return self._do_fault_none(mm, vma, vpn, write=write)
+        if unshare:
+            if frame is self.phys.ksm_zero_page or frame.ksm:
+                return self._do_wp_page(mm, vma, vpn, frame)
+            return Fault.OK
+        if write and not self.can_write_in_place(vma, frame):
+            return self._do_wp_page(mm, vma, vpn, frame)
+        return Fault.OK
+
+    def can_write_in_place(self, vma: Vma, frame: Frame) -> bool:
+        """Whether a write may go to *frame* itself (shared mapping, or exclusive anon page)."""
+        if vma.flags & VM_SHARED:
+            return True
+        return frame.anon and not frame.ksm and not frame.zero and frame.mapcount == 1
+
+    def _do_fault_none(self, mm: MmStruct, vma: Vma, vpn: int, *, write: bool) -> Fault:
+        if vma.file is not None:
+            pgoff = vma.linear_pgoff(vpn << PAGE_SHIFT)
+            page = vma.file.pagecache.get(pgoff)
+            if page is None:
+                data = ZERO_DATA if vma.file.shmem else vma.file.page_data(pgoff)
+                page = self.phys.alloc(data, self._node(vma), anon=False)
+                if page is None:
+                    return Fault.OOM
+                vma.file.pagecache[pgoff] = page
+            if write and not vma.flags & VM_SHARED:
+                return self._cow_copy(mm, vma, vpn, page.data, old=None)
+            self._map(mm, vpn, page)
+            return Fault.OK
+        if not write:
+            # do_anonymous_page maps the shared zero page on a read; no anon_vma needed.
+            self._map(mm, vpn, self.phys.zero_page)
+            return Fault.OK
+        return self._cow_copy(mm, vma, vpn, ZERO_DATA, old=None)
+
+    def _do_wp_page(self, mm: MmStruct, vma: Vma, vpn: int, old: Frame) -> Fault:
+        if old.ksm:
+            self.cow_ksm += 1
+        return self._cow_copy(mm, vma, vpn, old.data, old=old)
+
+    def _cow_copy(self, mm: MmStruct, vma: Vma, vpn: int, data: bytes,
+                  old: Frame | None) -> Fault:
+        self.anon_vma_prepare(mm, vma)
+        new = self.phys.alloc(data, self._node(vma), anon=True)
+        if new is None:
+            return Fault.OOM
+        if old is not None:
+            self.zap_pte(mm, vpn)
+        self._map(mm, vpn, new)
+        return Fault.OK
+
+    # --- user access -------------------------------------------------------------------
+    def write_page(self, mm: MmStruct, vma: Vma, addr: int, offset: int, chunk: bytes) -> Fault:
+        """Write *chunk* at *offset* of the page at *addr*, faulting as a CPU store would."""
+        fault = self.handle_mm_fault(mm, vma, addr, write=True)
+        if fault is not Fault.OK:
+            return fault
+        frame = mm.ptes[addr >> PAGE_SHIFT]
+        vm_bug_on(not self.can_write_in_place(vma, frame), f"write to protected {frame!r}")
+        if len(chunk) == PAGE_SIZE:
+            frame.data = bytes(chunk)
+        else:
+            frame.data = frame.data[:offset] + chunk + frame.data[offset + len(chunk):]
+        return Fault.OK
+
+    def read_page(self, mm: MmStruct, vma: Vma, addr: int) -> tuple[Fault, bytes]:
+        """The content of the page at *addr*, faulting it in as a CPU load would."""
+        fault = self.handle_mm_fault(mm, vma, addr)
+        if fault is not Fault.OK:
+            return fault, b""
+        return Fault.OK, mm.ptes[addr >> PAGE_SHIFT].data
+
+    # --- fork ---------------------------------------------------------------------------
+    def copy_page_range(self, dst: MmStruct, src: MmStruct, vma: Vma) -> None:
+        """Share *vma*'s mapped pages with the child (``copy_page_range``).
+
+        Like the kernel, areas without an anon_vma are not copied: the child
+        faults their pages in again when it touches them.
+        """
+        if vma.anon_vma is None:
+            return
+        first, last = vma.start >> PAGE_SHIFT, vma.end >> PAGE_SHIFT
+        for vpn in range(first, last):
+            frame = src.ptes.get(vpn)
+            if frame is not None:
+                self._map(dst, vpn, frame)
+
+
+def _anon_vma_compatible(a: Vma, b: Vma) -> bool:
+    """``anon_vma_compatible``: *a* directly precedes *b* and could share its anon_vma."""
+    return (a.end == b.start and a.file is b.file
+            and not (a.flags ^ b.flags) & ~_ANON_COMPAT_IGNORE
+            and b.pgoff == a.pgoff + ((b.start - a.start) >> PAGE_SHIFT))
+
+
+def present_vpns(mm: MmStruct, start: int, end: int) -> list[int]:
+    """Page numbers in [start, end) that have a page-table entry, in address order."""
+    first, last = start >> PAGE_SHIFT, end >> PAGE_SHIFT
+    if last - first <= 4 * len(mm.ptes):
+        return [v for v in range(first, last) if v in mm.ptes]
+    return sorted(v for v in mm.ptes if first <= v < last)

@@ -1,0 +1,328 @@
+"""mmap, munmap, mprotect and the vma split/merge machinery (``mm/mmap.c``, ``mm/vma.c``)."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+
+from ksmlab.constants import (
+    MAP_ANONYMOUS,
+    MAP_DROPPABLE,
+    MAP_FIXED,
+    MAP_FIXED_NOREPLACE,
+    MAP_GROWSDOWN,
+    MAP_HUGETLB,
+    MAP_LOCKED,
+    MAP_NORESERVE,
+    MAP_POPULATE,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    MAP_SHARED_VALIDATE,
+    MAP_TYPE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PROT_EXEC,
+    PROT_READ,
+    PROT_WRITE,
+    TASK_SIZE,
+    VM_ACCOUNT,
+    VM_DONTDUMP,
+    VM_DROPPABLE,
+    VM_EXEC,
+    VM_GROWSDOWN,
+    VM_HUGETLB,
+    VM_LOCKED,
+    VM_MAYEXEC,
+    VM_MAYREAD,
+    VM_MAYSHARE,
+    VM_MAYWRITE,
+    VM_NORESERVE,
+    VM_READ,
+    VM_SHARED,
+    VM_WIPEONFORK,
+    VM_WRITE,
+)
+from ksmlab.errors import kernel_error
+from ksmlab.mm.memory import Fault, Memory
+from ksmlab.mm.mm_types import MappedFile, MmStruct, Vma
+
+PROT_MASK = PROT_READ | PROT_WRITE | PROT_EXEC
+_ACCESS = VM_READ | VM_WRITE | VM_EXEC
+
+
+def page_align(n: int) -> int:
+    """Round *n* up to a page multiple (``PAGE_ALIGN``)."""
+    return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+def calc_vm_prot_bits(prot: int) -> int:
+    """VM_READ/WRITE/EXEC for a PROT_* mask."""
+    return ((VM_READ if prot & PROT_READ else 0) | (VM_WRITE if prot & PROT_WRITE else 0)
+            | (VM_EXEC if prot & PROT_EXEC else 0))
+
+
+class VmaOps:
+    """Address-space operations of one machine.
+
+    Attributes:
+        memory: faults and page-table helpers.
+        max_map_count: ``vm.max_map_count``: a split that would reach it fails.
+    """
+
+    def __init__(self, memory: Memory, max_map_count: int = 65530) -> None:
+        self.memory = memory
+        self.max_map_count = max_map_count
+
+    # --- merging ---------------------------------------------------------------------
+    @staticmethod
+    def can_merge(a: Vma, b: Vma, flags_a: int | None = None, flags_b: int | None = None) -> bool:
+        """Whether *a* (ending where *b* starts) and *b* could form one vma.
+
+        Models ``is_mergeable_vma`` + ``is_mergeable_anon_vma``: same flags,
+        same file with contiguous offsets, compatible anon_vmas, same policy.
+        """
+        fa = a.flags if flags_a is None else flags_a
+        fb = b.flags if flags_b is None else flags_b
+        if a.end != b.start or fa != fb or a.file is not b.file or a.nid != b.nid:
+            return False
+        if b.pgoff != a.pgoff + a.pages:
+            return False
+        if a.anon_vma is None or b.anon_vma is None:
+            other = a if a.anon_vma is not None else b
+            return other.anon_vma is None or other.anon_vma_singular
+        return a.anon_vma is b.anon_vma
+
+    def _absorb(self, mm: MmStruct, keep: Vma, gone: Vma) -> None:
+        """Merge adjacent *gone* into *keep* (they are already known compatible)."""
+        if keep.anon_vma is None:
+            keep.anon_vma, keep.anon_vma_singular = gone.anon_vma, gone.anon_vma_singular
+        if gone.start < keep.start:
+            keep.start, keep.pgoff = gone.start, gone.pgoff
+        else:
+            keep.end = gone.end
+        mm.vmas.pop(mm.vma_index(gone))
+
+    def split_vma(self, mm: MmStruct, vma: Vma, addr: int) -> Vma:
+        """Split *vma* at *addr*; return the upper part (``__split_vma``).
+
+        Raises KernelError(ENOMEM) when map_count has reached max_map_count.
+        """
+        if mm.map_count >= self.max_map_count:
+            raise kernel_error(errno.ENOMEM, "vm.max_map_count reached")
+        upper = Vma(addr, vma.end, vma.flags, vma.linear_pgoff(addr), vma.file, vma.anon_vma,
+                    vma.anon_vma_singular, vma.nid)
+        vma.end = addr
+        mm.insert_vma(upper)
+        return upper
+
+    def vma_modify_flags(self, mm: MmStruct, vma: Vma, start: int, end: int,
+                         newflags: int) -> Vma:
+        """Give [start, end) of *vma* the flags *newflags*, merging or splitting as needed.
+
+        Models ``vma_modify_flags``: first try to merge the range with the
+        previous and/or next vma, else split *vma* at start and/or end.
+        Returns the vma now covering [start, end).  A failed split raises
+        KernelError(ENOMEM); a first split that succeeded stays.
+        """
+        if newflags == vma.flags:
+            return vma
+        i = mm.vma_index(vma)
+        prev = mm.vmas[i - 1] if i > 0 else None
+        nxt = mm.vmas[i + 1] if i + 1 < len(mm.vmas) else None
+        piece = Vma(start, end, newflags, vma.linear_pgoff(start), vma.file, vma.anon_vma,
+                    vma.anon_vma_singular, vma.nid)
+        left = (start == vma.start and prev is not None
+                and self.can_merge(prev, piece))
+        right = (end == vma.end and nxt is not None and self.can_merge(piece, nxt))
+        if left and right:
+            assert prev is not None and nxt is not None
+            if not (prev.anon_vma is None or nxt.anon_vma is None
+                    or prev.anon_vma is nxt.anon_vma):
+                right = False  # prev and next cannot share one anon_vma
+        if left:
+            assert prev is not None
+            if end == vma.end:
+                self._absorb(mm, prev, vma)
+            else:
+                prev.end = end
+                vma.start, vma.pgoff = end, vma.linear_pgoff(end)
+                if prev.anon_vma is None:
+                    prev.anon_vma, prev.anon_vma_singular = vma.anon_vma, vma.anon_vma_singular
+            if right:
+                assert nxt is not None
+                self._absorb(mm, prev, nxt)
+            return prev
+        if right:
+            assert nxt is not None
+            if start == vma.start:
+                self._absorb(mm, nxt, vma)
+            else:
+                vma.end = start
+                nxt.start, nxt.pgoff = start, piece.pgoff
+                if nxt.anon_vma is None:
+                    nxt.anon_vma, nxt.anon_vma_singular = vma.anon_vma, vma.anon_vma_singular
+            return nxt
+        target = vma
+        if start > target.start:
+            target = self.split_vma(mm, target, start)
+        if end < target.end:
+            self.split_vma(mm, target, end)
+        target.flags = newflags
+        return target
+
+    # --- mmap ----------------------------------------------------------------------
+    def get_unmapped_area(self, mm: MmStruct, length: int, hint: int) -> int:
+        """Pick an address for a new mapping: the hint if free, else top-down below mmap_base."""
+        if hint and hint + length <= TASK_SIZE and self._is_free(mm, hint, hint + length):
+            return hint
+        top = mm.mmap_base
+        for vma in reversed(mm.vmas):
+            if vma.start >= top:
+                continue
+            if vma.end <= top - length:
+                return top - length
+            top = vma.start
+        if top - length >= PAGE_SIZE * 16:
+            return top - length
+        raise kernel_error(errno.ENOMEM, "no room in the address space")
+
+    @staticmethod
+    def _is_free(mm: MmStruct, start: int, end: int) -> bool:
+        vma = mm.find_vma(start)
+        return vma is None or vma.start >= end
+
+    def do_mmap(self, mm: MmStruct, length: int, prot: int, flags: int, *, addr: int,
+                file: MappedFile | None, offset: int, nid: int | None,
+                extra_vm_flags: int = 0,
+                ksm_vma_flags: Callable[[MmStruct, Vma], int]) -> int:
+        """Create a mapping and return its address (``do_mmap`` + ``mmap_region``)."""
+        if length <= 0:
+            raise kernel_error(errno.EINVAL, f"mmap length {length}")
+        if prot & ~PROT_MASK:
+            raise kernel_error(errno.EINVAL, f"mmap prot {prot:#x}")
+        if offset % PAGE_SIZE:
+            raise kernel_error(errno.EINVAL, f"mmap offset {offset:#x} not page aligned")
+        size = page_align(length)
+        if size > TASK_SIZE:
+            raise kernel_error(errno.ENOMEM, f"mmap length {length:#x}")
+        maptype = flags & MAP_TYPE
+        if maptype not in (MAP_SHARED, MAP_PRIVATE, MAP_SHARED_VALIDATE, MAP_DROPPABLE):
+            raise kernel_error(errno.EINVAL, f"mmap flags {flags:#x}: bad map type")
+        anonymous = bool(flags & MAP_ANONYMOUS)
+        if not anonymous and file is None:
+            raise kernel_error(errno.EBADF, "mmap of a file needs a path")
+        if maptype == MAP_DROPPABLE and not anonymous:
+            raise kernel_error(errno.EINVAL, "MAP_DROPPABLE needs MAP_ANONYMOUS")
+        fixed = bool(flags & (MAP_FIXED | MAP_FIXED_NOREPLACE))
+        if fixed and addr % PAGE_SIZE:
+            raise kernel_error(errno.EINVAL, f"MAP_FIXED address {addr:#x} not page aligned")
+        vm_flags = calc_vm_prot_bits(prot) | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
+        shared = maptype in (MAP_SHARED, MAP_SHARED_VALIDATE)
+        if shared:
+            vm_flags |= VM_SHARED | VM_MAYSHARE
+            if anonymous:
+                file = MappedFile("/dev/zero (deleted)", b"", shmem=True)
+                offset = 0
+        elif maptype == MAP_DROPPABLE:
+            vm_flags |= VM_DROPPABLE | VM_WIPEONFORK | VM_DONTDUMP
+        if flags & MAP_HUGETLB:
+            vm_flags |= VM_HUGETLB
+        if flags & MAP_LOCKED:
+            vm_flags |= VM_LOCKED
+        if flags & MAP_GROWSDOWN:
+            vm_flags |= VM_GROWSDOWN
+        if flags & MAP_NORESERVE:
+            vm_flags |= VM_NORESERVE
+        elif not shared and vm_flags & VM_WRITE:
+            vm_flags |= VM_ACCOUNT
+        vm_flags |= extra_vm_flags
+        if fixed:
+            start = addr
+            if start + size > TASK_SIZE:
+                raise kernel_error(errno.ENOMEM, "mapping beyond TASK_SIZE")
+            if not self._is_free(mm, start, start + size):
+                if flags & MAP_FIXED_NOREPLACE:
+                    raise kernel_error(errno.EEXIST, f"{start:#x} already mapped")
+                self.do_munmap(mm, start, size)
+        else:
+            start = self.get_unmapped_area(mm, size, addr & ~(PAGE_SIZE - 1))
+        if mm.map_count >= self.max_map_count:
+            raise kernel_error(errno.ENOMEM, "vm.max_map_count reached")
+        pgoff = offset >> PAGE_SHIFT if file is not None else start >> PAGE_SHIFT
+        vma = Vma(start, start + size, vm_flags, pgoff, file, None, True, nid)
+        vma.flags |= ksm_vma_flags(mm, vma)
+        mm.insert_vma(vma)
+        vma = self._merge_new(mm, vma)
+        if flags & MAP_POPULATE:
+            write = bool(vma.flags & VM_WRITE) and not vma.flags & VM_SHARED
+            for a in range(start, start + size, PAGE_SIZE):
+                if self.memory.handle_mm_fault(mm, vma, a, write=write) is Fault.OOM:
+                    break
+        return start
+
+    def _merge_new(self, mm: MmStruct, vma: Vma) -> Vma:
+        """Merge a freshly inserted vma with compatible neighbours (``vma_merge_new_range``)."""
+        i = mm.vma_index(vma)
+        if i + 1 < len(mm.vmas) and self.can_merge(vma, mm.vmas[i + 1]):
+            self._absorb(mm, vma, mm.vmas[i + 1])
+        if i > 0 and self.can_merge(mm.vmas[i - 1], vma):
+            prev = mm.vmas[i - 1]
+            self._absorb(mm, prev, vma)
+            return prev
+        return vma
+
+    # --- munmap ------------------------------------------------------------------
+    def do_munmap(self, mm: MmStruct, start: int, length: int) -> None:
+        """Unmap [start, start+length) (``do_vmi_munmap``)."""
+        if start % PAGE_SIZE or start >= TASK_SIZE or length > TASK_SIZE - start:
+            raise kernel_error(errno.EINVAL, f"munmap({start:#x}, {length:#x})")
+        size = page_align(length)
+        if size == 0:
+            raise kernel_error(errno.EINVAL, "munmap length 0")
+        end = start + size
+        victims = [v for v in mm.vmas if v.start < end and v.end > start]
+        if not victims:
+            return
+        # The kernel needs room for the extra vma a split in the middle creates.
+        if (victims[0].start < start and victims[-1].end > end
+                and mm.map_count >= self.max_map_count):
+            raise kernel_error(errno.ENOMEM, "vm.max_map_count reached")
+        for vma in victims:
+            if vma.start < start:
+                vma = self.split_vma(mm, vma, start)
+            if vma.end > end:
+                self.split_vma(mm, vma, end)
+            self.memory.zap_range(mm, vma.start, vma.end)
+            mm.vmas.pop(mm.vma_index(vma))
+
+    # --- mprotect ------------------------------------------------------------------
+    def do_mprotect(self, mm: MmStruct, start: int, length: int, prot: int) -> None:
+        """Change protections of [start, start+length) (``do_mprotect_pkey``)."""
+        if start % PAGE_SIZE:
+            raise kernel_error(errno.EINVAL, f"mprotect start {start:#x} not page aligned")
+        if prot & ~PROT_MASK:
+            raise kernel_error(errno.EINVAL, f"mprotect prot {prot:#x}")
+        size = page_align(length)
+        if (length and size == 0) or start + size < start:
+            raise kernel_error(errno.ENOMEM, "mprotect range overflows")
+        if size == 0:
+            return
+        end = start + size
+        vma = mm.find_vma(start)
+        if vma is None or vma.start > start:
+            raise kernel_error(errno.ENOMEM, f"{start:#x} is not mapped")
+        newbits = calc_vm_prot_bits(prot)
+        pos = start
+        while pos < end:
+            vma = mm.find_vma(pos)
+            if vma is None or vma.start > pos:
+                raise kernel_error(errno.ENOMEM, f"{pos:#x} is not mapped")
+            if newbits & VM_WRITE and not vma.flags & VM_MAYWRITE:
+                raise kernel_error(errno.EACCES, "area cannot be made writable")
+            piece_end = min(end, vma.end)
+            newflags = (vma.flags & ~_ACCESS) | newbits
+            if newbits & VM_WRITE and not vma.flags & (VM_SHARED | VM_NORESERVE):
+                newflags |= VM_ACCOUNT
+            self.vma_modify_flags(mm, vma, pos, piece_end, newflags)
+            pos = piece_end
+
