@@ -48,12 +48,16 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Final, Self
+from typing import TYPE_CHECKING, Final, Self
 
 from ksmlab.api import KsmStat, SmapsEntry
+
+if TYPE_CHECKING:
+    from ksmlab.api import Kernel, Process, Sysfs
 from ksmlab.constants import (
     MAP_ANONYMOUS,
     MAP_PRIVATE,
@@ -79,6 +83,7 @@ __all__ = [
     "default_lock_path",
     "helper_unavailable_reason",
     "linux_ksm_unavailable_reason",
+    "online_nodes",
     "parse_ksm_stat",
     "parse_maps",
     "parse_smaps",
@@ -379,6 +384,20 @@ def _vm_rw(name: str, pid: int, buf: ctypes.Array[ctypes.c_char], addr: int, n: 
 # Processes
 
 
+def online_nodes() -> frozenset[int]:
+    """The online NUMA nodes (``/sys/devices/system/node/online``; ``{0}`` without NUMA)."""
+    try:
+        with open("/sys/devices/system/node/online") as f:
+            text = f.read().strip()
+    except OSError:
+        return frozenset({0})
+    nodes: set[int] = set()
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        nodes.update(range(int(lo), int(hi or lo) + 1))
+    return frozenset(nodes)
+
+
 def _to_u64(value: int, what: str) -> int:
     """Convert a Python int the way C converts it to an unsigned 64-bit argument."""
     if not isinstance(value, int):
@@ -478,14 +497,20 @@ class LinuxProcess:
             node: bind the area to this NUMA node (``mbind(MPOL_BIND)``) before
                 anything is faulted in (``MAP_POPULATE`` is applied after the bind).
             path: map this file, opened ``O_RDONLY`` for ``MAP_PRIVATE`` and
-                ``O_RDWR`` for ``MAP_SHARED``.  Ignored with ``MAP_ANONYMOUS``, as
-                the kernel ignores the fd then; a file mapping without a path
+                ``O_RDWR`` for ``MAP_SHARED``.  A file mapping without a path
                 gets ``EBADF`` from the kernel.
+
+        Raises:
+            ValueError: *node* is not an online NUMA node, or both *path* and
+                ``MAP_ANONYMOUS`` were given (API misuse, as in the model).
         """
-        if node is not None and node < 0:
-            raise ValueError(f"node={node} must be >= 0")
+        if node is not None and node not in online_nodes():
+            raise ValueError(f"node {node} does not exist (online nodes: "
+                             f"{sorted(online_nodes())})")
+        if path is not None and flags & MAP_ANONYMOUS:
+            raise ValueError("pass either path= or MAP_ANONYMOUS, not both")
         pathb = b""
-        if path is not None and not flags & MAP_ANONYMOUS:
+        if path is not None:
             pathb = os.fsencode(path)
             if b"\0" in pathb:
                 raise ValueError(f"path {path!r} contains a NUL byte")
@@ -834,7 +859,8 @@ def _lock_holders(fd: int) -> list[int]:
     return pids
 
 
-def _acquire_lock(path: str, timeout: float) -> int:
+def _acquire_lock(path: str, timeout: float) -> tuple[int, str]:
+    """Take the lock; return its fd and the note a previous holder left behind (if any)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     deadline = time.monotonic() + timeout
     while True:
@@ -857,12 +883,20 @@ def _acquire_lock(path: str, timeout: float) -> int:
                     f"timed out after {timeout:g} s waiting for the global KSM lock {path}, "
                     f"held by {who}{extra}") from None
             time.sleep(0.02)
-    # Leave a note for whoever waits next (not every ksmlab tool writes one).
+    # A clean close empties the file, so a note still there is from a session
+    # that died without restoring (SIGKILL, power loss).
+    stale = os.pread(fd, 65536, 0).decode(errors="replace").strip()
+    _write_note(fd, "")
+    return fd, stale
+
+
+def _write_note(fd: int, extra: str) -> None:
+    # For whoever waits next, and for the next session if this one dies
+    # without restoring.  Not every ksmlab tool writes one.
     note = (f"pid {os.getpid()} ({_cmdline(os.getpid())}) since "
-            f"{dt.datetime.now().isoformat(timespec='seconds')}\n")
+            f"{dt.datetime.now().isoformat(timespec='seconds')}{extra}\n")
     os.ftruncate(fd, 0)
     os.pwrite(fd, note.encode(), 0)
-    return fd
 
 
 def _release_lock(fd: int) -> None:
@@ -910,16 +944,24 @@ class LinuxKernel:
                                f"(pid {os.getpid()}); close it first, KSM state is global")
         self._closed = True  # until fully set up
         self._closing = False
+        self._signalled = False
         self._deferred: list[int] = []
         self._old_handlers: dict[int, signal.Handlers | Callable[[int, FrameType | None], object]
                                  | int | None] = {}
         self._procs: list[LinuxProcess] = []
         self._stubs: list[subprocess.Popen[bytes]] = []
         self.lock_path = lock_path or default_lock_path()
-        self._lock_fd = _acquire_lock(self.lock_path, lock_timeout)
+        self._lock_fd, stale = _acquire_lock(self.lock_path, lock_timeout)
         try:
             self._sysfs = LinuxSysfs(self)
             self._saved = {n: _normalise(n, self._sysfs[n]) for n in self._sysfs.writable()}
+            knobs = " ".join(f"{n}={v}" for n, v in sorted(self._saved.items()))
+            _write_note(self._lock_fd, f"; saved knobs: {knobs}")
+            if stale:
+                warnings.warn(
+                    f"a previous ksmlab session did not close cleanly ({stale}); the KSM "
+                    f"knobs saved now are what it left, which may not be this machine's "
+                    f"usual values", RuntimeWarning, stacklevel=2)
             self._probe_writable()
             self._ran = self._saved.get("run") == "1"
             if handle_signals and threading.current_thread() is threading.main_thread():
@@ -1193,9 +1235,13 @@ class LinuxKernel:
     # --- signals ---------------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self._closing:
-            self._deferred.append(signum)  # finish restoring first
+        if self._closing or self._signalled:
+            # Finish restoring first.  After the first signal became an
+            # exception, later ones are deferred too: raising again while the
+            # first unwinds could skip close() altogether.
+            self._deferred.append(signum)
             return
+        self._signalled = True
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + signum)
@@ -1204,3 +1250,9 @@ class LinuxKernel:
         for sig, old in self._old_handlers.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
         self._old_handlers.clear()
+
+
+if TYPE_CHECKING:
+    def _conforms(k: LinuxKernel, p: LinuxProcess, s: LinuxSysfs) -> tuple[Kernel, Process, Sysfs]:
+        """Never called: makes mypy check that the classes satisfy the api Protocols."""
+        return k, p, s

@@ -1,0 +1,7 @@
+"""``python -m ksmlab`` runs the command line."""
+
+import sys
+
+from ksmlab.cli import main
+
+sys.exit(main())
