@@ -511,7 +511,8 @@ class LinuxProcess:
             raise ValueError("pass either path= or MAP_ANONYMOUS, not both")
         pathb = b""
         if path is not None:
-            pathb = os.fsencode(path)
+            # The helper's cwd is ours at spawn time, not necessarily now.
+            pathb = os.fsencode(os.path.abspath(path))
             if b"\0" in pathb:
                 raise ValueError(f"path {path!r} contains a NUL byte")
             if len(pathb) > 4096:
