@@ -957,8 +957,10 @@ class Ksm:
         """VM_MERGEABLE for a new vma of a MERGE_ANY process (``ksm_vma_flags``, 6.16+)."""
         if not mm.merge_any or not vma_ksm_compatible(vma):
             return 0
-        if not mm.ksm_registered and self.__ksm_enter(mm):
-            return 0
+        if not mm.ksm_registered:
+            # ksmd dropped the slot (6.18): register again.  The kernel ignores
+            # __ksm_enter's result here; the vma is mergeable either way.
+            self.__ksm_enter(mm)
         return VM_MERGEABLE
 
     def ksm_madvise(self, mm: MmStruct, vma: Vma, start: int, end: int, advice: int,
