@@ -333,20 +333,27 @@ class SimProcess:
 
     # --- access --------------------------------------------------------------------------
     def _vmas_for(self, addr: int, length: int, *, write: bool, force: bool) -> list[Vma]:
-        """The vma of every page in the range, or OSError(EFAULT) if any page is inaccessible."""
+        """The vma of every page in the range, or OSError if any page is inaccessible.
+
+        The errno is EFAULT, or EIO for a forced access: /proc/PID/mem returns
+        EIO when it could copy nothing (checked on Linux 6.18 by the
+        differential suite).
+        """
         _check_int("addr", addr)
         _check_int("length", length)
         mm = self.mm
         out: list[Vma] = []
+        err = errno.EIO if force else errno.EFAULT
         first, last = addr >> PAGE_SHIFT, (addr + length - 1) >> PAGE_SHIFT
         for vpn in range(first, last + 1):
             vma = mm.vma_lookup(vpn << PAGE_SHIFT)
             if vma is None or vma.flags & (VM_IO | VM_PFNMAP):
-                raise kernel_error(errno.EFAULT, f"{vpn << PAGE_SHIFT:#x} is not accessible")
+                raise kernel_error(err, f"{vpn << PAGE_SHIFT:#x} is not accessible")
             need = VM_WRITE if write else VM_READ
-            if not vma.flags & need and not (force and (not write or vma.flags & VM_MAYWRITE
-                                                        or not vma.flags & VM_SHARED)):
-                raise kernel_error(errno.EFAULT, f"{vpn << PAGE_SHIFT:#x}: protection")
+            # check_vma_flags: a forced write needs a COW mapping (private, VM_MAYWRITE).
+            forceable = (not write or vma.flags & (VM_SHARED | VM_MAYWRITE) == VM_MAYWRITE)
+            if not vma.flags & need and not (force and forceable):
+                raise kernel_error(err, f"{vpn << PAGE_SHIFT:#x}: protection")
             out.append(vma)
         return out
 
@@ -355,7 +362,7 @@ class SimProcess:
 
         ``force=True`` writes like /proc/PID/mem (ptrace access, ignoring PROT_*
         on private areas).  An inaccessible page anywhere in the range raises
-        OSError(EFAULT) and nothing is written.
+        OSError(EFAULT), or OSError(EIO) when forced, and nothing is written.
         """
         if not isinstance(data, bytes | bytearray | memoryview):
             msg = f"data must be bytes, not {type(data).__name__}"
@@ -428,7 +435,7 @@ class SimProcess:
             if vma.anon_vma is not None and not vma.flags & VM_WIPEONFORK:
                 # anon_vma_fork: the child's chain also links the parent's anon_vma.
                 copy.anon_vma, copy.anon_vma_singular = AnonVma(), False
-            child.vmas.append(copy)
+            child.insert_vma(copy)
             if not vma.flags & VM_WIPEONFORK:
                 k.memory.copy_page_range(child, parent, vma)
         # dup_mm copies the counters; the KSM zero PTEs really are shared.
@@ -448,7 +455,8 @@ class SimProcess:
         k.ksm.ksm_exit(mm)
         for vma in mm.vmas:
             k.memory.zap_range(mm, vma.start, vma.end)
-        mm.vmas.clear()
+        for vma in list(mm.vmas):
+            k.memory.remove_vma(mm, vma)
 
     def exec(self) -> None:
         """execve(2): a fresh, empty address space; MMF_VM_MERGE_ANY is kept."""
@@ -508,9 +516,14 @@ class SimProcess:
         return out
 
     def pfns(self, addr: int, length: int) -> list[int | None]:
-        """/proc/PID/pagemap: the frame number of each page, None where nothing is mapped."""
+        """/proc/PID/pagemap: the frame number of each page, None where nothing is mapped.
+
+        An empty range gives an empty list, as on Linux.
+        """
         mm = self.mm
-        first, last = addr >> PAGE_SHIFT, (addr + max(length, 1) - 1) >> PAGE_SHIFT
+        if length == 0:
+            return []
+        first, last = addr >> PAGE_SHIFT, (addr + length - 1) >> PAGE_SHIFT
         return [f.pfn if (f := mm.ptes.get(v)) is not None else None
                 for v in range(first, last + 1)]
 

@@ -65,6 +65,7 @@ struct req {
 #define MAP_TYPE_ 0x0f
 #define MADV_POPULATE_READ_ 22
 #define MADV_POPULATE_WRITE_ 23
+#define PR_SET_THP_DISABLE_ 41
 
 static int chan_fd = -1;
 static char self_path[MAX_PATH];
@@ -231,6 +232,14 @@ int main(int argc, char **argv)
 	if (n <= 0)
 		return 3;
 	self_path[n] = '\0';
+	/*
+	 * No transparent huge pages, ever: KSM must split a THP before merging
+	 * its subpages, which costs extra scans and makes the real kernel's
+	 * figures differ from the model's (which has no THP).  MMF_DISABLE_THP
+	 * is an mm flag: it is inherited across fork and exec (and set again
+	 * here after exec anyway), and it does not show in smaps VmFlags.
+	 */
+	prctl(PR_SET_THP_DISABLE_, 1, 0, 0, 0);
 	if (strcmp(argv[2], "stub") == 0)
 		stub();
 	setup();

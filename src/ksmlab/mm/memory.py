@@ -20,6 +20,9 @@ from ksmlab.mm.mm_types import AnonVma, MmStruct, Vma
 from ksmlab.mm.page import ZERO_DATA, Frame, PhysMem
 
 _ANON_COMPAT_IGNORE = VM_READ | VM_WRITE | VM_EXEC
+FAULT_AROUND_PAGES = 16
+"""``fault_around_bytes`` (64 KiB, the default) in pages."""
+PTRS_PER_PTE = 512
 
 
 class Fault(Enum):
@@ -86,6 +89,23 @@ class Memory:
         for vpn in present_vpns(mm, start, end):
             self.zap_pte(mm, vpn)
 
+    def remove_vma(self, mm: MmStruct, vma: Vma) -> None:
+        """Take *vma* out of *mm* and drop its file reference (``remove_vma`` + ``fput``).
+
+        When the last vma of a shmem object goes, the object is gone and its
+        pages are freed; a host file keeps its page cache.
+        """
+        mm.vmas.pop(mm.vma_index(vma))
+        file = vma.file
+        if file is None:
+            return
+        file.nr_vmas -= 1
+        vm_bug_on(file.nr_vmas < 0, f"negative vma count on {file.name}")
+        if file.nr_vmas == 0 and file.shmem:
+            for page in file.pagecache.values():
+                self.phys.free(page)
+            file.pagecache.clear()
+
     def replace_pte(self, mm: MmStruct, vpn: int, new: Frame) -> None:
         """Point the PTE at *vpn* to *new* instead of its current frame."""
         self.zap_pte(mm, vpn)
@@ -132,12 +152,36 @@ class Memory:
             if write and not vma.flags & VM_SHARED:
                 return self._cow_copy(mm, vma, vpn, page.data, old=None)
             self._map(mm, vpn, page)
+            if not write:
+                self._fault_around(mm, vma, vpn)
             return Fault.OK
         if not write:
             # do_anonymous_page maps the shared zero page on a read; no anon_vma needed.
             self._map(mm, vpn, self.phys.zero_page)
             return Fault.OK
         return self._cow_copy(mm, vma, vpn, ZERO_DATA, old=None)
+
+    def _fault_around(self, mm: MmStruct, vma: Vma, vpn: int) -> None:
+        """Map the cached pages around a read fault on a file or shmem area (``do_fault_around``).
+
+        ``do_read_fault`` also maps every page already in the page cache
+        within the 16-page (``fault_around_bytes`` = 64 KiB) aligned window of
+        the faulting address, clipped to the vma and to its page table, where
+        no PTE exists yet (``filemap_map_pages``).  The window depends on the
+        absolute address (found by the differential suite on Linux 6.18: a
+        fork child's read of one page of a shared area mapped 16).
+        """
+        assert vma.file is not None
+        pte_off = vpn % PTRS_PER_PTE
+        vma_off = vpn - (vma.start >> PAGE_SHIFT)
+        from_pte = max(pte_off - pte_off % FAULT_AROUND_PAGES, pte_off - min(pte_off, vma_off))
+        to_pte = min(from_pte + FAULT_AROUND_PAGES, PTRS_PER_PTE,
+                     pte_off + vma.pages - vma_off)
+        for v in range(vpn - pte_off + from_pte, vpn - pte_off + to_pte):
+            if v not in mm.ptes:
+                page = vma.file.pagecache.get(vma.linear_pgoff(v << PAGE_SHIFT))
+                if page is not None:
+                    self._map(mm, v, page)
 
     def _do_wp_page(self, mm: MmStruct, vma: Vma, vpn: int, old: Frame) -> Fault:
         if old.ksm:

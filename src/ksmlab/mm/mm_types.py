@@ -50,15 +50,18 @@ class MappedFile:
             and never written back; SimKernel never modifies host files).
         shmem: anonymous shared memory (MAP_SHARED|MAP_ANONYMOUS); its pages start zeroed.
         pagecache: page-cache frames by page offset.
+        nr_vmas: vmas mapping the object (their ``vm_file`` references); a shmem
+            object's pages are freed when the last one goes away.
     """
 
-    __slots__ = ("data", "name", "pagecache", "shmem")
+    __slots__ = ("data", "name", "nr_vmas", "pagecache", "shmem")
 
     def __init__(self, name: str, data: bytes, *, shmem: bool = False) -> None:
         self.name = name
         self.data = data
         self.shmem = shmem
         self.pagecache: dict[int, Frame] = {}
+        self.nr_vmas = 0
 
     def page_data(self, pgoff: int) -> bytes:
         """The content of page *pgoff* (zero-filled past the end of file)."""
@@ -210,7 +213,9 @@ class MmStruct:
         return i
 
     def insert_vma(self, vma: Vma) -> None:
-        """Insert *vma* in address order."""
+        """Insert *vma* in address order (it takes a reference on its file)."""
+        if vma.file is not None:
+            vma.file.nr_vmas += 1
         bisect.insort(self.vmas, vma, key=lambda v: v.start)
 
     @property

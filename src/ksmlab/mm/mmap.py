@@ -100,7 +100,7 @@ class VmaOps:
             keep.start, keep.pgoff = gone.start, gone.pgoff
         else:
             keep.end = gone.end
-        mm.vmas.pop(mm.vma_index(gone))
+        self.memory.remove_vma(mm, gone)
 
     def split_vma(self, mm: MmStruct, vma: Vma, addr: int) -> Vma:
         """Split *vma* at *addr*; return the upper part (``__split_vma``).
@@ -263,10 +263,22 @@ class VmaOps:
     def _merge_new(self, mm: MmStruct, vma: Vma) -> Vma:
         """Merge a freshly inserted vma with compatible neighbours (``vma_merge_new_range``)."""
         i = mm.vma_index(vma)
-        if i + 1 < len(mm.vmas) and self.can_merge(vma, mm.vmas[i + 1]):
-            self._absorb(mm, vma, mm.vmas[i + 1])
-        if i > 0 and self.can_merge(mm.vmas[i - 1], vma):
-            prev = mm.vmas[i - 1]
+        prev = mm.vmas[i - 1] if i > 0 else None
+        nxt = mm.vmas[i + 1] if i + 1 < len(mm.vmas) else None
+        left = prev is not None and self.can_merge(prev, vma)
+        right = nxt is not None and self.can_merge(vma, nxt)
+        if left and right:
+            assert prev is not None and nxt is not None
+            # can_vma_merge_right: prev and next must also suit each other;
+            # if they do not, the kernel merges with prev only (found by the
+            # differential suite: the model used to prefer next).
+            right = (prev.anon_vma is None or nxt.anon_vma is None
+                     or prev.anon_vma is nxt.anon_vma)
+        if right:
+            assert nxt is not None
+            self._absorb(mm, vma, nxt)
+        if left:
+            assert prev is not None
             self._absorb(mm, prev, vma)
             return prev
         return vma
@@ -293,7 +305,7 @@ class VmaOps:
             if vma.end > end:
                 self.split_vma(mm, vma, end)
             self.memory.zap_range(mm, vma.start, vma.end)
-            mm.vmas.pop(mm.vma_index(vma))
+            self.memory.remove_vma(mm, vma)
 
     # --- mprotect ------------------------------------------------------------------
     def do_mprotect(self, mm: MmStruct, start: int, length: int, prot: int) -> None:
@@ -323,6 +335,13 @@ class VmaOps:
             newflags = (vma.flags & ~_ACCESS) | newbits
             if newbits & VM_WRITE and not vma.flags & (VM_SHARED | VM_NORESERVE):
                 newflags |= VM_ACCOUNT
+            elif (not newbits & VM_WRITE and vma.flags & VM_ACCOUNT and vma.is_anonymous()
+                  and vma.anon_vma is None):
+                # mprotect_fixup: a private anonymous area that never had a page
+                # gives its commit charge back when it stops being writable, so
+                # it may then merge with a never-writable neighbour (found by
+                # the differential suite against Linux 6.18).
+                newflags &= ~VM_ACCOUNT
             self.vma_modify_flags(mm, vma, pos, piece_end, newflags)
             pos = piece_end
 

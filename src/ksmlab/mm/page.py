@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import xxhash
 
 from ksmlab.constants import PAGE_SIZE
-from ksmlab.errors import vm_bug_on
+from ksmlab.errors import ModelInvariantError
 
 if TYPE_CHECKING:
     from ksmlab.ksm.types import StableNode
@@ -99,8 +99,9 @@ class PhysMem:
 
     def free(self, frame: Frame) -> None:
         """Return *frame*; a KSM frame keeps its ``stable_node`` so the node can see it is stale."""
-        vm_bug_on(frame.zero, "freeing the zero page")
-        vm_bug_on(frame.freed, f"double free of {frame!r}")
-        vm_bug_on(frame.mapcount != 0, f"freeing mapped {frame!r}")
+        # Checked inline rather than through vm_bug_on so that the messages
+        # are only formatted on failure (this is a hot path).
+        if frame.zero or frame.freed or frame.mapcount:
+            raise ModelInvariantError(f"bad free of {frame!r}")
         frame.freed = True
         self.nr_frames -= 1
