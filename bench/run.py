@@ -18,6 +18,7 @@ Timings are printed, never asserted; docs/performance.md records results.
 from __future__ import annotations
 
 import argparse
+import gc
 import resource
 import sys
 import time
@@ -44,20 +45,31 @@ def ksmd_cpu_ns() -> int:
 
 
 class Clock:
-    """Measures the 'merge' phase: ksmd CPU on the kernel, process CPU on the model."""
+    """Measures the timed phase.
+
+    ksmd's phases: ksmd's CPU on the kernel, this process's CPU on the model.
+    Phases that run in the user process (COW writes, MADV_UNMERGEABLE; set
+    ``wall``): wall time on both, since on the kernel the work happens in the
+    helper process, not in this one.
+    """
 
     def __init__(self, real: bool) -> None:
         self.real = real
+        self.wall = False
         self.start = 0
         self.total = 0
 
+    def _now(self) -> int:
+        if self.wall:
+            return time.perf_counter_ns()
+        return ksmd_cpu_ns() if self.real else time.process_time_ns()
+
     def __enter__(self) -> Clock:
-        self.start = ksmd_cpu_ns() if self.real else time.process_time_ns()
+        self.start = self._now()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        now = ksmd_cpu_ns() if self.real else time.process_time_ns()
-        self.total += now - self.start
+        self.total += self._now() - self.start
 
 
 @dataclass(frozen=True)
@@ -125,7 +137,7 @@ def cow_workload() -> Workload:
 
     def measure(k: Kernel, procs: list[tuple[Process, int]], clock: Clock) -> None:
         p, a = procs[0]
-        clock.real = False  # the writes run in the writer, not in ksmd
+        clock.wall = True  # the writes run in the writer, not in ksmd
         with clock:
             for i in range(0, 4000, 2):
                 p.write(a + i * PAGE_SIZE, b"-")
@@ -144,7 +156,7 @@ def unmerge_workload(pages: int) -> Workload:
 
     def measure(k: Kernel, procs: list[tuple[Process, int]], clock: Clock) -> None:
         p, a = procs[0]
-        clock.real = False
+        clock.wall = True
         with clock:
             p.madvise(a, pages * PAGE_SIZE, MADV_UNMERGEABLE)
     return Workload(f"unmerge-{pages}-pages (-D)", build, measure)
@@ -185,7 +197,8 @@ def run_one(make: Callable[[], Kernel], w: Workload, pages: int, real: bool,
         counters = {c: k.sysfs[c] for c in COUNTERS}
         for p, _a in procs:
             p.exit()
-        return clock.total / 1e9, counters
+    gc.collect()  # free the previous machine before timing the next one
+    return clock.total / 1e9, counters
 
 
 def main(argv: list[str] | None = None) -> int:

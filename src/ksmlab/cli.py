@@ -1,90 +1,550 @@
-"""The ``ksmlab`` command.
+"""The ``ksmlab`` command: run scenarios, draw their timelines, watch the machine's KSM.
 
-Exit codes: 0 success; 1 a run failed (the model raised an error); 2 bad
-command line.  Errors are one line on stderr.
+Subcommands (``ksmlab COMMAND --help`` for each; the reference is docs/cli.md):
+
+* ``run [SCENARIO]``: run a scenario (default: the built-in one) and print
+  the checkpoint table, or ``--json``; write ``--timeline`` CSV, ``--plot``
+  PNG, ``--html`` report;
+* ``plot [SOURCE]``: the PNG and the HTML report of a scenario (run now) or
+  of a saved ``--json`` result;
+* ``stat``: the KSM counters of this machine, refreshed, with rates;
+* ``check SCENARIO...``: validate scenario files without running them;
+* ``init [FILE]``: write the built-in scenario, as a starting point.
+
+Exit codes: 0 success; 1 the run failed (a check failed, a full-scan
+checkpoint was not reached, a kernel call failed, an output could not be
+written); 2 invalid input (command line, scenario file, result file);
+3 the machine cannot do it (``--backend linux`` without root, KSM or a C
+compiler, or the KSM lock busy; ``stat`` without KSM); 130 interrupted.
+Every error is one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn
 
 from rich.console import Console
-from rich.table import Table
 
 from ksmlab import __version__
 from ksmlab.constants import PAGE_SIZE
-from ksmlab.demo import DemoConfig, run_demo
+from ksmlab.scenario.backends import BACKENDS, BackendUnavailableError, open_backend
+from ksmlab.scenario.knobs import KNOBS, KnobValue, parse_cli_value
+from ksmlab.scenario.loader import (
+    ScenarioError,
+    apply_knob_overrides,
+    builtin_scenario_text,
+    load_builtin,
+    load_scenario,
+    truncate,
+)
+from ksmlab.scenario.model import Scenario
+from ksmlab.scenario.result import RunResult
+from ksmlab.scenario.runner import ProgressInfo, RunError, run_scenario
+from ksmlab.scenario.units import NS_PER_S, format_bytes, format_duration, parse_duration_ns
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+EXIT_UNAVAILABLE = 3
+EXIT_INTERRUPTED = 130
+
+TABLE_WIDTH = 132
+"""Width of the table when stdout is a file or a pipe."""
+
+PROGRESS_AFTER_S = 1.0
+"""A progress bar appears once a run has taken this long (wall clock)."""
+
+EXIT_CODES = """exit codes:
+  0    success
+  1    the run failed: a check failed, a full-scan checkpoint was not reached,
+       a kernel call failed, or an output file could not be written
+  2    invalid input: command line, scenario file or result file
+  3    this machine cannot do it (--backend linux without root, KSM or a C
+       compiler, or the KSM lock held too long by another session; stat
+       without /sys/kernel/mm/ksm)
+  130  interrupted (Ctrl-C)
+Errors are one line on stderr."""
 
 
-def human_bytes(n: int) -> str:
-    """Bytes in binary units, signed (general_profit can be negative)."""
-    sign = "-" if n < 0 else ""
-    value = float(abs(n))
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{sign}{value:.1f} {unit}" if unit != "B" else f"{sign}{int(value)} B"
-        value /= 1024
-    raise AssertionError("unreachable")
+class CliError(Exception):
+    """An error to report in one line with an exit code."""
 
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{self.prog}: {message} (see {self.prog} --help)", EXIT_INVALID)
+
+
+# --- shared helpers -------------------------------------------------------------------------
+
+def _duration_arg(text: str) -> int:
+    try:
+        return parse_duration_ns(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected {e}, got {text!r}") from None
+
+
+def _knob_arg(text: str) -> tuple[str, KnobValue]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), parse_cli_value(value)
+
+
+def _output_arg(option: str, path: str | None) -> Path | None:
+    """Check before running that *path* can be written (an existing, writable directory)."""
+    if path is None:
+        return None
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise CliError(f"ksmlab: {option}: expected a file name, got the directory {path!r}",
+                       EXIT_INVALID)
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise CliError(f"ksmlab: {option}: expected a file in an existing writable directory, "
+                       f"got {path!r}", EXIT_INVALID)
+    return p
+
+
+def _console() -> Console:
+    """The stdout console; when stdout is not a terminal, wide enough for the table."""
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=max(console.width, TABLE_WIDTH))
+    return console
+
+
+def _write(path: Path, data: str | bytes) -> None:
+    try:
+        if isinstance(data, bytes):
+            path.write_bytes(data)
+        else:
+            path.write_text(data, encoding="utf-8")
+    except OSError as e:
+        raise CliError(f"ksmlab: cannot write {path}: {e.strerror}", EXIT_FAILED) from None
+
+
+def _load(args: argparse.Namespace) -> Scenario:
+    """The scenario the arguments name, with --seed, --knob and --until applied."""
+    try:
+        sc = (load_scenario(args.scenario, seed=args.seed) if args.scenario
+              else load_builtin(seed=args.seed))
+        if args.knob:
+            sc = apply_knob_overrides(sc, dict(args.knob))
+        if args.until is not None:
+            if args.until <= 0:
+                raise ScenarioError("--until", "until", "a duration > 0",
+                                    format_duration(args.until / NS_PER_S))
+            sc = truncate(sc, args.until)
+    except ScenarioError as e:
+        raise CliError(str(e), EXIT_INVALID) from None
+    return sc
+
+
+@contextmanager
+def _progress(enabled: bool, sc: Scenario,
+              backend: str) -> Iterator[Callable[[ProgressInfo], None] | None]:
+    """A progress callback that shows a bar on stderr once the run has taken a second."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True, force_terminal=True)
+    unit = "virtual" if backend == "sim" else "real"
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                   TextColumn("{task.fields[when]}"), TextColumn("full scans: {task.fields[scans]}"),
+                   TextColumn("checkpoints: {task.fields[cps]}"), TimeElapsedColumn(),
+                   console=console, transient=True)
+    started = time.monotonic()
+    shown = False
+    task = bar.add_task(f"running {sc.name}", total=max(sc.planned_end_ns / NS_PER_S, 1e-9),
+                        when="", scans=0, cps="")
+
+    def update(p: ProgressInfo) -> None:
+        nonlocal shown
+        if not shown and time.monotonic() - started >= PROGRESS_AFTER_S:
+            bar.start()
+            shown = True
+        bar.update(task, completed=min(p.now_s, p.planned_end_s) if p.planned_end_s else 0,
+                   when=f"{unit} time {format_duration(p.now_s)} / "
+                        f"{format_duration(p.planned_end_s)}",
+                   scans=p.full_scans, cps=f"{p.checkpoints_done}/{p.checkpoints_total}")
+
+    try:
+        yield update
+    finally:
+        if shown:
+            bar.stop()
+
+
+def _execute(sc: Scenario, backend_name: str, progress: bool) -> RunResult:
+    try:
+        backend = open_backend(backend_name)
+    except BackendUnavailableError as e:
+        raise CliError(f"ksmlab: the {backend_name} backend is unavailable: {e}",
+                       EXIT_UNAVAILABLE) from None
+    try:
+        with _progress(progress, sc, backend_name) as update:
+            return run_scenario(sc, backend, update)
+    except RunError as e:
+        raise CliError(f"ksmlab: run failed: {e}", EXIT_FAILED) from None
+    finally:
+        backend.close()
+
+
+def _want_progress(args: argparse.Namespace) -> bool:
+    if args.progress is not None:
+        return bool(args.progress)
+    return sys.stderr.isatty()
+
+
+def _failure_line(r: RunResult) -> str:
+    n = len(r.failures)
+    return f"ksmlab: {n} check{'s' if n != 1 else ''} failed; first: {r.failures[0]}"
+
+
+# --- run ------------------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``ksmlab run``: the built-in demo (scenario files: not yet)."""
-    cfg = DemoConfig(vms=args.vms, pages=args.pages, pages_to_scan=args.pages_to_scan,
-                     sleep_millisecs=args.sleep_millisecs)
-    console = Console()
-    mib = cfg.vms * cfg.pages * PAGE_SIZE / 2**20
-    table = Table(title=(f"KSM on {cfg.vms} guests x {cfg.pages} pages ({mib:.0f} MiB), "
-                         f"pages_to_scan={cfg.pages_to_scan}, "
-                         f"sleep_millisecs={cfg.sleep_millisecs}"))
-    for col in ("time", "full_scans", "shared", "sharing", "unshared", "volatile", "zero",
-                "profit", "ksmd CPU"):
-        table.add_column(col, justify="right")
-    with console.status("simulating ksmd..."):
-        for t, c, cpu in run_demo(cfg):
-            table.add_row(f"{t / 1000:.1f} s", str(c["full_scans"]), str(c["pages_shared"]),
-                          str(c["pages_sharing"]), str(c["pages_unshared"]),
-                          str(c["pages_volatile"]), str(c["ksm_zero_pages"]),
-                          human_bytes(c["general_profit"]), f"{cpu:.3f} s")
-    console.print(table)
-    return 0
+    """``ksmlab run``."""
+    timeline = _output_arg("--timeline", args.timeline)
+    plot = _output_arg("--plot", args.plot)
+    html = _output_arg("--html", args.html)
+    sc = _load(args)
+    result = _execute(sc, args.backend, _want_progress(args))
+    if args.json:
+        from ksmlab.report.document import to_document
+
+        print(json.dumps(to_document(result), indent=2, allow_nan=False))
+    else:
+        from ksmlab.report.table import summary
+
+        console = _console()
+        console.print(summary(result, console.width))
+    _write_outputs(result, timeline, plot, html)
+    if not result.ok:
+        print(_failure_line(result), file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _write_outputs(r: RunResult, timeline: Path | None, plot: Path | None,
+                   html: Path | None) -> None:
+    if timeline is not None:
+        from ksmlab.report.timeline import timeline_csv
+
+        _write(timeline, timeline_csv(r))
+    png = None
+    if plot is not None or html is not None:
+        from ksmlab.report.plot import plot_png
+
+        png = plot_png(r)
+    if plot is not None and png is not None:
+        _write(plot, png)
+    if html is not None:
+        from ksmlab.report.html import render_html
+
+        _write(html, render_html(r, png))
+
+
+# --- plot -----------------------------------------------------------------------------------
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "scenario"
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """``ksmlab plot``."""
+    source = args.source
+    result: RunResult | None = None
+    if source is not None and source.endswith(".json"):
+        from ksmlab.report.document import DocumentError, from_document
+
+        try:
+            doc = json.loads(Path(source).read_text(encoding="utf-8"))
+            result = from_document(doc)
+        except FileNotFoundError:
+            raise CliError(f"{source}: (file): expected an existing result file, got no such file",
+                           EXIT_INVALID) from None
+        except (OSError, ValueError) as e:
+            what = str(e) if isinstance(e, DocumentError) else f"expected JSON, got error: {e}"
+            raise CliError(f"{source}: {what}", EXIT_INVALID) from None
+        name = result.scenario.name
+    else:
+        args.scenario = source
+        sc = _load(args)
+        name = sc.name
+    png_path = _output_arg("--output", args.output or f"ksmlab-{_slug(name)}.png")
+    assert png_path is not None
+    html_path = _output_arg("--html", args.html or str(png_path.with_suffix(".html")))
+    if result is None:
+        result = _execute(sc, args.backend, _want_progress(args))
+    _write_outputs(result, None, png_path, html_path)
+    print(f"wrote {png_path} and {html_path}")
+    if not result.ok:
+        print(_failure_line(result), file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# --- check, init ----------------------------------------------------------------------------
+
+def _n(n: int, stem: str, plural: str = "s", singular: str = "") -> str:
+    """``1 group``, ``2 groups``, ``3 processes``, ``1 activity``."""
+    return f"{n} {stem}{singular if n == 1 else plural}"
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """``ksmlab check``."""
+    bad = 0
+    for path in args.scenarios:
+        try:
+            sc = load_scenario(path)
+        except ScenarioError as e:
+            print(str(e), file=sys.stderr)
+            bad += 1
+            continue
+        nproc = sum(g.count for g in sc.processes)
+        print(f"{path}: ok: {sc.name!r}: {_n(nproc, 'process', 'es')} in "
+              f"{_n(len(sc.processes), 'group')}, {format_bytes(sc.total_pages() * PAGE_SIZE)} "
+              f"mapped, {_n(len(sc.activities), 'activit', 'ies', 'y')}, "
+              f"{_n(len(sc.events), 'event')}, {_n(len(sc.checkpoints), 'checkpoint')}, "
+              f"planned end {format_duration(sc.planned_end_ns / NS_PER_S)}")
+    return EXIT_INVALID if bad else EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """``ksmlab init``."""
+    text = builtin_scenario_text()
+    if args.file in (None, "-"):
+        sys.stdout.write(text)
+        return EXIT_OK
+    path = Path(args.file)
+    if path.exists() and not args.force:
+        raise CliError(f"ksmlab init: {path} exists (use --force to overwrite)", EXIT_INVALID)
+    out = _output_arg("FILE", args.file)
+    assert out is not None
+    _write(out, text)
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+# --- stat -----------------------------------------------------------------------------------
+
+def cmd_stat(args: argparse.Namespace) -> int:
+    """``ksmlab stat``."""
+    from ksmlab.report import stat
+
+    if args.interval <= 0:
+        raise CliError("ksmlab stat: --interval: expected a number of seconds > 0, "
+                       f"got {args.interval}", EXIT_INVALID)
+    if args.count is not None and args.count < 1:
+        raise CliError(f"ksmlab stat: --count: expected an integer >= 1, got {args.count}",
+                       EXIT_INVALID)
+
+    def snap() -> stat.KsmSnapshot:
+        try:
+            return stat.take_snapshot(args.sysfs_dir)
+        except stat.KsmUnreadableError as e:
+            raise CliError(f"ksmlab stat: {e}", EXIT_UNAVAILABLE) from None
+
+    cur = snap()
+    title = f"KSM on this machine ({args.sysfs_dir})"
+    if args.once:
+        if args.json:
+            print(json.dumps(stat.snapshot_document(cur, None, args.sysfs_dir), indent=2))
+        else:
+            _console().print(stat.snapshot_table(cur, None, title))
+        return EXIT_OK
+    live = sys.stdout.isatty() and not args.json
+    n = 0
+    try:
+        if live:
+            from rich.live import Live
+
+            with Live(stat.snapshot_table(cur, None, title), auto_refresh=False) as view:
+                while args.count is None or n < args.count - 1:
+                    time.sleep(args.interval)
+                    prev, cur = cur, snap()
+                    n += 1
+                    view.update(stat.snapshot_table(cur, stat.rates(prev, cur),
+                                                    f"{title}, every {args.interval:g} s"),
+                                refresh=True)
+            return EXIT_OK
+        if not args.json:
+            print(stat.line_header(), flush=True)
+        last: stat.KsmSnapshot | None = None
+        while True:
+            r = stat.rates(last, cur) if last is not None else None
+            if args.json:
+                print(json.dumps(stat.snapshot_document(cur, r, args.sysfs_dir)), flush=True)
+            else:
+                print(stat.line(cur, r), flush=True)
+            n += 1
+            if args.count is not None and n >= args.count:
+                return EXIT_OK
+            time.sleep(args.interval)
+            last, cur = cur, snap()
+    except KeyboardInterrupt:
+        return EXIT_OK  # the usual way to stop a top-like view
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+def _add_scenario_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=BACKENDS, default="sim",
+                   help="sim: the model, in virtual time (default); linux: this machine's "
+                        "kernel, in real time (root and CONFIG_KSM needed; see "
+                        "docs/linux-backend.md for what it changes)")
+    p.add_argument("--until", type=_duration_arg, metavar="TIME",
+                   help="stop the run at TIME (e.g. 30s, 5min): later checkpoints and events "
+                        "are dropped, and a checkpoint is added at TIME")
+    p.add_argument("--seed", type=int, metavar="N",
+                   help="replace the scenario's [scenario] seed (every random choice follows)")
+    p.add_argument("--knob", type=_knob_arg, action="append", metavar="NAME=VALUE",
+                   help=f"override a KSM knob of the scenario's [ksm] table (repeatable); "
+                        f"NAME is one of {', '.join(KNOBS)}")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress bar on stderr once the run takes more than "
+                        f"{PROGRESS_AFTER_S:g} s (default: when stderr is a terminal)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with every subcommand's help."""
-    parser = argparse.ArgumentParser(
-        prog="ksmlab",
-        description="A faithful model of Linux KSM (Kernel Samepage Merging).",
-        epilog="Exit codes: 0 ok, 1 the run failed, 2 bad usage.")
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(
+        prog="ksmlab", formatter_class=fmt,
+        description="ksmlab: a faithful model of Linux KSM (Kernel Samepage Merging).\n\n"
+                    "Describe an experiment in a scenario file (TOML: KSM knobs, processes "
+                    "and what their\nmemory holds, activity over time, checkpoints), run it "
+                    "on the model or on this\nmachine's kernel, and read how much memory KSM "
+                    "saves and what ksmd costs.",
+        epilog="examples:\n"
+               "  ksmlab run                         the built-in scenario (12 guests, 1 min)\n"
+               "  ksmlab run examples/twelve-vms.toml --until 5min --html report.html\n"
+               "  ksmlab run my.toml --json > result.json && ksmlab plot result.json\n"
+               "  ksmlab run my.toml --backend linux   the same on this machine's kernel\n"
+               "  ksmlab stat                        watch this machine's KSM\n\n"
+               "The scenario format: docs/scenarios.md; the command line: docs/cli.md.\n\n"
+               + EXIT_CODES)
     parser.add_argument("--version", action="version", version=f"ksmlab {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the built-in demo workload on the model",
-                         description="Run the built-in demo: guests booted from one image, "
-                                     "merged by a simulated ksmd; prints the KSM counters "
-                                     "at checkpoints of virtual time.")
-    run.add_argument("--vms", type=int, default=4, help="number of guests (default 4)")
-    run.add_argument("--pages", type=int, default=2048, help="pages per guest (default 2048)")
-    run.add_argument("--pages-to-scan", type=int, default=1000,
-                     help="ksmd's pages_to_scan (default 1000)")
-    run.add_argument("--sleep-millisecs", type=int, default=20,
-                     help="ksmd's sleep_millisecs (default 20)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+
+    run = sub.add_parser(
+        "run", formatter_class=fmt, help="run a scenario and print the counters at its checkpoints",
+        description="Run SCENARIO (a TOML file; default: the built-in scenario, see `ksmlab "
+                    "init`)\nand print, per checkpoint: pages_shared, pages_sharing, "
+                    "pages_unshared,\npages_volatile, ksm_zero_pages, general_profit (memory "
+                    "saved, in binary units),\nfull scans, time and ksmd's CPU time. On the "
+                    "model (--backend sim) time is\nvirtual and ksmd's CPU time is the model's "
+                    "estimate; with --backend linux both\nare real.",
+        epilog=EXIT_CODES)
+    run.add_argument("scenario", nargs="?", metavar="SCENARIO",
+                     help="scenario file (TOML); omitted: the built-in scenario")
+    run.add_argument("--json", action="store_true",
+                     help="print the result as JSON (schema ksmlab.run/1, docs/cli.md) instead "
+                          "of the table")
+    run.add_argument("--timeline", metavar="FILE",
+                     help="write the counters sampled over time as CSV")
+    run.add_argument("--plot", metavar="FILE", help="draw the timeline as a PNG")
+    run.add_argument("--html", metavar="FILE",
+                     help="write a self-contained HTML report (plot, tables, knobs)")
+    _add_scenario_options(run)
     run.set_defaults(func=cmd_run)
+
+    plot = sub.add_parser(
+        "plot", formatter_class=fmt, help="draw a run's timeline as a PNG and an HTML report",
+        description="Draw the timeline of a run: memory saved, pages by KSM state and ksmd's "
+                    "cost over\ntime, with the knobs in the title, as a PNG; and a "
+                    "self-contained HTML report\nwith the same plot and the tables.\n\n"
+                    "SOURCE is a scenario file (run now), or a result saved with\n"
+                    "`ksmlab run --json > FILE.json` (drawn without running); omitted: the "
+                    "built-in\nscenario.",
+        epilog=EXIT_CODES)
+    plot.add_argument("source", nargs="?", metavar="SOURCE",
+                      help="scenario (.toml) or saved result (.json)")
+    plot.add_argument("-o", "--output", metavar="PNG",
+                      help="the PNG (default: ksmlab-<scenario name>.png)")
+    plot.add_argument("--html", metavar="FILE",
+                      help="the HTML report (default: the PNG's name with .html)")
+    _add_scenario_options(plot)
+    plot.set_defaults(func=cmd_plot)
+
+    stat = sub.add_parser(
+        "stat", formatter_class=fmt, help="watch this machine's KSM counters, with rates",
+        description="Show the KSM counters of the machine it runs on (/sys/kernel/mm/ksm), "
+                    "refreshed\nlike top (on a terminal) or vmstat (one line per sample "
+                    "otherwise), with rates:\n  merged/s        growth of pages_sharing + "
+                    "ksm_zero_pages per second\n  scanned/s       growth of pages_scanned per "
+                    "second\n  full scans/min  growth of full_scans per minute\n  ksmd CPU"
+                    "        ksmd's CPU time, percent of one CPU (from /proc/PID/stat)\nand "
+                    "general_profit in binary units. It only reads, so it works unprivileged "
+                    "where\nthe files are readable. Stop it with Ctrl-C.",
+        epilog=EXIT_CODES)
+    stat.add_argument("--once", action="store_true",
+                      help="print one snapshot (counters and knobs, no rates) and exit")
+    stat.add_argument("-i", "--interval", type=float, default=1.0, metavar="SECONDS",
+                      help="seconds between samples (default 1)")
+    stat.add_argument("-n", "--count", type=int, metavar="N",
+                      help="stop after N samples (default: until Ctrl-C)")
+    stat.add_argument("--json", action="store_true",
+                      help="JSON (schema ksmlab.stat/1): one object, or one line per sample")
+    stat.add_argument("--sysfs-dir", default="/sys/kernel/mm/ksm", metavar="DIR",
+                      help="read the counters from DIR (default /sys/kernel/mm/ksm)")
+    stat.set_defaults(func=cmd_stat)
+
+    check = sub.add_parser(
+        "check", formatter_class=fmt, help="validate scenario files without running them",
+        description="Validate each SCENARIO as `ksmlab run` would, print a one-line summary "
+                    "of each valid\none, and one error line (file: field: expected ..., got "
+                    "...) for each invalid one.",
+        epilog=EXIT_CODES)
+    check.add_argument("scenarios", nargs="+", metavar="SCENARIO", help="scenario files")
+    check.set_defaults(func=cmd_check)
+
+    init = sub.add_parser(
+        "init", formatter_class=fmt, help="write the built-in scenario, to start your own",
+        description="Write the built-in scenario (what `ksmlab run` runs without a file) to "
+                    "FILE, or to\nstdout, as a commented starting point for your own.",
+        epilog=EXIT_CODES)
+    init.add_argument("file", nargs="?", metavar="FILE", help="where to write (default: stdout)")
+    init.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    init.set_defaults(func=cmd_init)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``ksmlab`` command."""
-    args = build_parser().parse_args(argv)
-    for name in ("vms", "pages", "pages_to_scan", "sleep_millisecs"):
-        if getattr(args, name, 1) < (0 if name == "sleep_millisecs" else 1):
-            print(f"ksmlab: error: --{name.replace('_', '-')} is too small", file=sys.stderr)
-            return 2
+    """Entry point of the ``ksmlab`` command; returns the exit code."""
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args))
-    except (OSError, RuntimeError, ValueError) as e:
-        print(f"ksmlab: error: {e}", file=sys.stderr)
-        return 1
+    except CliError as e:
+        print(str(e), file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("ksmlab: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`ksmlab stat | head`): not an error; silence the final flush.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

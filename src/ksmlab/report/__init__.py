@@ -1,0 +1,15 @@
+"""Reports of a run: the summary table, the JSON document, the timeline CSV, the plot, the HTML page.
+
+Each is rendered from a :class:`~ksmlab.scenario.result.RunResult` and never
+changes it:
+
+* :mod:`ksmlab.report.table`: the summary table (rich);
+* :mod:`ksmlab.report.document`: the JSON document (schema ``ksmlab.run/1``),
+  which reads back into the same result, so ``ksmlab plot RESULT.json`` draws
+  what the run saw;
+* :mod:`ksmlab.report.timeline`: the timeline as CSV;
+* :mod:`ksmlab.report.plot`: the PNG (matplotlib, imported only when a
+  picture is asked for);
+* :mod:`ksmlab.report.html`: the self-contained HTML page;
+* :mod:`ksmlab.report.stat`: ``ksmlab stat``, the machine's own KSM.
+"""

@@ -1,0 +1,501 @@
+"""Run a validated scenario on a backend: a small discrete-event loop on the backend's clock.
+
+Everything that happens at a time (a group of processes starting, an event,
+one write of an activity, a timeline sample, a checkpoint) is an item in a
+heap ordered by ``(time, kind, sequence)``, so simultaneous items run in a
+fixed order: process starts, then events (in file order), then activity
+writes, then the timeline sample, then checkpoints; a checkpoint therefore
+sees what happened at its own time.  Between items the backend's clock is
+advanced, which on :class:`~ksmlab.SimKernel` runs ksmd exactly as
+``ksm_scan_thread`` would, and on the real kernel sleeps.  A checkpoint
+given in full scans is reached by waiting for ``full_scans`` between the
+timed items.
+
+Set-up, at time 0 before ksmd starts: the knobs other than ``run`` are
+written (only those that differ, in the kernel's order), the processes
+starting at 0 are spawned, their mappings made, filled and madvised; then
+``run`` is written (1 unless the scenario says otherwise) and the clock
+starts.  Every random choice comes from the scenario seed, so a run on the
+model is reproducible to the byte.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+
+from ksmlab.api import Process
+from ksmlab.constants import (
+    MADV_DONTNEED,
+    MADV_MERGEABLE,
+    MADV_UNMERGEABLE,
+    PAGE_SIZE,
+    PR_SET_MEMORY_MERGE,
+)
+from ksmlab.errors import ScanStalledError
+from ksmlab.scenario.backends import Backend
+from ksmlab.scenario.content import ZERO_PAGE, ContentSource
+from ksmlab.scenario.knobs import KNOBS, WRITE_ORDER, read_knob
+from ksmlab.scenario.model import (
+    DELTA_COUNTERS,
+    GLOBAL_COUNTERS,
+    PROCESS_COUNTERS,
+    Checkpoint,
+    Event,
+    ExitEvent,
+    ForkEvent,
+    KnobsEvent,
+    MadviseEvent,
+    PrctlEvent,
+    ProcessGroup,
+    Region,
+    Scenario,
+    Selector,
+    WriteActivity,
+    WriteEvent,
+)
+from ksmlab.scenario.result import (
+    CheckpointResult,
+    CheckResult,
+    RunResult,
+    ScenarioInfo,
+    describe_action,
+)
+from ksmlab.scenario.units import NS_PER_S, format_duration
+
+_ADVICE = {"mergeable": MADV_MERGEABLE, "unmergeable": MADV_UNMERGEABLE,
+           "dontneed": MADV_DONTNEED}
+
+
+class RunError(RuntimeError):
+    """The run could not go on: a kernel call failed.  The message says when and what."""
+
+
+class _Kind(IntEnum):
+    """Order of items due at the same time."""
+
+    START = 0
+    EVENT = 1
+    WRITE = 2
+    SAMPLE = 3
+    CHECKPOINT = 4
+    SCAN_DEADLINE = 5
+    END = 6
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressInfo:
+    """Where a run is, for a progress display.
+
+    Attributes:
+        now_s: time reached.
+        planned_end_s: where the run is expected to end (it may go on longer
+            while a full-scan checkpoint is pending).
+        full_scans: full scans completed since the start.
+        checkpoints_done: checkpoints recorded so far.
+        checkpoints_total: checkpoints in the scenario.
+    """
+
+    now_s: float
+    planned_end_s: float
+    full_scans: int
+    checkpoints_done: int
+    checkpoints_total: int
+
+
+@dataclass(slots=True)
+class _Instance:
+    """One process of a group: its handle and where its mappings are."""
+
+    name: str
+    proc: Process | None
+    addrs: dict[str, int]
+
+
+@dataclass(slots=True)
+class _WriteStream:
+    """The writes of one activity in one process."""
+
+    activity: WriteActivity
+    group: str
+    index: int
+    rng: random.Random
+    phase_ns: int = 0
+    next_page: int = 0
+    count: int = 0
+
+
+class Runner:
+    """Runs one scenario once on one backend; use :func:`run_scenario`."""
+
+    def __init__(self, sc: Scenario, backend: Backend,
+                 progress: Callable[[ProgressInfo], None] | None = None) -> None:
+        self.sc = sc
+        self.backend = backend
+        self.kernel = backend.kernel
+        self.progress = progress
+        self.groups: dict[str, list[_Instance]] = {}
+        self.pages: dict[str, dict[str, int]] = {}
+        self.content = ContentSource()
+        self._heap: list[tuple[int, int, int, object]] = []
+        self._seq = itertools.count()
+        self._base: dict[str, int] = {}
+        self._last: dict[str, int] = {}
+        self._acc: dict[str, int] = {}
+        self._pending_scans: list[Checkpoint] = []
+        self._ending = False
+        self.checkpoints: list[CheckpointResult] = []
+        self.timeline: list[tuple[float, ...]] = []
+        self.failures: list[str] = []
+        self.knobs: dict[str, int | str] = {}
+
+    # --- scheduling ------------------------------------------------------------------
+    def _push(self, t_ns: int, kind: _Kind, item: object) -> None:
+        heapq.heappush(self._heap, (t_ns, kind, next(self._seq), item))
+
+    def run(self) -> RunResult:
+        """Set up, run every item in time order, and return the result."""
+        try:
+            self._setup()
+            self._loop()
+            self._sample(self.backend.now_ns(), final=True)
+        finally:
+            self.content.close()
+        return RunResult(ScenarioInfo.of(self.sc), self.backend.name, self.backend.describe(),
+                         self.knobs, tuple(self.checkpoints), tuple(self.timeline),
+                         self.backend.now_ns() / NS_PER_S, tuple(self.failures))
+
+    def _setup(self) -> None:
+        sc, sysfs = self.sc, self.kernel.sysfs
+        if sysfs["run"] != "0":
+            self._write_knob("run", "0", "setting up")
+        for name, value in sc.knobs:
+            if name != "run":
+                self._write_knob(name, value, "[ksm]")
+        for g in sc.processes:
+            if g.start_ns == 0:
+                self._start_group(g)
+            else:
+                self._push(g.start_ns, _Kind.START, g)
+        self._write_knob("run", dict(sc.knobs).get("run", "1"), "[ksm]")
+        self.backend.start_clock()
+        self.knobs = {n: read_knob(sysfs[n]) for n in WRITE_ORDER if n in sysfs}
+        for name in DELTA_COUNTERS:
+            self._base[name] = self._last[name] = self._raw(name)
+            self._acc[name] = 0
+        for e in sc.events:
+            self._push(e.at_ns, _Kind.EVENT, e)
+        for a in sc.activities:
+            self._push(a.start_ns, _Kind.WRITE, a)
+        for c in sc.checkpoints:
+            if c.at_ns is not None:
+                self._push(c.at_ns, _Kind.CHECKPOINT, c)
+            else:
+                self._pending_scans.append(c)
+                self._push(c.timeout_ns, _Kind.SCAN_DEADLINE, c)
+        self._pending_scans.sort(key=lambda c: (c.full_scans or 0, c.index))
+        self._push(0, _Kind.SAMPLE, None)
+        self._push(sc.planned_end_ns, _Kind.END, None)
+
+    def _loop(self) -> None:
+        while self._heap:
+            t, kind, _, item = self._heap[0]
+            self._reach(t)
+            if self._ending and not self._pending_scans:
+                return
+            heapq.heappop(self._heap)
+            if kind == _Kind.END:
+                if not self._pending_scans:
+                    return
+                self._ending = True
+                self._push(max(c.timeout_ns for c in self._pending_scans), _Kind.END, None)
+                continue
+            self._apply(t, _Kind(kind), item)
+            self._report_progress()
+
+    def _reach(self, t_ns: int) -> None:
+        """Advance to *t_ns*, recording full-scan checkpoints reached on the way."""
+        while self._pending_scans:
+            cp = self._pending_scans[0]
+            assert cp.full_scans is not None
+            need = cp.full_scans - self._counter("full_scans")
+            if need > 0:
+                remaining = t_ns - self.backend.now_ns()
+                if remaining <= 0:
+                    break
+                try:
+                    self.kernel.wait_full_scans(need, timeout=remaining / NS_PER_S)
+                except ScanStalledError:
+                    break
+                if cp.full_scans > self._counter("full_scans"):
+                    break
+            self._pending_scans.pop(0)
+            self._checkpoint(cp, self.backend.now_ns(), reached=True)
+            self._report_progress()
+        self.backend.advance_to(t_ns)
+
+    def _report_progress(self) -> None:
+        if self.progress is not None:
+            self.progress(ProgressInfo(self.backend.now_ns() / NS_PER_S,
+                                       self.sc.planned_end_ns / NS_PER_S,
+                                       self._counter("full_scans"), len(self.checkpoints),
+                                       len(self.sc.checkpoints)))
+
+    def _apply(self, t_ns: int, kind: _Kind, item: object) -> None:
+        if kind == _Kind.START:
+            assert isinstance(item, ProcessGroup)
+            self._guard(f"starting {item.name}", lambda: self._start_group(item))
+        elif kind == _Kind.EVENT:
+            assert isinstance(item, Event)
+            self._guard(f"event[{item.index}] {describe_action(item)}", lambda: self._event(item))
+        elif kind == _Kind.WRITE:
+            if isinstance(item, WriteActivity):
+                self._start_activity(t_ns, item)
+            else:
+                assert isinstance(item, _WriteStream)
+                self._guard(f"write activity[{item.activity.index}]",
+                            lambda: self._activity_write(t_ns, item))
+        elif kind == _Kind.SAMPLE:
+            self._sample(t_ns)
+            self._push(t_ns + self.sc.sample_interval_ns, _Kind.SAMPLE, None)
+        elif kind == _Kind.CHECKPOINT:
+            assert isinstance(item, Checkpoint)
+            self._checkpoint(item, t_ns, reached=True)
+        elif kind == _Kind.SCAN_DEADLINE:
+            assert isinstance(item, Checkpoint)
+            if item in self._pending_scans:
+                self._pending_scans.remove(item)
+                self._checkpoint(item, t_ns, reached=False)
+
+    def _guard(self, what: str, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except OSError as e:
+            when = format_duration(self.backend.now_ns() / NS_PER_S)
+            msg = f"at {when}, {what}: {e}"
+            raise RunError(msg) from e
+
+    # --- kernel operations --------------------------------------------------------------
+    def _write_knob(self, name: str, value: str, where: str) -> None:
+        sysfs = self.kernel.sysfs
+        if name not in sysfs:
+            msg = f"{where}: knob {name} does not exist on this kernel ({self.backend.describe()})"
+            raise RunError(msg)
+        if read_knob(sysfs[name]) == read_knob(value):
+            return
+        try:
+            sysfs[name] = value
+        except OSError as e:
+            hint = (" (the kernel refuses it while KSM pages exist; stop other KSM users or "
+                    "write run=2 first)" if name in ("max_page_sharing", "merge_across_nodes")
+                    else "")
+            msg = f"{where}: writing {name}={value} failed: {e}{hint}"
+            raise RunError(msg) from e
+
+    def _start_group(self, g: ProcessGroup) -> None:
+        instances: list[_Instance] = []
+        for i in range(g.count):
+            proc = self.kernel.spawn()
+            name = g.instance_name(i)
+            inst = _Instance(name, proc, {})
+            if g.merge_any:
+                proc.prctl(PR_SET_MEMORY_MERGE, 1)
+            for m in g.mappings:
+                length = m.pages * PAGE_SIZE
+                addr = proc.mmap(length)
+                inst.addrs[m.name] = addr
+                data = self.content.build(self.sc.contents[m.content], m.pages,
+                                          f"{g.name}[{i}].{m.name}")
+                proc.write(addr, data)
+                if m.mergeable:
+                    proc.madvise(addr, length, MADV_MERGEABLE)
+            instances.append(inst)
+        self.groups[g.name] = instances
+        self.pages[g.name] = {m.name: m.pages for m in g.mappings}
+
+    def _select(self, sel: Selector) -> list[_Instance]:
+        group = self.groups[sel.group]
+        return [group[i] for i in sel.indices(len(group)) if group[i].proc is not None]
+
+    def _span(self, group: str, mapping: str, region: Region | None) -> tuple[int, int]:
+        """(first page, pages) of *region* of *mapping*."""
+        if region is None:
+            return 0, self.pages[group][mapping]
+        return region.first, region.pages
+
+    def _event(self, e: Event) -> None:
+        if isinstance(e, KnobsEvent):
+            for name, value in e.knobs:
+                self._write_knob(name, value, f"event[{e.index}]")
+            return
+        if isinstance(e, WriteEvent):
+            rng = random.Random(f"{self.sc.seed}:event:{e.index}")
+            first, n = self._span(e.process.group, e.mapping, e.region)
+            for inst in self._select(e.process):
+                for page in range(first, first + n):
+                    self._write_page(inst, e.mapping, page, e.data, e.nbytes, rng)
+        elif isinstance(e, MadviseEvent):
+            first, n = self._span(e.process.group, e.mapping, e.region)
+            for inst in self._select(e.process):
+                assert inst.proc is not None
+                inst.proc.madvise(inst.addrs[e.mapping] + first * PAGE_SIZE, n * PAGE_SIZE,
+                                  _ADVICE[e.advice])
+        elif isinstance(e, PrctlEvent):
+            for inst in self._select(e.process):
+                assert inst.proc is not None
+                inst.proc.prctl(PR_SET_MEMORY_MERGE, int(e.merge_any))
+        elif isinstance(e, ExitEvent):
+            for inst in self._select(e.process):
+                assert inst.proc is not None
+                inst.proc.exit()
+                inst.proc = None
+        elif isinstance(e, ForkEvent):
+            children: list[_Instance] = []
+            parents = self._select(e.process)
+            size = len(parents) * e.count
+            for inst in parents:
+                assert inst.proc is not None
+                for _ in range(e.count):
+                    i = len(children)
+                    name = e.child if size == 1 else f"{e.child}[{i}]"
+                    children.append(_Instance(name, inst.proc.fork(), dict(inst.addrs)))
+            self.groups[e.child] = children
+            self.pages[e.child] = dict(self.pages[e.process.group])
+
+    def _write_page(self, inst: _Instance, mapping: str, page: int, data: str, nbytes: int,
+                    rng: random.Random) -> None:
+        assert inst.proc is not None
+        addr = inst.addrs[mapping] + page * PAGE_SIZE
+        if data == "zero":
+            inst.proc.write(addr, ZERO_PAGE)
+        else:
+            off = rng.randrange(PAGE_SIZE - nbytes + 1)
+            inst.proc.write(addr + off, rng.randbytes(nbytes))
+
+    def _start_activity(self, t_ns: int, a: WriteActivity) -> None:
+        group = self.groups.get(a.process.group, [])
+        for i in a.process.indices(len(group)):
+            if group[i].proc is None:
+                continue
+            rng = random.Random(f"{self.sc.seed}:activity:{a.index}:{a.process.group}:{i}")
+            # Even arrivals: each process at its own (seeded) phase, not all at once.
+            first = rng.random() / a.rate if a.arrivals == "even" else rng.expovariate(a.rate)
+            stream = _WriteStream(a, a.process.group, i, rng, round(first * NS_PER_S))
+            self._push(t_ns + stream.phase_ns, _Kind.WRITE, stream)
+
+    def _activity_write(self, t_ns: int, s: _WriteStream) -> None:
+        a = s.activity
+        end = a.stop_ns if a.stop_ns is not None else self.sc.duration_ns
+        if end is not None and t_ns >= end:
+            return
+        inst = self.groups[s.group][s.index]
+        if inst.proc is None:
+            return  # the process has exited: its writes stop
+        first, n = self._span(s.group, a.mapping, a.region)
+        if a.pick == "sequential":
+            page = first + s.next_page
+            s.next_page = (s.next_page + 1) % n
+        else:
+            page = first + s.rng.randrange(n)
+        self._write_page(inst, a.mapping, page, a.data, a.nbytes, s.rng)
+        s.count += 1
+        if a.arrivals == "even":
+            nxt = max(t_ns + 1, a.start_ns + s.phase_ns + round(s.count * NS_PER_S / a.rate))
+        else:
+            nxt = t_ns + max(1, round(s.rng.expovariate(a.rate) * NS_PER_S))
+        self._push(nxt, _Kind.WRITE, s)
+
+    # --- observation ---------------------------------------------------------------------
+    def _raw(self, name: str) -> int:
+        try:
+            return int(self.kernel.sysfs[name])
+        except (OSError, KeyError, ValueError):
+            return 0
+
+    def _counter(self, name: str) -> int:
+        """A global counter; the delta ones counted from the start (surviving run=2 resets)."""
+        raw = self._raw(name)
+        if name not in DELTA_COUNTERS:
+            return raw
+        if raw < self._last[name]:  # reset by run=2: keep what was counted before
+            self._acc[name] += self._last[name] - self._base[name]
+            self._base[name] = 0
+        self._last[name] = raw
+        return self._acc[name] + raw - self._base[name]
+
+    def _counters(self) -> dict[str, int]:
+        return {name: self._counter(name) for name in GLOBAL_COUNTERS}
+
+    def _cpu_s(self) -> float | None:
+        cpu = self.backend.ksmd_cpu_ns()
+        return None if cpu is None else cpu / NS_PER_S
+
+    def _sample(self, t_ns: int, *, final: bool = False) -> None:
+        if final and self.timeline and self.timeline[-1][0] >= t_ns / NS_PER_S:
+            return
+        c = self._counters()
+        cpu = self._cpu_s()
+        self.timeline.append((t_ns / NS_PER_S, *(float(c[n]) for n in GLOBAL_COUNTERS),
+                              float("nan") if cpu is None else cpu))
+
+    def _process_stats(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for group, instances in self.groups.items():
+            sums = dict.fromkeys(("alive", *PROCESS_COUNTERS), 0)
+            for inst in instances:
+                if inst.proc is None:
+                    continue
+                stat = inst.proc.ksm_stat()
+                sums["alive"] += 1
+                for n in PROCESS_COUNTERS:
+                    sums[n] += int(stat.get(n, 0))
+            out[group] = sums
+        return out
+
+    def _checkpoint(self, cp: Checkpoint, t_ns: int, *, reached: bool) -> None:
+        counters = self._counters()
+        procs = self._process_stats()
+        checks: list[CheckResult] = []
+        for x in cp.expect:
+            if x.process is None:
+                actual = counters[x.counter]
+            else:
+                group = self.groups.get(x.process.group, [])
+                actual = 0
+                for i in x.process.indices(len(group)):
+                    proc = group[i].proc
+                    if proc is not None:
+                        actual += int(proc.ksm_stat().get(x.counter, 0))
+            checks.append(CheckResult.of(x, actual))
+        when = format_duration(t_ns / NS_PER_S)
+        if not reached:
+            self.failures.append(
+                f"checkpoint '{cp.name}': full_scans reached {counters['full_scans']}, not "
+                f"{cp.full_scans}, by its timeout at {when}")
+        for r in checks:
+            if not r.ok:
+                self.failures.append(f"checkpoint '{cp.name}' at {when}: expected {r.check}, "
+                                     f"got {r.actual}")
+        self.checkpoints.append(CheckpointResult(cp.name, t_ns / NS_PER_S, reached, counters,
+                                                 self._cpu_s(), procs, tuple(checks)))
+        if not self.timeline or self.timeline[-1][0] < t_ns / NS_PER_S:
+            self._sample(t_ns)
+
+
+def run_scenario(sc: Scenario, backend: Backend,
+                 progress: Callable[[ProgressInfo], None] | None = None) -> RunResult:
+    """Run *sc* on *backend* (which the caller closes) and return the result.
+
+    Raises:
+        RunError: a kernel call failed (the message says when and which).
+    """
+    return Runner(sc, backend, progress).run()
+
+
+assert set(KNOBS) == set(WRITE_ORDER)
+
+__all__ = ["ProgressInfo", "RunError", "Runner", "run_scenario"]

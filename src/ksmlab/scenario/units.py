@@ -1,0 +1,86 @@
+"""Sizes and durations as people write them in scenario files, and back.
+
+Sizes are bytes: an integer, or a string with a binary unit (``"4KiB"``,
+``"8 MiB"``, ``"1GiB"``; ``K``/``M``/``G``/``T`` and ``KB``/``MB``... are read as
+the binary units too, as ``ls -h`` and the kernel print them).  Durations are
+seconds: a number, or a string with a unit (``"500ms"``, ``"10s"``,
+``"5min"``, ``"1h"``).  Times are kept as integer nanoseconds, so the
+scheduler's arithmetic is exact.
+"""
+
+from __future__ import annotations
+
+import re
+
+NS_PER_S = 1_000_000_000
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
+    "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+    "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
+    "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40,
+}
+_TIME_UNITS = {
+    "": NS_PER_S, "ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000,
+    "s": NS_PER_S, "sec": NS_PER_S, "min": 60 * NS_PER_S, "m": 60 * NS_PER_S,
+    "h": 3600 * NS_PER_S,
+}
+_NUMBER_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Zµ]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """Bytes in *text* (``"8MiB"``, ``"4096"``); ValueError naming what is accepted."""
+    m = _NUMBER_UNIT.match(text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _SIZE_UNITS:
+        msg = "a size such as 4096, \"64KiB\", \"8MiB\" or \"1GiB\""
+        raise ValueError(msg)
+    value = float(m.group(1)) * _SIZE_UNITS[unit]
+    if value != int(value):
+        msg = "a whole number of bytes"
+        raise ValueError(msg)
+    return int(value)
+
+
+def parse_duration_ns(text: str) -> int:
+    """Nanoseconds in *text* (``"500ms"``, ``"10s"``, ``"5min"``, ``"1h"``)."""
+    m = _NUMBER_UNIT.match(text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _TIME_UNITS:
+        msg = "a duration such as 10, \"500ms\", \"10s\", \"5min\" or \"1h\""
+        raise ValueError(msg)
+    return round(float(m.group(1)) * _TIME_UNITS[unit])
+
+
+def format_bytes(n: int | float) -> str:
+    """Bytes in binary units, signed (``general_profit`` can be negative): ``"48.3 MiB"``."""
+    sign = "-" if n < 0 else ""
+    value = float(abs(n))
+    if value < 1024:
+        return f"{sign}{int(value)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{sign}{value:.1f} {unit}"
+
+
+def format_duration(seconds: float) -> str:
+    """A virtual or CPU time for people: ``"250 ms"``, ``"12.5 s"``, ``"5 min"``, ``"1 h 2 min"``."""
+    if seconds < 0:
+        return "-" + format_duration(-seconds)
+    if seconds < 1:
+        ms = seconds * 1000
+        return f"{ms:.3g} ms" if ms < 10 else f"{ms:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.3g} s" if seconds < 10 else f"{seconds:.1f} s".replace(".0 s", " s")
+    if seconds < 3600:
+        m, s = divmod(seconds, 60)
+        return f"{int(m)} min" if round(s) == 0 else f"{int(m)} min {round(s)} s"
+    h, rest = divmod(seconds, 3600)
+    m = round(rest / 60)
+    return f"{int(h)} h" if m == 0 else f"{int(h)} h {m} min"
+
+
+__all__ = ["NS_PER_S", "format_bytes", "format_duration", "parse_duration_ns", "parse_size"]

@@ -1,0 +1,382 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The scenario loader: what valid files become, and the one-line error of every kind of invalid file.
+
+Every invalid case names the field and what was expected, in the form
+``FILE: FIELD: expected X, got Y``; the expected texts below are the
+loader's documented messages (docs/scenarios.md, "Errors").
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from ksmlab.constants import PAGE_SIZE
+from ksmlab.scenario.loader import (
+    ScenarioError,
+    apply_knob_overrides,
+    load_builtin,
+    load_scenario,
+    parse_scenario,
+    truncate,
+)
+from ksmlab.scenario.model import (
+    ExitEvent,
+    ForkEvent,
+    KnobsEvent,
+    MadviseEvent,
+    Region,
+    Scenario,
+    WriteEvent,
+)
+from ksmlab.scenario.units import (
+    format_bytes,
+    format_duration,
+    parse_duration_ns,
+    parse_size,
+)
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.toml"))
+
+CONTENT = """
+[content.img]
+kind = "image"
+pages = 16
+"""
+PROC = """
+[[process]]
+name = "vm"
+count = 3
+[[process.mapping]]
+name = "ram"
+pages = 16
+content = "img"
+"""
+CHECK = """
+[[checkpoint]]
+at = "1s"
+"""
+BASE = CONTENT + PROC + CHECK
+
+
+def parse(text: str, tmp_path: Path | None = None) -> Scenario:
+    """Parse *text* as the file ``s.toml``."""
+    return parse_scenario(text, source="s.toml", base_dir=tmp_path or Path("."))
+
+
+# --- units ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("4096", 4096), ("4KiB", 4096), ("8 MiB", 8 << 20), ("1GiB", 1 << 30), ("2M", 2 << 20),
+    ("1.5KiB", 1536), ("0", 0),
+])
+def test_parse_size(text: str, expected: int) -> None:
+    """Sizes take binary units, with or without a space."""
+    assert expected == parse_size(text)
+
+
+@pytest.mark.parametrize(("text", "expected_ns"), [
+    ("500ms", 500_000_000), ("10s", 10 * 10**9), ("5min", 300 * 10**9), ("1h", 3600 * 10**9),
+    ("1.5s", 1_500_000_000), ("2", 2 * 10**9), ("250us", 250_000),
+])
+def test_parse_duration(text: str, expected_ns: int) -> None:
+    """Durations take ms, s, min, h; a bare number is seconds."""
+    assert expected_ns == parse_duration_ns(text)
+
+
+@pytest.mark.parametrize("text", ["10 parsecs", "", "-5s", "1e3s", "s"])
+def test_parse_duration_rejects(text: str) -> None:
+    """Anything else is refused with what is accepted."""
+    with pytest.raises(ValueError, match="a duration such as"):
+        parse_duration_ns(text)
+
+
+def test_format_units() -> None:
+    """Human units: binary sizes (signed), and durations by magnitude."""
+    assert format_bytes(0) == "0 B"
+    assert format_bytes(1024) == "1.0 KiB"
+    assert format_bytes(-320000) == "-312.5 KiB"
+    assert format_bytes(int(51.2 * 2**20)) == "51.2 MiB"
+    assert format_duration(0.25) == "250 ms"
+    assert format_duration(12.5) == "12.5 s"
+    assert format_duration(300) == "5 min"
+    assert format_duration(3600) == "1 h"
+    assert format_duration(5400) == "1 h 30 min"
+
+
+# --- valid files ---------------------------------------------------------------------------
+
+def test_minimal_scenario_defaults() -> None:
+    """A minimal file gets documented defaults: run=1 last, seed 0, name from the file."""
+    sc = parse(BASE)
+    assert sc.name == "s"
+    assert sc.seed == 0
+    assert sc.knobs == (("run", "1"),)
+    g = sc.processes[0]
+    assert (g.count, g.start_ns, g.merge_any) == (3, 0, False)
+    assert (g.mappings[0].pages, g.mappings[0].content, g.mappings[0].mergeable) == (16, "img", True)
+    assert sc.checkpoints[0].at_ns == 10**9
+
+
+def test_knobs_are_written_in_kernel_order() -> None:
+    """Knobs come out in the order the kernel needs (advisor, pages_to_scan, ..., run last)."""
+    sc = parse("[ksm]\nrun = 1\nmax_page_sharing = 8\nuse_zero_pages = true\n"
+               "pages_to_scan = 50\n" + BASE)
+    assert list(sc.knobs) == [("pages_to_scan", "50"), ("use_zero_pages", "1"), ("max_page_sharing", "8"),
+            ("run", "1")]
+
+
+def test_sizes_pages_and_regions() -> None:
+    """size is converted to pages; regions take start/size or first_page/pages."""
+    sc = parse(CONTENT + """
+[[process]]
+name = "vm"
+[[process.mapping]]
+name = "ram"
+size = "64KiB"
+content = "img"
+[[event]]
+at = "1s"
+action = "write"
+process = "vm"
+mapping = "ram"
+region = { start = "8KiB", size = "16KiB" }
+[[event]]
+at = "1s"
+action = "madvise"
+process = "vm"
+mapping = "ram"
+advice = "unmergeable"
+region = { first_page = 3, pages = 2 }
+""" + CHECK)
+    assert sc.processes[0].mappings[0].pages == 16
+    w, m = sc.events
+    assert isinstance(w, WriteEvent) and isinstance(m, MadviseEvent)
+    assert w.region == Region(2, 4)
+    assert m.region == Region(3, 2)
+
+
+def test_events_sorted_by_time_then_file_order() -> None:
+    """Events run in time order; at one time, in file order; forks create groups."""
+    sc = parse(BASE + """
+[[event]]
+at = "3s"
+action = "exit"
+process = "kid[0]"
+[[event]]
+at = "2s"
+action = "fork"
+process = "vm[1]"
+child = "kid"
+count = 2
+[[event]]
+at = "2s"
+action = "knobs"
+set = { pages_to_scan = 7 }
+""")
+    kinds = [type(e) for e in sc.events]
+    assert kinds == [ForkEvent, KnobsEvent, ExitEvent]
+    knobs = sc.events[1]
+    assert isinstance(knobs, KnobsEvent)
+    assert knobs.knobs == (("pages_to_scan", "7"),)
+
+
+def test_file_content_relative_to_scenario(tmp_path: Path) -> None:
+    """A relative content path is relative to the scenario file's directory."""
+    (tmp_path / "disk.img").write_bytes(b"x" * 10000)
+    f = tmp_path / "s.toml"
+    f.write_text('[content.d]\nkind = "file"\npath = "disk.img"\n' + PROC.replace("img", "d")
+                 + CHECK)
+    sc = load_scenario(f)
+    assert (tmp_path / "disk.img").resolve() == sc.contents["d"].path
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_are_valid(path: Path) -> None:
+    """Every shipped example validates."""
+    sc = load_scenario(path)
+    assert sc.checkpoints
+
+
+def test_builtin_is_valid_and_realistic() -> None:
+    """The built-in scenario: 12 guests of 8 MiB, checkpoints at 1 s, 10 s, 1 min."""
+    sc = load_builtin()
+    assert sum(g.count for g in sc.processes) == 12
+    assert sc.total_pages() == 12 * 8 * 2**20 // PAGE_SIZE
+    assert [c.at_ns for c in sc.checkpoints] == [10**9, 10 * 10**9, 60 * 10**9]
+    assert sc.activities
+
+
+def test_seed_override_and_knob_override() -> None:
+    """--seed replaces [scenario] seed; --knob is validated like [ksm]."""
+    text = "[scenario]\nseed = 4\n" + BASE
+    sc = parse_scenario(text, source="s.toml", base_dir=Path("."), seed=99)
+    assert sc.seed == 99
+    sc = apply_knob_overrides(sc, {"pages_to_scan": 1000, "use_zero_pages": True})
+    assert ("pages_to_scan", "1000") in sc.knobs and ("use_zero_pages", "1") in sc.knobs
+    with pytest.raises(ScenarioError, match=r"^--knob: max_page_sharing: expected an integer "
+                                            r"from 2 to 2147483647, got 1$"):
+        apply_knob_overrides(sc, {"max_page_sharing": 1})
+    with pytest.raises(ScenarioError, match=r"^--knob: nope: expected a KSM knob"):
+        apply_knob_overrides(sc, {"nope": 1})
+
+
+def test_truncate_drops_later_items_and_adds_a_checkpoint() -> None:
+    """--until keeps what happens up to the cut and ends the run there."""
+    sc = parse(BASE + '[[checkpoint]]\nat = "1h"\n[[event]]\nat = "2h"\naction = "exit"\n'
+               'process = "vm"\n')
+    cut = truncate(sc, 5 * 10**9)
+    assert cut.duration_ns == 5 * 10**9
+    assert cut.events == ()
+    assert [c.at_ns for c in cut.checkpoints] == [10**9, 5 * 10**9]
+
+
+# --- invalid files: one line, the field, what was expected -----------------------------------
+
+INVALID = [
+    ("syntax", "[ksm\n", "(syntax)", "expected valid TOML, got error: "),
+    ("top-level typo", BASE + "[[procesess]]\nname = 'x'\n", "procesess",
+     "expected a known field (scenario, ksm, content"),
+    ("unknown knob", "[ksm]\npages_to_scann = 5\n" + BASE, "ksm.pages_to_scann",
+     'expected a KSM knob (run, pages_to_scan'),
+    ("knob range", "[ksm]\nmax_page_sharing = 1\n" + BASE, "ksm.max_page_sharing",
+     "expected an integer from 2 to 2147483647, got 1"),
+    ("knob type", '[ksm]\nuse_zero_pages = "yes"\n' + BASE, "ksm.use_zero_pages",
+     'expected true or false, got "yes"'),
+    ("run range", "[ksm]\nrun = 3\n" + BASE, "ksm.run", "expected an integer from 0 to 2, got 3"),
+    ("advisor and pages_to_scan", '[ksm]\nadvisor_mode = "scan-time"\npages_to_scan = 5\n' + BASE,
+     "ksm.pages_to_scan", 'expected no pages_to_scan with advisor_mode = "scan-time"'),
+    ("advisor mode word", '[ksm]\nadvisor_mode = "fast"\n' + BASE, "ksm.advisor_mode",
+     'expected "none" or "scan-time", got "fast"'),
+    ("no content", PROC + CHECK, "content", "expected at least one content model"),
+    ("content kind missing", "[content.img]\npages = 3\n" + PROC + CHECK, "content.img.kind",
+     'expected "zero" or "random" or "fill" or "image" or "file", got nothing'),
+    ("content kind unknown", '[content.img]\nkind = "lava"\n' + PROC + CHECK, "content.img.kind",
+     'got "lava"'),
+    ("field of another kind", '[content.img]\nkind = "image"\nbyte = 42\n' + PROC + CHECK,
+     "content.img.byte", 'expected no byte for kind "image" (only for kind fill), got 42'),
+    ("fraction range", '[content.img]\nkind = "image"\nzero_fraction = 1.5\n' + PROC + CHECK,
+     "content.img.zero_fraction", "expected a number from 0 to 1, got 1.5"),
+    ("fractions sum", '[content.img]\nkind = "image"\nzero_fraction = 0.6\n'
+                      'private_fraction = 0.6\n' + PROC + CHECK,
+     "content.img.private_fraction", "expected zero_fraction + private_fraction <= 1"),
+    ("fill byte", '[content.img]\nkind = "fill"\nbyte = 256\n' + PROC + CHECK, "content.img.byte",
+     "expected an integer from 0 to 255, got 256"),
+    ("missing file", '[content.img]\nkind = "file"\npath = "/nonexistent/disk.img"\n' + PROC + CHECK,
+     "content.img.path", 'expected a readable file, got "/nonexistent/disk.img" (No such file'),
+    ("no process", CONTENT + CHECK, "process", "expected at least one [[process]], got nothing"),
+    ("no mapping", CONTENT + '[[process]]\nname = "vm"\n' + CHECK, "process[0].mapping",
+     "expected at least one [[process.mapping]], got nothing"),
+    ("count zero", BASE.replace("count = 3", "count = 0"), "process[0].count",
+     "expected an integer >= 1, got 0"),
+    ("duplicate group", BASE + PROC, "process[1].name",
+     'expected a name no other process group has, got "vm"'),
+    ("bad group name", BASE.replace('name = "vm"', 'name = "3vm"'), "process[0].name",
+     'got "3vm"'),
+    ("size not pages", BASE.replace("pages = 16\ncontent", 'size = "6000"\ncontent'),
+     "process[0].mapping[0].size", "expected a non-zero multiple of the page size (4096 bytes)"),
+    ("size and pages", BASE.replace("pages = 16\ncontent", 'size = "64KiB"\npages = 16\ncontent'),
+     "process[0].mapping[0].size", "expected exactly one of size and pages, got both"),
+    ("unknown content", BASE.replace('content = "img"', 'content = "imgg"'),
+     "process[0].mapping[0].content", 'expected a content model (img), got "imgg"'),
+    ("mapping typo", BASE.replace("pages = 16\ncontent", "pages = 16\nmergable = true\ncontent"),
+     "process[0].mapping[0].mergable", "expected a known field (content, mergeable, name, pages"),
+    ("bad size text", BASE.replace("pages = 16\ncontent", 'size = "8 MiBs"\ncontent'),
+     "process[0].mapping[0].size", 'expected a size such as 4096, "64KiB"'),
+    ("event action", BASE + '[[event]]\nat = 1\naction = "reboot"\nprocess = "vm"\n',
+     "event[0].action", '"knobs", got "reboot"'),
+    ("event unknown process", BASE + '[[event]]\nat = 1\naction = "exit"\nprocess = "db"\n',
+     "event[0].process", 'expected a process group that exists at 1 s (vm), got "db"'),
+    ("selector syntax", BASE + '[[event]]\nat = 1\naction = "exit"\nprocess = "vm[1"\n',
+     "event[0].process", 'expected a process such as "guest", "guest[3]" or "guest[0:4]"'),
+    ("selector range", BASE + '[[event]]\nat = 1\naction = "exit"\nprocess = "vm[3]"\n',
+     "event[0].process", 'expected instances of vm within 0..2, got "vm[3]"'),
+    ("after exit", BASE + '[[event]]\nat = 1\naction = "exit"\nprocess = "vm[0]"\n'
+                          '[[event]]\nat = 2\naction = "write"\nprocess = "vm"\nmapping = "ram"\n',
+     "event[1].process", "expected processes alive at 2 s (vm[0] exited at 1 s)"),
+    ("before fork", BASE + '[[event]]\nat = 1\naction = "exit"\nprocess = "kid"\n'
+                           '[[event]]\nat = 2\naction = "fork"\nprocess = "vm"\nchild = "kid"\n',
+     "event[0].process", 'expected a process group that exists at 1 s (vm), got "kid"'),
+    ("fork name clash", BASE + '[[event]]\nat = 1\naction = "fork"\nprocess = "vm"\nchild = "vm"\n',
+     "event[0].child", 'expected a new process group name'),
+    ("region outside", BASE + '[[event]]\nat = 1\naction = "write"\nprocess = "vm"\n'
+                              'mapping = "ram"\nregion = { first_page = 10, pages = 7 }\n',
+     "event[0].region", "expected a region inside ram (pages 0..15), got pages 10..16"),
+    ("unknown mapping", BASE + '[[event]]\nat = 1\naction = "madvise"\nprocess = "vm"\n'
+                               'mapping = "rom"\nadvice = "mergeable"\n',
+     "event[0].mapping", 'expected a mapping of vm (ram), got "rom"'),
+    ("advice", BASE + '[[event]]\nat = 1\naction = "madvise"\nprocess = "vm"\n'
+                      'mapping = "ram"\nadvice = "hugepage"\n',
+     "event[0].advice", 'expected "mergeable" or "unmergeable" or "dontneed", got "hugepage"'),
+    ("field of another action", BASE + '[[event]]\nat = 1\naction = "exit"\nprocess = "vm"\n'
+                                       'child = "x"\n',
+     "event[0].child", "expected a known field (action, at, process), got unknown field"),
+    ("write bytes", BASE + '[[event]]\nat = 1\naction = "write"\nprocess = "vm"\n'
+                           'mapping = "ram"\nbytes = 5000\n',
+     "event[0].bytes", "expected an integer from 1 to 4096, got 5000"),
+    ("event after duration", '[scenario]\nduration = "10s"\n' + BASE
+     + '[[event]]\nat = "1min"\naction = "exit"\nprocess = "vm"\n',
+     "event[0].at", "expected a time within the scenario's duration (10 s), got 1 min"),
+    ("bad duration", BASE + '[[event]]\nat = "10 parsecs"\naction = "exit"\nprocess = "vm"\n',
+     "event[0].at", 'expected a duration (seconds, or a string such as "500ms"'),
+    ("negative duration", BASE + '[[event]]\nat = -1\naction = "exit"\nprocess = "vm"\n',
+     "event[0].at", "got -1"),
+    ("rate", BASE + '[[activity]]\nprocess = "vm"\nmapping = "ram"\nrate = 0\n',
+     "activity[0].rate", "expected a number > 0, got 0"),
+    ("activity before birth", BASE + '[[event]]\nat = 5\naction = "fork"\nprocess = "vm"\n'
+                                     'child = "kid"\n[[activity]]\nprocess = "kid"\n'
+                                     'mapping = "ram"\nrate = 1\nstart = 1\n',
+     "activity[0].start", "expected a time when kid exists (>= 5 s), got 1"),
+    ("stop before start", BASE + '[[activity]]\nprocess = "vm"\nmapping = "ram"\nrate = 1\n'
+                                 'start = 5\nstop = 2\n',
+     "activity[0].stop", "expected a time after start (5 s), got 2"),
+    ("no checkpoint", CONTENT + PROC, "checkpoint", "expected at least one [[checkpoint]], got nothing"),
+    ("at and full_scans", CONTENT + PROC + "[[checkpoint]]\nat = 1\nfull_scans = 2\n",
+     "checkpoint[0].at", "expected exactly one of at and full_scans, got both"),
+    ("unknown counter", BASE + "[[checkpoint]]\nat = 2\nexpect = { pages_shard = 3 }\n",
+     "checkpoint[1].expect.pages_shard", "expected a counter (pages_shared, pages_sharing"),
+    ("bad bound", BASE + "[[checkpoint]]\nat = 2\nexpect = { pages_shared = { min = 5, max = 2 } }\n",
+     "checkpoint[1].expect.pages_shared.max", "expected max >= min (5), got 2"),
+    ("bound type", BASE + '[[checkpoint]]\nat = 2\nexpect = { pages_shared = "many" }\n',
+     "checkpoint[1].expect.pages_shared", 'expected an integer, got "many"'),
+    ("process expectation group", BASE + "[[checkpoint]]\nat = 2\n"
+                                         "expect_process = { db = { ksm_merging_pages = 1 } }\n",
+     "checkpoint[1].expect_process.db", "expected a process group that exists (vm), got \"db\""),
+    ("process counter", BASE + "[[checkpoint]]\nat = 2\n"
+                               "expect_process = { vm = { pages_shared = 1 } }\n",
+     "checkpoint[1].expect_process.vm.pages_shared",
+     "expected a ksm_stat counter (ksm_rmap_items, ksm_zero_pages, ksm_merging_pages"),
+    ("timeline interval", BASE + '[timeline]\ninterval = "0s"\n', "timeline.interval",
+     'expected a duration > 0, got "0s"'),
+]
+
+
+@pytest.mark.parametrize(("text", "field", "fragment"), [c[1:] for c in INVALID],
+                         ids=[c[0] for c in INVALID])
+def test_invalid_scenario(text: str, field: str, fragment: str) -> None:
+    """Each invalid file fails with ``s.toml: FIELD: expected ..., got ...`` on one line."""
+    with pytest.raises(ScenarioError) as info:
+        parse(text)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"s.toml: {field}: expected "), msg
+    assert fragment in msg, msg
+    assert re.search(r", got .+$", msg), msg
+    assert field == info.value.field
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    """A scenario file that does not exist is named as such."""
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ScenarioError, match=r"nope.toml: \(file\): expected an existing scenario "
+                                            r"file, got no such file$"):
+        load_scenario(path)
+
+
+def test_empty_content_file(tmp_path: Path) -> None:
+    """A content file must have bytes."""
+    (tmp_path / "empty.img").write_bytes(b"")
+    with pytest.raises(ScenarioError, match=r"content.img.path: expected a non-empty file"):
+        parse('[content.img]\nkind = "file"\npath = "empty.img"\n' + PROC + CHECK, tmp_path)
