@@ -113,7 +113,7 @@ class SimKernel:
         self._mm_ids = itertools.count(1)
         self.processes: dict[int, SimProcess] = {}
         """Live processes by pid."""
-        self._files: dict[str, bytes] = {}
+        self._files: dict[str, MappedFile] = {}
 
     # --- context manager (for API parity with LinuxKernel) -----------------------------
     def __enter__(self) -> Self:
@@ -149,13 +149,17 @@ class SimKernel:
         self.processes[proc.pid] = proc
         return proc
 
-    def host_file(self, path: str) -> bytes:
-        """The bytes of a host file, read once per kernel (model choice: read-only)."""
+    def host_file(self, path: str) -> MappedFile:
+        """The file object for a host path: one per path, so mappings share its page cache.
+
+        Model choice: the file's bytes are read once, at the first mmap, and
+        never written back; SimKernel never modifies host files.
+        """
         key = os.path.abspath(path)
         if key not in self._files:
             try:
                 with open(key, "rb") as f:
-                    self._files[key] = f.read()
+                    self._files[key] = MappedFile(key, f.read())
             except OSError as e:
                 raise kernel_error(e.errno or errno.ENOENT, path) from None
         return self._files[key]
@@ -287,12 +291,7 @@ class SimProcess:
         if path is not None and flags & MAP_ANONYMOUS:
             msg = "pass either path= or MAP_ANONYMOUS, not both"
             raise ValueError(msg)
-        file = None
-        if path is not None:
-            file = MappedFile(os.path.abspath(path), self.kernel.host_file(path))
-            # One MappedFile per path and kernel, so mappings share the page cache.
-            file = self.kernel.__dict__.setdefault("_mapped_files", {}).setdefault(
-                file.name, file)
+        file = self.kernel.host_file(path) if path is not None else None
         ksm = self.kernel.ksm
         return self.kernel.vmaops.do_mmap(
             mm, length, prot, flags, addr=addr, file=file, offset=offset, nid=node,

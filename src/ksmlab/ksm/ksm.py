@@ -50,6 +50,7 @@ from ksmlab.constants import (
     MMF_VM_MERGEABLE,
     PAGE_SHIFT,
     PAGE_SIZE,
+    RMAP_ITEM_SIZE,
     VM_DROPPABLE,
     VM_HUGETLB,
     VM_MAYSHARE,
@@ -167,7 +168,6 @@ class Ksm:
     @property
     def general_profit(self) -> int:
         """``general_profit`` in bytes (signed)."""
-        from ksmlab.constants import RMAP_ITEM_SIZE
         return ((self.pages_sharing + self.ksm_zero_pages) * PAGE_SIZE
                 - self.rmap_items * RMAP_ITEM_SIZE)
 
@@ -911,8 +911,6 @@ class Ksm:
             self.wake_ksmd()
         self.trace("ksm_enter", mm=mm.id)
         return 0
-
-    ksm_enter = __ksm_enter
 
     def __ksm_exit(self, mm: MmStruct) -> None:
         """Unregister an exiting mm, or leave it for ksmd to reap (``__ksm_exit``)."""
