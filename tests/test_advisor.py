@@ -14,9 +14,9 @@ def test_first_scan_is_held_at_ten_percent_cpu() -> None:
     per_pct = 500 // 10 = 50, min(2, 50*70) = 2, max(2, 50*10) = 500, min(500, 30000) = 500.
     """
     ctx = AdvisorCtx(start_scan_ms=0.0)
-    assert 500 == scan_time_advisor(ctx, AdvisorKnobs(), now_ms=3000.0,
-                                    cpu_ns=300_000_000, pages_to_scan=500)
-    assert (30, 3, 300_000_000) == (ctx.change, ctx.scan_time_s, ctx.cpu_time_ns)
+    assert scan_time_advisor(ctx, AdvisorKnobs(), now_ms=3000.0,
+                                    cpu_ns=300_000_000, pages_to_scan=500) == 500
+    assert (ctx.change, ctx.scan_time_s, ctx.cpu_time_ns) == (30, 3, 300_000_000)
 
 
 def test_slow_scan_grows_until_the_cpu_cap() -> None:
@@ -30,23 +30,23 @@ def test_slow_scan_grows_until_the_cpu_cap() -> None:
     """
     ctx = AdvisorCtx(start_scan_ms=1000.0, scan_time_s=200, change=100, cpu_time_ns=0)
     knobs = AdvisorKnobs()
-    assert 2600 == scan_time_advisor(ctx, knobs, now_ms=401_000.0, cpu_ns=20_000_000_000,
-                                     pages_to_scan=1000)
+    assert scan_time_advisor(ctx, knobs, now_ms=401_000.0, cpu_ns=20_000_000_000,
+                                     pages_to_scan=1000) == 2600
     knobs.max_pages_to_scan = 2500
     ctx = AdvisorCtx(start_scan_ms=1000.0, scan_time_s=200, change=100, cpu_time_ns=0)
-    assert 2500 == scan_time_advisor(ctx, knobs, now_ms=401_000.0, cpu_ns=20_000_000_000,
-                                     pages_to_scan=1000)
+    assert scan_time_advisor(ctx, knobs, now_ms=401_000.0, cpu_ns=20_000_000_000,
+                                     pages_to_scan=1000) == 2500
 
 
 def test_advisor_runs_at_the_end_of_each_full_scan() -> None:
     """With advisor_mode=scan-time, every full scan ends with one ksm_advisor event."""
     k = SimKernel()
     k.sysfs["advisor_mode"] = "scan-time"
-    assert "500" == k.sysfs["pages_to_scan"]  # advisor_min_pages_to_scan, spec §3.11
+    assert k.sysfs["pages_to_scan"] == "500"  # advisor_min_pages_to_scan, spec §3.11
     p = k.spawn()
     a = p.mmap(64 * PAGE_SIZE)
     p.write(a, b"x" * 64 * PAGE_SIZE)
     p.madvise(a, 64 * PAGE_SIZE, MADV_MERGEABLE)
     k.sysfs["run"] = "1"
     k.wait_full_scans(3)
-    assert 3 == sum(1 for e in k.events if e.name == "ksm_advisor")
+    assert sum(1 for e in k.events if e.name == "ksm_advisor") == 3

@@ -30,7 +30,7 @@ from ksmlab import (
     SimProcess,
 )
 from ksmlab.invariants import check_invariants
-from ksmlab.ksm.ksm import Ksm
+from ksmlab.ksm.interface import Ksm
 from ksmlab.ksm.types import MmSlot, NodeKind, RmapItem, RmapState, StableNode
 from ksmlab.mm.page import Frame
 

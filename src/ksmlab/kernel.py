@@ -46,7 +46,7 @@ from ksmlab.constants import (
     VM_WRITE,
 )
 from ksmlab.errors import KernelError, ProcessExitedError, ScanStalledError, kernel_error
-from ksmlab.ksm.ksm import Ksm
+from ksmlab.ksm.interface import Ksm
 from ksmlab.ksm.sysfs import KsmSysfs
 from ksmlab.mm.madvise import do_madvise
 from ksmlab.mm.memory import Fault, Memory

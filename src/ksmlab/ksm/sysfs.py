@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ksmlab.errors import kernel_error
-from ksmlab.ksm.ksm import Ksm
+from ksmlab.ksm.interface import Ksm
 
 U32 = 0xFFFFFFFF
 U64 = 0xFFFFFFFFFFFFFFFF

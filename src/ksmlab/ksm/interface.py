@@ -1,0 +1,209 @@
+"""The mm interface to KSM: the entry points the rest of mm calls, and sysfs stores.
+
+This is the part of ``mm/ksm.c`` (and ``include/linux/ksm.h``) the 2009 seed
+"ksm: the mm interface to ksm" defined: ``ksm_madvise``, ``__ksm_enter`` and
+``__ksm_exit``, the fork and exit callouts (made only for mms that carry
+MMF_VM_MERGEABLE), plus what came later: exec, prctl merge-any, and the
+sysfs knobs whose writes have side effects.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from ksmlab.constants import (
+    KSM_RUN_MERGE,
+    KSM_RUN_UNMERGE,
+    MADV_MERGEABLE,
+    MADV_UNMERGEABLE,
+    MMF_VM_MERGE_ANY,
+    MMF_VM_MERGEABLE,
+    VM_MERGEABLE,
+)
+from ksmlab.errors import kernel_error
+from ksmlab.ksm.ksm import KsmCore, vma_ksm_compatible
+from ksmlab.ksm.types import MmSlot
+from ksmlab.mm.mm_types import MmStruct, Vma
+
+
+class Ksm(KsmCore):
+    """KSM as the rest of the kernel sees it: :class:`KsmCore` plus its entry points."""
+
+    # --- entry points from the rest of mm ------------------------------------------------------
+    def __ksm_enter(self, mm: MmStruct) -> int:
+        """Register *mm* with ksmd (``__ksm_enter``); 0 or ENOMEM."""
+        if not self.slab.alloc("mm_slot"):
+            return errno.ENOMEM
+        slot = MmSlot(mm)
+        needs_wakeup = self.list_empty()
+        self.mm_slots[mm.id] = slot
+        if self.run & KSM_RUN_UNMERGE:
+            slot.list_add_before(self.mm_head)
+        else:
+            # Just behind the cursor: scanned last in the next full scan, which
+            # lets the area settle (and wastes nothing on fork + exec).
+            slot.list_add_before(self.scan.mm_slot)
+        mm.set_flag(MMF_VM_MERGEABLE)
+        if needs_wakeup:
+            self.wake_ksmd()
+        self.trace("ksm_enter", mm=mm.id)
+        return 0
+
+    def __ksm_exit(self, mm: MmStruct) -> None:
+        """Unregister an exiting mm, or leave it for ksmd to reap (``__ksm_exit``)."""
+        slot = self.mm_slots.get(mm.id)
+        easy_to_free = False
+        if slot is not None and self.scan.mm_slot is not slot:
+            if slot.rmap_list is None:
+                del self.mm_slots[mm.id]
+                slot.list_del()
+                easy_to_free = True
+            else:
+                slot.list_del()
+                slot.list_add_after(self.scan.mm_slot)
+        if easy_to_free:
+            mm.clear_flag(MMF_VM_MERGE_ANY)
+            mm.clear_flag(MMF_VM_MERGEABLE)
+        self.trace("ksm_exit", mm=mm.id)
+
+    def ksm_exit(self, mm: MmStruct) -> None:
+        """Exit hook: only mms with MMF_VM_MERGEABLE call into KSM (``ksm_exit``)."""
+        if mm.ksm_registered:
+            self.callouts["ksm_exit"] += 1
+            self.__ksm_exit(mm)
+
+    def ksm_fork(self, child: MmStruct, parent: MmStruct) -> None:
+        """Fork hook, after a successful address-space copy (``ksm_fork``, 6.18)."""
+        if parent.ksm_registered:
+            self.callouts["ksm_fork"] += 1
+            child.ksm_merging_pages = 0
+            child.ksm_rmap_items = 0
+            self.ksm_zero_pages += child.ksm_zero_pages
+            self.__ksm_enter(child)  # best effort: a failure does not fail fork
+
+    def ksm_execve(self, mm: MmStruct) -> int:
+        """Exec hook: re-register a MERGE_ANY mm (``ksm_execve``); 0 or ENOMEM."""
+        if mm.merge_any:
+            self.callouts["ksm_execve"] += 1
+            return self.__ksm_enter(mm)
+        return 0
+
+    def ksm_vma_flags(self, mm: MmStruct, vma: Vma) -> int:
+        """VM_MERGEABLE for a new vma of a MERGE_ANY process (``ksm_vma_flags``, 6.16+)."""
+        if not mm.merge_any or not vma_ksm_compatible(vma):
+            return 0
+        if not mm.ksm_registered:
+            # ksmd dropped the slot (6.18): register again.  The kernel ignores
+            # __ksm_enter's result here; the vma is mergeable either way.
+            self.__ksm_enter(mm)
+        return VM_MERGEABLE
+
+    def ksm_madvise(self, mm: MmStruct, vma: Vma, start: int, end: int, advice: int,
+                    vm_flags: int) -> int:
+        """New vm_flags for MADV_(UN)MERGEABLE on [start, end) of *vma* (``ksm_madvise``).
+
+        Raises KernelError(ENOMEM) if registering or unmerging runs out of memory.
+        """
+        if advice == MADV_MERGEABLE:
+            if vma.flags & VM_MERGEABLE or not vma_ksm_compatible(vma):
+                return vm_flags  # already mergeable, or just ignore the advice
+            if not mm.ksm_registered and self.__ksm_enter(mm):
+                raise kernel_error(errno.ENOMEM, "cannot allocate a KSM mm_slot")
+            return vm_flags | VM_MERGEABLE
+        if advice == MADV_UNMERGEABLE:
+            if not vm_flags & VM_MERGEABLE:
+                return vm_flags
+            if vma.anon_vma is not None:
+                err = self.unmerge_ksm_pages(mm, vma, start, end)
+                if err:
+                    raise kernel_error(err, "unmerging KSM pages")
+            return vm_flags & ~VM_MERGEABLE
+        raise ValueError(f"ksm_madvise: unexpected advice {advice}")
+
+    def ksm_add_vmas(self, mm: MmStruct) -> None:
+        """Flag every compatible vma VM_MERGEABLE in place (``ksm_add_vmas``)."""
+        for vma in mm.vmas:
+            if not vma.flags & VM_MERGEABLE and vma_ksm_compatible(vma):
+                vma.flags |= VM_MERGEABLE
+
+    def ksm_del_vmas(self, mm: MmStruct) -> int:
+        """Unmerge and unflag every mergeable vma (``ksm_del_vmas``); 0 or ENOMEM."""
+        for vma in mm.vmas:
+            if not vma.flags & VM_MERGEABLE:
+                continue
+            if vma.anon_vma is not None:
+                err = self.unmerge_ksm_pages(mm, vma, vma.start, vma.end)
+                if err:
+                    return err
+            vma.flags &= ~VM_MERGEABLE
+        return 0
+
+    def ksm_enable_merge_any(self, mm: MmStruct) -> int:
+        """prctl(PR_SET_MEMORY_MERGE, 1) (``ksm_enable_merge_any``); 0 or ENOMEM."""
+        if mm.merge_any:
+            return 0
+        if not mm.ksm_registered:
+            err = self.__ksm_enter(mm)
+            if err:
+                return err
+        mm.set_flag(MMF_VM_MERGE_ANY)
+        self.ksm_add_vmas(mm)
+        return 0
+
+    def ksm_disable_merge_any(self, mm: MmStruct) -> int:
+        """prctl(PR_SET_MEMORY_MERGE, 0) (``ksm_disable_merge_any``); 0 or ENOMEM."""
+        if not mm.merge_any:
+            return 0
+        err = self.ksm_del_vmas(mm)
+        if err:
+            self.ksm_add_vmas(mm)
+            return err
+        mm.clear_flag(MMF_VM_MERGE_ANY)
+        return 0
+
+    def ksm_process_mergeable(self, mm: MmStruct) -> bool:
+        """Any vma currently VM_MERGEABLE (``ksm_process_mergeable``)."""
+        return any(v.flags & VM_MERGEABLE for v in mm.vmas)
+
+    def on_ksm_zero_unmap(self, mm: MmStruct) -> None:
+        """A KSM-placed zero PTE went away: decrement both zero-page counts at once."""
+        mm.ksm_zero_pages -= 1
+        self.ksm_zero_pages -= 1
+
+    # --- sysfs stores with side effects ---------------------------------------------------------
+    def set_run(self, flags: int) -> None:
+        """``run_store`` after parsing: start, stop, or unmerge everything."""
+        if self.run != flags:
+            self.run = flags
+            if flags & KSM_RUN_UNMERGE:
+                err = self.unmerge_and_remove_all_rmap_items()
+                if err:
+                    self.run = 0
+                    raise kernel_error(err, "run=2 could not unmerge everything")
+        if flags & KSM_RUN_MERGE:
+            self.wake_ksmd()
+
+    def set_max_page_sharing(self, knob: int) -> None:
+        """``max_page_sharing_store`` after parsing; EBUSY while KSM pages exist."""
+        if self.max_page_sharing == knob:
+            return
+        if self.pages_shared or self.remove_all_stable_nodes():
+            raise kernel_error(errno.EBUSY, "KSM pages exist")
+        self.max_page_sharing = knob
+
+    def set_merge_across_nodes(self, knob: int) -> None:
+        """``merge_across_nodes_store`` after parsing; EBUSY while KSM pages exist."""
+        if self.merge_across_nodes == knob:
+            return
+        if self.pages_shared or self.remove_all_stable_nodes():
+            raise kernel_error(errno.EBUSY, "KSM pages exist")
+        if not knob and not self.slab.alloc("stable_roots"):
+            raise kernel_error(errno.ENOMEM, "cannot allocate per-node tree roots")
+        self.merge_across_nodes = knob
+
+    def set_advisor_mode(self, scan_time: bool) -> None:
+        """``advisor_mode_store`` after parsing: a real change resets pages_to_scan."""
+        changed = scan_time != self.advisor_scan_time
+        self.advisor_scan_time = scan_time
+        if changed:
+            self.set_advisor_defaults()
