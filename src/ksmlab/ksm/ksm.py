@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
+from enum import Enum
 from typing import Any
 
 from ksmlab.constants import (
@@ -805,7 +806,7 @@ class KsmCore:
             if not self.ksm_test_exit(mm):
                 found = self._scan_mm(slot, mm)
                 if found is not None:
-                    return found if found is not _ALLOC_FAILED else None
+                    return found if isinstance(found, tuple) else None
             else:
                 scan.address, scan.rmap_prev = 0, None
             self.remove_trailing_rmap_items(slot, scan.rmap_prev)
@@ -823,8 +824,11 @@ class KsmCore:
         scan.seqnr += 1
         return None
 
-    def _scan_mm(self, slot: MmSlot, mm: MmStruct) -> Any:
-        """Walk *mm*'s mergeable vmas from the cursor; the (item, page) found, or None at the end."""
+    def _scan_mm(self, slot: MmSlot, mm: MmStruct) -> tuple[RmapItem, Frame] | AllocFailed | None:
+        """Walk *mm*'s mergeable vmas from the cursor.
+
+        Returns the (item, page) found, ALLOC_FAILED, or None at the end of the mm.
+        """
         scan = self.scan
         vma = mm.find_vma(scan.address)
         i = mm.vma_index(vma) if vma is not None else len(mm.vmas)
@@ -843,7 +847,7 @@ class KsmCore:
                 if page is not None and page.anon:
                     item = self.get_next_rmap_item(slot, scan.address)
                     if item is None:
-                        return _ALLOC_FAILED
+                        return ALLOC_FAILED
                     scan.rmap_prev = item
                     scan.address += PAGE_SIZE
                     if self.should_skip_rmap_item(page, item):
@@ -891,8 +895,10 @@ class KsmCore:
             self.pages_to_scan = DEFAULT_PAGES_TO_SCAN
 
 
-class _AllocFailed:
-    """Marker: an rmap_item allocation failed; the batch ends."""
+class AllocFailed(Enum):
+    """Marker returned by ``_scan_mm``: an rmap_item allocation failed, the batch ends."""
+
+    ALLOC_FAILED = 0
 
 
-_ALLOC_FAILED: Any = _AllocFailed()
+ALLOC_FAILED = AllocFailed.ALLOC_FAILED
