@@ -1,0 +1,475 @@
+"""A real process of the Linux backend: :class:`LinuxProcess` and its memory access.
+
+Each :class:`LinuxProcess` is a C helper (see :mod:`ksmlab.backends.linux_helper`)
+that runs system calls on request; memory is read and written from this
+process with ``process_vm_writev`` (through ctypes) or ``/proc/PID/mem``.
+Re-exported by :mod:`ksmlab.backends.linux`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+from ksmlab.api import KsmStat, SmapsEntry
+from ksmlab.backends.linux_helper import (
+    _HELPER_START_TIMEOUT,
+    _OP_EXEC,
+    _OP_EXIT,
+    _OP_FORK,
+    _OP_MADVISE,
+    _OP_MMAP,
+    _OP_MPROTECT,
+    _OP_MUNMAP,
+    _OP_PRCTL,
+    _REPLY,
+    _REQ,
+)
+from ksmlab.backends.linux_procfs import MapsEntry, parse_ksm_stat, parse_maps, parse_smaps
+from ksmlab.constants import (
+    MAP_ANONYMOUS,
+    MAP_PRIVATE,
+    PAGE_SHIFT,
+    PROT_READ,
+    PROT_WRITE,
+)
+from ksmlab.errors import ProcessExitedError
+
+if TYPE_CHECKING:
+    from ksmlab.backends.linux import LinuxKernel
+
+__all__ = ["LinuxProcess", "online_nodes"]
+
+_EXIT_TIMEOUT: Final = 10.0
+
+_U64_MASK: Final = (1 << 64) - 1
+_PFN_MASK: Final = (1 << 55) - 1
+_PM_PRESENT: Final = 1 << 63
+
+
+# --------------------------------------------------------------------------------------
+# process_vm_readv / process_vm_writev through ctypes
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _libc_fn(name: str) -> Callable[..., int]:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(_libc, name)
+    fn.argtypes = (ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong,
+                   ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_ulong)
+    fn.restype = ctypes.c_ssize_t
+    f: Callable[..., int] = fn
+    return f
+
+
+def _vm_rw(name: str, pid: int, buf: ctypes.Array[ctypes.c_char], addr: int, n: int) -> int:
+    local = _Iovec(ctypes.cast(buf, ctypes.c_void_p), n)
+    remote = _Iovec(addr, n)
+    done = int(_libc_fn(name)(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0))
+    if done < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return done
+
+
+# --------------------------------------------------------------------------------------
+# Processes
+
+
+def online_nodes() -> frozenset[int]:
+    """The online NUMA nodes (``/sys/devices/system/node/online``; ``{0}`` without NUMA)."""
+    try:
+        with open("/sys/devices/system/node/online") as f:
+            text = f.read().strip()
+    except OSError:
+        return frozenset({0})
+    nodes: set[int] = set()
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        nodes.update(range(int(lo), int(hi or lo) + 1))
+    return frozenset(nodes)
+
+
+def _to_u64(value: int, what: str) -> int:
+    """Convert a Python int the way C converts it to an unsigned 64-bit argument."""
+    if not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    if not -(1 << 63) <= value <= _U64_MASK:
+        raise ValueError(f"{what}={value} does not fit in 64 bits")
+    return value & _U64_MASK
+
+
+def _raise_errno(ret: int) -> int:
+    if ret < 0:
+        raise OSError(-ret, os.strerror(-ret))
+    return ret
+
+
+class LinuxProcess:
+    """A real helper process, driven over its command channel (satisfies ``api.Process``).
+
+    Created by :meth:`LinuxKernel.spawn` and :meth:`fork`; never construct it
+    directly.  Every call after :meth:`exit` (or after the owning kernel
+    closed) raises :class:`~ksmlab.errors.ProcessExitedError`.
+    """
+
+    def __init__(self, kernel: LinuxKernel, sock: socket.socket, pid: int,
+                 stub: subprocess.Popen[bytes] | None = None) -> None:
+        self._kernel = kernel
+        self._sock = sock
+        self._pid = pid
+        # For a spawned helper: the reaper process that is its parent (and our child).
+        self._stub = stub
+        self._exited = False
+        # A pidfd tells us when the process is really gone, even when it is not
+        # our child (forked helpers are children of helpers).
+        self._pidfd = os.pidfd_open(pid)
+
+    def __repr__(self) -> str:
+        state = "exited" if self._exited else "running"
+        return f"<LinuxProcess pid={self._pid} {state}>"
+
+    @property
+    def pid(self) -> int:
+        """The process id on this machine."""
+        return self._pid
+
+    @property
+    def exited(self) -> bool:
+        """Whether the process has exited (the handle is then unusable)."""
+        return self._exited
+
+    # --- channel ---------------------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        if self._exited:
+            raise ProcessExitedError(f"process {self._pid} has exited")
+
+    def _recv(self) -> int:
+        data = self._sock.recv(_REPLY.size)
+        if len(data) != _REPLY.size:
+            # EOF: the helper died under us (killed from outside, OOM, ...).
+            self._reap()
+            raise ProcessExitedError(f"process {self._pid} died unexpectedly")
+        (ret,) = _REPLY.unpack(data)
+        return int(ret)
+
+    def _call(self, op: int, *args: int, path: bytes = b"", fds: tuple[int, ...] = (),
+              reply: bool = True) -> int:
+        self._check_alive()
+        vals = [_to_u64(a, "argument") for a in args]
+        vals += [0] * (6 - len(vals))
+        msg = _REQ.pack(op, len(path), *vals) + path
+        try:
+            try:
+                if fds:
+                    socket.send_fds(self._sock, [msg], list(fds))
+                else:
+                    self._sock.send(msg)
+            except (BrokenPipeError, ConnectionResetError):
+                self._reap()
+                raise ProcessExitedError(f"process {self._pid} died unexpectedly") from None
+            return self._recv() if reply else 0
+        except ProcessExitedError:
+            raise
+        except BaseException:
+            # Interrupted half way (e.g. KeyboardInterrupt while waiting for the
+            # reply): the channel is out of step, so the process is unusable.
+            self._kill()
+            raise
+
+    # --- system calls ----------------------------------------------------------------
+
+    def mmap(self, length: int, prot: int = PROT_READ | PROT_WRITE,
+             flags: int = MAP_PRIVATE | MAP_ANONYMOUS, *, addr: int = 0,
+             node: int | None = None, path: str | None = None, offset: int = 0) -> int:
+        """``mmap(2)`` in the process; returns the address.
+
+        Args:
+            node: bind the area to this NUMA node (``mbind(MPOL_BIND)``) before
+                anything is faulted in (``MAP_POPULATE`` is applied after the bind).
+            path: map this file, opened ``O_RDONLY`` for ``MAP_PRIVATE`` and
+                ``O_RDWR`` for ``MAP_SHARED``.  A file mapping without a path
+                gets ``EBADF`` from the kernel.
+
+        Raises:
+            ValueError: *node* is not an online NUMA node, or both *path* and
+                ``MAP_ANONYMOUS`` were given (API misuse, as in the model).
+        """
+        if node is not None and node not in online_nodes():
+            raise ValueError(f"node {node} does not exist (online nodes: "
+                             f"{sorted(online_nodes())})")
+        if path is not None and flags & MAP_ANONYMOUS:
+            raise ValueError("pass either path= or MAP_ANONYMOUS, not both")
+        pathb = b""
+        if path is not None:
+            # The helper's cwd is ours at spawn time, not necessarily now.
+            pathb = os.fsencode(os.path.abspath(path))
+            if b"\0" in pathb:
+                raise ValueError(f"path {path!r} contains a NUL byte")
+            if len(pathb) > 4096:
+                raise ValueError(f"path of {len(pathb)} bytes is too long")
+        node1 = 0 if node is None else node + 1
+        return _raise_errno(self._call(_OP_MMAP, addr, length, prot, flags, node1, offset,
+                                       path=pathb))
+
+    def munmap(self, addr: int, length: int) -> None:
+        """``munmap(2)`` in the process."""
+        _raise_errno(self._call(_OP_MUNMAP, addr, length))
+
+    def mprotect(self, addr: int, length: int, prot: int) -> None:
+        """``mprotect(2)`` in the process."""
+        _raise_errno(self._call(_OP_MPROTECT, addr, length, prot))
+
+    def madvise(self, addr: int, length: int, advice: int) -> None:
+        """``madvise(2)`` in the process."""
+        _raise_errno(self._call(_OP_MADVISE, addr, length, advice))
+
+    def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0,
+              arg5: int = 0) -> int:
+        """``prctl(2)`` in the process; returns its non-negative result."""
+        return _raise_errno(self._call(_OP_PRCTL, option, arg2, arg3, arg4, arg5))
+
+    # --- memory access ---------------------------------------------------------------
+
+    def _maps(self) -> list[MapsEntry]:
+        with open(f"/proc/{self._pid}/maps") as f:
+            return parse_maps(f.read())
+
+    def _check_range(self, addr: int, length: int, perm: str, err: int) -> None:
+        """Raise ``OSError(err)`` unless every page of the range is mapped with *perm*.
+
+        *perm* ``"force-write"`` accepts what a forced write can change
+        (``check_vma_flags``): a writable mapping, or a private (COW) one.
+        Checking first is what makes a refused access leave memory untouched:
+        the kernel itself copies page by page and stops at the first bad page.
+        """
+        if addr < 0 or addr + length > _U64_MASK:
+            raise OSError(err, os.strerror(err))
+        pos, end = addr, addr + length
+        for vma in self._maps():
+            if vma.end <= pos:
+                continue
+            if vma.start > pos:
+                break  # a hole
+            if perm == "force-write":
+                if "w" not in vma.perms and "p" not in vma.perms:
+                    break  # a read-only shared mapping (found by the differential suite)
+            elif perm and perm not in vma.perms:
+                break
+            pos = vma.end
+            if pos >= end:
+                return
+        raise OSError(err, os.strerror(err))
+
+    def write(self, addr: int, data: bytes, *, force: bool = False) -> None:
+        """Write *data* at *addr* in the process, faulting pages in as the process would.
+
+        With ``force=False`` this is ``process_vm_writev``: every page must be
+        mapped writable, otherwise ``OSError(EFAULT)`` is raised and nothing is
+        written.  With ``force=True`` it goes through ``/proc/PID/mem`` (ptrace
+        access, as the selftest test_prot_none does), which also writes
+        read-only and PROT_NONE private memory by COW; a range with unmapped
+        pages raises ``OSError(EIO)`` (the kernel's errno there) and writes nothing.
+        """
+        self._check_alive()
+        buf = bytes(data)
+        if not buf:
+            return
+        if force:
+            self._check_range(addr, len(buf), "force-write", errno.EIO)
+            fd = os.open(f"/proc/{self._pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                done = 0
+                while done < len(buf):
+                    done += os.pwrite(fd, buf[done:], addr + done)
+            finally:
+                os.close(fd)
+            return
+        self._check_range(addr, len(buf), "w", errno.EFAULT)
+        cbuf = ctypes.create_string_buffer(buf, len(buf))
+        done = _vm_rw("process_vm_writev", self._pid, cbuf, addr, len(buf))
+        if done != len(buf):
+            raise OSError(errno.EFAULT, f"{os.strerror(errno.EFAULT)} (short write: "
+                          f"{done} of {len(buf)} bytes)")
+
+    def read(self, addr: int, length: int, *, force: bool = False) -> bytes:
+        """Read *length* bytes at *addr* in the process.
+
+        ``force=False`` needs every page mapped readable (else
+        ``OSError(EFAULT)``); ``force=True`` also reads PROT_NONE memory
+        (unmapped pages give ``OSError(EIO)``).  Both read through
+        ``/proc/PID/mem``, which, like a CPU load, leaves KSM pages alone.
+        Reading faults pages in: a never-touched anonymous page then maps the
+        zero page.
+        """
+        self._check_alive()
+        if length < 0:
+            raise ValueError(f"length={length} must be >= 0")
+        if length == 0:
+            return b""
+        # Not process_vm_readv: it pins the pages (FOLL_PIN), and a read-only
+        # pin of an anonymous page that is not exclusive (every KSM page, and a
+        # page still shared with a fork relative) first *unshares* it: the
+        # reader gets a private copy and cow_ksm grows (found by the
+        # differential suite, docs/differential.md).  /proc/PID/mem takes plain
+        # references (FOLL_GET), which unshare nothing.
+        if force:
+            self._check_range(addr, length, "", errno.EIO)
+        else:
+            self._check_range(addr, length, "r", errno.EFAULT)
+        fd = os.open(f"/proc/{self._pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            chunks = []
+            done = 0
+            while done < length:
+                try:
+                    chunk = os.pread(fd, length - done, addr + done)
+                except OSError:
+                    chunk = b""  # e.g. a readable VM_IO|VM_PFNMAP page (vvar)
+                if not chunk:
+                    # /proc/PID/mem says EIO; process_vm_readv would say EFAULT.
+                    err = errno.EIO if force else errno.EFAULT
+                    raise OSError(err, os.strerror(err))
+                chunks.append(chunk)
+                done += len(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    # --- process lifecycle -----------------------------------------------------------
+
+    def fork(self) -> LinuxProcess:
+        """``fork(2)`` the process; returns a handle to the child, with its own channel."""
+        self._check_alive()
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            try:
+                ret = self._call(_OP_FORK, fds=(theirs.fileno(),))
+            finally:
+                theirs.close()  # the helper has its own copy now
+            pid = _raise_errno(ret)
+            mine.settimeout(_HELPER_START_TIMEOUT)
+            hello = mine.recv(_REPLY.size)
+            mine.settimeout(None)
+        except BaseException:
+            mine.close()
+            raise
+        if len(hello) != _REPLY.size or _REPLY.unpack(hello)[0] != pid:
+            mine.close()
+            raise ProcessExitedError(f"forked child {pid} of {self._pid} did not start")
+        child = LinuxProcess(self._kernel, mine, pid)
+        self._kernel._register(child)
+        return child
+
+    def exec(self) -> None:
+        """``execve(2)`` the helper binary in place: a fresh address space, same pid.
+
+        What the kernel carries over is kept (prctl MERGE_ANY, the pid); what
+        it drops is gone (every mapping, madvised areas, MMF_VM_MERGEABLE).
+        """
+        ret = _raise_errno(self._call(_OP_EXEC))
+        if ret != self._pid:
+            raise ProcessExitedError(f"process {self._pid} came back from exec as {ret}")
+
+    def exit(self) -> None:
+        """End the process (``_exit(0)``) and wait until it is gone.
+
+        On return the process's mm has been released; KSM's counters for it
+        change only when ksmd next reaches its slot (spec 2.3).
+        """
+        self._call(_OP_EXIT, reply=False)
+        self._wait_gone(_EXIT_TIMEOUT)
+
+    def _wait_gone(self, timeout: float) -> None:
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        if not poller.poll(int(timeout * 1000)):
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            poller.poll()
+        self._reap()
+
+    def _reap(self) -> None:
+        """Forget the process: reap it if it is our child, close its fds."""
+        if self._exited:
+            return
+        self._exited = True
+        if self._stub is not None:
+            # The stub exits right after the helper unless it still has
+            # orphans to reap; the kernel waits for it on close in that case.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._stub.wait(timeout=0.05)
+        self._sock.close()
+        os.close(self._pidfd)
+
+    def _kill(self) -> None:
+        """SIGKILL the process and wait until it is gone (used on close)."""
+        if self._exited:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        poller.poll()
+        self._reap()
+
+    # --- /proc -----------------------------------------------------------------------
+
+    def _proc_text(self, name: str) -> str:
+        self._check_alive()
+        with open(f"/proc/{self._pid}/{name}") as f:
+            return f.read()
+
+    def ksm_stat(self) -> KsmStat:
+        """``/proc/PID/ksm_stat`` as a dict (ints, and bools for the yes/no lines)."""
+        return parse_ksm_stat(self._proc_text("ksm_stat"))
+
+    def ksm_merging_pages(self) -> int:
+        """``/proc/PID/ksm_merging_pages``."""
+        return int(self._proc_text("ksm_merging_pages"))
+
+    def smaps(self) -> list[SmapsEntry]:
+        """``/proc/PID/smaps``, one :class:`~ksmlab.api.SmapsEntry` per vma (bytes)."""
+        return parse_smaps(self._proc_text("smaps"))
+
+    def pfns(self, addr: int, length: int) -> list[int | None]:
+        """Page frame numbers from ``/proc/PID/pagemap``, one per page of the range.
+
+        The range is widened to whole pages.  A page that is not present (never
+        touched, swapped out) gives ``None``.  Only root sees real PFNs.
+        """
+        self._check_alive()
+        if length < 0 or addr < 0:
+            raise ValueError(f"bad range addr={addr:#x} length={length}")
+        if length == 0:
+            return []
+        first = addr >> PAGE_SHIFT
+        last = (addr + length - 1) >> PAGE_SHIFT
+        n = last - first + 1
+        fd = os.open(f"/proc/{self._pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            raw = os.pread(fd, 8 * n, 8 * first)
+        finally:
+            os.close(fd)
+        out: list[int | None] = []
+        for (entry,) in struct.iter_unpack("<Q", raw):
+            out.append(entry & _PFN_MASK if entry & _PM_PRESENT else None)
+        out += [None] * (n - len(out))  # beyond TASK_SIZE pagemap reads short
+        return out

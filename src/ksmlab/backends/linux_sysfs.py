@@ -1,0 +1,87 @@
+"""``/sys/kernel/mm/ksm`` as the Linux backend sees it: :class:`LinuxSysfs` and knob values.
+
+Re-exported by :mod:`ksmlab.backends.linux`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from ksmlab.backends.linux import LinuxKernel
+
+__all__ = ["KSM_SYSFS_DIR", "LinuxSysfs"]
+
+KSM_SYSFS_DIR: Final = "/sys/kernel/mm/ksm"
+"""Where the kernel exposes KSM's knobs and counters."""
+
+
+class LinuxSysfs:
+    """``/sys/kernel/mm/ksm`` as a mapping of file name to text (satisfies ``api.Sysfs``).
+
+    Reads return the file's text without the trailing newline.  Writes are one
+    ``write(2)`` of exactly the given text, so a refused write raises the
+    kernel's own errno (``EINVAL``, ``EBUSY``, ``ERANGE``; ``EACCES`` for the
+    read-only counters).
+    """
+
+    def __init__(self, kernel: LinuxKernel, directory: str = KSM_SYSFS_DIR) -> None:
+        self._kernel = kernel
+        self._dir = directory
+        # The set of files is fixed for a kernel, so list it once.
+        self._names = tuple(sorted(
+            n for n in os.listdir(directory) if os.path.isfile(os.path.join(directory, n))))
+
+    def _path(self, name: object) -> str:
+        if not isinstance(name, str) or name not in self._names:
+            raise KeyError(f"no KSM sysfs file named {name!r} in {self._dir}")
+        return os.path.join(self._dir, name)
+
+    def __getitem__(self, name: str) -> str:
+        """Read one file, without its trailing newline."""
+        with open(self._path(name)) as f:
+            return f.read().rstrip("\n")
+
+    def __setitem__(self, name: str, value: str) -> None:
+        """Write *value* to one file in a single ``write(2)``."""
+        path = self._path(name)
+        if not isinstance(value, str):
+            raise TypeError(f"sysfs value for {name} must be a str, not {type(value).__name__}")
+        self._kernel._check_open()
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+        if name == "run":
+            self._kernel._note_run()
+
+    def __iter__(self) -> Iterator[str]:
+        """The file names, sorted."""
+        return iter(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        """Whether *name* is one of the files."""
+        return isinstance(name, str) and name in self._names
+
+    def __len__(self) -> int:
+        """The number of files."""
+        return len(self._names)
+
+    def writable(self) -> list[str]:
+        """The names of the knobs (files with an owner-write bit), sorted."""
+        return [n for n in self._names
+                if os.stat(os.path.join(self._dir, n)).st_mode & stat.S_IWUSR]
+
+
+def _normalise(name: str, text: str) -> str:
+    """The value to write back for a knob read as *text* (``advisor_mode`` shows a menu)."""
+    if name == "advisor_mode":
+        m = re.search(r"\[([^\]]+)\]", text)
+        if m:
+            return m[1]
+    return text.strip()
