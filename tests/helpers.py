@@ -100,3 +100,24 @@ def raises_errno(err: int) -> Iterator[pytest.ExceptionInfo[OSError]]:
         yield info
     got = info.value.errno
     assert got == err, f"expected {errno.errorcode[err]}, got {errno.errorcode.get(got, got)}"
+
+
+def show(text: str) -> str:
+    """A short readable form of a written text, for test ids."""
+    if len(text) <= 24:
+        return repr(text)
+    return f"{text[:3]!r}..{text[-3:]!r}[{len(text)}]"
+
+
+def write_id(case: tuple[str, str, str | None, dict[str, str]]) -> str:
+    """``file=text``: the test id of a single-write sysfs case."""
+    name, text, _err, _expected = case
+    return f"{name}={show(text)}"
+
+
+def staged_id(case: tuple[tuple[tuple[str, str], ...], str, str, str | None,
+                          dict[str, str]]) -> str:
+    """``setup;...->file=text``: the test id of a staged sysfs case."""
+    setup, name, text, _err, _expected = case
+    steps = ";".join(f"{n}={show(v)}" for n, v in setup)
+    return f"{steps}->{name}={show(text)}"

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from helpers import staged_id, write_id
 from ksmlab import SimKernel
 from sysfs_cases import (
     DEFAULTS,
@@ -24,26 +25,6 @@ from sysfs_cases import (
     StagedWrite,
     Write,
 )
-
-
-def show(text: str) -> str:
-    """A short readable form of a written text, for test ids."""
-    if len(text) <= 24:
-        return repr(text)
-    return f"{text[:3]!r}..{text[-3:]!r}[{len(text)}]"
-
-
-def write_id(case: Write) -> str:
-    """``file=text`` for a single-write case."""
-    name, text, _err, _expected = case
-    return f"{name}={show(text)}"
-
-
-def staged_id(case: StagedWrite) -> str:
-    """``setup;...->file=text`` for a staged case."""
-    setup, name, text, _err, _expected = case
-    steps = ";".join(f"{n}={show(v)}" for n, v in setup)
-    return f"{steps}->{name}={show(text)}"
 
 
 @pytest.fixture

@@ -14,13 +14,11 @@ afterwards together with the side effects on the other knobs.  The candidates
 are single writes from the defaults (``WRITES``) and short sequences whose last
 write is the one under test (``STAGED_WRITES``).
 
-KSM state is global.  The whole run holds an exclusive ``flock`` on
-``/run/lock/ksmlab.lock``, the lock every ksmlab tool uses.  It saves every knob first
-and puts them back in a ``finally``: ``run=2`` first (only if ksmd may have run), then
-``advisor_mode``, then ``pages_to_scan``, then the rest, then ``run`` (left at 2 if it
-was 0 and ``run=2`` had to be written).  Between two cases every knob is reset to
-its default.  ``run=1`` is only written while no process has a mergeable area,
-so nothing is ever merged.
+KSM state is global.  The whole run is one ``LinuxKernel`` session: it holds the
+lock every ksmlab tool uses, saves every knob first and restores them on the way
+out in its safe order.  Between two cases every knob is reset to its default
+with ``LinuxKernel.reset_knobs``, in the same order.  ``run=1`` is only written
+while no process has a mergeable area, so nothing is ever merged.
 
 Each write is one ``write(2)`` of the UTF-8 text on a fresh descriptor, as ``echo -n``
 would do.  Errors are recorded by name, whether they came from ``open(2)`` or from
@@ -33,7 +31,6 @@ import argparse
 import contextlib
 import datetime as dt
 import errno
-import fcntl
 import os
 import platform
 import re
@@ -43,8 +40,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple, TypeAlias
 
+from ksmlab.backends.linux import LinuxKernel
+
 KSM_DIR = Path("/sys/kernel/mm/ksm")
-LOCK_PATH = Path("/run/lock/ksmlab.lock")
 OUTPUT = Path(__file__).resolve().parents[1] / "sysfs_cases.py"
 
 # The compiled-in defaults of ksm.c (spec section 5), only used to warn when the
@@ -66,7 +64,6 @@ SPEC_DEFAULTS: dict[str, str] = {
 }
 
 # Knobs written back in this order (after run=2, before run).
-RESTORE_FIRST = ("advisor_mode", "pages_to_scan")
 
 U64_MAX = str(2**64 - 1)
 
@@ -241,53 +238,26 @@ def mergeable_pids() -> list[int]:
 
 
 class Knobs:
-    """The writable knobs, with the ordered reset the ksmlab lock protocol asks for."""
+    """The writable knobs of a locked LinuxKernel session."""
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, kernel: LinuxKernel, names: Sequence[str]) -> None:
+        self.kernel = kernel
         self.names = list(names)
-        self.ksmd_may_have_run = False
 
     def set(self, name: str, value: str) -> int:
-        """Write a knob, remembering whether ksmd may have been started."""
-        count = write(name, value)
-        if name == "run" and read("run") == "1\n":
-            self.ksmd_may_have_run = True
-        return count
+        """One raw write(2) of a knob; return its byte count or raise OSError."""
+        return write(name, value)
 
-    def reset(self, target: dict[str, str], *, final: bool = False) -> None:
-        """Write back *target* (texts as read): run=2, advisor_mode, pages_to_scan, ..., run."""
-        wrote_unmerge = False
-        if read("run") == "1\n" or read("pages_shared") != "0\n" or (
-            final and self.ksmd_may_have_run
-        ):
-            write("run", "2")
-            wrote_unmerge = True
-        order = [n for n in RESTORE_FIRST if n in self.names]
-        order += [n for n in self.names if n not in order and n != "run"]
-        for name in order:
-            if read(name) != target[name]:
-                write(name, writable_value(name, target[name]))
-        if final and wrote_unmerge and target["run"] == "0\n":
-            return  # the lock protocol: a saved run=0 becomes run=2
-        if read("run") != target["run"]:
-            write("run", writable_value("run", target["run"]))
+    def reset(self, target: dict[str, str]) -> None:
+        """Write back *target* (texts as read) in LinuxKernel's safe order."""
+        self.kernel.reset_knobs({n: writable_value(n, target[n]) for n in self.names})
 
 
 @contextlib.contextmanager
 def ksm_locked(knob_names: Sequence[str]) -> Iterator[tuple[Knobs, dict[str, str]]]:
-    """Hold the ksmlab lock, save every knob, and restore them all on the way out."""
-    LOCK_PATH.parent.mkdir(parents=True, exist_ok=True)
-    lock_fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        saved = read_all(knob_names)
-        knobs = Knobs(knob_names)
-        try:
-            yield knobs, saved
-        finally:
-            knobs.reset(saved, final=True)
-    finally:
-        os.close(lock_fd)  # closing drops the flock
+    """Hold the ksmlab lock through LinuxKernel, which saves every knob and restores it on exit."""
+    with LinuxKernel() as kernel:
+        yield Knobs(kernel, knob_names), read_all(knob_names)
 
 
 # --- recording ------------------------------------------------------------------------

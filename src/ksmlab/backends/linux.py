@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import TYPE_CHECKING, Final, Self
 
@@ -417,7 +417,7 @@ class LinuxKernel:
                     stub.kill()
                     stub.wait()
             self._stubs.clear()
-            failures = self._restore_knobs()
+            failures = self._restore_knobs(self._saved, final=True)
         finally:
             self._closed = True
             _open_here -= 1
@@ -439,8 +439,22 @@ class LinuxKernel:
     def _current(self, name: str) -> str:
         return _normalise(name, self._sysfs[name])
 
-    def _restore_knobs(self) -> list[tuple[str, str, OSError]]:
-        saved = self._saved
+    def reset_knobs(self, target: Mapping[str, str]) -> None:
+        """Write the knobs in *target* (values as written, e.g. ``advisor_mode="none"``).
+
+        Uses the same safe order as the restore on close: run=2 first if ksmd
+        is running (or ran in this session), advisor knobs before
+        pages_to_scan, knobs that need no KSM pages last, then run.  Unlike
+        the restore on close, ``run`` ends exactly at ``target["run"]``.
+        Raises KsmRestoreError naming every knob that could not be written.
+        """
+        self._check_open()
+        failures = self._restore_knobs(target, final=False)
+        if failures:
+            raise KsmRestoreError(failures)
+
+    def _restore_knobs(self, saved: Mapping[str, str], *,
+                       final: bool) -> list[tuple[str, str, OSError]]:
         failures: list[tuple[str, str, OSError]] = []
         unmerged = False
 
@@ -482,8 +496,8 @@ class LinuxKernel:
         for name in _NEED_NO_KSM_PAGES:
             restore(name)
         final_run = saved.get("run", "0")
-        if final_run == "0" and unmerged:
-            final_run = "2"
+        if final and final_run == "0" and unmerged:
+            final_run = "2"  # the lock protocol: end with run=2 when it may have merged
         if self._current("run") != final_run:
             try:
                 self._write_knob("run", final_run)
