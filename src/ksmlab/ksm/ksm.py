@@ -510,8 +510,8 @@ class KsmCore:
 
     # --- the stable tree --------------------------------------------------------------------
     def __is_page_sharing_candidate(self, node: StableNode, offset: int) -> bool:
-        vm_bug_on(is_stable_node_chain(node), "sharing candidate test on a chain")
-        n = node.rmap_hlist_len
+        # Hot path: node is never a chain here (callers pass regular nodes and dups).
+        n = len(node.items)
         return n > 0 and n + offset < self.max_page_sharing
 
     def is_page_sharing_candidate(self, node: StableNode) -> bool:
@@ -830,8 +830,7 @@ class KsmCore:
         Returns the (item, page) found, ALLOC_FAILED, or None at the end of the mm.
         """
         scan = self.scan
-        vma = mm.find_vma(scan.address)
-        i = mm.vma_index(vma) if vma is not None else len(mm.vmas)
+        i = mm.find_vma_index(scan.address)
         while i < len(mm.vmas):
             vma = mm.vmas[i]
             i += 1

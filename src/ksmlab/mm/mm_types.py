@@ -195,9 +195,13 @@ class MmStruct:
         return self.test_flag(MMF_VM_MERGE_ANY)
 
     # --- vma lookup --------------------------------------------------------------
+    def find_vma_index(self, addr: int) -> int:
+        """Position of the first vma with ``end > addr`` (``len(vmas)`` if there is none)."""
+        return bisect.bisect_right(self.vmas, addr, key=_vma_end)
+
     def find_vma(self, addr: int) -> Vma | None:
         """The first vma with ``end > addr`` (``find_vma``), or None."""
-        i = bisect.bisect_right(self.vmas, addr, key=lambda v: v.end)
+        i = self.find_vma_index(addr)
         return self.vmas[i] if i < len(self.vmas) else None
 
     def vma_lookup(self, addr: int) -> Vma | None:
@@ -222,3 +226,7 @@ class MmStruct:
     def map_count(self) -> int:
         """Number of vmas (``mm->map_count``)."""
         return len(self.vmas)
+
+
+def _vma_end(vma: Vma) -> int:
+    return vma.end
