@@ -112,11 +112,15 @@ def merge_until_stable(k: Kernel, procs: list[tuple[Process, int]], clock: Clock
         k.sysfs["run"] = "0"
 
 
-def sized(name: str, content: Callable[[int], bytes], scans: int) -> Workload:
-    return Workload(
-        name,
-        lambda k, n: fill(k, n, content),
-        lambda k, procs, clock: merge_until_stable(k, procs, clock, _pages[0], scans))
+def sized(name: str, content: Callable[[int], bytes], scans: int,
+          pages: int | None = None) -> Workload:
+    """A one-process workload of *pages* pages (default: the --pages size), merged by *scans*."""
+    def build(k: Kernel, n: int) -> list[tuple[Process, int]]:
+        return fill(k, pages or n, content)
+
+    def measure(k: Kernel, procs: list[tuple[Process, int]], clock: Clock) -> None:
+        merge_until_stable(k, procs, clock, pages or _pages[0], scans)
+    return Workload(name, build, measure)
 
 
 _pages = [262144]
@@ -214,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         sized(f"64-images-{n}", lambda i: page_of(i % 64), 2),
         sized(f"all-distinct-{n}", page_of, 2),
         sized(f"half-pairs-{n}", lambda i: page_of(i // 2 if i < n // 2 else n + i), 2),
-        sized("identical-25600 (-P)", lambda i: b"*" * PAGE_SIZE, 2),
+        sized("identical-25600 (-P)", lambda i: b"*" * PAGE_SIZE, 2, pages=25600),
         cow_workload(),
         unmerge_workload(25600),
         fork_workload(min(n, 16384)),
