@@ -68,6 +68,7 @@ from ksmlab.backends.linux_process import _EXIT_TIMEOUT, LinuxProcess, online_no
 from ksmlab.backends.linux_procfs import MapsEntry, parse_ksm_stat, parse_maps, parse_smaps
 from ksmlab.backends.linux_sysfs import KSM_SYSFS_DIR, LinuxSysfs, _normalise
 from ksmlab.errors import KsmSimError, ProcessExitedError, ScanStalledError
+from ksmlab.ksm.sysfs import KNOB_WRITE_ORDER
 
 if TYPE_CHECKING:
     from ksmlab.api import Kernel, Process, Sysfs
@@ -102,18 +103,8 @@ DEFAULT_SCAN_TIMEOUT: Final = 60.0
 
 _POLL_INTERVAL: Final = 0.001
 
-# Knob groups for the restore order.  The advisor's parameters go before
-# advisor_mode because switching to scan-time starts from
-# advisor_min_pages_to_scan; pages_to_scan goes after advisor_mode because a
-# real mode change resets it and because it is refused (EINVAL) under
-# scan-time; merge_across_nodes and max_page_sharing go after run=2 because
-# they are refused (EBUSY) while KSM pages exist.
-_ADVISOR_PARAMS: Final = (
-    "advisor_min_pages_to_scan",
-    "advisor_max_pages_to_scan",
-    "advisor_max_cpu",
-    "advisor_target_scan_time",
-)
+# Knobs refused with EBUSY while KSM pages exist: on EBUSY the restore unmerges
+# (run=2) and retries.  The restore order itself is KNOB_WRITE_ORDER.
 _NEED_NO_KSM_PAGES: Final = ("merge_across_nodes", "max_page_sharing")
 
 
@@ -484,16 +475,11 @@ class LinuxKernel:
 
         if self._ran or self._current("run") == "1":
             unmerge()
-        for name in _ADVISOR_PARAMS:
-            restore(name)
-        restore("advisor_mode")
-        if saved.get("advisor_mode") != "scan-time":
-            restore("pages_to_scan")
-        special = {"run", "advisor_mode", "pages_to_scan", *_ADVISOR_PARAMS, *_NEED_NO_KSM_PAGES}
-        for name in sorted(saved):
-            if name not in special:
-                restore(name)
-        for name in _NEED_NO_KSM_PAGES:
+        order = [n for n in KNOB_WRITE_ORDER if n != "run"]
+        order += sorted(set(saved) - set(KNOB_WRITE_ORDER) - {"run"})
+        for name in order:
+            if name == "pages_to_scan" and saved.get("advisor_mode") == "scan-time":
+                continue  # set by the advisor; writing it would be refused
             restore(name)
         final_run = saved.get("run", "0")
         if final and final_run == "0" and unmerged:

@@ -28,6 +28,22 @@ INT_MAX = 0x7FFFFFFF
 LLONG_MAX = 0x7FFFFFFFFFFFFFFF
 MAX_WRITE = 4096  # PAGE_SIZE: sysfs never passes more to a store
 
+KNOB_WRITE_ORDER = (
+    "advisor_max_cpu", "advisor_min_pages_to_scan", "advisor_max_pages_to_scan",
+    "advisor_target_scan_time", "advisor_mode", "pages_to_scan", "sleep_millisecs",
+    "smart_scan", "use_zero_pages", "stable_node_chains_prune_millisecs",
+    "merge_across_nodes", "max_page_sharing", "run",
+)
+"""The order in which to write several knobs so that no write is refused or undone.
+
+The advisor's parameters come before ``advisor_mode`` (a mode change resets
+``pages_to_scan`` from ``advisor_min_pages_to_scan``), ``advisor_mode``
+before ``pages_to_scan`` (refused with EINVAL under scan-time),
+``merge_across_nodes`` and ``max_page_sharing`` late (EBUSY while KSM pages
+exist), and ``run`` last.  Used by the scenario runner and by LinuxKernel's
+restore.
+"""
+
 
 class ParseError(Exception):
     """A kstrto* parse failure, carrying the errno the parser returns."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ksmlab.ksm.sysfs import KNOB_WRITE_ORDER
+
 U32 = 0xFFFFFFFF
 U64 = 0xFFFFFFFFFFFFFFFF
 INT_MAX = 0x7FFFFFFF
@@ -56,21 +58,10 @@ KNOBS: dict[str, KnobSpec] = {
     "advisor_max_pages_to_scan": KnobSpec("int", 0, U64),
     "advisor_target_scan_time": KnobSpec("int", 1, U64),
 }
-"""Every knob a scenario may write, in the order they are written.
+"""Every knob a scenario may write; they are written in :data:`WRITE_ORDER`,
+the kernel's safe order (``ksmlab.ksm.sysfs.KNOB_WRITE_ORDER``)."""
 
-The order is the one the kernel needs (docs/linux-backend.md, "What it
-restores"): the advisor's parameters, then ``advisor_mode`` (a change resets
-``pages_to_scan``), then ``pages_to_scan``, the other knobs,
-``merge_across_nodes`` and ``max_page_sharing`` (refused with EBUSY while KSM
-pages exist), and ``run`` last.
-"""
-
-WRITE_ORDER = (
-    "advisor_max_cpu", "advisor_min_pages_to_scan", "advisor_max_pages_to_scan",
-    "advisor_target_scan_time", "advisor_mode", "pages_to_scan", "sleep_millisecs", "smart_scan",
-    "use_zero_pages", "stable_node_chains_prune_millisecs", "merge_across_nodes",
-    "max_page_sharing", "run",
-)
+WRITE_ORDER = KNOB_WRITE_ORDER
 assert sorted(WRITE_ORDER) == sorted(KNOBS)
 
 KnobValue = int | bool | str
