@@ -24,24 +24,21 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from ksmlab import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE, SimKernel
 from ksmlab.api import Kernel, Process
+from ksmlab.scenario import host
 
 COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
             "stable_node_chains", "stable_node_dups", "ksm_zero_pages")
 
 
 def ksmd_cpu_ns() -> int:
-    """CPU time the real ksmd thread has used, in ns (first field of schedstat)."""
-    for comm in Path("/proc").glob("[0-9]*/comm"):
-        try:
-            if comm.read_text().strip() == "ksmd":
-                return int((comm.parent / "schedstat").read_text().split()[0])
-        except OSError:
-            continue
-    raise RuntimeError("no ksmd thread found in /proc")
+    """CPU time the real ksmd thread has used, in ns."""
+    cpu = host.ksmd_cpu_ns()
+    if cpu is None:
+        raise RuntimeError("cannot read ksmd's CPU time from /proc")
+    return cpu
 
 
 class Clock:

@@ -2,7 +2,7 @@
 
 Used by ``ksmlab stat`` and by the Linux backend of the scenario runner.
 Nothing here writes anything or needs privileges beyond reading the files
-(``/sys/kernel/mm/ksm/*`` and ``/proc/PID/stat`` are world-readable).
+(``/sys/kernel/mm/ksm/*``, ``/proc/PID/stat`` and ``schedstat`` are world-readable).
 """
 
 from __future__ import annotations
@@ -46,7 +46,15 @@ def _split_stat(text: str) -> tuple[str, list[str]]:
 
 
 def process_cpu_ns(pid: int, proc: str = "/proc") -> int | None:
-    """utime + stime of *pid* in nanoseconds (clock-tick resolution), or None if unreadable."""
+    """CPU time *pid* has used, in nanoseconds, or None if unreadable.
+
+    The first field of ``/proc/PID/schedstat`` (nanosecond resolution) where
+    the kernel has it, else utime + stime of ``/proc/PID/stat`` (clock ticks).
+    """
+    try:
+        return int(Path(proc, str(pid), "schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         text = Path(proc, str(pid), "stat").read_text()
     except OSError:
