@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 
 
@@ -58,7 +57,6 @@ __all__ = [
     "ModelInvariantError",
     "ProcessExitedError",
     "ScanStalledError",
-    "errno",
     "kernel_error",
     "vm_bug_on",
 ]

@@ -45,7 +45,7 @@ from ksmlab.constants import (
     VM_WIPEONFORK,
     VM_WRITE,
 )
-from ksmlab.errors import KernelError, ProcessExitedError, ScanStalledError, kernel_error
+from ksmlab.errors import ProcessExitedError, ScanStalledError, kernel_error
 from ksmlab.ksm.interface import Ksm
 from ksmlab.ksm.sysfs import KsmSysfs
 from ksmlab.mm.madvise import do_madvise
@@ -533,4 +533,4 @@ def _check_int(name: str, value: object) -> None:
         raise TypeError(msg) if not isinstance(value, int) else ValueError(msg)
 
 
-__all__ = ["KernelError", "SimKernel", "SimProcess"]
+__all__ = ["SimKernel", "SimProcess"]
