@@ -1,0 +1,140 @@
+"""Growable numpy columns: the bulk engine's pages, frames, contents and stable nodes.
+
+Every table is a set of same-length numpy arrays, one per field, that grow
+together by doubling.  A row index is the object's identity (a page, a frame,
+a stable node); rows are never reused, so an index stays valid for the life
+of the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+ABSENT, NONE, UNSTABLE, STABLE = 0, 1, 2, 3
+"""Page ``state``: no rmap_item; an item in no tree; in the unstable tree; in the stable tree."""
+
+NO_FRAME = -1
+"""``PageCols.frame`` of a page with no page-table entry."""
+KSM_ZERO = -2
+"""``PageCols.frame`` of a page KSM mapped to the zero page (use_zero_pages)."""
+
+STABLE_NONE = -1
+"""``ContentCols.stable``: no stable node has this content."""
+STABLE_CHAIN = -2
+"""``ContentCols.stable``: a chain holds this content's KSM pages (see ``BulkKsm.chains``)."""
+
+
+class _Table:
+    """Arrays of one length, growing together; subclasses declare ``FIELDS``."""
+
+    FIELDS: ClassVar[dict[str, tuple[Any, int]]] = {}
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.n = 0
+        for name, (dtype, fill) in self.FIELDS.items():
+            setattr(self, name, np.full(capacity, fill, dtype))
+
+    def append(self, count: int) -> int:
+        """Add *count* rows (holding each field's fill value); return the first index."""
+        first = self.n
+        need = first + count
+        cap = len(getattr(self, next(iter(self.FIELDS))))
+        if need > cap:
+            cap = max(need, 2 * cap)
+            for name, (dtype, fill) in self.FIELDS.items():
+                old = getattr(self, name)
+                new = np.full(cap, fill, dtype)
+                new[:first] = old[:first]
+                setattr(self, name, new)
+        self.n = need
+        return first
+
+    def nbytes(self) -> int:
+        """Bytes held by the arrays (capacity, not only used rows)."""
+        return sum(int(getattr(self, name).nbytes) for name in self.FIELDS)
+
+
+class PageCols(_Table):
+    """One row per virtual page of every process, with its rmap_item.
+
+    Attributes:
+        frame: frame mapped here, NO_FRAME, or KSM_ZERO.
+        mergeable: the page's vma carries VM_MERGEABLE.
+        state: rmap_item state (ABSENT, NONE, UNSTABLE, STABLE).  A STABLE item
+            whose ``head`` is no longer alive is in no tree (its stale node was
+            removed; the kernel clears each item, the engine lets the node's
+            ``alive`` flag speak for all of them).
+        seqnr: when UNSTABLE, ``full_scans & 0xff`` at insertion; the item is in
+            the current unstable tree only if this equals the current value.
+        oldsum: checksum at the previous visit (``rmap_item->oldchecksum``).
+        age, skips: smart scan's ``age`` and ``remaining_skips``.
+        head: when STABLE, the stable node (dup) the item hangs off.
+    """
+
+    frame: npt.NDArray[np.int32]
+    mergeable: npt.NDArray[np.bool_]
+    state: npt.NDArray[np.int8]
+    seqnr: npt.NDArray[np.uint8]
+    oldsum: npt.NDArray[np.uint32]
+    age: npt.NDArray[np.uint8]
+    skips: npt.NDArray[np.uint8]
+    head: npt.NDArray[np.int32]
+    FIELDS: ClassVar[dict[str, tuple[Any, int]]] = {
+        "frame": (np.int32, NO_FRAME), "mergeable": (np.bool_, 0), "state": (np.int8, ABSENT),
+        "seqnr": (np.uint8, 0), "oldsum": (np.uint32, 0), "age": (np.uint8, 0),
+        "skips": (np.uint8, 0), "head": (np.int32, -1),
+    }
+
+
+class FrameCols(_Table):
+    """One row per physical page ever allocated.
+
+    Attributes:
+        content: content id (see :class:`ksmlab.bulk.content.ContentTable`).
+        mapcount: page-table entries mapping the frame; 0 means freed.
+        knode: stable node of a KSM page, -1 for an ordinary page.
+    """
+
+    content: npt.NDArray[np.int32]
+    mapcount: npt.NDArray[np.int32]
+    knode: npt.NDArray[np.int32]
+    FIELDS: ClassVar[dict[str, tuple[Any, int]]] = {
+        "content": (np.int32, 0), "mapcount": (np.int32, 0), "knode": (np.int32, -1)}
+
+
+class ContentCols(_Table):
+    """One row per content id.
+
+    Attributes:
+        uindex: page last inserted into the unstable tree with this content (or
+            -1); only valid while that page's item is UNSTABLE with the current
+            seqnr and its page still holds this content.
+        stable: the stable node for this content: a node index, STABLE_NONE, or
+            STABLE_CHAIN.
+    """
+
+    uindex: npt.NDArray[np.int64]
+    stable: npt.NDArray[np.int32]
+    FIELDS: ClassVar[dict[str, tuple[Any, int]]] = {"uindex": (np.int64, -1), "stable": (np.int32, STABLE_NONE)}
+
+
+class NodeCols(_Table):
+    """One row per stable node (a regular node or a dup; chains live in a dict).
+
+    Attributes:
+        count: rmap_items hanging off the node (``rmap_hlist_len``).
+        kframe: the KSM page's frame.
+        content: its content id.
+        alive: still in the stable tree (False once removed as stale).
+    """
+
+    count: npt.NDArray[np.int32]
+    kframe: npt.NDArray[np.int32]
+    content: npt.NDArray[np.int32]
+    alive: npt.NDArray[np.bool_]
+    FIELDS: ClassVar[dict[str, tuple[Any, int]]] = {
+        "count": (np.int32, 0), "kframe": (np.int32, -1), "content": (np.int32, 0),
+        "alive": (np.bool_, 0)}

@@ -1,0 +1,93 @@
+"""Page contents of the bulk engine, as small integer ids.
+
+The bulk engine never stores a page's bytes.  A content is a 128-bit
+fingerprint (:func:`ksmlab.mm.page.fingerprint`, the same as SimKernel's
+fingerprint mode), and every distinct fingerprint gets an id.  Two pages have
+equal content exactly when their ids are equal, so merging compares ids.
+
+Two kinds of content:
+
+* **interned**: given as bytes or as a fingerprint; the table keeps a
+  fingerprint -> id dict so the same fingerprint always gets the same id.
+* **fresh**: :meth:`ContentTable.fresh` hands out ids that are distinct from
+  every other content by construction (a page of new random data).  Their
+  fingerprints would be random and are not kept, which is what lets a
+  terabyte of mostly unique pages fit in memory.
+
+The only property of a content ksmd looks at besides equality is its 32-bit
+checksum (``fingerprint_checksum``), kept per id in :attr:`ContentTable.checksum`.
+For a fresh content it is drawn from a seeded generator, as the first four
+bytes of a random fingerprint would be.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from ksmlab.constants import PAGE_SIZE
+from ksmlab.mm.page import ZERO_FINGERPRINT, fingerprint, fingerprint_checksum
+
+ZERO_CONTENT = 0
+"""Id of the all-zero page, interned when a table is made."""
+
+
+class ContentTable:
+    """Ids for page contents, and their checksums.
+
+    Attributes:
+        checksum: uint32 checksum per content id (``len(self)`` valid entries).
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.checksum: npt.NDArray[np.uint32] = np.zeros(1024, np.uint32)
+        self._n = 0
+        self._by_fp: dict[bytes, int] = {}
+        self._rng = np.random.default_rng(seed)
+        self.intern(ZERO_FINGERPRINT)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _reserve(self, n: int) -> int:
+        first = self._n
+        if first + n > len(self.checksum):
+            grown = np.zeros(max(2 * len(self.checksum), first + n), np.uint32)
+            grown[:first] = self.checksum[:first]
+            self.checksum = grown
+        self._n = first + n
+        return first
+
+    def intern(self, fp: bytes) -> int:
+        """The id of the content whose fingerprint is *fp* (16 bytes)."""
+        if len(fp) != 16:
+            msg = f"a fingerprint is 16 bytes, got {len(fp)}"
+            raise ValueError(msg)
+        cid = self._by_fp.get(fp)
+        if cid is None:
+            cid = self._reserve(1)
+            self.checksum[cid] = fingerprint_checksum(fp)
+            self._by_fp[bytes(fp)] = cid
+        return cid
+
+    def of_pages(self, data: bytes) -> list[int]:
+        """Ids of the whole pages in *data* (its length a multiple of the page size)."""
+        if len(data) % PAGE_SIZE:
+            msg = (f"the bulk engine keeps no page bytes, so writes must be whole pages: "
+                   f"got {len(data)} bytes, not a multiple of {PAGE_SIZE}")
+            raise ValueError(msg)
+        return [self.intern(fingerprint(data[i:i + PAGE_SIZE]))
+                for i in range(0, len(data), PAGE_SIZE)]
+
+    def fresh(self, n: int) -> npt.NDArray[np.int64]:
+        """*n* new contents, distinct from every other (pages of new random data)."""
+        if n < 0:
+            msg = f"n must not be negative, got {n}"
+            raise ValueError(msg)
+        first = self._reserve(n)
+        self.checksum[first:first + n] = self._rng.integers(0, 1 << 32, n, dtype=np.uint32)
+        return np.arange(first, first + n, dtype=np.int64)
+
+    def valid(self, ids: npt.NDArray[np.int64]) -> bool:
+        """Whether every id in *ids* names a content of this table."""
+        return bool(ids.size == 0 or (ids.min() >= 0 and ids.max() < self._n))

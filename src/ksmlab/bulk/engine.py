@@ -1,0 +1,468 @@
+"""ksmd's algorithm over the bulk engine's columns (``mm/ksm.c``, as in :mod:`ksmlab.ksm.ksm`).
+
+This module is the bulk engine's *per-page path*: every function here does
+for one page what the same-named method of :class:`ksmlab.ksm.ksm.KsmCore`
+does for one rmap_item, on numpy rows instead of objects.  The vectorised
+batch path (:mod:`ksmlab.bulk.vector`) does the same for many pages at once
+and falls back to these functions for anything unusual; tests run both
+against SimKernel.
+
+Model choices of the bulk engine (besides those of SimKernel, which it
+shares), each because there is no content-ordered tree to walk:
+
+* **The unstable tree is an exact index by content.**  The kernel walks an
+  rbtree ordered by the pages' *current* bytes, so a page written after its
+  insertion can make a search for another content miss, and a page that
+  stopped being mergeable makes any search passing it give up.  Here a search
+  for content C looks only at the page last inserted with content C.  The
+  two agree unless a page inserted in the current full scan is written,
+  unmerged or unmapped before that scan ends.
+* **Stale stable nodes are found when their own content is searched or one
+  of their items is revisited**, never because a search for another content
+  passed them.  Counters can therefore drop at a different moment within a
+  scan; the set of merges does not change.
+* Only what the bulk API can do is modelled: anonymous private memory, whole-
+  page writes, fork, exit and MADV_(UN)MERGEABLE; one NUMA node; no run=2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ksmlab.bulk.columns import (
+    ABSENT,
+    KSM_ZERO,
+    NONE,
+    STABLE,
+    STABLE_CHAIN,
+    STABLE_NONE,
+    UNSTABLE,
+    ContentCols,
+    FrameCols,
+    NodeCols,
+    PageCols,
+)
+from ksmlab.bulk.content import ZERO_CONTENT, ContentTable
+from ksmlab.bulk.mm import BulkMm
+from ksmlab.constants import PAGE_SHIFT, PAGE_SIZE, RMAP_ITEM_SIZE
+from ksmlab.errors import vm_bug_on
+from ksmlab.ksm.advisor import DEFAULT_PAGES_TO_SCAN
+from ksmlab.ksm.ksm import KsmCore
+
+skip_age = KsmCore.skip_age
+
+
+@dataclass(slots=True)
+class Chain:
+    """A stable node chain: KSM pages with one content (``ksm_stable_node`` chain).
+
+    Attributes:
+        dups: its dups (node indices); index 0 is the hlist head.
+        prune_time: ms of its last full prune.
+    """
+
+    dups: list[int] = field(default_factory=list)
+    prune_time: int = 0
+
+
+class BulkKsm:
+    """KSM state for a bulk machine: knobs, columns, chains, ksmd's cursor.
+
+    Counters that SimKernel keeps incrementally (pages_shared, rmap_items...)
+    are computed from the columns when read (:meth:`counters`).
+    """
+
+    def __init__(self, contents: ContentTable) -> None:
+        self.contents = contents
+        self.pages = PageCols()
+        self.frames = FrameCols()
+        self.ctab = ContentCols()
+        self.nodes = NodeCols()
+        self.chains: dict[int, Chain] = {}
+        # --- knobs (the sysfs names) ---
+        self.run = 0
+        self.pages_to_scan = DEFAULT_PAGES_TO_SCAN
+        self.sleep_millisecs = 20
+        self.max_page_sharing = 256
+        self.use_zero_pages = False
+        self.smart_scan = True
+        self.stable_node_chains_prune_millisecs = 2000
+        # --- incremental counters ---
+        self.full_scans = 0
+        self.pages_scanned = 0
+        self.pages_skipped = 0
+        # --- ksmd's list and cursor ---
+        self.head = BulkMm(-1)
+        self.cursor: BulkMm = self.head
+        self.address = 0
+        self.now_ms = 0.0
+        """Time of the current batch (set by the kernel, read by chain pruning)."""
+        self.zero_checksum = int(contents.checksum[ZERO_CONTENT])
+
+    # --- content and frames ---------------------------------------------------------------
+    def sync_contents(self) -> None:
+        """Give every content id of the table a row (after the table grew)."""
+        extra = len(self.contents) - self.ctab.n
+        if extra > 0:
+            self.ctab.append(extra)
+
+    def new_frames(self, contents: np.ndarray) -> np.ndarray:
+        """Allocate one frame per content id, each mapped once; return their indices."""
+        first = self.frames.append(len(contents))
+        idx = np.arange(first, first + len(contents), dtype=np.int32)
+        self.frames.content[idx] = contents
+        self.frames.mapcount[idx] = 1
+        return idx
+
+    def unmap(self, frames: np.ndarray) -> None:
+        """Drop one mapping of each frame in *frames* (repeats allowed); KSM_ZERO ignored."""
+        f = frames[frames >= 0]
+        np.subtract.at(self.frames.mapcount, f, 1)
+
+    # --- the stable tree -------------------------------------------------------------------
+    def stale(self, d: int) -> bool:
+        """The node's KSM page was freed (``ksm_get_folio`` fails)."""
+        return int(self.frames.mapcount[self.nodes.kframe[d]]) == 0
+
+    def is_candidate(self, d: int, offset: int = 0) -> bool:
+        """``__is_page_sharing_candidate``."""
+        n = int(self.nodes.count[d])
+        return n > 0 and n + offset < self.max_page_sharing
+
+    def remove_node(self, d: int) -> None:
+        """Drop a stale node with all its items (``remove_node_from_stable_tree``)."""
+        self.nodes.alive[d] = False
+        c = int(self.nodes.content[d])
+        if self.ctab.stable[c] == d:
+            self.ctab.stable[c] = STABLE_NONE
+        else:
+            self.chains[c].dups.remove(d)
+
+    def stable_node_dup(self, c: int, prune: bool) -> int:
+        """Best dup of content *c*'s chain, collapsing or freeing the chain (``stable_node_dup``).
+
+        Returns the dup, or -1 if every dup was stale (the chain is gone).
+        """
+        chain = self.chains[c]
+        now = int(self.now_ms)
+        if not prune or now < chain.prune_time + self.stable_node_chains_prune_millisecs:
+            prune = False
+        else:
+            chain.prune_time = now
+        found, found_len = -1, 0
+        for d in list(chain.dups):
+            if self.stale(d):
+                self.remove_node(d)
+                continue
+            if found < 0 or (self.is_candidate(d) and (
+                    not self.is_candidate(found) or int(self.nodes.count[d]) > found_len)):
+                found, found_len = d, int(self.nodes.count[d])
+                if not prune and self.is_candidate(found):
+                    break
+        if found < 0:
+            del self.chains[c]
+            self.ctab.stable[c] = STABLE_NONE
+            return -1
+        if len(chain.dups) == 1:
+            del self.chains[c]
+            self.ctab.stable[c] = found
+            return found
+        if chain.dups[0] != found and self.is_candidate(found, 1):
+            chain.dups.remove(found)
+            chain.dups.insert(0, found)
+        return found
+
+    def stable_tree_search(self, c: int) -> int:
+        """A KSM page of content *c* with room for one more mapping, or -1 (``stable_tree_search``)."""
+        while True:
+            s = int(self.ctab.stable[c])
+            if s == STABLE_NONE:
+                return -1
+            if s == STABLE_CHAIN:
+                d = self.stable_node_dup(c, True)
+                if d < 0:
+                    continue
+            else:
+                d = s
+                if self.stale(d):
+                    self.remove_node(d)
+                    continue
+            return d if self.is_candidate(d) else -1
+
+    def stable_tree_insert(self, c: int, kframe: int) -> int:
+        """File KSM page *kframe* of content *c*, forming a chain if needed (``stable_tree_insert``)."""
+        while True:
+            s = int(self.ctab.stable[c])
+            if s == STABLE_CHAIN:
+                if self.stable_node_dup(c, False) < 0:
+                    continue
+                s = int(self.ctab.stable[c])
+            elif s != STABLE_NONE and self.stale(s):
+                self.remove_node(s)
+                continue
+            break
+        d = self.nodes.append(1)
+        self.nodes.kframe[d] = kframe
+        self.nodes.content[d] = c
+        self.nodes.alive[d] = True
+        self.frames.knode[kframe] = d
+        if s == STABLE_NONE:
+            self.ctab.stable[c] = d
+        else:
+            if s != STABLE_CHAIN:
+                self.chains[c] = Chain([s], int(self.now_ms))
+                self.ctab.stable[c] = STABLE_CHAIN
+            self.chains[c].dups.insert(0, d)
+        return d
+
+    def stable_tree_append(self, g: int, d: int) -> None:
+        """Hang page *g*'s item off node *d* (``stable_tree_append``)."""
+        self.pages.head[g] = d
+        self.pages.state[g] = STABLE
+        self.nodes.count[d] += 1
+
+    def remove_rmap_item_from_tree(self, g: int) -> None:
+        """Take page *g*'s item out of its tree (``remove_rmap_item_from_tree``)."""
+        state = int(self.pages.state[g])
+        if state == STABLE:
+            d = int(self.pages.head[g])
+            self.pages.state[g] = NONE
+            self.pages.head[g] = -1
+            if not self.nodes.alive[d]:
+                return
+            if self.stale(d):
+                self.remove_node(d)
+                return
+            self.nodes.count[d] -= 1
+        elif state == UNSTABLE:
+            self.pages.state[g] = NONE
+
+    def free_rmap_item(self, g: int) -> None:
+        """Free page *g*'s item, out of its tree first (``remove_rmap_item_from_tree`` + free)."""
+        self.remove_rmap_item_from_tree(g)
+        self.pages.state[g] = ABSENT
+
+    # --- merging -------------------------------------------------------------------------
+    def replace_page(self, g: int, kframe: int) -> None:
+        """Map *kframe* at page *g* instead of its frame (``replace_page``)."""
+        old = int(self.pages.frame[g])
+        self.frames.mapcount[old] -= 1
+        self.pages.frame[g] = kframe
+        if kframe >= 0:
+            self.frames.mapcount[kframe] += 1
+
+    def cur_seqnr(self) -> int:
+        """``ksm_scan.seqnr & SEQNR_MASK``."""
+        return self.full_scans & 0xFF
+
+    def unstable_tree_search_insert(self, g: int, f: int, c: int) -> int:
+        """The page to merge *g* with, or -1 after inserting *g* or giving up.
+
+        Models ``unstable_tree_search_insert``.
+        """
+        pages = self.pages
+        y = int(self.ctab.uindex[c])
+        if y >= 0 and pages.state[y] == UNSTABLE and pages.seqnr[y] == self.cur_seqnr():
+            fy = int(pages.frame[y])
+            if fy < 0 or not pages.mergeable[y] or fy == f:
+                return -1  # get_mergeable_page failed, or the same (forked) page
+            if self.frames.content[fy] == c:
+                return y
+            # Model choice: a tree page whose content changed is not found.
+        pages.state[g] = UNSTABLE
+        pages.seqnr[g] = self.cur_seqnr()
+        self.ctab.uindex[c] = g
+        return -1
+
+    def merge_two(self, g: int, f: int, y: int, c: int) -> None:
+        """Make *f* a KSM page, map it at *y* too, and file it (``try_to_merge_two_pages`` + insert)."""
+        self.replace_page(y, f)
+        self.remove_rmap_item_from_tree(y)
+        d = self.stable_tree_insert(c, f)
+        self.stable_tree_append(y, d)
+        self.stable_tree_append(g, d)
+
+    def cmp_and_merge_page(self, g: int, f: int) -> None:
+        """Try to merge page *g* (frame *f*) via the stable tree, else the unstable tree."""
+        pages, frames = self.pages, self.frames
+        knode = int(frames.knode[f])
+        if knode >= 0:
+            if pages.state[g] == STABLE and pages.head[g] == knode:
+                return  # steady state of a merged page
+            # A KSM page mapped by a fork child: join its node (past the limit if need be).
+            self.remove_rmap_item_from_tree(g)
+            self.stable_tree_append(g, knode)
+            return
+        self.remove_rmap_item_from_tree(g)
+        c = int(frames.content[f])
+        checksum = int(self.contents.checksum[c])
+        if pages.oldsum[g] != checksum:
+            pages.oldsum[g] = checksum
+            return
+        if self.use_zero_pages and checksum == self.zero_checksum and c == ZERO_CONTENT:
+            self.replace_page(g, KSM_ZERO)
+            return
+        d = self.stable_tree_search(c)
+        if d >= 0:
+            self.replace_page(g, int(self.nodes.kframe[d]))
+            self.stable_tree_append(g, d)
+            return
+        y = self.unstable_tree_search_insert(g, f, c)
+        if y >= 0:
+            self.merge_two(g, f, y, c)
+
+    # --- the scanner ---------------------------------------------------------------------
+    def should_skip(self, g: int, f: int) -> bool:
+        """Smart scan (``should_skip_rmap_item``); the caller made sure *g* has an item."""
+        if not self.smart_scan or self.frames.knode[f] >= 0:
+            return False
+        pages = self.pages
+        age = int(pages.age[g])
+        if age != 255:
+            pages.age[g] = age + 1
+        if age < 3:
+            return False
+        if not pages.skips[g]:
+            pages.skips[g] = skip_age(age)
+            return False
+        self.pages_skipped += 1
+        pages.skips[g] -= 1
+        self.remove_rmap_item_from_tree(g)
+        return True
+
+    def new_item(self, g: int) -> None:
+        """``alloc_rmap_item`` for page *g*."""
+        pages = self.pages
+        pages.state[g] = NONE
+        pages.oldsum[g] = 0
+        pages.age[g] = 0
+        pages.skips[g] = 0
+        pages.head[g] = -1
+
+    def list_empty(self) -> bool:
+        """No mm is registered."""
+        return self.head.next is self.head
+
+    def scan_mm(self, mm: BulkMm, budget: int) -> tuple[int, bool]:
+        """Visit up to *budget* pages of *mm* from the cursor, page by page.
+
+        Returns (pages visited, whether the end of the mm was reached).  Items
+        of pages passed over are freed on the way, as get_next_rmap_item and
+        remove_trailing_rmap_items free them.
+        """
+        pages = self.pages
+        done = 0
+        for seg in mm.segments:
+            if seg.end <= self.address:
+                continue
+            if self.address < seg.addr:
+                self.address = seg.addr
+            i = (self.address - seg.addr) >> PAGE_SHIFT
+            while i < seg.pages:
+                g = seg.row + i
+                i += 1
+                self.address = seg.addr + (i << PAGE_SHIFT)
+                f = int(pages.frame[g])
+                if f < 0 or not pages.mergeable[g]:
+                    if pages.state[g] != ABSENT:
+                        self.free_rmap_item(g)
+                    continue
+                if pages.state[g] == ABSENT:
+                    self.new_item(g)
+                if self.should_skip(g, f):
+                    continue
+                self.cmp_and_merge_page(g, f)
+                done += 1
+                if done == budget:
+                    return done, False
+        return done, True
+
+    def walk_mm(self, mm: BulkMm, budget: int) -> tuple[int, bool]:
+        """The walk ksm_do_scan uses: :meth:`scan_mm` here, the batch path in a subclass."""
+        return self.scan_mm(mm, budget)
+
+    def has_mergeable(self, mm: BulkMm) -> bool:
+        """Whether some mapping of *mm* carries VM_MERGEABLE."""
+        return any(bool(self.pages.mergeable[s.row:s.row + s.pages].any()) for s in mm.segments)
+
+    def remove_all_items(self, mm: BulkMm) -> None:
+        """Free every item of *mm* (``remove_trailing_rmap_items`` from the start)."""
+        for seg in mm.segments:
+            rows = np.flatnonzero(self.pages.state[seg.row:seg.row + seg.pages] != ABSENT)
+            for g in rows + seg.row:
+                self.free_rmap_item(int(g))
+
+    def unregister(self, mm: BulkMm) -> None:
+        """Take *mm* off ksmd's list (MMF_VM_MERGEABLE cleared)."""
+        mm.list_del()
+        mm.registered = False
+
+    def ksm_do_scan(self, budget: int) -> int:
+        """One batch of ksmd (``ksm_do_scan``): up to *budget* pages; returns pages scanned."""
+        done = 0
+        while done < budget:
+            if self.cursor is self.head:
+                if self.list_empty():
+                    break
+                self.cursor, self.address = self.head.next, 0
+            mm = self.cursor
+            if mm.exiting:
+                self.remove_all_items(mm)
+                self.address = 0
+            else:
+                if self.address == 0 and not self.has_mergeable(mm):
+                    self.remove_all_items(mm)  # address stays 0: the slot goes
+                else:
+                    # Any non-zero address means "a mergeable vma was found" (the
+                    # walk moves it to the first mapping at once).
+                    self.address = max(self.address, 1)
+                    n, finished = self.walk_mm(mm, budget - done)
+                    done += n
+                    if not finished:
+                        break
+            nxt = mm.next
+            if self.address == 0:
+                self.unregister(mm)
+            self.cursor, self.address = nxt, 0
+            if nxt is self.head:
+                self.full_scans += 1
+                break
+        self.pages_scanned += done
+        return done
+
+    # --- counters --------------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        """The sysfs counters, computed from the columns."""
+        pages, nodes = self.pages, self.nodes
+        state = pages.state[:pages.n]
+        n = nodes.n
+        alive = nodes.alive[:n]
+        counts = nodes.count[:n][alive]
+        shared = int(np.count_nonzero(counts))
+        sharing = int(counts.sum()) - shared
+        rmap_items = int(np.count_nonzero(state))
+        unshared = int(np.count_nonzero(state == UNSTABLE))
+        zero = int(np.count_nonzero(pages.frame[:pages.n] == KSM_ZERO))
+        return {
+            "pages_shared": shared, "pages_sharing": sharing, "pages_unshared": unshared,
+            "pages_volatile": max(0, rmap_items - shared - sharing - unshared),
+            "pages_scanned": self.pages_scanned, "pages_skipped": self.pages_skipped,
+            "full_scans": self.full_scans,
+            "stable_node_chains": len(self.chains),
+            "stable_node_dups": sum(len(ch.dups) for ch in self.chains.values()),
+            "ksm_zero_pages": zero,
+            "general_profit": (sharing + zero) * PAGE_SIZE - rmap_items * RMAP_ITEM_SIZE,
+            "rmap_items": rmap_items,
+        }
+
+    def check(self) -> None:
+        """Recompute node counts from the items and compare (invariant check, O(pages))."""
+        pages, nodes = self.pages, self.nodes
+        st = pages.state[:pages.n] == STABLE
+        heads = pages.head[:pages.n][st]
+        live = heads[nodes.alive[heads]]
+        want = np.bincount(live, minlength=nodes.n)[:nodes.n]
+        have = np.where(nodes.alive[:nodes.n], nodes.count[:nodes.n], 0)
+        vm_bug_on(bool((want != have).any()), "bulk: node counts disagree with the items")
