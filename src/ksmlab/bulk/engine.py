@@ -304,6 +304,10 @@ class BulkKsm:
         if self.use_zero_pages and checksum == self.zero_checksum and c == ZERO_CONTENT:
             self.replace_page(g, KSM_ZERO)
             return
+        self.merge_unchanged(g, f, c)
+
+    def merge_unchanged(self, g: int, f: int, c: int) -> None:
+        """The rest of ``cmp_and_merge_page`` for an ordinary page whose checksum held."""
         d = self.stable_tree_search(c)
         if d >= 0:
             self.replace_page(g, int(self.nodes.kframe[d]))
@@ -352,7 +356,6 @@ class BulkKsm:
         of pages passed over are freed on the way, as get_next_rmap_item and
         remove_trailing_rmap_items free them.
         """
-        pages = self.pages
         done = 0
         for seg in mm.segments:
             if seg.end <= self.address:
@@ -364,20 +367,32 @@ class BulkKsm:
                 g = seg.row + i
                 i += 1
                 self.address = seg.addr + (i << PAGE_SHIFT)
-                f = int(pages.frame[g])
-                if f < 0 or not pages.mergeable[g]:
-                    if pages.state[g] != ABSENT:
-                        self.free_rmap_item(g)
-                    continue
-                if pages.state[g] == ABSENT:
-                    self.new_item(g)
-                if self.should_skip(g, f):
-                    continue
-                self.cmp_and_merge_page(g, f)
-                done += 1
-                if done == budget:
-                    return done, False
+                if self.visit_row(g):
+                    done += 1
+                    if done == budget:
+                        return done, False
         return done, True
+
+    def visit_row(self, g: int) -> bool:
+        """What ksmd does at page *g* as its cursor passes; True if the page counts as scanned.
+
+        A page that is not mapped or not mergeable loses its item
+        (``get_next_rmap_item`` frees items it passes over); a mergeable page
+        gets an item, may be skipped by smart scan, else goes to
+        ``cmp_and_merge_page``.
+        """
+        pages = self.pages
+        f = int(pages.frame[g])
+        if f < 0 or not pages.mergeable[g]:
+            if pages.state[g] != ABSENT:
+                self.free_rmap_item(g)
+            return False
+        if pages.state[g] == ABSENT:
+            self.new_item(g)
+        if self.should_skip(g, f):
+            return False
+        self.cmp_and_merge_page(g, f)
+        return True
 
     def walk_mm(self, mm: BulkMm, budget: int) -> tuple[int, bool]:
         """The walk ksm_do_scan uses: :meth:`scan_mm` here, the batch path in a subclass."""

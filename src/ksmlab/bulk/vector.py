@@ -1,9 +1,292 @@
-"""The bulk engine's vectorised batch path (placeholder: per-page path)."""
+"""The bulk engine's vectorised batch path: many pages of one mapping at a time.
+
+ksmd's per-page decision (:meth:`BulkKsm.visit_row`) depends on other pages
+only through the trees, and the trees are keyed by content: what happens to a
+page of content C depends on earlier pages of content C and on nothing else.
+So a run of pages can be handled out of order, one content group at a time,
+as long as every group sees its own pages in scan order.  This module does
+that with numpy:
+
+1. take a window of the mapping from the cursor, compute which pages ksmd
+   will visit (mapped and mergeable, not skipped by smart scan) and stop
+   after the batch's budget, exactly where the per-page walk would stop;
+2. rows whose outcome could depend on another content group, or on pages
+   handled later in the window, are *irregular* and go through the per-page
+   path in their place, splitting the window around them: a page whose frame
+   other pages also map (fork), a page whose item leaves a live stable node,
+   a KSM page being joined by a new mapping, a zero page under
+   use_zero_pages;
+3. every other row is handled by array operations: items freed, created and
+   aged, checksums updated, and the pages whose checksum held grouped by
+   content.  Groups of one page, and groups of two with nothing in either
+   tree, are merged or inserted all at once; larger groups run a short loop
+   that merges whole runs of pages into one KSM page at a time.
+
+Tests check that this path and the per-page path leave identical state.
+"""
 
 from __future__ import annotations
 
-from ksmlab.bulk.engine import BulkKsm
+import numpy as np
+import numpy.typing as npt
+
+from ksmlab.bulk.columns import ABSENT, NONE, STABLE, STABLE_NONE, UNSTABLE
+from ksmlab.bulk.engine import BulkKsm, skip_age
+from ksmlab.bulk.mm import BulkMm
+from ksmlab.constants import PAGE_SHIFT
+from ksmlab.errors import vm_bug_on
+
+Rows = npt.NDArray[np.int64]
+
+_SKIP_AGE = np.array([skip_age(age) for age in range(256)], dtype=np.uint8)
+"""``skip_age(age)`` for every age."""
 
 
 class VectorKsm(BulkKsm):
-    """BulkKsm whose walk handles runs of pages with numpy."""
+    """BulkKsm whose walk handles windows of pages with numpy (see the module doc)."""
+
+    min_window = 4096
+    """Pages looked at per step when the batch budget is smaller."""
+
+    def walk_mm(self, mm: BulkMm, budget: int) -> tuple[int, bool]:
+        """Visit up to *budget* pages of *mm* from the cursor, a window at a time."""
+        done = 0
+        for seg in mm.segments:
+            if seg.end <= self.address:
+                continue
+            if self.address < seg.addr:
+                self.address = seg.addr
+            i = (self.address - seg.addr) >> PAGE_SHIFT
+            while i < seg.pages:
+                want = budget - done
+                width = min(seg.pages - i, max(self.min_window, want + want // 4))
+                visited, used = self.scan_window(seg.row + i, width, want)
+                done += visited
+                i += used
+                self.address = seg.addr + (i << PAGE_SHIFT)
+                if done == budget:
+                    return done, False
+        return done, True
+
+    def _slow(self, first: int, width: int, want: int) -> tuple[int, int]:
+        done = used = 0
+        while used < width and done < want:
+            if self.visit_row(first + used):
+                done += 1
+            used += 1
+        return done, used
+
+    def scan_window(self, first: int, width: int, want: int) -> tuple[int, int]:
+        """Handle rows from *first* (at most *width*) until *want* visits; return (visits, rows)."""
+        pages, frames = self.pages, self.frames
+        sl = slice(first, first + width)
+        frame = pages.frame[sl]
+        elig = (frame >= 0) & pages.mergeable[sl]
+        f = np.where(elig, frame, 0)
+        ksm = elig & (frames.knode[f] >= 0)
+        if bool((elig & ~ksm & (frames.mapcount[f] > 1)).any()):
+            # A frame other pages map too (fork): one page's merge can change
+            # what ksmd sees at another, so take the exact per-page walk.
+            return self._slow(first, width, want)
+        state = pages.state[sl]
+        absent = state == ABSENT
+        if self.smart_scan:
+            age = np.where(absent, 0, pages.age[sl])
+            skip = elig & ~ksm & (age >= 3) & (np.where(absent, 0, pages.skips[sl]) > 0)
+        else:
+            skip = np.zeros(width, bool)
+        visit = elig & ~skip
+        cum = np.cumsum(visit)
+        total = int(cum[-1]) if width else 0
+        cut = int(np.searchsorted(cum, want)) + 1 if total >= want else width
+        visited = min(total, want)
+        # Irregular rows, which the per-page path handles in place.
+        sl = slice(first, first + cut)
+        elig, ksm, visit, skip, state = elig[:cut], ksm[:cut], visit[:cut], skip[:cut], state[:cut]
+        f = f[:cut]
+        head = pages.head[sl]
+        live_stable = (state == STABLE) & self.nodes.alive[np.maximum(head, 0)] & (head >= 0)
+        steady = visit & ksm & live_stable & (head == frames.knode[f])
+        irregular = live_stable & ~steady
+        if self.use_zero_pages:
+            cs = self.contents.checksum[frames.content[f]]
+            irregular |= visit & ~ksm & (cs == self.zero_checksum)
+        odd = np.flatnonzero(irregular)
+        if len(odd) > cut // 8 + 16:
+            vm_bug_on(self._slow(first, cut, want) != (visited, cut), "bulk: window miscounted")
+            return visited, cut
+        start = 0
+        for j in odd.tolist():
+            if j > start:
+                self._regular(first + start, first + j, visit[start:j], skip[start:j],
+                              elig[start:j])
+            self.visit_row(first + j)
+            start = j + 1
+        if cut > start:
+            self._regular(first + start, first + cut, visit[start:], skip[start:], elig[start:])
+        return visited, cut
+
+    def _regular(self, lo: int, hi: int, visit: npt.NDArray[np.bool_],
+                 skip: npt.NDArray[np.bool_], elig: npt.NDArray[np.bool_]) -> None:
+        """Handle rows [lo, hi), none of them irregular, with array operations."""
+        pages, frames = self.pages, self.frames
+        sl = slice(lo, hi)
+        state = pages.state[sl]
+        # Items of pages passed over are freed; they are in no live stable
+        # node (else the row would be irregular), so only the state changes.
+        gone = ~elig & (state != ABSENT)
+        state[gone] = ABSENT
+        new = elig & (state == ABSENT)
+        state[new] = NONE
+        pages.oldsum[sl][new] = 0
+        pages.age[sl][new] = 0
+        pages.skips[sl][new] = 0
+        pages.head[sl][new] = -1
+        frame = pages.frame[sl]
+        f = np.where(elig, frame, 0)
+        knode = frames.knode[f]
+        ksm = elig & (knode >= 0)
+        # A KSM page mapped here but not by this item (a fork child's): join its node.
+        join = visit & ksm & ~((state == STABLE) & (pages.head[sl] == knode))
+        state[join] = NONE
+        if self.smart_scan:
+            aging = elig & ~ksm
+            age = pages.age[sl].copy()
+            bump = aging & (age != 255)
+            pages.age[sl][bump] = age[bump] + 1
+            old = aging & (age >= 3)
+            skips = pages.skips[sl]
+            arm = old & (skips == 0)
+            skips[arm] = _SKIP_AGE[age[arm]]
+            skips[skip] -= 1
+            self.pages_skipped += int(np.count_nonzero(skip))
+            state[skip] = NONE  # out of the unstable tree (lazily) or a dead node
+        # Ordinary pages visited: out of their tree, then the checksum test.
+        plain = visit & ~ksm
+        state[plain] = NONE
+        rows = np.flatnonzero(plain) + lo
+        fr = frame[plain]
+        content = frames.content[fr]
+        checksum = self.contents.checksum[content]
+        changed = pages.oldsum[rows] != checksum
+        pages.oldsum[rows[changed]] = checksum[changed]
+        held = ~changed
+        rows, fr, content = rows[held], fr[held].astype(np.int64), content[held].astype(np.int64)
+        jrows = np.flatnonzero(join) + lo
+        jnode = knode[join].astype(np.int64)
+        if len(jrows):
+            jcontent = self.nodes.content[jnode].astype(np.int64)
+            both = np.intersect1d(jcontent, content)
+            if len(both):
+                # Joins and merges of the same content interact: one loop, in scan order.
+                jmix = np.isin(jcontent, both)
+                mix = np.isin(content, both)
+                self._mixed(jrows[jmix], jnode[jmix], rows[mix], content[mix])
+                jrows, jnode = jrows[~jmix], jnode[~jmix]
+                rows, fr, content = rows[~mix], fr[~mix], content[~mix]
+            np.add.at(self.nodes.count, jnode, 1)
+            pages.state[jrows] = STABLE
+            pages.head[jrows] = jnode
+        self._merge_groups(rows, fr, content)
+
+    def _mixed(self, jrows: Rows, jnode: Rows, rows: Rows, content: Rows) -> None:
+        """Joins and merges of shared contents, one page at a time in scan order."""
+        join = dict(zip(jrows.tolist(), jnode.tolist(), strict=True))
+        merge = dict(zip(rows.tolist(), content.tolist(), strict=True))
+        for g in sorted(join.keys() | merge.keys()):
+            if g in join:
+                self.stable_tree_append(g, join[g])
+            else:
+                self.merge_unchanged(g, int(self.pages.frame[g]), merge[g])
+
+    def _merge_groups(self, rows: Rows, fr: Rows, content: Rows) -> None:
+        """``merge_unchanged`` for each row, grouped by content, each group in scan order."""
+        if not len(rows):
+            return
+        order = np.argsort(content, kind="stable")
+        rows, fr, content = rows[order], fr[order], content[order]
+        starts = np.flatnonzero(np.r_[True, content[1:] != content[:-1]])
+        sizes = np.diff(np.r_[starts, len(rows)])
+        gc = content[starts]
+        no_stable = self.ctab.stable[gc] == STABLE_NONE
+        # Whether the unstable tree holds a page for the group's content now.
+        y = self.ctab.uindex[gc]
+        ys = np.maximum(y, 0)
+        intree = (y >= 0) & (self.pages.state[ys] == UNSTABLE) & (
+            self.pages.seqnr[ys] == self.cur_seqnr())
+        single = no_stable & (sizes == 1)
+        pair = no_stable & (sizes == 2) & ~intree
+        if bool(single.any()):
+            self._singles(rows[starts[single]], fr[starts[single]], gc[single], y[single],
+                          intree[single])
+        if bool(pair.any()):
+            # The first page goes into the unstable tree, the second finds it.
+            s = starts[pair]
+            self.pages.seqnr[rows[s]] = self.cur_seqnr()
+            self.ctab.uindex[gc[pair]] = rows[s]
+            self._merge_pairs(rows[s + 1], fr[s + 1], rows[s], gc[pair])
+        for k in np.flatnonzero(~(single | pair)).tolist():
+            a, n = int(starts[k]), int(sizes[k])
+            self._group(rows[a:a + n], int(gc[k]))
+
+    def _singles(self, rows: Rows, fr: Rows, c: Rows, y: Rows,
+                 intree: npt.NDArray[np.bool_]) -> None:
+        """One page of its content, none in the stable tree: merge with the tree page or insert."""
+        pages, frames = self.pages, self.frames
+        fy = np.where(intree, pages.frame[np.maximum(y, 0)], -1)
+        ok = intree & (fy >= 0)
+        ok[ok] = pages.mergeable[y[ok]]
+        abort = intree & ~ok  # get_mergeable_page failed: no insert
+        match = ok.copy()
+        match[ok] = frames.content[fy[ok]] == c[ok]
+        insert = ~abort & ~match
+        if bool(match.any()):
+            self._merge_pairs(rows[match], fr[match], y[match], c[match])
+        ins = rows[insert]
+        pages.state[ins] = UNSTABLE
+        pages.seqnr[ins] = self.cur_seqnr()
+        self.ctab.uindex[c[insert]] = ins
+
+    def _merge_pairs(self, rows: Rows, fr: Rows, ys: Rows, c: Rows) -> None:
+        """``merge_two`` for each (row, y) pair, each with a content of its own."""
+        pages, frames, nodes = self.pages, self.frames, self.nodes
+        np.subtract.at(frames.mapcount, pages.frame[ys], 1)
+        pages.frame[ys] = fr
+        frames.mapcount[fr] += 1
+        d0 = nodes.append(len(rows))
+        d = np.arange(d0, d0 + len(rows), dtype=np.int64)
+        nodes.count[d] = 2
+        nodes.kframe[d] = fr
+        nodes.content[d] = c
+        nodes.alive[d] = True
+        frames.knode[fr] = d
+        self.ctab.stable[c] = d
+        for g in (ys, rows):
+            pages.state[g] = STABLE
+            pages.head[g] = d
+
+    def _group(self, rows: Rows, c: int) -> None:
+        """Pages of one content in scan order, merging whole runs into one KSM page at a time."""
+        pages, frames, nodes = self.pages, self.frames, self.nodes
+        i, n = 0, len(rows)
+        while i < n:
+            d = self.stable_tree_search(c)
+            if d >= 0:
+                # Every page of the run would find this node again until it is full.
+                k = min(n - i, self.max_page_sharing - int(nodes.count[d]))
+                run = rows[i:i + k]
+                kframe = int(nodes.kframe[d])
+                np.subtract.at(frames.mapcount, pages.frame[run], 1)
+                pages.frame[run] = kframe
+                frames.mapcount[kframe] += k
+                pages.state[run] = STABLE
+                pages.head[run] = d
+                nodes.count[d] += k
+                i += k
+                continue
+            g = int(rows[i])
+            f = int(pages.frame[g])
+            y = self.unstable_tree_search_insert(g, f, c)
+            if y >= 0:
+                self.merge_two(g, f, y, c)
+            i += 1
