@@ -1,0 +1,224 @@
+"""The bulk engine: its vectorised path against its per-page path, and both against SimKernel.
+
+Expected values come from SimKernel (itself checked against the real kernel
+by the differential suite) or from arithmetic stated in the test.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+from collections.abc import Callable
+from math import ceil
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bulk_programs import (
+    canonical,
+    counters,
+    execute,
+    keep_tree_stable,
+    page,
+    program,
+    walk_insensitive,
+)
+from ksmlab import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE, SimKernel
+from ksmlab.bulk import BulkKernel
+from ksmlab.errors import ProcessExitedError, ScanStalledError
+
+KNOBS = {"pages_to_scan": "100", "sleep_millisecs": "0"}
+
+WORKLOADS: dict[str, Callable[[int, int], int]] = {
+    "64-images": lambda i, n: i % 64,
+    "distinct": lambda i, n: i + 1,
+    "half-pairs": lambda i, n: i // 2 + 1 if i < n // 2 else n + i,
+    "identical": lambda i, n: 7,
+    "zero": lambda i, n: 0 if i % 3 else i + 1,
+}
+
+
+def fill_and_scan(k: SimKernel | BulkKernel, n: int, tag: Callable[[int, int], int],
+                  knobs: dict[str, str], scans: int) -> list[dict[str, str]]:
+    """One process with n pages of the workload; counters after each full scan."""
+    for name, value in knobs.items():
+        k.sysfs[name] = value
+    p = k.spawn()
+    a = p.mmap(n * PAGE_SIZE)
+    p.write(a, b"".join(page(tag(i, n)) for i in range(n)))
+    p.madvise(a, n * PAGE_SIZE, MADV_MERGEABLE)
+    k.sysfs["run"] = "1"
+    out = []
+    for _ in range(scans):
+        k.wait_full_scans(1)
+        out.append(counters(k))
+    return out
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vector", "per-page"])
+@pytest.mark.parametrize("mps", ["2", "5", "256"])
+@pytest.mark.parametrize("zero", ["0", "1"])
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_workloads_match_simkernel(name: str, zero: str, mps: str, vectorize: bool) -> None:
+    """Every counter after each of 5 full scans equals SimKernel's (no mutation, so exact)."""
+    knobs = dict(KNOBS, max_page_sharing=mps, use_zero_pages=zero)
+    want = fill_and_scan(SimKernel(trace=False), 700, WORKLOADS[name], knobs, 5)
+    got = fill_and_scan(BulkKernel(vectorize=vectorize), 700, WORKLOADS[name], knobs, 5)
+    assert got == want
+
+
+def test_64_images_by_arithmetic() -> None:
+    """N pages cycling through 64 images: 64 * ceil(N/64/256) KSM pages after two scans."""
+    n = 1 << 17
+    k = BulkKernel()
+    k.sysfs["pages_to_scan"] = "100000"
+    images = k.contents.fresh(64)
+    p = k.spawn()
+    a = p.mmap(n * PAGE_SIZE)
+    p.write_contents(a, images[np.arange(n) % 64])
+    p.madvise(a, n * PAGE_SIZE, MADV_MERGEABLE)
+    k.sysfs["run"] = "1"
+    k.wait_full_scans(2)
+    shared = 64 * ceil(n / 64 / 256)
+    assert counters(k, ("pages_shared", "pages_sharing", "stable_node_chains",
+                        "stable_node_dups")) == {
+        "pages_shared": str(shared), "pages_sharing": str(n - shared),
+        "stable_node_chains": "64", "stable_node_dups": str(shared)}
+    assert p.ksm_stat()["ksm_merging_pages"] == n
+
+
+SEEDS = range(120)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_vector_path_equals_per_page_path(seed: int) -> None:
+    """The whole state (nodes named by their KSM page) is identical after every step."""
+    ops = program(random.Random(seed))
+    want = execute(BulkKernel(vectorize=False), ops, canonical)
+    got = execute(BulkKernel(vectorize=True), ops, canonical)
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g == w, f"log entry {i} ({g[0]}) of seed {seed}"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.randoms(use_true_random=False), st.integers(20, 120))
+def test_vector_path_equals_per_page_path_hypothesis(r: random.Random, steps: int) -> None:
+    """The same property on Hypothesis-chosen programs."""
+    ops = program(r, steps)
+    assert (execute(BulkKernel(vectorize=True), ops, canonical)
+            == execute(BulkKernel(vectorize=False), ops, canonical))
+
+
+@pytest.mark.parametrize("content", ["bytes", "fingerprint"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_programs_match_simkernel(seed: int, content: str) -> None:
+    """Against SimKernel, everything that does not depend on the kernel's tree walk matches.
+
+    See bulk/engine.py: mutations of pages in the current unstable tree are
+    left out, and the stable tree's stale nodes and chain collapses are
+    compared through what they leave (live nodes and their sharers).
+    """
+    ops = keep_tree_stable(program(random.Random(seed)))
+    want = execute(SimKernel(trace=False, content=content), ops, walk_insensitive)
+    got = execute(BulkKernel(), ops, walk_insensitive)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g == w, f"log entry {i} ({g[0]}) of seed {seed}"
+
+
+# --- the interface ------------------------------------------------------------------------------
+
+def test_partial_write_is_refused_and_changes_nothing() -> None:
+    k = BulkKernel()
+    p = k.spawn()
+    a = p.mmap(2 * PAGE_SIZE)
+    p.write(a, page(1) * 2)
+    before = canonical(k)
+    with pytest.raises(ValueError, match="whole pages"):
+        p.write(a, b"x" * 100)
+    assert canonical(k) == before
+
+
+def test_unmapped_range_is_refused() -> None:
+    k = BulkKernel()
+    p = k.spawn()
+    a = p.mmap(2 * PAGE_SIZE)
+    with pytest.raises(ValueError, match="not entirely mapped"):
+        p.madvise(a, 3 * PAGE_SIZE, MADV_MERGEABLE)
+    with pytest.raises(ValueError, match="page multiples"):
+        p.madvise(a + 1, PAGE_SIZE, MADV_MERGEABLE)
+    assert p.ksm_stat()["ksm_mergeable"] is False
+
+
+def test_unmodelled_calls_say_so() -> None:
+    k = BulkKernel()
+    p = k.spawn()
+    with pytest.raises(NotImplementedError, match="anonymous"):
+        p.mmap(PAGE_SIZE, path="/etc/hostname")
+    with pytest.raises(NotImplementedError, match="run=2"):
+        k.sysfs["run"] = "2"
+    with pytest.raises(NotImplementedError, match="NUMA"):
+        k.sysfs["merge_across_nodes"] = "0"
+    with pytest.raises(KeyError, match="advisor_mode"):
+        k.sysfs["advisor_mode"] = "scan-time"
+
+
+@pytest.mark.parametrize(("name", "value", "err"), [
+    ("run", "3", errno.EINVAL), ("pages_to_scan", "-1", errno.EINVAL),
+    ("max_page_sharing", "1", errno.EINVAL), ("smart_scan", "maybe", errno.EINVAL),
+    ("pages_shared", "1", errno.EACCES),
+])
+def test_sysfs_errors(name: str, value: str, err: int) -> None:
+    """The kernel's errno for each bad write (same values as SimKernel's table)."""
+    k = BulkKernel()
+    s = SimKernel(trace=False)
+    for kernel in (k, s):
+        with pytest.raises(OSError) as info:
+            kernel.sysfs[name] = value
+        assert info.value.errno == err
+    assert k.sysfs[name] == s.sysfs[name]
+
+
+def test_max_page_sharing_busy_while_ksm_pages_exist() -> None:
+    k = BulkKernel()
+    fill_and_scan(k, 8, WORKLOADS["identical"], KNOBS, 2)
+    with pytest.raises(OSError) as info:
+        k.sysfs["max_page_sharing"] = "3"
+    assert info.value.errno == errno.EBUSY
+    assert k.sysfs["max_page_sharing"] == "256"
+
+
+def test_bad_content_ids_are_refused() -> None:
+    k = BulkKernel()
+    p = k.spawn()
+    a = p.mmap(PAGE_SIZE)
+    with pytest.raises(ValueError, match="content ids"):
+        p.write_contents(a, [len(k.contents) + 5])
+
+
+def test_exited_process_and_stalled_scan() -> None:
+    k = BulkKernel()
+    p = k.spawn()
+    p.exit()
+    with pytest.raises(ProcessExitedError):
+        p.mmap(PAGE_SIZE)
+    with pytest.raises(ScanStalledError, match="run=0"):
+        k.wait_full_scans(1)
+
+
+def test_unmerge_breaks_every_ksm_page() -> None:
+    """MADV_UNMERGEABLE gives each page a private copy; ksmd then frees the items."""
+    k = BulkKernel()
+    fill_and_scan(k, 300, WORKLOADS["identical"], KNOBS, 2)
+    p = next(iter(k.processes.values()))
+    a = p.mm.segments[0].addr
+    assert p.ksm_stat()["ksm_merging_pages"] == 300
+    p.madvise(a, 300 * PAGE_SIZE, MADV_UNMERGEABLE)
+    frames = k.ksm.pages.frame[:300]
+    assert len(set(frames.tolist())) == 300
+    k.wait_full_scans(1)
+    assert counters(k, ("pages_shared", "pages_sharing")) == {
+        "pages_shared": "0", "pages_sharing": "0"}
+    assert p.ksm_stat()["ksm_rmap_items"] == 0
