@@ -236,9 +236,11 @@ def canonical(k: BulkKernel) -> Any:
     """The bulk engine's whole state, with node numbers replaced by their KSM frames.
 
     The vectorised path numbers new stable nodes in content order, the
-    per-page path in scan order; everything else must be identical.
+    per-page path in scan order; everything else must be identical.  The
+    engine's own invariant check runs first.
     """
     ksm = k.ksm
+    ksm.check()
     pg, n = ksm.pages, ksm.pages.n
     state = pg.state[:n].copy()
     head = pg.head[:n]

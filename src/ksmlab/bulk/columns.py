@@ -24,7 +24,7 @@ KSM_ZERO = -2
 STABLE_NONE = -1
 """``ContentCols.stable``: no stable node has this content."""
 STABLE_CHAIN = -2
-"""``ContentCols.stable``: a chain holds this content's KSM pages (see ``BulkKsm.chains``)."""
+"""``ContentCols.stable`` values up to this one name a chain: chain ``STABLE_CHAIN - stable``."""
 
 
 class _Table:
@@ -37,19 +37,31 @@ class _Table:
         for name, (dtype, fill) in self.FIELDS.items():
             setattr(self, name, np.full(capacity, fill, dtype))
 
+    @property
+    def capacity(self) -> int:
+        """Rows the arrays can hold before they grow."""
+        return len(getattr(self, next(iter(self.FIELDS))))
+
+    def reserve(self, rows: int) -> None:
+        """Make room for *rows* rows in all, at once (a big machine avoids regrowing)."""
+        if rows <= self.capacity:
+            return
+        for name, (dtype, fill) in self.FIELDS.items():
+            old = getattr(self, name)
+            new = np.full(rows, fill, dtype)
+            new[:self.n] = old[:self.n]
+            setattr(self, name, new)
+
     def append(self, count: int) -> int:
-        """Add *count* rows (holding each field's fill value); return the first index."""
+        """Add *count* rows (holding each field's fill value); return the first index.
+
+        Arrays grow by a quarter at least: at most 25% unused capacity, which
+        matters at a billion rows, for a constant amortised copying cost.
+        """
         first = self.n
-        need = first + count
-        cap = len(getattr(self, next(iter(self.FIELDS))))
-        if need > cap:
-            cap = max(need, 2 * cap)
-            for name, (dtype, fill) in self.FIELDS.items():
-                old = getattr(self, name)
-                new = np.full(cap, fill, dtype)
-                new[:first] = old[:first]
-                setattr(self, name, new)
-        self.n = need
+        if first + count > self.capacity:
+            self.reserve(max(first + count, self.capacity + self.capacity // 4))
+        self.n = first + count
         return first
 
     def nbytes(self) -> int:
@@ -113,7 +125,7 @@ class ContentCols(_Table):
             -1); only valid while that page's item is UNSTABLE with the current
             seqnr and its page still holds this content.
         stable: the stable node for this content: a node index, STABLE_NONE, or
-            STABLE_CHAIN.
+            for a chain ``STABLE_CHAIN - chain id``.
     """
 
     uindex: npt.NDArray[np.int64]
@@ -122,7 +134,7 @@ class ContentCols(_Table):
 
 
 class NodeCols(_Table):
-    """One row per stable node (a regular node or a dup; chains live in a dict).
+    """One row per stable node (a regular node or a dup; see ChainCols for chains).
 
     Attributes:
         count: rmap_items hanging off the node (``rmap_hlist_len``).
@@ -138,3 +150,19 @@ class NodeCols(_Table):
     FIELDS: ClassVar[dict[str, tuple[Any, int]]] = {
         "count": (np.int32, 0), "kframe": (np.int32, -1), "content": (np.int32, 0),
         "alive": (np.bool_, 0)}
+
+
+class ChainCols(_Table):
+    """One row per stable node chain ever made, mirroring ``BulkKsm.chains`` for vector code.
+
+    Attributes:
+        head: the chain's first dup (``dups[0]``), -1 once the chain is gone.
+        ndups: number of dups (0 once the chain is gone).
+        prune_time: ms of the chain's last full prune.
+    """
+
+    head: npt.NDArray[np.int32]
+    ndups: npt.NDArray[np.int32]
+    prune_time: npt.NDArray[np.int64]
+    FIELDS: ClassVar[dict[str, tuple[Any, int]]] = {
+        "head": (np.int32, -1), "ndups": (np.int32, 0), "prune_time": (np.int64, 0)}

@@ -49,12 +49,17 @@ class ContentTable:
     def __len__(self) -> int:
         return self._n
 
+    def reserve(self, n: int) -> None:
+        """Make room for *n* contents in all, at once."""
+        if n > len(self.checksum):
+            grown = np.zeros(n, np.uint32)
+            grown[:self._n] = self.checksum[:self._n]
+            self.checksum = grown
+
     def _reserve(self, n: int) -> int:
         first = self._n
         if first + n > len(self.checksum):
-            grown = np.zeros(max(2 * len(self.checksum), first + n), np.uint32)
-            grown[:first] = self.checksum[:first]
-            self.checksum = grown
+            self.reserve(max(first + n, len(self.checksum) + len(self.checksum) // 4))
         self._n = first + n
         return first
 

@@ -39,6 +39,7 @@ from ksmlab.bulk.columns import (
     STABLE_CHAIN,
     STABLE_NONE,
     UNSTABLE,
+    ChainCols,
     ContentCols,
     FrameCols,
     NodeCols,
@@ -59,12 +60,18 @@ class Chain:
     """A stable node chain: KSM pages with one content (``ksm_stable_node`` chain).
 
     Attributes:
+        id: its row in ``BulkKsm.chain_cols``, which mirrors it for vector code.
         dups: its dups (node indices); index 0 is the hlist head.
         prune_time: ms of its last full prune.
     """
 
+    id: int
     dups: list[int] = field(default_factory=list)
     prune_time: int = 0
+    open: set[int] = field(default_factory=set)
+    """Dups that may have room or a freed page: a superset of those, kept so that
+    a walk of a long chain looks only at them (the others are full and alive and
+    cannot change the walk's result).  Closed again lazily when seen full."""
 
 
 class BulkKsm:
@@ -81,6 +88,8 @@ class BulkKsm:
         self.ctab = ContentCols()
         self.nodes = NodeCols()
         self.chains: dict[int, Chain] = {}
+        """Chains by content."""
+        self.chain_cols = ChainCols()
         # --- knobs (the sysfs names) ---
         self.run = 0
         self.pages_to_scan = DEFAULT_PAGES_TO_SCAN
@@ -120,6 +129,20 @@ class BulkKsm:
         """Drop one mapping of each frame in *frames* (repeats allowed); KSM_ZERO ignored."""
         f = frames[frames >= 0]
         np.subtract.at(self.frames.mapcount, f, 1)
+        knode = self.frames.knode[f]
+        freed = (knode >= 0) & (self.frames.mapcount[f] == 0)
+        if bool(freed.any()):
+            self.reopen(knode[freed])
+
+    def reopen(self, nodes: np.ndarray) -> None:
+        """Put dups whose count dropped or whose page was freed back in their chain's open set."""
+        if not self.chains:
+            return
+        for d in nodes.tolist():
+            c = int(self.nodes.content[d])
+            chain = self.chains.get(c)
+            if chain is not None and self.nodes.alive[d] and self.ctab.stable[c] != d:
+                chain.open.add(d)
 
     # --- the stable tree -------------------------------------------------------------------
     def stale(self, d: int) -> bool:
@@ -138,12 +161,41 @@ class BulkKsm:
         if self.ctab.stable[c] == d:
             self.ctab.stable[c] = STABLE_NONE
         else:
-            self.chains[c].dups.remove(d)
+            chain = self.chains[c]
+            chain.dups.remove(d)
+            chain.open.discard(d)
+            self.sync_chain(chain)
+
+    def new_chain(self, c: int, dup: int) -> Chain:
+        """A chain for content *c* in place of its regular node *dup* (``alloc_stable_node_chain``)."""
+        chain = Chain(self.chain_cols.append(1), [dup], int(self.now_ms), {dup})
+        self.chains[c] = chain
+        self.ctab.stable[c] = STABLE_CHAIN - chain.id
+        self.sync_chain(chain)
+        return chain
+
+    def drop_chain(self, c: int, node: int) -> None:
+        """Free content *c*'s chain; *node* (a dup or STABLE_NONE) takes its place."""
+        chain = self.chains.pop(c)
+        chain.dups.clear()
+        self.sync_chain(chain)
+        self.ctab.stable[c] = node
+
+    def sync_chain(self, chain: Chain) -> None:
+        """Copy *chain*'s head, length and prune time to ``chain_cols``."""
+        cols = self.chain_cols
+        cols.head[chain.id] = chain.dups[0] if chain.dups else -1
+        cols.ndups[chain.id] = len(chain.dups)
+        cols.prune_time[chain.id] = chain.prune_time
 
     def stable_node_dup(self, c: int, prune: bool) -> int:
         """Best dup of content *c*'s chain, collapsing or freeing the chain (``stable_node_dup``).
 
         Returns the dup, or -1 if every dup was stale (the chain is gone).
+        The kernel looks at every dup up to the first one with room (all of
+        them when pruning); dups not in ``chain.open`` are full with their page
+        alive, so they can only be the answer when they come first, and the
+        walk stops once it has seen every open dup.
         """
         chain = self.chains[c]
         now = int(self.now_ms)
@@ -151,27 +203,41 @@ class BulkKsm:
             prune = False
         else:
             chain.prune_time = now
+        count = self.nodes.count
         found, found_len = -1, 0
-        for d in list(chain.dups):
-            if self.stale(d):
-                self.remove_node(d)
+        dups, open_dups = chain.dups, chain.open
+        todo = len(open_dups)
+        i = 0
+        while i < len(dups) and (todo or found < 0):
+            d = dups[i]
+            if d not in open_dups:
+                if found < 0:
+                    found, found_len = d, int(count[d])
+                i += 1
                 continue
-            if found < 0 or (self.is_candidate(d) and (
-                    not self.is_candidate(found) or int(self.nodes.count[d]) > found_len)):
-                found, found_len = d, int(self.nodes.count[d])
-                if not prune and self.is_candidate(found):
+            todo -= 1
+            if self.stale(d):
+                self.remove_node(d)  # out of dups: i now names the next one
+                continue
+            candidate = self.is_candidate(d)
+            if count[d] >= self.max_page_sharing:
+                open_dups.discard(d)  # full and alive
+            if found < 0 or (candidate and (
+                    not self.is_candidate(found) or int(count[d]) > found_len)):
+                found, found_len = d, int(count[d])
+                if not prune and candidate:
                     break
+            i += 1
         if found < 0:
-            del self.chains[c]
-            self.ctab.stable[c] = STABLE_NONE
+            self.drop_chain(c, STABLE_NONE)
             return -1
         if len(chain.dups) == 1:
-            del self.chains[c]
-            self.ctab.stable[c] = found
+            self.drop_chain(c, found)
             return found
         if chain.dups[0] != found and self.is_candidate(found, 1):
             chain.dups.remove(found)
             chain.dups.insert(0, found)
+        self.sync_chain(chain)
         return found
 
     def stable_tree_search(self, c: int) -> int:
@@ -180,7 +246,7 @@ class BulkKsm:
             s = int(self.ctab.stable[c])
             if s == STABLE_NONE:
                 return -1
-            if s == STABLE_CHAIN:
+            if s <= STABLE_CHAIN:
                 d = self.stable_node_dup(c, True)
                 if d < 0:
                     continue
@@ -195,7 +261,7 @@ class BulkKsm:
         """File KSM page *kframe* of content *c*, forming a chain if needed (``stable_tree_insert``)."""
         while True:
             s = int(self.ctab.stable[c])
-            if s == STABLE_CHAIN:
+            if s <= STABLE_CHAIN:
                 if self.stable_node_dup(c, False) < 0:
                     continue
                 s = int(self.ctab.stable[c])
@@ -211,10 +277,10 @@ class BulkKsm:
         if s == STABLE_NONE:
             self.ctab.stable[c] = d
         else:
-            if s != STABLE_CHAIN:
-                self.chains[c] = Chain([s], int(self.now_ms))
-                self.ctab.stable[c] = STABLE_CHAIN
-            self.chains[c].dups.insert(0, d)
+            chain = self.chains[c] if s <= STABLE_CHAIN else self.new_chain(c, s)
+            chain.dups.insert(0, d)
+            chain.open.add(d)
+            self.sync_chain(chain)
         return d
 
     def stable_tree_append(self, g: int, d: int) -> None:
@@ -236,6 +302,7 @@ class BulkKsm:
                 self.remove_node(d)
                 return
             self.nodes.count[d] -= 1
+            self.reopen(np.array([d]))
         elif state == UNSTABLE:
             self.pages.state[g] = NONE
 
@@ -481,3 +548,12 @@ class BulkKsm:
         want = np.bincount(live, minlength=nodes.n)[:nodes.n]
         have = np.where(nodes.alive[:nodes.n], nodes.count[:nodes.n], 0)
         vm_bug_on(bool((want != have).any()), "bulk: node counts disagree with the items")
+        for c, chain in self.chains.items():
+            vm_bug_on(not chain.open <= set(chain.dups), f"bulk: chain {c} opens a stranger")
+            for d in chain.dups:
+                full_alive = nodes.count[d] >= self.max_page_sharing and not self.stale(d)
+                vm_bug_on(not full_alive and d not in chain.open,
+                          f"bulk: dup {d} of chain {c} has room or a freed page but is closed")
+            vm_bug_on(self.chain_cols.head[chain.id] != chain.dups[0]
+                      or self.chain_cols.ndups[chain.id] != len(chain.dups),
+                      f"bulk: chain {c} and its columns disagree")

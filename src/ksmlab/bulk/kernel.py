@@ -152,6 +152,23 @@ class BulkKernel:
     def close(self) -> None:
         """Nothing to release: the machine is plain memory."""
 
+    def reserve(self, *, pages: int = 0, frames: int = 0, contents: int = 0) -> None:
+        """Allocate room for this many pages, frames and contents up front.
+
+        Optional: tables grow by themselves; reserving avoids the copies (and
+        the moment when old and new arrays both exist) on very big machines.
+        """
+        for table, rows in ((self.ksm.pages, pages), (self.ksm.frames, frames),
+                            (self.ksm.ctab, contents)):
+            table.reserve(rows)
+        self.contents.reserve(contents)
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the engine's arrays (their capacity)."""
+        ksm = self.ksm
+        return (ksm.pages.nbytes() + ksm.frames.nbytes() + ksm.ctab.nbytes()
+                + ksm.nodes.nbytes() + int(self.contents.checksum.nbytes))
+
     def spawn(self) -> BulkProcess:
         """A new process with an empty address space."""
         pid = self._next_pid

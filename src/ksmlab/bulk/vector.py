@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from ksmlab.bulk.columns import ABSENT, NONE, STABLE, STABLE_NONE, UNSTABLE
+from ksmlab.bulk.columns import ABSENT, NONE, STABLE, STABLE_CHAIN, STABLE_NONE, UNSTABLE
 from ksmlab.bulk.engine import BulkKsm, skip_age
 from ksmlab.bulk.mm import BulkMm
 from ksmlab.constants import PAGE_SHIFT
@@ -47,6 +47,9 @@ class VectorKsm(BulkKsm):
 
     min_window = 4096
     """Pages looked at per step when the batch budget is smaller."""
+
+    _target: Rows = np.zeros(0, np.int64)
+    """Scratch: the node each group goes to (set by _room_for_all)."""
 
     def walk_mm(self, mm: BulkMm, budget: int) -> tuple[int, bool]:
         """Visit up to *budget* pages of *mm* from the cursor, a window at a time."""
@@ -225,9 +228,49 @@ class VectorKsm(BulkKsm):
             self.pages.seqnr[rows[s]] = self.cur_seqnr()
             self.ctab.uindex[gc[pair]] = rows[s]
             self._merge_pairs(rows[s + 1], fr[s + 1], rows[s], gc[pair])
-        for k in np.flatnonzero(~(single | pair)).tolist():
+        rest = ~(single | pair)
+        fast = rest & self._room_for_all(gc, sizes)
+        if bool(fast.any()):
+            group = np.repeat(np.arange(len(gc)), sizes)
+            sel = fast[group]
+            self._merge_into(rows[sel], self._target[group[sel]])
+        for k in np.flatnonzero(rest & ~fast).tolist():
             a, n = int(starts[k]), int(sizes[k])
             self._group(rows[a:a + n], int(gc[k]))
+
+    def _room_for_all(self, gc: Rows, sizes: Rows) -> npt.NDArray[np.bool_]:
+        """Groups whose every page stable_tree_search would send to the same KSM page.
+
+        That is the content's regular node, or the first dup of its chain when
+        no prune is due (the search then takes the first dup with room), if
+        that node's page is alive and it has room for the whole group.  The
+        node is left in ``self._target``.
+        """
+        stable = self.ctab.stable[gc].astype(np.int64)
+        chain = stable <= STABLE_CHAIN
+        cid = np.where(chain, STABLE_CHAIN - stable, 0)
+        cols = self.chain_cols
+        no_prune = int(self.now_ms) < cols.prune_time[cid] + self.stable_node_chains_prune_millisecs
+        chain_ok = chain & no_prune & (cols.ndups[cid] >= 2)
+        target = np.where(chain, cols.head[cid], stable)
+        ok = (stable >= 0) | chain_ok
+        t = np.maximum(target, 0)
+        count = self.nodes.count[t]
+        ok &= ((self.frames.mapcount[self.nodes.kframe[t]] > 0) & (count > 0)
+               & (count + sizes <= self.max_page_sharing))
+        self._target = target
+        return ok
+
+    def _merge_into(self, rows: Rows, nodes: Rows) -> None:
+        """Merge each page into its stable node (``replace_page`` + ``stable_tree_append``)."""
+        pages, frames = self.pages, self.frames
+        kframe = self.nodes.kframe[nodes]
+        np.subtract.at(frames.mapcount, pages.frame[rows], 1)
+        pages.frame[rows] = kframe
+        np.add.at(frames.mapcount, kframe, 1)
+        pages.state[rows] = STABLE
+        pages.head[rows] = nodes
+        np.add.at(self.nodes.count, nodes, 1)
 
     def _singles(self, rows: Rows, fr: Rows, c: Rows, y: Rows,
                  intree: npt.NDArray[np.bool_]) -> None:
@@ -267,21 +310,14 @@ class VectorKsm(BulkKsm):
 
     def _group(self, rows: Rows, c: int) -> None:
         """Pages of one content in scan order, merging whole runs into one KSM page at a time."""
-        pages, frames, nodes = self.pages, self.frames, self.nodes
+        pages, nodes = self.pages, self.nodes
         i, n = 0, len(rows)
         while i < n:
             d = self.stable_tree_search(c)
             if d >= 0:
                 # Every page of the run would find this node again until it is full.
                 k = min(n - i, self.max_page_sharing - int(nodes.count[d]))
-                run = rows[i:i + k]
-                kframe = int(nodes.kframe[d])
-                np.subtract.at(frames.mapcount, pages.frame[run], 1)
-                pages.frame[run] = kframe
-                frames.mapcount[kframe] += k
-                pages.state[run] = STABLE
-                pages.head[run] = d
-                nodes.count[d] += k
+                self._merge_into(rows[i:i + k], np.full(k, d, np.int64))
                 i += k
                 continue
             g = int(rows[i])
