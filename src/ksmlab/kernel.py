@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+from collections.abc import Sequence
 from typing import Any, Self
 
 from ksmlab.api import KsmStat, SmapsEntry
@@ -52,7 +53,7 @@ from ksmlab.mm.madvise import do_madvise
 from ksmlab.mm.memory import Fault, Memory
 from ksmlab.mm.mm_types import AnonVma, MappedFile, MmStruct, Vma
 from ksmlab.mm.mmap import VmaOps
-from ksmlab.mm.page import PhysMem
+from ksmlab.mm.page import FINGERPRINT_SIZE, ContentMode, PhysMem, fingerprint
 from ksmlab.mm.slab import Slab
 from ksmlab.tracing import TraceEvent
 
@@ -76,12 +77,20 @@ class SimKernel:
         max_map_count: ``vm.max_map_count``.
         ksmd_batch_ns, ksmd_page_ns: ksmd's CPU cost model (see module doc).
         trace: record tracepoints in :attr:`events`.
+        content: ``"bytes"`` keeps each page's 4096 bytes; ``"fingerprint"``
+            keeps a 16-byte fingerprint instead, so large machines fit in
+            memory.  Every result is the same, apart from page content
+            (docs/design.md says where tree order can show); in fingerprint
+            mode only whole pages can be written (``write`` of whole pages,
+            :meth:`SimProcess.write_fingerprints`) and ``read`` is refused:
+            use :meth:`SimProcess.fingerprints`.
     """
 
     def __init__(self, *, config_ksm: bool = True, numa_nodes: int = 1,
                  max_frames: int | None = None, slab_limit: int | None = None,
                  max_map_count: int = 65530, ksmd_batch_ns: int = 2000,
-                 ksmd_page_ns: int = 3000, trace: bool = True) -> None:
+                 ksmd_page_ns: int = 3000, trace: bool = True,
+                 content: ContentMode = "bytes") -> None:
         if numa_nodes < 1:
             msg = f"numa_nodes must be at least 1, got {numa_nodes}"
             raise ValueError(msg)
@@ -99,7 +108,7 @@ class SimKernel:
         self.trace_enabled = trace
         self.events: list[TraceEvent] = []
         """Tracepoint records, in order."""
-        self.phys = PhysMem(numa_nodes, max_frames)
+        self.phys = PhysMem(numa_nodes, max_frames, content)
         self.slab = Slab(slab_limit)
         self.memory = Memory(self.phys, self._on_ksm_zero_unmap)
         self.vmaops = VmaOps(self.memory, max_map_count)
@@ -114,6 +123,11 @@ class SimKernel:
         self.processes: dict[int, SimProcess] = {}
         """Live processes by pid."""
         self._files: dict[str, MappedFile] = {}
+
+    @property
+    def content(self) -> ContentMode:
+        """The content mode: ``"bytes"`` or ``"fingerprint"`` (see the class doc)."""
+        return self.phys.content
 
     # --- context manager (for API parity with LinuxKernel) -----------------------------
     def __enter__(self) -> Self:
@@ -362,12 +376,26 @@ class SimProcess:
         ``force=True`` writes like /proc/PID/mem (ptrace access, ignoring PROT_*
         on private areas).  An inaccessible page anywhere in the range raises
         OSError(EFAULT), or OSError(EIO) when forced, and nothing is written.
+
+        In fingerprint mode *addr* and ``len(data)`` must be multiples of
+        PAGE_SIZE: each page is stored as its fingerprint, and a write of part
+        of a page raises ValueError (no bytes are kept to apply it to).
         """
         if not isinstance(data, bytes | bytearray | memoryview):
             msg = f"data must be bytes, not {type(data).__name__}"
             raise TypeError(msg)
         data = bytes(data)
         if not data:
+            return
+        if self.kernel.phys.fingerprint_mode:
+            _check_int("addr", addr)
+            if addr % PAGE_SIZE or len(data) % PAGE_SIZE:
+                msg = (f"content='fingerprint' keeps no page bytes, so it can only write whole "
+                       f"pages: addr {addr:#x} and length {len(data)} must be multiples of "
+                       f"{PAGE_SIZE}")
+                raise ValueError(msg)
+            self._store_pages(addr, [fingerprint(data[i:i + PAGE_SIZE])
+                                     for i in range(0, len(data), PAGE_SIZE)], force=force)
             return
         vmas = self._vmas_for(addr, len(data), write=True, force=force)
         mm, memory = self.mm, self.kernel.memory
@@ -383,6 +411,49 @@ class SimProcess:
             if fault is Fault.OOM:  # ruled out by the check above
                 raise kernel_error(errno.ENOMEM, "out of memory")
             pos += n
+
+    def write_fingerprints(self, addr: int, fps: Sequence[bytes], *,
+                           force: bool = False) -> None:
+        """Store whole pages given as 16-byte fingerprints at *addr* (fingerprint mode only).
+
+        The same store as :meth:`write` of the pages these are the
+        fingerprints of, with the same faults, COW, errors and ``force``;
+        *addr* must be page aligned.  ValueError in byte mode (a fingerprint
+        cannot be turned back into bytes) or for a malformed fingerprint,
+        before anything is written.
+        """
+        if not self.kernel.phys.fingerprint_mode:
+            msg = ("write_fingerprints needs SimKernel(content='fingerprint'); this machine "
+                   "keeps page bytes (content='bytes'): use write()")
+            raise ValueError(msg)
+        _check_int("addr", addr)
+        if addr % PAGE_SIZE:
+            msg = f"addr {addr:#x} must be a multiple of {PAGE_SIZE}"
+            raise ValueError(msg)
+        if isinstance(fps, bytes | bytearray | memoryview | str):
+            msg = f"fps must be a sequence of fingerprints, not one {type(fps).__name__}"
+            raise TypeError(msg)
+        contents: list[bytes] = []
+        for i, fp in enumerate(fps):
+            if not isinstance(fp, bytes | bytearray | memoryview):
+                msg = f"fingerprint {i} must be bytes, not {type(fp).__name__}"
+                raise TypeError(msg)
+            fp = bytes(fp)
+            if len(fp) != FINGERPRINT_SIZE:
+                msg = f"fingerprint {i} is {len(fp)} bytes long, not {FINGERPRINT_SIZE}"
+                raise ValueError(msg)
+            contents.append(fp)
+        if contents:
+            self._store_pages(addr, contents, force=force)
+
+    def _store_pages(self, addr: int, contents: list[bytes], *, force: bool) -> None:
+        """Store whole pages, each given as the content a frame holds, from *addr* on."""
+        vmas = self._vmas_for(addr, len(contents) * PAGE_SIZE, write=True, force=force)
+        mm, memory = self.mm, self.kernel.memory
+        self._check_memory_for_write(addr, len(contents) * PAGE_SIZE, vmas)
+        for i, content in enumerate(contents):
+            if memory.store_page(mm, vmas[i], addr + i * PAGE_SIZE, content) is Fault.OOM:
+                raise kernel_error(errno.ENOMEM, "out of memory")  # ruled out by the check
 
     def _check_memory_for_write(self, addr: int, length: int, vmas: list[Vma]) -> None:
         """Refuse, before writing anything, a write that would run out of frames."""
@@ -400,7 +471,15 @@ class SimProcess:
             raise kernel_error(errno.ENOMEM, "out of memory (max_frames reached)")
 
     def read(self, addr: int, length: int, *, force: bool = False) -> bytes:
-        """Load *length* bytes at *addr* (first touch maps the zero page or page cache)."""
+        """Load *length* bytes at *addr* (first touch maps the zero page or page cache).
+
+        ValueError in fingerprint mode, which keeps no page bytes (see
+        :meth:`fingerprints`).
+        """
+        if self.kernel.phys.fingerprint_mode:
+            msg = ("read() needs page bytes, which SimKernel(content='fingerprint') does not "
+                   "keep: use fingerprints()")
+            raise ValueError(msg)
         if length == 0:
             return b""
         vmas = self._vmas_for(addr, length, write=False, force=force)
@@ -524,6 +603,27 @@ class SimProcess:
             return []
         first, last = addr >> PAGE_SHIFT, (addr + length - 1) >> PAGE_SHIFT
         return [f.pfn if (f := mm.ptes.get(v)) is not None else None
+                for v in range(first, last + 1)]
+
+    def fingerprints(self, addr: int, length: int) -> list[bytes | None]:
+        """The :func:`~ksmlab.mm.page.fingerprint` of each page of the range, None where
+        nothing is mapped (model only; works in both content modes).
+
+        Like :meth:`pfns` it looks at the page tables without faulting
+        anything in or checking protections; a range covers every page it
+        touches, and an empty range gives an empty list.
+        """
+        _check_int("addr", addr)
+        _check_int("length", length)
+        mm = self.mm
+        if length == 0:
+            return []
+        first, last = addr >> PAGE_SHIFT, (addr + length - 1) >> PAGE_SHIFT
+        ptes = mm.ptes
+        if self.kernel.phys.fingerprint_mode:
+            return [f.data if (f := ptes.get(v)) is not None else None
+                    for v in range(first, last + 1)]
+        return [fingerprint(f.data) if (f := ptes.get(v)) is not None else None
                 for v in range(first, last + 1)]
 
 

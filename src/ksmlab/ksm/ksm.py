@@ -77,14 +77,18 @@ from ksmlab.ksm.types import (
 )
 from ksmlab.mm.memory import Fault, Memory, present_vpns
 from ksmlab.mm.mm_types import MmStruct, Vma
-from ksmlab.mm.page import ZERO_CHECKSUM, Frame, calc_checksum
+from ksmlab.mm.page import Frame
 from ksmlab.mm.slab import Slab
 
 Tracer = Callable[..., None]
 
 
 def memcmp_pages(a: Frame, b: Frame) -> int:
-    """Compare two pages' bytes like ``memcmp``: negative, zero or positive."""
+    """Compare two pages' content like ``memcmp``: negative, zero or positive (``memcmp_pages``).
+
+    Model choice: in fingerprint mode the content is the page's fingerprint,
+    so the trees are ordered by fingerprint rather than by the bytes.
+    """
     if a.data == b.data:
         return 0
     return -1 if a.data < b.data else 1
@@ -119,6 +123,10 @@ class KsmCore:
         self._now_ms = now_ms
         self._cpu_ns = cpu_ns
         self._trace = trace
+        self.calc_checksum = memory.phys.calc_checksum
+        """``calc_checksum`` of a page's content in the machine's content mode."""
+        self.zero_checksum = memory.phys.zero_checksum
+        """``zero_checksum``: the zero page's checksum, computed once (``ksm_init``)."""
         # --- tunables ----------------------------------------------------------------
         self.run = 0
         self.pages_to_scan = DEFAULT_PAGES_TO_SCAN
@@ -473,7 +481,7 @@ class KsmCore:
 
         Returns 0 if merged or if the vma has gone (stop here), EFAULT to go on.
         """
-        if not (self.use_zero_pages and item.oldchecksum == ZERO_CHECKSUM):
+        if not (self.use_zero_pages and item.oldchecksum == self.zero_checksum):
             return errno.EFAULT
         if self.find_mergeable_vma(item.mm, item.address) is None:
             return 0
@@ -704,7 +712,7 @@ class KsmCore:
                 bypass = True
         else:
             self.remove_rmap_item_from_tree(item)
-            checksum = calc_checksum(page.data)
+            checksum = self.calc_checksum(page.data)
             if item.oldchecksum != checksum:
                 item.oldchecksum = checksum  # volatile this round
                 return

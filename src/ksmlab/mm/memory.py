@@ -17,7 +17,7 @@ from enum import Enum
 from ksmlab.constants import PAGE_SHIFT, PAGE_SIZE, VM_EXEC, VM_READ, VM_SHARED, VM_WRITE
 from ksmlab.errors import vm_bug_on
 from ksmlab.mm.mm_types import AnonVma, MmStruct, Vma
-from ksmlab.mm.page import ZERO_DATA, Frame, PhysMem
+from ksmlab.mm.page import Frame, PhysMem
 
 _ANON_COMPAT_IGNORE = VM_READ | VM_WRITE | VM_EXEC
 FAULT_AROUND_PAGES = 16
@@ -144,7 +144,8 @@ class Memory:
             pgoff = vma.linear_pgoff(vpn << PAGE_SHIFT)
             page = vma.file.pagecache.get(pgoff)
             if page is None:
-                data = ZERO_DATA if vma.file.shmem else vma.file.page_data(pgoff)
+                data = (self.phys.zero_data if vma.file.shmem
+                        else self.phys.page_content(vma.file.page_data(pgoff)))
                 page = self.phys.alloc(data, self._node(vma), anon=False)
                 if page is None:
                     return Fault.OOM
@@ -159,7 +160,7 @@ class Memory:
             # do_anonymous_page maps the shared zero page on a read; no anon_vma needed.
             self._map(mm, vpn, self.phys.zero_page)
             return Fault.OK
-        return self._cow_copy(mm, vma, vpn, ZERO_DATA, old=None)
+        return self._cow_copy(mm, vma, vpn, self.phys.zero_data, old=None)
 
     def _fault_around(self, mm: MmStruct, vma: Vma, vpn: int) -> None:
         """Map the cached pages around a read fault on a file or shmem area (``do_fault_around``).
@@ -201,16 +202,30 @@ class Memory:
 
     # --- user access -------------------------------------------------------------------
     def write_page(self, mm: MmStruct, vma: Vma, addr: int, offset: int, chunk: bytes) -> Fault:
-        """Write *chunk* at *offset* of the page at *addr*, faulting as a CPU store would."""
+        """Write *chunk* at *offset* of the page at *addr*, faulting as a CPU store would.
+
+        Byte mode only: a partial write needs the page's bytes (SimProcess.write
+        refuses one in fingerprint mode before calling this).
+        """
+        if len(chunk) == PAGE_SIZE:
+            return self.store_page(mm, vma, addr, self.phys.page_content(chunk))
         fault = self.handle_mm_fault(mm, vma, addr, write=True)
         if fault is not Fault.OK:
             return fault
         frame = mm.ptes[addr >> PAGE_SHIFT]
         vm_bug_on(not self.can_write_in_place(vma, frame), f"write to protected {frame!r}")
-        if len(chunk) == PAGE_SIZE:
-            frame.data = bytes(chunk)
-        else:
-            frame.data = frame.data[:offset] + chunk + frame.data[offset + len(chunk):]
+        frame.data = frame.data[:offset] + chunk + frame.data[offset + len(chunk):]
+        return Fault.OK
+
+    def store_page(self, mm: MmStruct, vma: Vma, addr: int, content: bytes) -> Fault:
+        """Replace the whole page at *addr* by *content* (already in the machine's
+        content mode), faulting as a CPU store of a full page would."""
+        fault = self.handle_mm_fault(mm, vma, addr, write=True)
+        if fault is not Fault.OK:
+            return fault
+        frame = mm.ptes[addr >> PAGE_SHIFT]
+        vm_bug_on(not self.can_write_in_place(vma, frame), f"write to protected {frame!r}")
+        frame.data = content
         return Fault.OK
 
     def read_page(self, mm: MmStruct, vma: Vma, addr: int) -> tuple[Fault, bytes]:

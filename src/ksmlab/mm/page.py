@@ -1,15 +1,27 @@
-"""Physical page frames and the allocator that hands them out.
+"""Physical page frames, page content, and the allocator that hands frames out.
 
 A :class:`Frame` is one 4 KiB page of simulated RAM.  Its content is an
-immutable ``bytes`` object: a write replaces it, so the checksum can be
-cached per content object and pages with equal content compare with one
-``memcmp``-like bytes comparison.
+immutable ``bytes`` object: a write replaces it, and pages with equal content
+compare with one ``memcmp``-like bytes comparison.
+
+What that object holds depends on the machine's *content mode*
+(``SimKernel(content=...)``, kept on :class:`PhysMem`):
+
+* ``"bytes"`` (the default): the page's 4096 bytes; ksmd's checksum is the
+  kernel's (:func:`calc_checksum`).
+* ``"fingerprint"``: a 16-byte :func:`fingerprint` of those bytes, so a large
+  host fits in memory.  Equal fingerprints stand for equal pages, ``<`` on
+  fingerprints orders the trees (model choice, see docs/design.md), and the
+  checksum is :func:`fingerprint_checksum`.  No byte of the page is kept, so
+  only whole pages can be written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal, get_args
 
 import xxhash
 
@@ -30,13 +42,45 @@ def calc_checksum(data: bytes) -> int:
 ZERO_CHECKSUM = calc_checksum(ZERO_DATA)
 """Checksum of the zero page, computed once as ksm_init does."""
 
+ContentMode = Literal["bytes", "fingerprint"]
+"""How a machine stores page content: the bytes themselves, or a fingerprint of them."""
+
+CONTENT_MODES: tuple[ContentMode, ...] = get_args(ContentMode)
+
+FINGERPRINT_SIZE = 16
+"""Bytes in a page fingerprint (128 bits)."""
+
+
+def fingerprint(data: bytes) -> bytes:
+    """The 128-bit fingerprint of one full page's bytes: BLAKE2b with a 16-byte digest.
+
+    Model only: in fingerprint mode a frame holds this instead of its bytes.
+    """
+    return hashlib.blake2b(data, digest_size=FINGERPRINT_SIZE).digest()
+
+
+def fingerprint_checksum(fp: bytes) -> int:
+    """The page checksum in fingerprint mode (stands in for ``calc_checksum``): the
+    fingerprint's first 4 bytes, little endian.
+
+    ksmd uses the checksum only to tell whether a page changed since its last
+    visit and to recognise the zero page (use_zero_pages=1); any 32 bits of a
+    fingerprint do both as well as XXH64 does for the bytes.
+    """
+    return int.from_bytes(fp[:4], "little")
+
+
+ZERO_FINGERPRINT = fingerprint(ZERO_DATA)
+"""Fingerprint of a zero-filled page."""
+
 
 class Frame:
     """One physical page (the kernel's ``struct page``/small folio).
 
     Attributes:
         pfn: page frame number; unique for the frame's lifetime (pagemap shows it).
-        data: the page's 4096 bytes.
+        data: the page's content: its 4096 bytes, or in fingerprint mode its
+            16-byte :func:`fingerprint` (see :class:`PhysMem`).
         nid: NUMA node the frame lives on.
         mapcount: number of page-table entries mapping this frame.
         anon: anonymous page (private process memory), as opposed to page cache.
@@ -78,16 +122,38 @@ class PhysMem:
             PTEs with the dirty bit; ksmlab marks them by pointing at this handle.
         max_frames: if set, allocations beyond this many frames in use fail (OOM).
         nr_frames: frames currently in use (zero page excluded).
+        content: the content mode, ``"bytes"`` or ``"fingerprint"`` (module doc).
+        fingerprint_mode: ``content == "fingerprint"``.
+        zero_data: the content of a zero-filled page in this mode.
+        page_content: turns one full page's bytes into the content a frame
+            holds in this mode (``bytes`` itself, or :func:`fingerprint`).
+        calc_checksum: ksmd's page checksum over a frame's ``data`` in this
+            mode (:func:`calc_checksum` or :func:`fingerprint_checksum`).
+        zero_checksum: ``calc_checksum(zero_data)``, computed once as ksm_init does.
     """
 
-    def __init__(self, numa_nodes: int = 1, max_frames: int | None = None) -> None:
+    def __init__(self, numa_nodes: int = 1, max_frames: int | None = None,
+                 content: ContentMode = "bytes") -> None:
+        if content not in CONTENT_MODES:
+            msg = f"content must be one of {', '.join(map(repr, CONTENT_MODES))}, got {content!r}"
+            raise ValueError(msg)
         self.numa_nodes = numa_nodes
         self.max_frames = max_frames
         self.nr_frames = 0
+        self.content: ContentMode = content
+        self.fingerprint_mode = content == "fingerprint"
+        # The mode is resolved here, once: callers (ksmd's checksum is a hot
+        # path) call these without testing the mode.
+        self.zero_data = ZERO_FINGERPRINT if self.fingerprint_mode else ZERO_DATA
+        self.page_content: Callable[[bytes], bytes] = (
+            fingerprint if self.fingerprint_mode else bytes)
+        self.calc_checksum: Callable[[bytes], int] = (
+            fingerprint_checksum if self.fingerprint_mode else calc_checksum)
+        self.zero_checksum = self.calc_checksum(self.zero_data)
         self._pfns = itertools.count(0x1000)
-        self.zero_page = Frame(next(self._pfns), ZERO_DATA, 0, anon=False)
+        self.zero_page = Frame(next(self._pfns), self.zero_data, 0, anon=False)
         self.zero_page.zero = True
-        self.ksm_zero_page = Frame(self.zero_page.pfn, ZERO_DATA, 0, anon=False)
+        self.ksm_zero_page = Frame(self.zero_page.pfn, self.zero_data, 0, anon=False)
         self.ksm_zero_page.zero = True
 
     def alloc(self, data: bytes, nid: int, *, anon: bool) -> Frame | None:
