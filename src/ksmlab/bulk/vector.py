@@ -30,7 +30,16 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from ksmlab.bulk.columns import ABSENT, NONE, STABLE, STABLE_CHAIN, STABLE_NONE, UNSTABLE
+from ksmlab.bulk.columns import (
+    ABSENT,
+    KSM_ZERO,
+    NONE,
+    STABLE,
+    STABLE_CHAIN,
+    STABLE_NONE,
+    UNSTABLE,
+)
+from ksmlab.bulk.content import ZERO_CONTENT
 from ksmlab.bulk.engine import BulkKsm, skip_age
 from ksmlab.bulk.mm import BulkMm
 from ksmlab.constants import PAGE_SHIFT
@@ -112,8 +121,10 @@ class VectorKsm(BulkKsm):
         steady = visit & ksm & live_stable & (head == frames.knode[f])
         irregular = live_stable & ~steady
         if self.use_zero_pages:
-            cs = self.contents.checksum[frames.content[f]]
-            irregular |= visit & ~ksm & (cs == self.zero_checksum)
+            # A page whose checksum is the zero page's but is not zero-filled.
+            content = frames.content[f]
+            irregular |= visit & ~ksm & (self.contents.checksum[content] == self.zero_checksum) & (
+                content != ZERO_CONTENT)
         odd = np.flatnonzero(irregular)
         if len(odd) > cut // 8 + 16:
             vm_bug_on(self._slow(first, cut, want) != (visited, cut), "bulk: window miscounted")
@@ -174,6 +185,12 @@ class VectorKsm(BulkKsm):
         changed = pages.oldsum[rows] != checksum
         pages.oldsum[rows[changed]] = checksum[changed]
         held = ~changed
+        if self.use_zero_pages:
+            # try_to_merge_with_zero_page: map the zero page, the item stays.
+            zero = held & (content == ZERO_CONTENT)
+            self.unmap(fr[zero])
+            pages.frame[rows[zero]] = KSM_ZERO
+            held &= ~zero
         rows, fr, content = rows[held], fr[held].astype(np.int64), content[held].astype(np.int64)
         jrows = np.flatnonzero(join) + lo
         jnode = knode[join].astype(np.int64)
