@@ -1,16 +1,26 @@
-"""Benchmarks: SimKernel against the real ksmd, on the same workloads, in the same run.
+"""Benchmarks: the model's engines against the real ksmd, on the same workloads, in the same run.
 
-For each workload the real kernel (LinuxKernel) and the model (SimKernel) run
-the same program; the script checks that the final counters are identical and
-prints ksmd's CPU time (from /proc/<ksmd>/schedstat), the model's CPU time for
-the same phase (time.process_time, building the workload excluded), their
-ratio, and the model's peak RSS per simulated page.
+For each workload the real kernel (LinuxKernel) and each engine of the model
+run the same program:
+
+* ``model``: SimKernel, pages holding their bytes (the reference model);
+* ``fingerprint``: SimKernel(content="fingerprint"), pages holding a 128-bit
+  fingerprint;
+* ``bulk``: BulkKernel, the columnar engine with its vectorised batch path.
+
+The script checks that every engine's final counters equal the kernel's and
+prints ksmd's CPU time (from /proc/<ksmd>/schedstat), each engine's CPU time
+for the same phase (time.process_time, building the workload excluded), the
+ratio engine/ksmd, and each engine's memory: the growth of its process's peak
+RSS while it ran, per simulated page (every engine runs in a child process of
+its own, so the figures do not mix).
 
 Usage (root, KSM available; takes the ksmlab lock like every LinuxKernel user)::
 
-    python bench/run.py                # all workloads at 1 GiB where sized
-    python bench/run.py --pages 65536  # smaller
-    python bench/run.py --sim-only     # no real kernel (the ratio column is empty)
+    python bench/run.py                       # all workloads at 1 GiB where sized
+    python bench/run.py --pages 65536         # smaller
+    python bench/run.py --sim-only            # no real kernel (no ratios)
+    python bench/run.py --engines bulk        # chosen engines
 
 Timings are printed, never asserted; docs/performance.md records results.
 """
@@ -19,15 +29,25 @@ from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing
+import os
 import resource
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ksmlab import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE, SimKernel
 from ksmlab.api import Kernel, Process
+from ksmlab.bulk import BulkKernel
 from ksmlab.scenario import host
+
+ENGINES: dict[str, Callable[[], Any]] = {
+    "model": lambda: SimKernel(trace=False),
+    "fingerprint": lambda: SimKernel(trace=False, content="fingerprint"),
+    "bulk": BulkKernel,
+}
 
 COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
             "stable_node_chains", "stable_node_dups", "ksm_zero_pages")
@@ -125,10 +145,11 @@ _pages = [262144]
 
 def cow_workload() -> Workload:
     """ksm_tests -C: COW-break time of 2000 merged pairs (the timed phase is the writes)."""
+    def content(i: int) -> bytes:
+        k_ = i // 2
+        return b"+" * (k_ + 1) + b"*" * (PAGE_SIZE - k_ - 1)
+
     def build(k: Kernel, _n: int) -> list[tuple[Process, int]]:
-        def content(i: int) -> bytes:
-            k_ = i // 2
-            return b"+" * (k_ + 1) + b"*" * (PAGE_SIZE - k_ - 1)
         procs = fill(k, 4000, content)
         advise_all(procs, 4000)
         k.sysfs["run"] = "1"
@@ -138,10 +159,15 @@ def cow_workload() -> Workload:
 
     def measure(k: Kernel, procs: list[tuple[Process, int]], clock: Clock) -> None:
         p, a = procs[0]
+        # ksm_tests writes one byte, "-", at the start of each pair's first
+        # page.  The fingerprint and bulk engines keep no bytes, so every
+        # engine writes the whole resulting page (the same bytes) instead; on
+        # the kernel the cost is the same COW fault plus a 4 KiB copy.
+        pages = [b"-" + content(i)[1:] for i in range(0, 4000, 2)]
         clock.wall = True  # the writes run in the writer, not in ksmd
         with clock:
-            for i in range(0, 4000, 2):
-                p.write(a + i * PAGE_SIZE, b"-")
+            for i, data in zip(range(0, 4000, 2), pages, strict=True):
+                p.write(a + i * PAGE_SIZE, data)
     return Workload("cow-2000-pairs (-C)", build, measure)
 
 
@@ -187,8 +213,9 @@ def fork_workload(pages: int) -> Workload:
     return Workload(f"fork-16-children-{pages}", build, measure)
 
 
-def run_one(make: Callable[[], Kernel], w: Workload, pages: int, real: bool,
+def run_one(make: Callable[[], Any], w: Workload, pages: int, real: bool,
             knobs: dict[str, str]) -> tuple[float, dict[str, str]]:
+    """Run workload *w* on a new kernel; (seconds of the timed phase, final counters)."""
     with make() as k:
         for name, value in knobs.items():
             k.sysfs[name] = value
@@ -202,11 +229,49 @@ def run_one(make: Callable[[], Kernel], w: Workload, pages: int, real: bool,
     return clock.total / 1e9, counters
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _child(engine: str, w: Workload, pages: int, knobs: dict[str, str],
+           out: Any) -> None:
+    base = _rss_bytes()
+    seconds, counters = run_one(ENGINES[engine], w, pages, False, knobs)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out.send((seconds, counters, max(0, peak - base)))
+
+
+def run_engine(engine: str, w: Workload, pages: int,
+               knobs: dict[str, str]) -> tuple[float, dict[str, str], int]:
+    """Run *w* on *engine* in a child process; (seconds, counters, peak RSS growth in bytes)."""
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=_child, args=(engine, w, pages, knobs, there))
+    child.start()
+    result = here.recv()
+    child.join()
+    return result  # type: ignore[no-any-return]
+
+
+def simulated_pages(w: Workload, n: int) -> int:
+    """Pages the workload maps, for the memory per page."""
+    if w.name.startswith("cow"):
+        return 4000
+    if w.name.startswith(("unmerge", "identical")):
+        return 25600
+    if w.name.startswith("fork"):
+        return 17 * min(n, 16384)
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pages", type=int, default=262144, help="pages of the sized workloads")
     ap.add_argument("--sim-only", action="store_true", help="do not run the real kernel")
     ap.add_argument("--only", help="run only workloads whose name contains this")
+    ap.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES),
+                    help="engines of the model to run (default: all)")
     args = ap.parse_args(argv)
     n = args.pages
     _pages[0] = n
@@ -222,21 +287,31 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.only:
         workloads = [w for w in workloads if args.only in w.name]
-    print(f"{'workload':34} {'ksmd s':>8} {'model s':>8} {'ratio':>6}  counters equal")
+    head = "".join(f" {e + ' s':>14} {'ratio':>6}" for e in args.engines)
+    mem = "".join(f" {e[:5] + ' B/pg':>10}" for e in args.engines)
+    print(f"{'workload':34} {'ksmd s':>8}{head}{mem}  counters equal", flush=True)
     for w in workloads:
-        sim_s, sim_c = run_one(lambda: SimKernel(trace=False), w, n, False, knobs)
-        if args.sim_only:
-            print(f"{w.name:34} {'-':>8} {sim_s:8.3f} {'-':>6}  -", flush=True)
-            continue
-        from ksmlab.backends.linux import LinuxKernel
-        real_s, real_c = run_one(LinuxKernel, w, n, not w.name.startswith(("cow", "unmerge")),
-                                 knobs)
-        same = "yes" if sim_c == real_c else f"NO: model {sim_c} kernel {real_c}"
-        ratio = sim_s / real_s if real_s else float("inf")
-        print(f"{w.name:34} {real_s:8.3f} {sim_s:8.3f} {ratio:6.2f}  {same}", flush=True)
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"peak RSS of this process: {rss_kib / 1024:.0f} MiB "
-          f"({rss_kib * 1024 / n:.0f} bytes per simulated page of the largest workload)")
+        results = {e: run_engine(e, w, n, knobs) for e in args.engines}
+        real_s: float | None = None
+        real_c: dict[str, str] | None = None
+        if not args.sim_only:
+            from ksmlab.backends.linux import LinuxKernel
+            real_s, real_c = run_one(LinuxKernel, w, n,
+                                     not w.name.startswith(("cow", "unmerge")), knobs)
+        line = f"{w.name:34} " + (f"{real_s:8.3f}" if real_s is not None else f"{'-':>8}")
+        for e in args.engines:
+            s = results[e][0]
+            ratio = f"{s / real_s:6.2f}" if real_s else f"{'-':>6}"
+            line += f" {s:14.3f} {ratio}"
+        pages = simulated_pages(w, n)
+        for e in args.engines:
+            line += f" {results[e][2] / pages:10.0f}"
+        want = real_c if real_c is not None else results[args.engines[0]][1]
+        bad = [e for e in args.engines if results[e][1] != want]
+        line += "  " + ("yes" if not bad else
+                        "NO: " + "; ".join(f"{e} {results[e][1]}" for e in bad)
+                        + f"; {'kernel' if real_c else args.engines[0]} {want}")
+        print(line, flush=True)
     return 0
 
 

@@ -296,6 +296,9 @@ class BulkProcess:
 
     def _rows(self, addr: int, length: int) -> npt.NDArray[np.int64]:
         pieces = self.mm.rows(addr, length)
+        if len(pieces) == 1:
+            r, _i, n = pieces[0]
+            return np.arange(r, r + n, dtype=np.int64)
         return np.concatenate([np.arange(r, r + n, dtype=np.int64) for r, _i, n in pieces])
 
     def write(self, addr: int, data: bytes) -> None:
@@ -314,9 +317,12 @@ class BulkProcess:
         if cids.ndim != 1 or not k.contents.valid(cids):
             raise ValueError("content ids must be a flat sequence of ids of this kernel's "
                              "ContentTable")
-        rows = self._rows(addr, len(cids) * PAGE_SIZE)
         ksm = k.ksm
         ksm.sync_contents()
+        if len(cids) == 1:
+            self._write_one(self._rows(addr, PAGE_SIZE)[0], int(cids[0]))
+            return
+        rows = self._rows(addr, len(cids) * PAGE_SIZE)
         frames = ksm.pages.frame[rows]
         ok = frames >= 0
         in_place = np.zeros(len(rows), bool)
@@ -325,6 +331,17 @@ class BulkProcess:
         copy = ~in_place
         ksm.unmap(frames[copy])
         ksm.pages.frame[rows[copy]] = ksm.new_frames(cids[copy])
+
+    def _write_one(self, row: int, cid: int) -> None:
+        """write_contents for one page, without array overheads (a COW storm is many of these)."""
+        ksm = self.kernel.ksm
+        f = int(ksm.pages.frame[row])
+        if f >= 0 and ksm.frames.knode[f] < 0 and ksm.frames.mapcount[f] == 1:
+            ksm.frames.content[f] = cid
+            return
+        if f >= 0:
+            ksm.unmap(np.array([f]))
+        ksm.pages.frame[row] = ksm.new_frames(np.array([cid]))[0]
 
     def madvise(self, addr: int, length: int, advice: int) -> None:
         """MADV_MERGEABLE or MADV_UNMERGEABLE on mapped memory."""
