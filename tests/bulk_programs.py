@@ -261,7 +261,8 @@ def canonical(k: BulkKernel) -> Any:
     for c, s in enumerate(ksm.ctab.stable[:ksm.ctab.n]):
         if s >= 0:
             stable_of[c] = int(ksm.nodes.kframe[s])
-    chains = {c: ([int(ksm.nodes.kframe[d]) for d in ch.dups], ch.prune_time)
+    chains = {c: ([int(ksm.nodes.kframe[d]) for d in ch.dups],
+                  int(ksm.chain_cols.prune_time[ch.id]))
               for c, ch in ksm.chains.items()}
     counts = {int(ksm.nodes.kframe[d]): int(ksm.nodes.count[d])
               for d in range(ksm.nodes.n) if ksm.nodes.alive[d]}

@@ -158,11 +158,15 @@ class ChainCols(_Table):
     Attributes:
         head: the chain's first dup (``dups[0]``), -1 once the chain is gone.
         ndups: number of dups (0 once the chain is gone).
-        prune_time: ms of the chain's last full prune.
+        prune_time: ms of the chain's last full prune (kept here only).
+        others_open: open dups other than the head (see ``Chain.open``); when
+            0, every other dup is full with its page alive.
     """
 
     head: npt.NDArray[np.int32]
     ndups: npt.NDArray[np.int32]
     prune_time: npt.NDArray[np.int64]
+    others_open: npt.NDArray[np.int32]
     FIELDS: ClassVar[dict[str, tuple[Any, int]]] = {
-        "head": (np.int32, -1), "ndups": (np.int32, 0), "prune_time": (np.int64, 0)}
+        "head": (np.int32, -1), "ndups": (np.int32, 0), "prune_time": (np.int64, 0),
+        "others_open": (np.int32, 0)}

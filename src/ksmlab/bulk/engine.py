@@ -60,14 +60,13 @@ class Chain:
     """A stable node chain: KSM pages with one content (``ksm_stable_node`` chain).
 
     Attributes:
-        id: its row in ``BulkKsm.chain_cols``, which mirrors it for vector code.
+        id: its row in ``BulkKsm.chain_cols``, which mirrors it for vector code
+            and holds its prune time.
         dups: its dups (node indices); index 0 is the hlist head.
-        prune_time: ms of its last full prune.
     """
 
     id: int
     dups: list[int] = field(default_factory=list)
-    prune_time: int = 0
     open: set[int] = field(default_factory=set)
     """Dups that may have room or a freed page: a superset of those, kept so that
     a walk of a long chain looks only at them (the others are full and alive and
@@ -143,6 +142,7 @@ class BulkKsm:
             chain = self.chains.get(c)
             if chain is not None and self.nodes.alive[d] and self.ctab.stable[c] != d:
                 chain.open.add(d)
+                self.sync_chain(chain)
 
     # --- the stable tree -------------------------------------------------------------------
     def stale(self, d: int) -> bool:
@@ -168,7 +168,8 @@ class BulkKsm:
 
     def new_chain(self, c: int, dup: int) -> Chain:
         """A chain for content *c* in place of its regular node *dup* (``alloc_stable_node_chain``)."""
-        chain = Chain(self.chain_cols.append(1), [dup], int(self.now_ms), {dup})
+        chain = Chain(self.chain_cols.append(1), [dup], {dup})
+        self.chain_cols.prune_time[chain.id] = int(self.now_ms)
         self.chains[c] = chain
         self.ctab.stable[c] = STABLE_CHAIN - chain.id
         self.sync_chain(chain)
@@ -182,11 +183,12 @@ class BulkKsm:
         self.ctab.stable[c] = node
 
     def sync_chain(self, chain: Chain) -> None:
-        """Copy *chain*'s head, length and prune time to ``chain_cols``."""
+        """Copy *chain*'s head, length and open set's size to ``chain_cols``."""
         cols = self.chain_cols
-        cols.head[chain.id] = chain.dups[0] if chain.dups else -1
+        head = chain.dups[0] if chain.dups else -1
+        cols.head[chain.id] = head
         cols.ndups[chain.id] = len(chain.dups)
-        cols.prune_time[chain.id] = chain.prune_time
+        cols.others_open[chain.id] = len(chain.open) - (head in chain.open)
 
     def stable_node_dup(self, c: int, prune: bool) -> int:
         """Best dup of content *c*'s chain, collapsing or freeing the chain (``stable_node_dup``).
@@ -199,10 +201,11 @@ class BulkKsm:
         """
         chain = self.chains[c]
         now = int(self.now_ms)
-        if not prune or now < chain.prune_time + self.stable_node_chains_prune_millisecs:
+        prune_time = self.chain_cols.prune_time
+        if not prune or now < prune_time[chain.id] + self.stable_node_chains_prune_millisecs:
             prune = False
         else:
-            chain.prune_time = now
+            prune_time[chain.id] = now
         count = self.nodes.count
         found, found_len = -1, 0
         dups, open_dups = chain.dups, chain.open
@@ -554,6 +557,8 @@ class BulkKsm:
                 full_alive = nodes.count[d] >= self.max_page_sharing and not self.stale(d)
                 vm_bug_on(not full_alive and d not in chain.open,
                           f"bulk: dup {d} of chain {c} has room or a freed page but is closed")
-            vm_bug_on(self.chain_cols.head[chain.id] != chain.dups[0]
-                      or self.chain_cols.ndups[chain.id] != len(chain.dups),
+            head = chain.dups[0]
+            vm_bug_on(self.chain_cols.head[chain.id] != head
+                      or self.chain_cols.ndups[chain.id] != len(chain.dups)
+                      or self.chain_cols.others_open[chain.id] != len(chain.open - {head}),
                       f"bulk: chain {c} and its columns disagree")

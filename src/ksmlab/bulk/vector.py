@@ -259,22 +259,28 @@ class VectorKsm(BulkKsm):
         """Groups whose every page stable_tree_search would send to the same KSM page.
 
         That is the content's regular node, or the first dup of its chain when
-        no prune is due (the search then takes the first dup with room), if
-        that node's page is alive and it has room for the whole group.  The
-        node is left in ``self._target``.
+        no prune is due (the search then takes the first dup with room) or
+        every other dup is full (a prune then finds nothing better, and only
+        records its time), if that node's page is alive and it has room for
+        the whole group.  The node is left in ``self._target``.
         """
         stable = self.ctab.stable[gc].astype(np.int64)
         chain = stable <= STABLE_CHAIN
         cid = np.where(chain, STABLE_CHAIN - stable, 0)
         cols = self.chain_cols
-        no_prune = int(self.now_ms) < cols.prune_time[cid] + self.stable_node_chains_prune_millisecs
-        chain_ok = chain & no_prune & (cols.ndups[cid] >= 2)
+        now = int(self.now_ms)
+        due = now >= cols.prune_time[cid] + self.stable_node_chains_prune_millisecs
+        # A due prune walks every dup and keeps the fullest with room: still the
+        # first dup when every other one is full with its page alive.
+        chain_ok = chain & (~due | (cols.others_open[cid] == 0)) & (cols.ndups[cid] >= 2)
         target = np.where(chain, cols.head[cid], stable)
         ok = (stable >= 0) | chain_ok
         t = np.maximum(target, 0)
         count = self.nodes.count[t]
         ok &= ((self.frames.mapcount[self.nodes.kframe[t]] > 0) & (count > 0)
                & (count + sizes <= self.max_page_sharing))
+        pruned = cid[ok & chain & due]
+        cols.prune_time[pruned] = now
         self._target = target
         return ok
 
