@@ -36,6 +36,7 @@ from rich.console import Console
 
 from ksmlab import __version__
 from ksmlab.constants import PAGE_SIZE
+from ksmlab.mm.page import CONTENT_MODES
 from ksmlab.scenario.backends import BACKENDS, BackendUnavailableError, open_backend
 from ksmlab.scenario.knobs import KNOBS, KnobValue, parse_cli_value
 from ksmlab.scenario.loader import (
@@ -193,9 +194,14 @@ def _progress(enabled: bool, sc: Scenario,
             bar.stop()
 
 
-def _execute(sc: Scenario, backend_name: str, progress: bool) -> RunResult:
+def _execute(sc: Scenario, args: argparse.Namespace) -> RunResult:
+    backend_name = args.backend
+    progress = _want_progress(args)
+    if args.content != "bytes" and backend_name != "sim":
+        raise CliError(f"ksmlab: --content {args.content} applies to the model "
+                       f"(--backend sim) only: the real kernel keeps real bytes", EXIT_INVALID)
     try:
-        backend = open_backend(backend_name)
+        backend = open_backend(backend_name, args.content)
     except BackendUnavailableError as e:
         raise CliError(f"ksmlab: the {backend_name} backend is unavailable: {e}",
                        EXIT_UNAVAILABLE) from None
@@ -227,7 +233,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     plot = _output_arg("--plot", args.plot)
     html = _output_arg("--html", args.html)
     sc = _load(args)
-    result = _execute(sc, args.backend, _want_progress(args))
+    result = _execute(sc, args)
     if args.json:
         from ksmlab.report.document import to_document
 
@@ -294,7 +300,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     assert png_path is not None
     html_path = _output_arg("--html", args.html or str(png_path.with_suffix(".html")))
     if result is None:
-        result = _execute(sc, args.backend, _want_progress(args))
+        result = _execute(sc, args)
     _write_outputs(result, None, png_path, html_path)
     print(f"wrote {png_path} and {html_path}")
     if not result.ok:
@@ -412,6 +418,10 @@ def _add_scenario_options(p: argparse.ArgumentParser) -> None:
                    help="sim: the model, in virtual time (default); linux: this machine's "
                         "kernel, in real time (root and CONFIG_KSM needed; see "
                         "docs/linux-backend.md for what it changes)")
+    p.add_argument("--content", choices=CONTENT_MODES, default="bytes",
+                   help="how the model stores page contents: bytes (default) or fingerprint "
+                        "(a 128-bit hash per page: about 7x less memory, the same results; "
+                        "see docs/scenarios.md)")
     p.add_argument("--until", type=_duration_arg, metavar="TIME",
                    help="stop the run at TIME (e.g. 30s, 5min): later checkpoints and events "
                         "are dropped, and a checkpoint is added at TIME")

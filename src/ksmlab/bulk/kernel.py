@@ -38,6 +38,7 @@ from ksmlab.constants import (
 )
 from ksmlab.errors import ProcessExitedError, ScanStalledError, kernel_error
 from ksmlab.ksm.sysfs import ParseError, kstrtobool, kstrtoint, kstrtouint
+from ksmlab.mm.page import fingerprint
 
 NS_PER_MS = 1_000_000
 
@@ -306,6 +307,12 @@ class BulkProcess:
         self._check_alive()
         if not data:
             return
+        if len(data) == PAGE_SIZE:  # the common case of a COW storm, without arrays
+            row = int(self._rows(addr, PAGE_SIZE)[0])
+            cid = self.kernel.contents.intern(fingerprint(bytes(data)))
+            self.kernel.ksm.sync_contents()
+            self._write_one(row, cid)
+            return
         ids = self.kernel.contents.of_pages(bytes(data))
         self.write_contents(addr, np.asarray(ids, dtype=np.int64))
 
@@ -335,13 +342,20 @@ class BulkProcess:
     def _write_one(self, row: int, cid: int) -> None:
         """write_contents for one page, without array overheads (a COW storm is many of these)."""
         ksm = self.kernel.ksm
+        frames = ksm.frames
         f = int(ksm.pages.frame[row])
-        if f >= 0 and ksm.frames.knode[f] < 0 and ksm.frames.mapcount[f] == 1:
-            ksm.frames.content[f] = cid
-            return
         if f >= 0:
-            ksm.unmap(np.array([f]))
-        ksm.pages.frame[row] = ksm.new_frames(np.array([cid]))[0]
+            knode = int(frames.knode[f])
+            if knode < 0 and frames.mapcount[f] == 1:
+                frames.content[f] = cid  # an exclusive ordinary page is written in place
+                return
+            frames.mapcount[f] -= 1
+            if knode >= 0 and frames.mapcount[f] == 0:
+                ksm.reopen(np.array([knode]))
+        new = frames.append(1)
+        frames.content[new] = cid
+        frames.mapcount[new] = 1
+        ksm.pages.frame[row] = new
 
     def madvise(self, addr: int, length: int, advice: int) -> None:
         """MADV_MERGEABLE or MADV_UNMERGEABLE on mapped memory."""

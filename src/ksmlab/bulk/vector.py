@@ -274,7 +274,7 @@ class VectorKsm(BulkKsm):
         # first dup when every other one is full with its page alive.
         chain_ok = chain & (~due | (cols.others_open[cid] == 0)) & (cols.ndups[cid] >= 2)
         target = np.where(chain, cols.head[cid], stable)
-        ok = (stable >= 0) | chain_ok
+        ok: npt.NDArray[np.bool_] = (stable >= 0) | chain_ok
         t = np.maximum(target, 0)
         count = self.nodes.count[t]
         ok &= ((self.frames.mapcount[self.nodes.kframe[t]] > 0) & (count > 0)

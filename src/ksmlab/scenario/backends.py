@@ -14,6 +14,7 @@ from typing import Literal, Protocol
 
 from ksmlab.api import Kernel
 from ksmlab.kernel import SimKernel
+from ksmlab.mm.page import ContentMode
 from ksmlab.scenario import host
 
 BackendName = Literal["sim", "linux"]
@@ -54,8 +55,8 @@ class SimBackend:
 
     name: BackendName = "sim"
 
-    def __init__(self) -> None:
-        self.sim = SimKernel(trace=False)
+    def __init__(self, content: ContentMode = "bytes") -> None:
+        self.sim = SimKernel(trace=False, content=content)
         self.kernel: Kernel = self.sim
         self._t0 = 0
         self._cpu0 = 0
@@ -80,7 +81,9 @@ class SimBackend:
         return self.sim.ksmd_cpu_ns - self._cpu0
 
     def describe(self) -> str:
-        """The model's name."""
+        """The model's name (and its content mode, when not the default)."""
+        if self.sim.content == "fingerprint":
+            return "SimKernel (model, fingerprint content)"
         return "SimKernel (model)"
 
     def close(self) -> None:
@@ -143,15 +146,18 @@ class LinuxBackend:
         self.kernel.close()
 
 
-def open_backend(name: str) -> Backend:
-    """A new backend by name (``sim`` or ``linux``).
+def open_backend(name: str, content: ContentMode = "bytes") -> Backend:
+    """A new backend by name (``sim`` or ``linux``); *content* is the model's content mode.
 
     Raises:
         BackendUnavailableError: the Linux backend cannot run here.
-        ValueError: unknown name.
+        ValueError: unknown name, or a content mode for the real kernel.
     """
+    if name != "sim" and content != "bytes":
+        msg = f"content={content!r} applies to the model (the sim backend) only"
+        raise ValueError(msg)
     if name == "sim":
-        return SimBackend()
+        return SimBackend(content)
     if name == "linux":
         return LinuxBackend()
     msg = f"unknown backend {name!r} (expected one of {', '.join(BACKENDS)})"

@@ -37,6 +37,8 @@ from ksmlab.constants import (
     PR_SET_MEMORY_MERGE,
 )
 from ksmlab.errors import ScanStalledError
+from ksmlab.kernel import SimProcess
+from ksmlab.mm.page import ZERO_FINGERPRINT, fingerprint
 from ksmlab.scenario.backends import Backend
 from ksmlab.scenario.content import ZERO_PAGE, ContentSource
 from ksmlab.scenario.knobs import KNOBS, WRITE_ORDER, read_knob
@@ -372,9 +374,18 @@ class Runner:
         addr = inst.addrs[mapping] + page * PAGE_SIZE
         if data == "zero":
             inst.proc.write(addr, ZERO_PAGE)
+            return
+        off = rng.randrange(PAGE_SIZE - nbytes + 1)
+        chunk = rng.randbytes(nbytes)
+        if isinstance(inst.proc, SimProcess) and inst.proc.kernel.content == "fingerprint":
+            # Model choice: no bytes are kept, so the new content is named by
+            # what made it (the old content, where, what): pages become equal
+            # exactly when they got the same write on the same content.
+            old = inst.proc.fingerprints(addr, PAGE_SIZE)[0] or ZERO_FINGERPRINT
+            new = fingerprint(b"ksmlab write" + old + off.to_bytes(2, "little") + chunk)
+            inst.proc.write_fingerprints(addr, [new])
         else:
-            off = rng.randrange(PAGE_SIZE - nbytes + 1)
-            inst.proc.write(addr + off, rng.randbytes(nbytes))
+            inst.proc.write(addr + off, chunk)
 
     def _start_activity(self, t_ns: int, a: WriteActivity) -> None:
         group = self.groups.get(a.process.group, [])
