@@ -21,6 +21,7 @@ simulated page.  Every size runs in a fresh process so peak RSS is its own::
     python bench/bulk_scaling.py                        # 1, 2, 4, ... 1024 GiB
     python bench/bulk_scaling.py --gib 1 8 64           # chosen sizes
     python bench/bulk_scaling.py --json results.json --plot docs/bulk-scaling.png
+    python bench/bulk_scaling.py --from-json results.json --plot scaling.png   # redraw
 
 Timings are printed, never asserted; docs/performance.md records results.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -127,9 +129,11 @@ def plot(rows: list[dict[str, object]], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     gib = [float(str(r["gib"])) for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+
     ax1.loglog(gib, [float(str(r["merge_cpu_s"])) for r in rows], "o-", base=2,
                label="bulk engine, 2 full scans")
     ax1.loglog(gib, [15 * 60 * g / 1024 for g in gib], ":", base=2, color="grey",
@@ -146,6 +150,12 @@ def plot(rows: list[dict[str, object]], path: str) -> None:
     ax2.set_ylabel("bytes per simulated page")
     ax2.set_ylim(bottom=0)
     ax2.legend()
+    size = FuncFormatter(lambda v, _p: f"{v / 1024:g} TiB" if v >= 1024 else f"{v:g} GiB")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(FixedLocator([g for g in gib if math.log2(g) % 2 == 0]))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(size)
+    ax1.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
     fig.suptitle("ksmlab bulk engine: 1 GiB guests, 10% zero, 20% common image, 5% pairs")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -157,8 +167,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="host sizes in GiB (one 1 GiB guest per GiB)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="write a PNG of the scaling curves here")
+    ap.add_argument("--from-json", metavar="FILE",
+                    help="do not run: draw --plot from the results a previous --json wrote")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child process mode
     args = ap.parse_args(argv)
+    if args.from_json:
+        if not args.plot:
+            ap.error("--from-json needs --plot")
+        with open(args.from_json) as f:
+            plot(json.load(f), args.plot)
+        return 0
     if args.one:
         print(json.dumps(one(args.one)), flush=True)
         return 0

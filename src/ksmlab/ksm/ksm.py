@@ -56,7 +56,7 @@ from ksmlab.constants import (
     VM_SHARED,
     VM_SPECIAL,
 )
-from ksmlab.errors import vm_bug_on
+from ksmlab.errors import ModelInvariantError, vm_bug_on
 from ksmlab.ksm.advisor import (
     DEFAULT_PAGES_TO_SCAN,
     AdvisorCtx,
@@ -202,7 +202,8 @@ class KsmCore:
 
     def free_rmap_item(self, item: RmapItem) -> None:
         """``free_rmap_item``."""
-        vm_bug_on(item.state is not RmapState.NONE, f"freeing {item!r} still in a tree")
+        if item.state is not RmapState.NONE:  # hot path: format only on failure
+            raise ModelInvariantError(f"freeing {item!r} still in a tree")
         self.rmap_items -= 1
         item.mm.ksm_rmap_items -= 1
 
@@ -341,7 +342,8 @@ class KsmCore:
             # The unstable root was reset at the start of this full scan, so only
             # an item inserted during this scan is still linked in the tree.
             age = (self.scan.seqnr - item.seqnr) & SEQNR_MASK
-            vm_bug_on(age > 1, f"{item!r} left in the unstable tree for {age} scans")
+            if age > 1:  # hot path: format only on failure
+                raise ModelInvariantError(f"{item!r} left in the unstable tree for {age} scans")
             if age == 0:
                 rb_erase(item, self.root_unstable_tree[item.nid])
             self.pages_unshared -= 1

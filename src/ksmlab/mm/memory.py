@@ -15,7 +15,7 @@ from collections.abc import Callable
 from enum import Enum
 
 from ksmlab.constants import PAGE_SHIFT, PAGE_SIZE, VM_EXEC, VM_READ, VM_SHARED, VM_WRITE
-from ksmlab.errors import vm_bug_on
+from ksmlab.errors import ModelInvariantError, vm_bug_on
 from ksmlab.mm.mm_types import AnonVma, MmStruct, Vma
 from ksmlab.mm.page import Frame, PhysMem
 
@@ -80,7 +80,8 @@ class Memory:
             self.on_ksm_zero_unmap(mm)
         elif not frame.zero:
             frame.mapcount -= 1
-            vm_bug_on(frame.mapcount < 0, f"negative mapcount on {frame!r}")
+            if frame.mapcount < 0:  # hot path: the message is formatted only on failure
+                raise ModelInvariantError(f"negative mapcount on {frame!r}")
             if frame.mapcount == 0 and frame.anon:
                 self.phys.free(frame)
 
