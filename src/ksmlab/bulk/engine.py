@@ -419,8 +419,8 @@ class BulkKsm:
         """No mm is registered."""
         return self.head.next is self.head
 
-    def scan_mm(self, mm: BulkMm, budget: int) -> tuple[int, bool]:
-        """Visit up to *budget* pages of *mm* from the cursor, page by page.
+    def walk_mm(self, mm: BulkMm, budget: int) -> tuple[int, bool]:
+        """Visit up to *budget* pages of *mm* from the cursor, a window of rows at a time.
 
         Returns (pages visited, whether the end of the mm was reached).  Items
         of pages passed over are freed on the way, as get_next_rmap_item and
@@ -434,14 +434,31 @@ class BulkKsm:
                 self.address = seg.addr
             i = (self.address - seg.addr) >> PAGE_SHIFT
             while i < seg.pages:
-                g = seg.row + i
-                i += 1
+                want = budget - done
+                visited, used = self.scan_window(seg.row + i, self.window(want, seg.pages - i),
+                                                 want)
+                done += visited
+                i += used
                 self.address = seg.addr + (i << PAGE_SHIFT)
-                if self.visit_row(g):
-                    done += 1
-                    if done == budget:
-                        return done, False
+                if done == budget:
+                    return done, False
         return done, True
+
+    def window(self, want: int, rest: int) -> int:
+        """Rows to hand to scan_window when *want* visits are due and *rest* rows remain."""
+        return rest
+
+    def scan_window(self, first: int, width: int, want: int) -> tuple[int, int]:
+        """Visit rows from *first* (at most *width*) until *want* visits, page by page.
+
+        Returns (visits, rows passed); the cursor stops just after the last visit.
+        """
+        done = used = 0
+        while used < width and done < want:
+            if self.visit_row(first + used):
+                done += 1
+            used += 1
+        return done, used
 
     def visit_row(self, g: int) -> bool:
         """What ksmd does at page *g* as its cursor passes; True if the page counts as scanned.
@@ -463,10 +480,6 @@ class BulkKsm:
             return False
         self.cmp_and_merge_page(g, f)
         return True
-
-    def walk_mm(self, mm: BulkMm, budget: int) -> tuple[int, bool]:
-        """The walk ksm_do_scan uses: :meth:`scan_mm` here, the batch path in a subclass."""
-        return self.scan_mm(mm, budget)
 
     def has_mergeable(self, mm: BulkMm) -> bool:
         """Whether some mapping of *mm* carries VM_MERGEABLE."""

@@ -41,8 +41,6 @@ from ksmlab.bulk.columns import (
 )
 from ksmlab.bulk.content import ZERO_CONTENT
 from ksmlab.bulk.engine import BulkKsm, skip_age
-from ksmlab.bulk.mm import BulkMm
-from ksmlab.constants import PAGE_SHIFT
 from ksmlab.errors import vm_bug_on
 
 Rows = npt.NDArray[np.int64]
@@ -60,36 +58,15 @@ class VectorKsm(BulkKsm):
     _target: Rows = np.zeros(0, np.int64)
     """Scratch: the node each group goes to (set by _room_for_all)."""
 
-    def walk_mm(self, mm: BulkMm, budget: int) -> tuple[int, bool]:
-        """Visit up to *budget* pages of *mm* from the cursor, a window at a time."""
-        done = 0
-        for seg in mm.segments:
-            if seg.end <= self.address:
-                continue
-            if self.address < seg.addr:
-                self.address = seg.addr
-            i = (self.address - seg.addr) >> PAGE_SHIFT
-            while i < seg.pages:
-                want = budget - done
-                width = min(seg.pages - i, max(self.min_window, want + want // 4))
-                visited, used = self.scan_window(seg.row + i, width, want)
-                done += visited
-                i += used
-                self.address = seg.addr + (i << PAGE_SHIFT)
-                if done == budget:
-                    return done, False
-        return done, True
-
-    def _slow(self, first: int, width: int, want: int) -> tuple[int, int]:
-        done = used = 0
-        while used < width and done < want:
-            if self.visit_row(first + used):
-                done += 1
-            used += 1
-        return done, used
+    def window(self, want: int, rest: int) -> int:
+        """A little more than the budget: enough rows for *want* visits in most windows."""
+        return min(rest, max(self.min_window, want + want // 4))
 
     def scan_window(self, first: int, width: int, want: int) -> tuple[int, int]:
-        """Handle rows from *first* (at most *width*) until *want* visits; return (visits, rows)."""
+        """Handle rows from *first* (at most *width*) until *want* visits; return (visits, rows).
+
+        Falls back to the per-page loop where a window holds a shared frame.
+        """
         pages, frames = self.pages, self.frames
         sl = slice(first, first + width)
         frame = pages.frame[sl]
@@ -99,7 +76,7 @@ class VectorKsm(BulkKsm):
         if bool((elig & ~ksm & (frames.mapcount[f] > 1)).any()):
             # A frame other pages map too (fork): one page's merge can change
             # what ksmd sees at another, so take the exact per-page walk.
-            return self._slow(first, width, want)
+            return super().scan_window(first, width, want)
         state = pages.state[sl]
         absent = state == ABSENT
         if self.smart_scan:
@@ -127,7 +104,8 @@ class VectorKsm(BulkKsm):
                 content != ZERO_CONTENT)
         odd = np.flatnonzero(irregular)
         if len(odd) > cut // 8 + 16:
-            vm_bug_on(self._slow(first, cut, want) != (visited, cut), "bulk: window miscounted")
+            vm_bug_on(super().scan_window(first, cut, want) != (visited, cut),
+                      "bulk: window miscounted")
             return visited, cut
         start = 0
         for j in odd.tolist():
