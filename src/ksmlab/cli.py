@@ -167,7 +167,7 @@ def _progress(enabled: bool, sc: Scenario,
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True, force_terminal=True)
-    unit = "virtual" if backend == "sim" else "real"
+    unit = "real" if backend == "linux" else "virtual"
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                    TextColumn("{task.fields[when]}"), TextColumn("full scans: {task.fields[scans]}"),
                    TextColumn("checkpoints: {task.fields[cps]}"), TimeElapsedColumn(),
@@ -198,8 +198,10 @@ def _execute(sc: Scenario, args: argparse.Namespace) -> RunResult:
     backend_name = args.backend
     progress = _want_progress(args)
     if args.content != "bytes" and backend_name != "sim":
-        raise CliError(f"ksmlab: --content {args.content} applies to the model "
-                       f"(--backend sim) only: the real kernel keeps real bytes", EXIT_INVALID)
+        why = ("the real kernel keeps real bytes" if backend_name == "linux"
+               else "the bulk engine always keeps fingerprints")
+        raise CliError(f"ksmlab: --content {args.content} applies to --backend sim only: "
+                       f"{why}", EXIT_INVALID)
     try:
         backend = open_backend(backend_name, args.content)
     except BackendUnavailableError as e:
@@ -417,7 +419,8 @@ def _add_scenario_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="sim",
                    help="sim: the model, in virtual time (default); linux: this machine's "
                         "kernel, in real time (root and CONFIG_KSM needed; see "
-                        "docs/linux-backend.md for what it changes)")
+                        "docs/linux-backend.md for what it changes); bulk: the model's bulk "
+                        "engine, for hosts of many GiB (no prctl or advisor; see docs/bulk.md)")
     p.add_argument("--content", choices=CONTENT_MODES, default="bytes",
                    help="how the model stores page contents: bytes (default) or fingerprint "
                         "(a 128-bit hash per page: about 7x less memory, the same results; "

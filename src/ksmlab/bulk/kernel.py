@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ksmlab.bulk.columns import ABSENT, KSM_ZERO, NO_FRAME, STABLE
-from ksmlab.bulk.content import ContentTable
+from ksmlab.bulk.content import ZERO_CONTENT, ContentTable
 from ksmlab.bulk.engine import BulkKsm
 from ksmlab.bulk.mm import BulkMm, Segment
 from ksmlab.bulk.vector import VectorKsm
@@ -64,7 +64,7 @@ class BulkSysfs:
     def __getitem__(self, name: str) -> str:
         ksm = self._k.ksm
         if name in _COUNTERS:
-            return str(ksm.counters()[name])
+            return str(self._k.counters()[name])
         if name == "merge_across_nodes":
             return "1"
         if name in _WRITABLE:
@@ -73,6 +73,7 @@ class BulkSysfs:
 
     def __setitem__(self, name: str, value: str) -> None:
         ksm = self._k.ksm
+        self._k.changes += 1
         if name in _COUNTERS:
             raise kernel_error(errno.EACCES, f"{name} is read-only")
         if name not in _WRITABLE:
@@ -143,6 +144,9 @@ class BulkKernel:
         self._next_pid = 1000  # SimKernel's first pid
         self.processes: dict[int, BulkProcess] = {}
         self.sysfs = BulkSysfs(self)
+        self.changes = 0
+        """Bumped by every call that can change the counters outside ksmd's batches."""
+        self._counters: tuple[tuple[int, int, int], dict[str, int]] | None = None
 
     def __enter__(self) -> Self:
         return self
@@ -152,6 +156,13 @@ class BulkKernel:
 
     def close(self) -> None:
         """Nothing to release: the machine is plain memory."""
+
+    def counters(self) -> dict[str, int]:
+        """The sysfs counters, counted once per state (a report reads many at a time)."""
+        key = (self.changes, self.ksm.pages_scanned, self.ksm.full_scans)
+        if self._counters is None or self._counters[0] != key:
+            self._counters = (key, self.ksm.counters())
+        return self._counters[1]
 
     def reserve(self, *, pages: int = 0, frames: int = 0, contents: int = 0) -> None:
         """Allocate room for this many pages, frames and contents up front.
@@ -278,6 +289,7 @@ class BulkProcess:
     def _check_alive(self) -> None:
         if not self.alive:
             raise ProcessExitedError(f"process {self.pid} has exited")
+        self.kernel.changes += 1  # every call may change what the counters count
 
     def mmap(self, length: int, prot: int = PROT_READ | PROT_WRITE,
              flags: int = MAP_PRIVATE | MAP_ANONYMOUS, **kwargs: object) -> int:
@@ -413,6 +425,36 @@ class BulkProcess:
             k.ksm.unmap(k.ksm.pages.frame[sl])
             k.ksm.pages.frame[sl] = NO_FRAME
         del k.processes[self.pid]
+
+    def content_ids(self, addr: int, length: int) -> list[int | None]:
+        """The content id of each page in [addr, addr+length); None where nothing is mapped
+        (``KSM_ZERO`` pages hold the zero content)."""
+        self._check_alive()
+        frames = self.kernel.ksm.frames
+        return [None if f == NO_FRAME else ZERO_CONTENT if f == KSM_ZERO
+                else int(frames.content[f])
+                for f in self.kernel.ksm.pages.frame[self._rows(addr, length)].tolist()]
+
+    def _unmodelled(self, call: str) -> NotImplementedError:
+        return NotImplementedError(f"{call} is not modelled by the bulk engine "
+                                   f"(see docs/bulk.md); use SimKernel")
+
+    def munmap(self, addr: int, length: int) -> None:
+        """Not modelled: raises NotImplementedError."""
+        raise self._unmodelled("munmap")
+
+    def mprotect(self, addr: int, length: int, prot: int) -> None:
+        """Not modelled: raises NotImplementedError."""
+        raise self._unmodelled("mprotect")
+
+    def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0,
+              arg5: int = 0) -> int:
+        """Not modelled (PR_SET_MEMORY_MERGE and the rest): raises NotImplementedError."""
+        raise self._unmodelled("prctl")
+
+    def read(self, addr: int, length: int, *, force: bool = False) -> bytes:
+        """Not modelled (no page bytes are kept): raises NotImplementedError."""
+        raise self._unmodelled("read (the engine keeps no page bytes)")
 
     def ksm_stat(self) -> dict[str, int | bool]:
         """``/proc/PID/ksm_stat``."""

@@ -1,7 +1,9 @@
-"""The two machines a scenario runs on, behind one small clock interface.
+"""The machines a scenario runs on, behind one small clock interface.
 
 :class:`SimBackend` wraps the model (:class:`~ksmlab.SimKernel`): time is
-virtual, ksmd's CPU time is the model's cost estimate.  :class:`LinuxBackend`
+virtual, ksmd's CPU time is the model's cost estimate.  :class:`BulkBackend`
+wraps the bulk engine (:class:`~ksmlab.bulk.BulkKernel`), the same on
+numpy columns, for big hosts.  :class:`LinuxBackend`
 wraps :class:`~ksmlab.backends.linux.LinuxKernel`: time is the wall clock
 (advancing means sleeping while the real ksmd works), ksmd's CPU time is read
 from ``/proc/<pid of ksmd>/stat``.
@@ -17,8 +19,8 @@ from ksmlab.kernel import SimKernel
 from ksmlab.mm.page import ContentMode
 from ksmlab.scenario import host
 
-BackendName = Literal["sim", "linux"]
-BACKENDS: tuple[BackendName, ...] = ("sim", "linux")
+BackendName = Literal["sim", "linux", "bulk"]
+BACKENDS: tuple[BackendName, ...] = ("sim", "linux", "bulk")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -91,6 +93,47 @@ class SimBackend:
         self.sim.close()
 
 
+class BulkBackend:
+    """The bulk engine: the model on numpy columns, deterministic, virtual time."""
+
+    name: BackendName = "bulk"
+
+    def __init__(self) -> None:
+        from ksmlab.bulk import BulkKernel
+
+        self.bulk = BulkKernel()
+        self.kernel: Kernel = self.bulk  # type: ignore[assignment]
+        self._t0 = 0
+        self._cpu0 = 0
+
+    def start_clock(self) -> None:
+        """Time 0 is now."""
+        self._t0 = self.bulk.now_ns
+        self._cpu0 = self.bulk.ksmd_cpu_ns
+
+    def now_ns(self) -> int:
+        """Virtual nanoseconds since the start."""
+        return self.bulk.now_ns - self._t0
+
+    def advance_to(self, t_ns: int) -> None:
+        """Run the engine's ksmd until virtual time *t_ns*."""
+        delta = t_ns - self.now_ns()
+        if delta > 0:
+            self.bulk.advance(delta / 1_000_000)
+
+    def ksmd_cpu_ns(self) -> int:
+        """The cost model's estimate of ksmd's CPU time since the start (SimKernel's)."""
+        return self.bulk.ksmd_cpu_ns - self._cpu0
+
+    def describe(self) -> str:
+        """The engine's name."""
+        return "BulkKernel (model, bulk engine)"
+
+    def close(self) -> None:
+        """Nothing to release."""
+        self.bulk.close()
+
+
 class LinuxBackend:
     """The running kernel's KSM (root, CONFIG_KSM); time is real time."""
 
@@ -147,7 +190,7 @@ class LinuxBackend:
 
 
 def open_backend(name: str, content: ContentMode = "bytes") -> Backend:
-    """A new backend by name (``sim`` or ``linux``); *content* is the model's content mode.
+    """A new backend by name (``sim``, ``linux`` or ``bulk``); *content* is SimKernel's content mode.
 
     Raises:
         BackendUnavailableError: the Linux backend cannot run here.
@@ -158,11 +201,13 @@ def open_backend(name: str, content: ContentMode = "bytes") -> Backend:
         raise ValueError(msg)
     if name == "sim":
         return SimBackend(content)
+    if name == "bulk":
+        return BulkBackend()
     if name == "linux":
         return LinuxBackend()
     msg = f"unknown backend {name!r} (expected one of {', '.join(BACKENDS)})"
     raise ValueError(msg)
 
 
-__all__ = ["BACKENDS", "Backend", "BackendName", "BackendUnavailableError", "LinuxBackend",
-           "SimBackend", "open_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendName", "BackendUnavailableError", "BulkBackend",
+           "LinuxBackend", "SimBackend", "open_backend"]
