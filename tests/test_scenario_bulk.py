@@ -10,10 +10,13 @@ from typing import Any
 
 import pytest
 
+from ksmlab.constants import PAGE_SIZE
+from ksmlab.mm.page import fingerprint
 from ksmlab.report.document import to_document
 from ksmlab.scenario.backends import BulkBackend, SimBackend
+from ksmlab.scenario.content import ContentSource
 from ksmlab.scenario.loader import load_builtin, load_scenario
-from ksmlab.scenario.model import Scenario
+from ksmlab.scenario.model import Content, Scenario
 from ksmlab.scenario.runner import RunError, run_scenario
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -95,3 +98,34 @@ def test_cli_backend_bulk() -> None:
                        check=False)
     assert p.returncode == 2
     assert "bulk engine always keeps fingerprints" in p.stderr
+
+
+@pytest.mark.parametrize("content", [
+    Content("z", "zero", seed=1),
+    Content("f", "fill", seed=1, byte=0x2A, zero_fraction=0.3),
+    Content("f0", "fill", seed=1, byte=0),
+    Content("img", "image", seed=5, pages=7, offset=2, zero_fraction=0.25,
+            private_fraction=0.25),
+    Content("r", "random", seed=9, zero_fraction=0.5),
+], ids=lambda c: c.name)
+def test_fingerprints_are_those_of_the_built_bytes(content: Content) -> None:
+    """The bulk engine's fill path (no bytes) names exactly the pages build() makes:
+    each page's fingerprint, and None where build() makes a page of random bytes."""
+    data = ContentSource().build(content, 40, "p[0].m")
+    pages = [data[i:i + PAGE_SIZE] for i in range(0, len(data), PAGE_SIZE)]
+    fps = ContentSource().fingerprints(content, 40, "p[0].m")
+    assert len(fps) == len(pages) == 40
+    for page, fp in zip(pages, fps, strict=True):
+        if fp is None:
+            assert pages.count(page) == 1 and page != bytes(PAGE_SIZE)  # unique random
+        else:
+            assert fp == fingerprint(page)
+
+
+def test_file_pages_are_fingerprinted_from_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "disk.img"
+    f.write_bytes(bytes(PAGE_SIZE) + b"a" * PAGE_SIZE + b"b" * 100)
+    c = Content("d", "file", seed=3, path=f)
+    data = ContentSource().build(c, 6, "p[0].m")
+    assert ContentSource().fingerprints(c, 6, "p[0].m") == [
+        fingerprint(data[i:i + PAGE_SIZE]) for i in range(0, len(data), PAGE_SIZE)]

@@ -82,7 +82,7 @@ def test_cli_refuses_content_with_linux_backend() -> None:
                         "--content", "fingerprint"], capture_output=True, text=True,
                        check=False)
     assert p.returncode == 2
-    assert "--content fingerprint applies to the model" in p.stderr
+    assert "--content fingerprint applies to --backend sim only" in p.stderr
 
 
 def test_cli_run_with_fingerprint_content() -> None:

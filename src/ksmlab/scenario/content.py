@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
 
 from ksmlab.constants import PAGE_SIZE
+from ksmlab.mm.page import ZERO_FINGERPRINT, fingerprint
 from ksmlab.scenario.model import Content
 
 ZERO_PAGE = bytes(PAGE_SIZE)
@@ -33,6 +35,7 @@ class ContentSource:
         self._images: dict[str, tuple[random.Random, list[bytes]]] = {}
         self._files: dict[str, tuple[int, int]] = {}
         self._extra: dict[str, tuple[random.Random, list[int]]] = {}
+        self._image_fps: dict[str, tuple[random.Random, list[bytes]]] = {}
 
     def close(self) -> None:
         """Close the content files."""
@@ -81,8 +84,9 @@ class ContentSource:
             return self._file_page(c, c.offset + i)
         return None
 
-    def build(self, c: Content, pages: int, instance: str) -> bytes:
-        """The *pages* pages of content *c* for the mapping instance named *instance*.
+    def _layout(self, c: Content, pages: int, instance: str) -> Iterator[bytes | int | None]:
+        """Page by page: None for a zero page, the bytes of a page of the instance's
+        own, or the index of the content's page to use.
 
         *instance* (e.g. ``"guest[3].ram"``) seeds the instance's private and
         zero page choice, so every instance differs from the others and from
@@ -90,20 +94,67 @@ class ContentSource:
         """
         rng = random.Random(f"{c.seed}:{instance}")
         zf, pf = c.zero_fraction, c.private_fraction
-        fill = bytes([c.byte]) * PAGE_SIZE if c.kind == "fill" else None
-        out: list[bytes] = []
+        unique = c.kind not in ("zero", "fill", "image", "file")  # random pages
         for i in range(pages):
             if zf or pf:
                 u = rng.random()
                 if u < zf:
-                    out.append(ZERO_PAGE)
+                    yield None
                     continue
                 if u < zf + pf:
-                    out.append(rng.randbytes(PAGE_SIZE))
+                    yield rng.randbytes(PAGE_SIZE)
                     continue
-            page = fill if fill is not None else self.base_page(c, i)
-            out.append(rng.randbytes(PAGE_SIZE) if page is None else page)
+            yield rng.randbytes(PAGE_SIZE) if unique else i
+
+    def build(self, c: Content, pages: int, instance: str) -> bytes:
+        """The *pages* pages of content *c* for the mapping instance named *instance*."""
+        fill = bytes([c.byte]) * PAGE_SIZE if c.kind == "fill" else None
+        out: list[bytes] = []
+        for x in self._layout(c, pages, instance):
+            if x is None:
+                out.append(ZERO_PAGE)
+            elif isinstance(x, bytes):
+                out.append(x)
+            else:
+                page = fill if fill is not None else self.base_page(c, x)
+                assert page is not None
+                out.append(page)
         return b"".join(out)
+
+    def fingerprints(self, c: Content, pages: int, instance: str) -> list[bytes | None]:
+        """What :meth:`build` makes, as page fingerprints; None for a page of the
+        instance's own (random bytes: a page like no other).
+
+        Image pages are fingerprinted once per content and not kept as bytes,
+        so a machine that stores fingerprints (the bulk engine) is filled
+        without holding gigabytes of page bytes.
+        """
+        same: bytes | None = None  # a zero or fill content's one page
+        out: list[bytes | None] = []
+        for x in self._layout(c, pages, instance):
+            if x is None:
+                out.append(ZERO_FINGERPRINT)
+            elif isinstance(x, bytes):
+                out.append(None)
+            elif c.kind == "image":
+                out.append(self._image_fingerprint(c, x))
+            elif c.kind == "file":
+                out.append(fingerprint(self._file_page(c, c.offset + x)))
+            else:
+                if same is None:
+                    page = self.base_page(c, x)
+                    assert page is not None
+                    same = fingerprint(page)
+                out.append(same)
+        return out
+
+    def _image_fingerprint(self, c: Content, i: int) -> bytes:
+        index = c.offset + i
+        index = index % c.pages if c.pages else index
+        rng, fps = self._image_fps.setdefault(c.name, (random.Random(c.seed), []))
+        while len(fps) <= index:
+            fps.append(fingerprint(rng.randbytes(PAGE_SIZE)))
+        return fps[index]
 
 
 __all__ = ["ZERO_PAGE", "ContentSource"]

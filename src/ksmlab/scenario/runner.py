@@ -316,9 +316,16 @@ class Runner:
                 length = m.pages * PAGE_SIZE
                 addr = proc.mmap(length)
                 inst.addrs[m.name] = addr
-                data = self.content.build(self.sc.contents[m.content], m.pages,
-                                          f"{g.name}[{i}].{m.name}")
-                proc.write(addr, data)
+                content, where = self.sc.contents[m.content], f"{g.name}[{i}].{m.name}"
+                if isinstance(proc, BulkProcess):
+                    # No bytes needed: fingerprints, and fresh ids for private pages.
+                    table = proc.kernel.contents
+                    fps = self.content.fingerprints(content, m.pages, where)
+                    fresh = iter(table.fresh(sum(fp is None for fp in fps)).tolist())
+                    proc.write_contents(addr, [next(fresh) if fp is None else table.intern(fp)
+                                               for fp in fps])
+                else:
+                    proc.write(addr, self.content.build(content, m.pages, where))
                 if m.mergeable:
                     proc.madvise(addr, length, MADV_MERGEABLE)
             instances.append(inst)
