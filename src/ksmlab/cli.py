@@ -423,8 +423,8 @@ def _add_scenario_options(p: argparse.ArgumentParser) -> None:
                         "engine, for hosts of many GiB (no prctl or advisor; see docs/bulk.md)")
     p.add_argument("--content", choices=CONTENT_MODES, default="bytes",
                    help="how the model stores page contents: bytes (default) or fingerprint "
-                        "(a 128-bit hash per page: about 7x less memory, the same results; "
-                        "see docs/scenarios.md)")
+                        "(a 128-bit hash per page: about 7x less memory; the same results "
+                        "until pages are rewritten while ksmd scans, see docs/cli.md)")
     p.add_argument("--until", type=_duration_arg, metavar="TIME",
                    help="stop the run at TIME (e.g. 30s, 5min): later checkpoints and events "
                         "are dropped, and a checkpoint is added at TIME")
@@ -466,8 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "init`)\nand print, per checkpoint: pages_shared, pages_sharing, "
                     "pages_unshared,\npages_volatile, ksm_zero_pages, general_profit (memory "
                     "saved, in binary units),\nfull scans, time and ksmd's CPU time. On the "
-                    "model (--backend sim) time is\nvirtual and ksmd's CPU time is the model's "
-                    "estimate; with --backend linux both\nare real.",
+                    "model (--backend sim or bulk) time\nis virtual and ksmd's CPU time is the "
+                    "model's estimate; with --backend linux\nboth are real.",
         epilog=EXIT_CODES)
     run.add_argument("scenario", nargs="?", metavar="SCENARIO",
                      help="scenario file (TOML); omitted: the built-in scenario")
