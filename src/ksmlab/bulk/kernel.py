@@ -146,7 +146,9 @@ class BulkKernel:
         self.sysfs = BulkSysfs(self)
         self.changes = 0
         """Bumped by every call that can change the counters outside ksmd's batches."""
-        self._counters: tuple[tuple[int, int, int], dict[str, int]] | None = None
+        self.batches = 0
+        """ksmd batches run so far (a batch that scans nothing can still free items)."""
+        self._counters: tuple[tuple[int, int], dict[str, int]] | None = None
 
     def __enter__(self) -> Self:
         return self
@@ -159,7 +161,7 @@ class BulkKernel:
 
     def counters(self) -> dict[str, int]:
         """The sysfs counters, counted once per state (a report reads many at a time)."""
-        key = (self.changes, self.ksm.pages_scanned, self.ksm.full_scans)
+        key = (self.changes, self.batches)
         if self._counters is None or self._counters[0] != key:
             self._counters = (key, self.ksm.counters())
         return self._counters[1]
@@ -205,6 +207,7 @@ class BulkKernel:
     def _ksmd_batch(self) -> None:
         assert self._wake_ns is not None
         self.now_ns = max(self.now_ns, self._wake_ns)
+        self.batches += 1
         self.ksm.now_ms = self.now_ns / NS_PER_MS
         scanned = self.ksm.ksm_do_scan(self.ksm.pages_to_scan)
         cost = self.ksmd_batch_ns + scanned * self.ksmd_page_ns
