@@ -12,12 +12,18 @@ from ``/proc/<pid of ksmd>/stat``.
 from __future__ import annotations
 
 import time
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-from ksmlab.api import Kernel
-from ksmlab.kernel import SimKernel
-from ksmlab.mm.page import ContentMode
+from ksmlab.api import Kernel, Process
+from ksmlab.constants import PAGE_SIZE
+from ksmlab.kernel import SimKernel, SimProcess
+from ksmlab.mm.page import ZERO_FINGERPRINT, ContentMode, fingerprint
 from ksmlab.scenario import host
+from ksmlab.scenario.content import ContentSource
+from ksmlab.scenario.model import Content
+
+if TYPE_CHECKING:
+    from ksmlab.bulk import BulkKernel
 
 BackendName = Literal["sim", "linux", "bulk"]
 BACKENDS: tuple[BackendName, ...] = ("sim", "linux", "bulk")
@@ -45,6 +51,13 @@ class Backend(Protocol):
     def ksmd_cpu_ns(self) -> int | None:
         """ksmd's CPU time since :meth:`start_clock`, or None if it cannot be read."""
 
+    def fill(self, proc: Process, addr: int, source: ContentSource, content: Content,
+             pages: int, instance: str) -> None:
+        """Store a new mapping's content (*pages* pages of *content* for *instance*)."""
+
+    def write_into(self, proc: Process, addr: int, off: int, chunk: bytes) -> None:
+        """Write *chunk* at offset *off* of the page at *addr* (a write activity's write)."""
+
     def describe(self) -> str:
         """One line naming the machine (for reports)."""
 
@@ -52,7 +65,59 @@ class Backend(Protocol):
         """Release the kernel (the Linux backend restores the knobs)."""
 
 
-class SimBackend:
+def _fill_bytes(proc: Process, addr: int, source: ContentSource, content: Content,
+                pages: int, instance: str) -> None:
+    proc.write(addr, source.build(content, pages, instance))
+
+
+def _write_bytes(proc: Process, addr: int, off: int, chunk: bytes) -> None:
+    proc.write(addr + off, chunk)
+
+
+def derived_name(old: bytes, off: int, chunk: bytes) -> bytes:
+    """The fingerprint naming a page after a write of *chunk* at *off* into content *old*.
+
+    Model choice, for machines that keep no page bytes: the new content is
+    named by what made it, so pages become equal exactly when they got the
+    same write on the same content (as their bytes would, short of two
+    different writes giving the same bytes).
+    """
+    return fingerprint(b"ksmlab write" + old + off.to_bytes(2, "little") + chunk)
+
+
+class _VirtualBackend:
+    """What both models share: virtual time and the cost model's ksmd CPU time."""
+
+    def __init__(self, machine: SimKernel | BulkKernel) -> None:
+        self._machine = machine
+        self._t0 = 0
+        self._cpu0 = 0
+
+    def start_clock(self) -> None:
+        """Time 0 is now."""
+        self._t0 = self._machine.now_ns
+        self._cpu0 = self._machine.ksmd_cpu_ns
+
+    def now_ns(self) -> int:
+        """Virtual nanoseconds since the start."""
+        return self._machine.now_ns - self._t0
+
+    def advance_to(self, t_ns: int) -> None:
+        """Run the model's ksmd until virtual time *t_ns*."""
+        delta = t_ns - self.now_ns()
+        if delta > 0:
+            self._machine.advance(delta / 1_000_000)
+
+    def ksmd_cpu_ns(self) -> int:
+        """The model's estimate of ksmd's CPU time since the start."""
+        return self._machine.ksmd_cpu_ns - self._cpu0
+
+    def close(self) -> None:
+        """Nothing to release."""
+        self._machine.close()
+
+
+class SimBackend(_VirtualBackend):
     """The model: deterministic, virtual time."""
 
     name: BackendName = "sim"
@@ -60,27 +125,18 @@ class SimBackend:
     def __init__(self, content: ContentMode = "bytes") -> None:
         self.sim = SimKernel(trace=False, content=content)
         self.kernel: Kernel = self.sim
-        self._t0 = 0
-        self._cpu0 = 0
+        super().__init__(self.sim)
 
-    def start_clock(self) -> None:
-        """Time 0 is now."""
-        self._t0 = self.sim.now_ns
-        self._cpu0 = self.sim.ksmd_cpu_ns
+    fill = staticmethod(_fill_bytes)  # in fingerprint mode SimKernel hashes each page
 
-    def now_ns(self) -> int:
-        """Virtual nanoseconds since the start."""
-        return self.sim.now_ns - self._t0
-
-    def advance_to(self, t_ns: int) -> None:
-        """Run the model's ksmd until virtual time *t_ns*."""
-        delta = t_ns - self.now_ns()
-        if delta > 0:
-            self.sim.advance(delta / 1_000_000)
-
-    def ksmd_cpu_ns(self) -> int:
-        """The model's estimate of ksmd's CPU time since the start."""
-        return self.sim.ksmd_cpu_ns - self._cpu0
+    def write_into(self, proc: Process, addr: int, off: int, chunk: bytes) -> None:
+        """A partial write; in fingerprint mode the page gets a derived name instead."""
+        if self.sim.content != "fingerprint":
+            _write_bytes(proc, addr, off, chunk)
+            return
+        assert isinstance(proc, SimProcess)
+        old = proc.fingerprints(addr, PAGE_SIZE)[0] or ZERO_FINGERPRINT
+        proc.write_fingerprints(addr, [derived_name(old, off, chunk)])
 
     def describe(self) -> str:
         """The model's name (and its content mode, when not the default)."""
@@ -88,50 +144,44 @@ class SimBackend:
             return "SimKernel (model, fingerprint content)"
         return "SimKernel (model)"
 
-    def close(self) -> None:
-        """Nothing to release."""
-        self.sim.close()
 
-
-class BulkBackend:
+class BulkBackend(_VirtualBackend):
     """The bulk engine: the model on numpy columns, deterministic, virtual time."""
 
     name: BackendName = "bulk"
 
     def __init__(self) -> None:
-        from ksmlab.bulk import BulkKernel
+        from ksmlab.bulk import BulkKernel  # numpy: only when this backend is used
 
         self.bulk = BulkKernel()
         self.kernel: Kernel = self.bulk  # type: ignore[assignment]
-        self._t0 = 0
-        self._cpu0 = 0
+        super().__init__(self.bulk)
 
-    def start_clock(self) -> None:
-        """Time 0 is now."""
-        self._t0 = self.bulk.now_ns
-        self._cpu0 = self.bulk.ksmd_cpu_ns
+    def fill(self, proc: Process, addr: int, source: ContentSource, content: Content,
+             pages: int, instance: str) -> None:
+        """Fill from fingerprints, never page bytes; a page of the instance's own is fresh."""
+        from ksmlab.bulk import BulkProcess
 
-    def now_ns(self) -> int:
-        """Virtual nanoseconds since the start."""
-        return self.bulk.now_ns - self._t0
+        assert isinstance(proc, BulkProcess)
+        table = self.bulk.contents
+        fps = source.fingerprints(content, pages, instance)
+        fresh = iter(table.fresh(sum(fp is None for fp in fps)).tolist())
+        proc.write_contents(addr, [next(fresh) if fp is None else table.intern(fp)
+                                   for fp in fps])
 
-    def advance_to(self, t_ns: int) -> None:
-        """Run the engine's ksmd until virtual time *t_ns*."""
-        delta = t_ns - self.now_ns()
-        if delta > 0:
-            self.bulk.advance(delta / 1_000_000)
+    def write_into(self, proc: Process, addr: int, off: int, chunk: bytes) -> None:
+        """The page gets a derived name (see :func:`derived_name`)."""
+        from ksmlab.bulk import BulkProcess
+        from ksmlab.bulk.content import ZERO_CONTENT
 
-    def ksmd_cpu_ns(self) -> int:
-        """The cost model's estimate of ksmd's CPU time since the start (SimKernel's)."""
-        return self.bulk.ksmd_cpu_ns - self._cpu0
+        assert isinstance(proc, BulkProcess)
+        old = proc.content_ids(addr, PAGE_SIZE)[0] or ZERO_CONTENT
+        name = derived_name(old.to_bytes(8, "little"), off, chunk)
+        proc.write_contents(addr, [self.bulk.contents.intern(name)])
 
     def describe(self) -> str:
         """The engine's name."""
         return "BulkKernel (model, bulk engine)"
-
-    def close(self) -> None:
-        """Nothing to release."""
-        self.bulk.close()
 
 
 class LinuxBackend:
@@ -157,6 +207,9 @@ class LinuxBackend:
             raise BackendUnavailableError(str(e)) from None
         self._t0 = time.monotonic_ns()
         self._cpu0: int | None = None
+
+    fill = staticmethod(_fill_bytes)
+    write_into = staticmethod(_write_bytes)
 
     def start_clock(self) -> None:
         """Time 0 is now."""

@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from ksmlab.api import Process
-from ksmlab.bulk.content import ZERO_CONTENT
-from ksmlab.bulk.kernel import BulkProcess
 from ksmlab.constants import (
     MADV_DONTNEED,
     MADV_MERGEABLE,
@@ -39,8 +37,6 @@ from ksmlab.constants import (
     PR_SET_MEMORY_MERGE,
 )
 from ksmlab.errors import ScanStalledError
-from ksmlab.kernel import SimProcess
-from ksmlab.mm.page import ZERO_FINGERPRINT, fingerprint
 from ksmlab.scenario.backends import Backend
 from ksmlab.scenario.content import ZERO_PAGE, ContentSource
 from ksmlab.scenario.knobs import KNOBS, WRITE_ORDER, read_knob
@@ -317,15 +313,7 @@ class Runner:
                 addr = proc.mmap(length)
                 inst.addrs[m.name] = addr
                 content, where = self.sc.contents[m.content], f"{g.name}[{i}].{m.name}"
-                if isinstance(proc, BulkProcess):
-                    # No bytes needed: fingerprints, and fresh ids for private pages.
-                    table = proc.kernel.contents
-                    fps = self.content.fingerprints(content, m.pages, where)
-                    fresh = iter(table.fresh(sum(fp is None for fp in fps)).tolist())
-                    proc.write_contents(addr, [next(fresh) if fp is None else table.intern(fp)
-                                               for fp in fps])
-                else:
-                    proc.write(addr, self.content.build(content, m.pages, where))
+                self.backend.fill(proc, addr, self.content, content, m.pages, where)
                 if m.mergeable:
                     proc.madvise(addr, length, MADV_MERGEABLE)
             instances.append(inst)
@@ -389,22 +377,7 @@ class Runner:
             inst.proc.write(addr, ZERO_PAGE)
             return
         off = rng.randrange(PAGE_SIZE - nbytes + 1)
-        chunk = rng.randbytes(nbytes)
-        # Model choice: where no bytes are kept, the new content is named by
-        # what made it (the old content, where, what): pages become equal
-        # exactly when they got the same write on the same content.
-        where = off.to_bytes(2, "little") + chunk
-        proc = inst.proc
-        if isinstance(proc, SimProcess) and proc.kernel.content == "fingerprint":
-            old = proc.fingerprints(addr, PAGE_SIZE)[0] or ZERO_FINGERPRINT
-            proc.write_fingerprints(addr, [fingerprint(b"ksmlab write" + old + where)])
-        elif isinstance(proc, BulkProcess):
-            cid = proc.content_ids(addr, PAGE_SIZE)[0] or ZERO_CONTENT
-            new = proc.kernel.contents.intern(
-                fingerprint(b"ksmlab write" + cid.to_bytes(8, "little") + where))
-            proc.write_contents(addr, [new])
-        else:
-            proc.write(addr + off, chunk)
+        self.backend.write_into(inst.proc, addr, off, rng.randbytes(nbytes))
 
     def _start_activity(self, t_ns: int, a: WriteActivity) -> None:
         group = self.groups.get(a.process.group, [])
