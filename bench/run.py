@@ -96,6 +96,8 @@ class Workload:
     name: str
     build: Callable[[Kernel, int], list[tuple[Process, int]]]
     measure: Callable[[Kernel, list[tuple[Process, int]], Clock], None]
+    pages: Callable[[int], int]
+    """Pages the workload maps when the sized workloads have n pages (memory per page)."""
 
 
 def fill(k: Kernel, pages: int, content: Callable[[int], bytes]) -> list[tuple[Process, int]]:
@@ -120,13 +122,18 @@ def advise_all(procs: list[tuple[Process, int]], pages: int) -> None:
         p.madvise(a, pages * PAGE_SIZE, MADV_MERGEABLE)
 
 
+def run_ksmd(k: Kernel, scans: int = 2) -> None:
+    """Let ksmd make *scans* full scans, then stop it."""
+    k.sysfs["run"] = "1"
+    k.wait_full_scans(scans, timeout=600)
+    k.sysfs["run"] = "0"
+
+
 def merge_until_stable(k: Kernel, procs: list[tuple[Process, int]], clock: Clock,
                        pages: int, scans: int) -> None:
     advise_all(procs, pages)
     with clock:
-        k.sysfs["run"] = "1"
-        k.wait_full_scans(scans, timeout=600)
-        k.sysfs["run"] = "0"
+        run_ksmd(k, scans)
 
 
 def sized(name: str, content: Callable[[int], bytes], scans: int,
@@ -137,7 +144,7 @@ def sized(name: str, content: Callable[[int], bytes], scans: int,
 
     def measure(k: Kernel, procs: list[tuple[Process, int]], clock: Clock) -> None:
         merge_until_stable(k, procs, clock, pages or _pages[0], scans)
-    return Workload(name, build, measure)
+    return Workload(name, build, measure, lambda n: pages or n)
 
 
 _pages = [262144]
@@ -152,9 +159,7 @@ def cow_workload() -> Workload:
     def build(k: Kernel, _n: int) -> list[tuple[Process, int]]:
         procs = fill(k, 4000, content)
         advise_all(procs, 4000)
-        k.sysfs["run"] = "1"
-        k.wait_full_scans(2, timeout=600)
-        k.sysfs["run"] = "0"
+        run_ksmd(k)
         return procs
 
     def measure(k: Kernel, procs: list[tuple[Process, int]], clock: Clock) -> None:
@@ -168,7 +173,7 @@ def cow_workload() -> Workload:
         with clock:
             for i, data in zip(range(0, 4000, 2), pages, strict=True):
                 p.write(a + i * PAGE_SIZE, data)
-    return Workload("cow-2000-pairs (-C)", build, measure)
+    return Workload("cow-2000-pairs (-C)", build, measure, lambda _n: 4000)
 
 
 def unmerge_workload(pages: int) -> Workload:
@@ -176,9 +181,7 @@ def unmerge_workload(pages: int) -> Workload:
     def build(k: Kernel, _n: int) -> list[tuple[Process, int]]:
         procs = fill(k, pages, lambda i: b"*" * PAGE_SIZE)
         advise_all(procs, pages)
-        k.sysfs["run"] = "1"
-        k.wait_full_scans(2, timeout=600)
-        k.sysfs["run"] = "0"
+        run_ksmd(k)
         return procs
 
     def measure(k: Kernel, procs: list[tuple[Process, int]], clock: Clock) -> None:
@@ -186,7 +189,7 @@ def unmerge_workload(pages: int) -> Workload:
         clock.wall = True
         with clock:
             p.madvise(a, pages * PAGE_SIZE, MADV_UNMERGEABLE)
-    return Workload(f"unmerge-{pages}-pages (-D)", build, measure)
+    return Workload(f"unmerge-{pages}-pages (-D)", build, measure, lambda _n: pages)
 
 
 def fork_workload(pages: int) -> Workload:
@@ -194,9 +197,7 @@ def fork_workload(pages: int) -> Workload:
     def build(k: Kernel, _n: int) -> list[tuple[Process, int]]:
         procs = fill(k, pages, lambda i: page_of(i % 64))
         advise_all(procs, pages)
-        k.sysfs["run"] = "1"
-        k.wait_full_scans(2, timeout=600)
-        k.sysfs["run"] = "0"
+        run_ksmd(k)
         p, a = procs[0]
         for c in range(16):
             child = p.fork()
@@ -207,10 +208,8 @@ def fork_workload(pages: int) -> Workload:
 
     def measure(k: Kernel, procs: list[tuple[Process, int]], clock: Clock) -> None:
         with clock:
-            k.sysfs["run"] = "1"
-            k.wait_full_scans(2, timeout=600)
-            k.sysfs["run"] = "0"
-    return Workload(f"fork-16-children-{pages}", build, measure)
+            run_ksmd(k)
+    return Workload(f"fork-16-children-{pages}", build, measure, lambda _n: 17 * pages)
 
 
 def run_one(make: Callable[[], Any], w: Workload, pages: int, real: bool,
@@ -254,17 +253,6 @@ def run_engine(engine: str, w: Workload, pages: int,
     return result  # type: ignore[no-any-return]
 
 
-def simulated_pages(w: Workload, n: int) -> int:
-    """Pages the workload maps, for the memory per page."""
-    if w.name.startswith("cow"):
-        return 4000
-    if w.name.startswith(("unmerge", "identical")):
-        return 25600
-    if w.name.startswith("fork"):
-        return 17 * min(n, 16384)
-    return n
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pages", type=int, default=262144, help="pages of the sized workloads")
@@ -303,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             s = results[e][0]
             ratio = f"{s / real_s:6.2f}" if real_s else f"{'-':>6}"
             line += f" {s:14.3f} {ratio}"
-        pages = simulated_pages(w, n)
+        pages = w.pages(n)
         for e in args.engines:
             line += f" {results[e][2] / pages:10.0f}"
         want = real_c if real_c is not None else results[args.engines[0]][1]
