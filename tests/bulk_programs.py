@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from helpers import COUNTERS
 from ksmlab import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE, SimKernel
 from ksmlab.bulk import BulkKernel
 from ksmlab.bulk.columns import STABLE, UNSTABLE
@@ -24,9 +25,6 @@ from ksmlab.ksm.types import NodeKind
 Op = tuple[Any, ...]
 Kernel = SimKernel | BulkKernel
 
-COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
-            "stable_node_chains", "stable_node_dups", "full_scans", "pages_scanned",
-            "pages_skipped", "ksm_zero_pages", "general_profit")
 TREE_WALK = ("pages_shared", "pages_sharing", "pages_volatile", "stable_node_chains",
              "stable_node_dups", "general_profit")
 """Counters that can move at a different moment when the kernel's tree walk passes

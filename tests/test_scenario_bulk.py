@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from bulk_programs import TREE_WALK
 from ksmlab.constants import PAGE_SIZE
 from ksmlab.mm.page import fingerprint
 from ksmlab.report.document import to_document
@@ -21,10 +22,6 @@ from ksmlab.scenario.runner import RunError, run_scenario
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
-TREE_WALK = ("pages_shared", "pages_sharing", "pages_volatile", "general_profit",
-             "stable_node_chains", "stable_node_dups")
-"""Counters that may drop at another moment on the bulk engine, which finds stale
-KSM pages and emptied chains only through their own content (docs/bulk.md)."""
 
 
 def document(sc: Scenario, backend: SimBackend | BulkBackend) -> dict[str, Any]:

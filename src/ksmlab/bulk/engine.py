@@ -27,6 +27,7 @@ shares), each because there is no content-ordered tree to walk:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -131,13 +132,13 @@ class BulkKsm:
         knode = self.frames.knode[f]
         freed = (knode >= 0) & (self.frames.mapcount[f] == 0)
         if bool(freed.any()):
-            self.reopen(knode[freed])
+            self.reopen(knode[freed].tolist())
 
-    def reopen(self, nodes: np.ndarray) -> None:
+    def reopen(self, nodes: Iterable[int]) -> None:
         """Put dups whose count dropped or whose page was freed back in their chain's open set."""
         if not self.chains:
             return
-        for d in nodes.tolist():
+        for d in nodes:
             c = int(self.nodes.content[d])
             chain = self.chains.get(c)
             if chain is not None and self.nodes.alive[d] and self.ctab.stable[c] != d:
@@ -305,7 +306,7 @@ class BulkKsm:
                 self.remove_node(d)
                 return
             self.nodes.count[d] -= 1
-            self.reopen(np.array([d]))
+            self.reopen((d,))
         elif state == UNSTABLE:
             self.pages.state[g] = NONE
 

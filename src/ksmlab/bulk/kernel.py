@@ -292,12 +292,16 @@ class BulkProcess:
     def _check_alive(self) -> None:
         if not self.alive:
             raise ProcessExitedError(f"process {self.pid} has exited")
-        self.kernel.changes += 1  # every call may change what the counters count
+
+    def _changing(self) -> None:
+        """_check_alive for a call that may change what the counters count."""
+        self._check_alive()
+        self.kernel.changes += 1
 
     def mmap(self, length: int, prot: int = PROT_READ | PROT_WRITE,
              flags: int = MAP_PRIVATE | MAP_ANONYMOUS, **kwargs: object) -> int:
         """Map *length* bytes of anonymous private memory, top-down like SimKernel."""
-        self._check_alive()
+        self._changing()
         if prot != PROT_READ | PROT_WRITE or flags != MAP_PRIVATE | MAP_ANONYMOUS or kwargs:
             raise NotImplementedError("the bulk engine models only read-write anonymous "
                                       "private mappings (mmap(length))")
@@ -319,7 +323,7 @@ class BulkProcess:
 
     def write(self, addr: int, data: bytes) -> None:
         """Store whole pages of *data* at *addr* (their content is fingerprinted)."""
-        self._check_alive()
+        self._changing()
         if not data:
             return
         if len(data) == PAGE_SIZE:  # the common case of a COW storm, without arrays
@@ -333,7 +337,7 @@ class BulkProcess:
 
     def write_contents(self, addr: int, ids: Sequence[int] | npt.NDArray[np.int64]) -> None:
         """Store pages of the given content ids at *addr*, with the faults and COW of a write."""
-        self._check_alive()
+        self._changing()
         k = self.kernel
         cids = np.asarray(ids, dtype=np.int64)
         if cids.ndim != 1 or not k.contents.valid(cids):
@@ -366,7 +370,7 @@ class BulkProcess:
                 return
             frames.mapcount[f] -= 1
             if knode >= 0 and frames.mapcount[f] == 0:
-                ksm.reopen(np.array([knode]))
+                ksm.reopen([knode])
         new = frames.append(1)
         frames.content[new] = cid
         frames.mapcount[new] = 1
@@ -374,7 +378,7 @@ class BulkProcess:
 
     def madvise(self, addr: int, length: int, advice: int) -> None:
         """MADV_MERGEABLE or MADV_UNMERGEABLE on mapped memory."""
-        self._check_alive()
+        self._changing()
         if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE):
             raise NotImplementedError("the bulk engine models only MADV_MERGEABLE and "
                                       "MADV_UNMERGEABLE")
@@ -400,7 +404,7 @@ class BulkProcess:
 
     def fork(self) -> BulkProcess:
         """fork(2): the child shares every page copy-on-write and is registered if the parent is."""
-        self._check_alive()
+        self._changing()
         k, ksm = self.kernel, self.kernel.ksm
         child = k.spawn()
         child.mm.mmap_base = self.mm.mmap_base
@@ -418,7 +422,7 @@ class BulkProcess:
 
     def exit(self) -> None:
         """exit(2): KSM's exit hook, then the address space goes."""
-        self._check_alive()
+        self._changing()
         self.alive = False
         k, mm = self.kernel, self.mm
         mm.exiting = True

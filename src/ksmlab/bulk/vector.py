@@ -55,8 +55,6 @@ class VectorKsm(BulkKsm):
     min_window = 4096
     """Pages looked at per step when the batch budget is smaller."""
 
-    _target: Rows = np.zeros(0, np.int64)
-    """Scratch: the node each group goes to (set by _room_for_all)."""
 
     def window(self, want: int, rest: int) -> int:
         """A little more than the budget: enough rows for *want* visits in most windows."""
@@ -224,23 +222,24 @@ class VectorKsm(BulkKsm):
             self.ctab.uindex[gc[pair]] = rows[s]
             self._merge_pairs(rows[s + 1], fr[s + 1], rows[s], gc[pair])
         rest = ~(single | pair)
-        fast = rest & self._room_for_all(gc, sizes)
+        fits, target = self._room_for_all(gc, sizes)
+        fast = rest & fits
         if bool(fast.any()):
             group = np.repeat(np.arange(len(gc)), sizes)
             sel = fast[group]
-            self._merge_into(rows[sel], self._target[group[sel]])
+            self._merge_into(rows[sel], target[group[sel]])
         for k in np.flatnonzero(rest & ~fast).tolist():
             a, n = int(starts[k]), int(sizes[k])
             self._group(rows[a:a + n], int(gc[k]))
 
-    def _room_for_all(self, gc: Rows, sizes: Rows) -> npt.NDArray[np.bool_]:
+    def _room_for_all(self, gc: Rows, sizes: Rows) -> tuple[npt.NDArray[np.bool_], Rows]:
         """Groups whose every page stable_tree_search would send to the same KSM page.
 
         That is the content's regular node, or the first dup of its chain when
         no prune is due (the search then takes the first dup with room) or
         every other dup is full (a prune then finds nothing better, and only
         records its time), if that node's page is alive and it has room for
-        the whole group.  The node is left in ``self._target``.
+        the whole group.  Returns (which groups, each group's node).
         """
         stable = self.ctab.stable[gc].astype(np.int64)
         chain = stable <= STABLE_CHAIN
@@ -259,8 +258,7 @@ class VectorKsm(BulkKsm):
                & (count + sizes <= self.max_page_sharing))
         pruned = cid[ok & chain & due]
         cols.prune_time[pruned] = now
-        self._target = target
-        return ok
+        return ok, target
 
     def _merge_into(self, rows: Rows, nodes: Rows) -> None:
         """Merge each page into its stable node (``replace_page`` + ``stable_tree_append``)."""
