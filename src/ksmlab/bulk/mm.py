@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ksmlab.constants import PAGE_SHIFT, PAGE_SIZE
+from ksmlab.ksm.types import ListHead
 
 
 @dataclass(slots=True)
@@ -33,7 +34,7 @@ class Segment:
         return self.addr + (self.pages << PAGE_SHIFT)
 
 
-class BulkMm:
+class BulkMm(ListHead):
     """An address space and its ksmd slot.
 
     Attributes:
@@ -45,34 +46,17 @@ class BulkMm:
         mmap_base: mappings are placed top-down below this address, as SimKernel does.
     """
 
-    __slots__ = ("exiting", "id", "mmap_base", "next", "prev", "registered", "segments")
+    __slots__ = ("exiting", "id", "mmap_base", "registered", "segments")
+    prev: BulkMm
+    next: BulkMm
 
     def __init__(self, mm_id: int) -> None:
+        super().__init__()
         self.id = mm_id
         self.segments: list[Segment] = []
         self.exiting = False
         self.registered = False
-        self.prev: BulkMm = self
-        self.next: BulkMm = self
         self.mmap_base = 0x7F0000000000
-
-    def list_del(self) -> None:
-        """Unlink from the scan list."""
-        self.prev.next = self.next
-        self.next.prev = self.prev
-        self.prev = self.next = self
-
-    def list_add_before(self, other: BulkMm) -> None:
-        """Link just before *other*."""
-        self.prev, self.next = other.prev, other
-        other.prev.next = self
-        other.prev = self
-
-    def list_add_after(self, other: BulkMm) -> None:
-        """Link just after *other*."""
-        self.prev, self.next = other, other.next
-        other.next.prev = self
-        other.next = self
 
     def rows(self, addr: int, length: int) -> list[tuple[int, int, int]]:
         """(first row, first page index, pages) of each segment piece in [addr, addr+length).

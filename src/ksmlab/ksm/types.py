@@ -119,7 +119,39 @@ def is_stable_node_dup(node: StableNode) -> bool:
     return node.kind is NodeKind.DUP
 
 
-class MmSlot:
+class ListHead:
+    """A node of a circular doubly linked list (``struct list_head``); alone it is a list.
+
+    Attributes:
+        prev, next: neighbours (itself when unlinked).
+    """
+
+    __slots__ = ("next", "prev")
+
+    def __init__(self) -> None:
+        self.prev: ListHead = self
+        self.next: ListHead = self
+
+    def list_del(self) -> None:
+        """Unlink from the list."""
+        self.prev.next = self.next
+        self.next.prev = self.prev
+        self.prev = self.next = self
+
+    def list_add_before(self, other: ListHead) -> None:
+        """Link just before *other* (``list_add_tail(&self, &other)``)."""
+        self.prev, self.next = other.prev, other
+        other.prev.next = self
+        other.prev = self
+
+    def list_add_after(self, other: ListHead) -> None:
+        """Link just after *other* (``list_add(&self, &other)``)."""
+        self.prev, self.next = other, other.next
+        other.next.prev = self
+        other.next = self
+
+
+class MmSlot(ListHead):
     """An mm registered with ksmd (``ksm_mm_slot``), linked in a circular list.
 
     Attributes:
@@ -128,31 +160,14 @@ class MmSlot:
         prev, next: neighbours in ksmd's circular scan list.
     """
 
-    __slots__ = ("mm", "next", "prev", "rmap_list")
+    __slots__ = ("mm", "rmap_list")
+    prev: MmSlot
+    next: MmSlot
 
     def __init__(self, mm: MmStruct | None) -> None:
+        super().__init__()
         self.mm = mm
         self.rmap_list: RmapItem | None = None
-        self.prev: MmSlot = self
-        self.next: MmSlot = self
-
-    def list_del(self) -> None:
-        """Unlink from the scan list."""
-        self.prev.next = self.next
-        self.next.prev = self.prev
-        self.prev = self.next = self
-
-    def list_add_before(self, other: MmSlot) -> None:
-        """Link just before *other* (``list_add_tail(&self, &other)``)."""
-        self.prev, self.next = other.prev, other
-        other.prev.next = self
-        other.prev = self
-
-    def list_add_after(self, other: MmSlot) -> None:
-        """Link just after *other* (``list_add(&self, &other)``)."""
-        self.prev, self.next = other, other.next
-        other.next.prev = self
-        other.next = self
 
 
 class KsmScan:
