@@ -53,7 +53,7 @@ from ksmlab.mm.madvise import do_madvise
 from ksmlab.mm.memory import Fault, Memory
 from ksmlab.mm.mm_types import AnonVma, MappedFile, MmStruct, Vma
 from ksmlab.mm.mmap import VmaOps
-from ksmlab.mm.page import FINGERPRINT_SIZE, ContentMode, PhysMem, fingerprint
+from ksmlab.mm.page import FINGERPRINT_SIZE, ContentMode, Frame, PhysMem, fingerprint
 from ksmlab.mm.slab import Slab
 from ksmlab.tracing import TraceEvent
 
@@ -598,12 +598,15 @@ class SimProcess:
 
         An empty range gives an empty list, as on Linux.
         """
-        mm = self.mm
+        return [f.pfn if f is not None else None for f in self._frames_in(addr, length)]
+
+    def _frames_in(self, addr: int, length: int) -> list[Frame | None]:
+        """The frame mapped at each page the range touches (no fault, no protection check)."""
+        ptes = self.mm.ptes
         if length == 0:
             return []
         first, last = addr >> PAGE_SHIFT, (addr + length - 1) >> PAGE_SHIFT
-        return [f.pfn if (f := mm.ptes.get(v)) is not None else None
-                for v in range(first, last + 1)]
+        return [ptes.get(v) for v in range(first, last + 1)]
 
     def fingerprints(self, addr: int, length: int) -> list[bytes | None]:
         """The :func:`~ksmlab.mm.page.fingerprint` of each page of the range, None where
@@ -615,16 +618,10 @@ class SimProcess:
         """
         _check_int("addr", addr)
         _check_int("length", length)
-        mm = self.mm
-        if length == 0:
-            return []
-        first, last = addr >> PAGE_SHIFT, (addr + length - 1) >> PAGE_SHIFT
-        ptes = mm.ptes
+        frames = self._frames_in(addr, length)
         if self.kernel.phys.fingerprint_mode:
-            return [f.data if (f := ptes.get(v)) is not None else None
-                    for v in range(first, last + 1)]
-        return [fingerprint(f.data) if (f := ptes.get(v)) is not None else None
-                for v in range(first, last + 1)]
+            return [f.data if f is not None else None for f in frames]
+        return [fingerprint(f.data) if f is not None else None for f in frames]
 
 
 def _check_int(name: str, value: object) -> None:
