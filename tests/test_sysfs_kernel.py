@@ -14,6 +14,7 @@ resets ``full_scans`` on a kernel that has scanned before.
 from __future__ import annotations
 
 import errno
+import os
 import re
 import stat
 from collections.abc import Iterator
@@ -106,11 +107,23 @@ def test_mode(name: str) -> None:
 
 @pytest.mark.parametrize("name", KNOBS)
 def test_knob_default(found: dict[str, str], name: str) -> None:
-    """Each knob was found at its recorded default (run=2 counts as the stopped run=0)."""
+    """Each knob was found at its recorded boot value (run=2 counts as the stopped run=0).
+
+    A killed ksmlab session cannot cause a failure here: the session that
+    opened this module repaired what it left first (tests/test_linux_restore.py).
+    A host whose owner set knobs on purpose can say so with
+    ``KSMLAB_HOST_KNOBS_CHANGED=1``; the boot values cannot be read there.
+    """
     value = found[name]
     if name == "run" and value == "2\n":
         value = "0\n"  # left by the lock protocol after an unmerge
-    assert DEFAULTS[name] == value
+    if value != DEFAULTS[name] and os.environ.get("KSMLAB_HOST_KNOBS_CHANGED") == "1":
+        pytest.skip(f"{name} is {value.strip()!r} on this host, whose owner changed knobs "
+                    f"(KSMLAB_HOST_KNOBS_CHANGED=1), so its boot value cannot be read here")
+    assert DEFAULTS[name] == value, (
+        f"{name} is {value.strip()!r}, the recorded boot value is {DEFAULTS[name].strip()!r}: "
+        f"either this host's owner changed it (set KSMLAB_HOST_KNOBS_CHANGED=1 to skip; "
+        f"'ksmlab doctor' lists such knobs) or the table is wrong for this kernel")
 
 
 @pytest.mark.parametrize("name", sorted(READ_ONLY))

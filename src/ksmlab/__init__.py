@@ -19,6 +19,7 @@ from ksmlab.errors import (
     KernelError,
     KsmSimError,
     ModelInvariantError,
+    NotModelledError,
     ProcessExitedError,
     ScanStalledError,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "KsmSimError",
     "KsmStat",
     "ModelInvariantError",
+    "NotModelledError",
     "Process",
     "ProcessExitedError",
     "ScanStalledError",

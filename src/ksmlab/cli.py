@@ -8,6 +8,7 @@ Subcommands (``ksmlab COMMAND --help`` for each; the reference is docs/cli.md):
 * ``plot [SOURCE]``: the PNG and the HTML report of a scenario (run now) or
   of a saved ``--json`` result;
 * ``stat``: the KSM counters of this machine, refreshed, with rates;
+* ``doctor``: this machine's KSM state, and repair of what a killed session left;
 * ``check SCENARIO...``: validate scenario files without running them;
 * ``init [FILE]``: write the built-in scenario, as a starting point.
 
@@ -413,6 +414,41 @@ def cmd_stat(args: argparse.Namespace) -> int:
         return EXIT_OK  # the usual way to stop a top-like view
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """``ksmlab doctor``."""
+    from ksmlab.backends import linux_doctor
+    from ksmlab.report.doctor import doctor_document, doctor_report
+
+    if not os.path.isdir(args.sysfs_dir):
+        raise CliError(f"ksmlab doctor: {args.sysfs_dir} does not exist, so this kernel was "
+                       f"built without CONFIG_KSM", EXIT_UNAVAILABLE)
+    repaired = None
+    busy = None
+    if args.repair:
+        try:
+            repaired = linux_doctor.repair(lock_path=args.lock_file, sysfs_dir=args.sysfs_dir)
+        except linux_doctor.LockBusyError as e:
+            busy = f"ksmlab doctor: nothing to repair: {e}"
+        except PermissionError as e:
+            raise CliError(f"ksmlab doctor --repair: {e.filename or 'the KSM files'}: permission "
+                           f"denied; repairing writes the KSM knobs and the lock file, which "
+                           f"needs root", EXIT_UNAVAILABLE) from None
+    d = linux_doctor.diagnose(sysfs_dir=args.sysfs_dir, lock_path=args.lock_file)
+    failed = repaired is not None and bool(repaired.failures)
+    if args.json:
+        print(json.dumps(doctor_document(d, repaired), indent=2))
+    else:
+        console = _console()
+        if busy:
+            console.print(busy)
+        elif args.repair:
+            console.print(f"Repair: {repaired.message()}" if repaired is not None
+                          else "Repair: no dead ksmlab session left knobs to restore.")
+            console.print()
+        console.print(doctor_report(d))
+    return EXIT_FAILED if failed or d.needs_repair else EXIT_OK
+
+
 # --- parser ---------------------------------------------------------------------------------
 
 def _add_scenario_options(p: argparse.ArgumentParser) -> None:
@@ -522,6 +558,30 @@ def build_parser() -> argparse.ArgumentParser:
     stat.add_argument("--sysfs-dir", default="/sys/kernel/mm/ksm", metavar="DIR",
                       help="read the counters from DIR (default /sys/kernel/mm/ksm)")
     stat.set_defaults(func=cmd_stat)
+
+    doctor = sub.add_parser(
+        "doctor", formatter_class=fmt,
+        help="show this machine's KSM state and repair what a killed ksmlab session left",
+        description="Show this machine's KSM: ksmd's state and counters, every knob beside "
+                    "its value on a\nfreshly booted kernel, the ksmlab lock (the session "
+                    "holding it, or the note of a\nsession that was killed before it could "
+                    "restore the knobs it had saved), and the\nprocesses KSM works on. It only "
+                    "reads unless --repair is given.\n\n"
+                    "--repair (root) takes the lock and puts back the knobs a killed session "
+                    "saved,\nun-merging first if its ksmd ran; the next ksmlab session on the "
+                    "real kernel does\nthe same on its own. Exit code 1 while such a session's "
+                    "knobs are still to repair.",
+        epilog=EXIT_CODES)
+    doctor.add_argument("--repair", action="store_true",
+                        help="restore the knobs a killed ksmlab session saved, and clear its note")
+    doctor.add_argument("--json", action="store_true",
+                        help="print the diagnosis as JSON (schema ksmlab.doctor/1)")
+    doctor.add_argument("--lock-file", metavar="PATH",
+                        help="the ksmlab lock file (default /run/lock/ksmlab.lock, or "
+                             "/tmp/ksmlab.lock where /run/lock is absent)")
+    doctor.add_argument("--sysfs-dir", default="/sys/kernel/mm/ksm", metavar="DIR",
+                        help="the KSM sysfs directory (default /sys/kernel/mm/ksm)")
+    doctor.set_defaults(func=cmd_doctor)
 
     check = sub.add_parser(
         "check", formatter_class=fmt, help="validate scenario files without running them",

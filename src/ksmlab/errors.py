@@ -36,6 +36,14 @@ class ScanStalledError(KsmSimError, RuntimeError):
     """``wait_full_scans`` cannot make progress (ksmd stopped or has nothing to scan)."""
 
 
+class NotModelledError(KsmSimError, NotImplementedError):
+    """A call or value an engine does not model (e.g. ``munmap`` on the bulk engine).
+
+    Raised before anything changes, so the caller may fall back to another
+    engine (SimKernel models the whole interface).
+    """
+
+
 class ModelInvariantError(KsmSimError, AssertionError):
     """An internal invariant of the model failed: a bug in ksmlab, never swallowed."""
 
@@ -55,6 +63,7 @@ __all__ = [
     "KernelError",
     "KsmSimError",
     "ModelInvariantError",
+    "NotModelledError",
     "ProcessExitedError",
     "ScanStalledError",
     "kernel_error",

@@ -37,7 +37,6 @@ every public name is re-exported from here:
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import socket
@@ -57,8 +56,15 @@ from ksmlab.backends.linux_helper import (
     build_helper,
     helper_unavailable_reason,
 )
+from ksmlab.backends.linux_knobs import (
+    KSM_SYSFS_DIR,
+    KnobFailure,
+    normalise_knob,
+    restore_knobs,
+)
 from ksmlab.backends.linux_lock import (
     KsmLockTimeoutError,
+    SessionNote,
     _acquire_lock,
     _release_lock,
     _write_note,
@@ -66,9 +72,9 @@ from ksmlab.backends.linux_lock import (
 )
 from ksmlab.backends.linux_process import _EXIT_TIMEOUT, LinuxProcess, online_nodes
 from ksmlab.backends.linux_procfs import MapsEntry, parse_ksm_stat, parse_maps, parse_smaps
-from ksmlab.backends.linux_sysfs import KSM_SYSFS_DIR, LinuxSysfs, _normalise
+from ksmlab.backends.linux_repair import repair_dead_session
+from ksmlab.backends.linux_sysfs import LinuxSysfs
 from ksmlab.errors import KsmSimError, ProcessExitedError, ScanStalledError
-from ksmlab.ksm.sysfs import KNOB_WRITE_ORDER
 
 if TYPE_CHECKING:
     from ksmlab.api import Kernel, Process, Sysfs
@@ -103,10 +109,6 @@ DEFAULT_SCAN_TIMEOUT: Final = 60.0
 
 _POLL_INTERVAL: Final = 0.001
 
-# Knobs refused with EBUSY while KSM pages exist: on EBUSY the restore unmerges
-# (run=2) and retries.  The restore order itself is KNOB_WRITE_ORDER.
-_NEED_NO_KSM_PAGES: Final = ("merge_across_nodes", "max_page_sharing")
-
 
 # --------------------------------------------------------------------------------------
 # Exceptions
@@ -123,10 +125,10 @@ class KsmRestoreError(KsmSimError, RuntimeError):
         failures: ``(knob, value, error)`` for every write that failed.
     """
 
-    def __init__(self, failures: list[tuple[str, str, OSError]]) -> None:
+    def __init__(self, failures: list[KnobFailure], message: str | None = None) -> None:
         self.failures = failures
         what = "; ".join(f"{name}={value!r}: {err}" for name, value, err in failures)
-        super().__init__(f"could not restore KSM knobs: {what}")
+        super().__init__(message or f"could not restore KSM knobs: {what}")
 
 
 # --------------------------------------------------------------------------------------
@@ -202,27 +204,41 @@ class LinuxKernel:
         self._stubs: list[subprocess.Popen[bytes]] = []
         self.lock_path = lock_path or default_lock_path()
         self._lock_fd, stale = _acquire_lock(self.lock_path, lock_timeout)
+        own_note = False  # until then a dead session's note stays in the file
         try:
             self._sysfs = LinuxSysfs(self)
-            self._saved = {n: _normalise(n, self._sysfs[n]) for n in self._sysfs.writable()}
-            knobs = " ".join(f"{n}={v}" for n, v in sorted(self._saved.items()))
-            _write_note(self._lock_fd, f"; saved knobs: {knobs}")
-            if stale:
-                warnings.warn(
-                    f"a previous ksmlab session did not close cleanly ({stale}); the KSM "
-                    f"knobs saved now are what it left, which may not be this machine's "
-                    f"usual values", RuntimeWarning, stacklevel=2)
-            self._probe_writable()
+            self._repair_dead_session(stale)
+            self._saved = {n: normalise_knob(n, self._sysfs[n]) for n in self._sysfs.writable()}
             self._ran = self._saved.get("run") == "1"
+            _write_note(self._lock_fd, SessionNote.for_this_process(self._saved, self._ran))
+            own_note = True
+            self._probe_writable()
             if handle_signals and threading.current_thread() is threading.main_thread():
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     self._old_handlers[sig] = signal.signal(sig, self._on_signal)
         except BaseException:
             self._restore_handlers()
-            _release_lock(self._lock_fd)
+            _release_lock(self._lock_fd, keep_note=not own_note)
             raise
         self._closed = False
         _open_here += 1
+
+    def _repair_dead_session(self, stale: str) -> None:
+        # Before anything is saved: a dead session's changes must never be
+        # taken for the host's own values.
+        if not stale:
+            return
+        note = SessionNote.parse(stale)
+        if note is None:
+            warnings.warn(f"ksmlab: the lock file {self.lock_path} held a note ksmlab cannot "
+                          f"read ({stale[:200]!r}); replacing it", RuntimeWarning, stacklevel=3)
+            return
+        if note.saved_knobs is None:
+            return  # a holder that changed no knobs
+        repair = repair_dead_session(note)
+        if repair.failures:
+            raise KsmRestoreError(repair.failures, f"ksmlab: {repair.message()}")
+        warnings.warn(f"ksmlab: {repair.message()}", RuntimeWarning, stacklevel=3)
 
     def _probe_writable(self) -> None:
         # Writing run's current value back is a no-op in the kernel, and it is
@@ -264,8 +280,10 @@ class LinuxKernel:
             raise RuntimeError("this LinuxKernel is closed; its KSM knobs have been restored")
 
     def _note_run(self) -> None:
-        if self._sysfs["run"] == "1":
+        if not self._ran and self._sysfs["run"] == "1":
             self._ran = True
+            # Should this session die now, the next one must unmerge.
+            _write_note(self._lock_fd, SessionNote.for_this_process(self._saved, ran=True))
 
     def _register(self, proc: LinuxProcess) -> None:
         self._procs.append(proc)
@@ -395,7 +413,7 @@ class LinuxKernel:
         if self._closed or self._closing:
             return
         self._closing = True
-        failures: list[tuple[str, str, OSError]] = []
+        failures: list[KnobFailure] = []
         try:
             for proc in self._procs:
                 proc._kill()
@@ -408,27 +426,19 @@ class LinuxKernel:
                     stub.kill()
                     stub.wait()
             self._stubs.clear()
-            failures = self._restore_knobs(self._saved, final=True)
+            failures = restore_knobs(self._saved, unmerge=self._ran, end_stopped_as_unmerged=True)
         finally:
             self._closed = True
             _open_here -= 1
             self._restore_handlers()
-            _release_lock(self._lock_fd)
+            # A failed restore keeps the note, so the next session (or
+            # ksmlab doctor --repair) tries again.
+            _release_lock(self._lock_fd, keep_note=bool(failures))
             deferred, self._deferred = self._deferred, []
         for sig in deferred:
             signal.raise_signal(sig)
         if failures:
             raise KsmRestoreError(failures)
-
-    def _write_knob(self, name: str, value: str) -> None:
-        fd = os.open(os.path.join(KSM_SYSFS_DIR, name), os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, value.encode())
-        finally:
-            os.close(fd)
-
-    def _current(self, name: str) -> str:
-        return _normalise(name, self._sysfs[name])
 
     def reset_knobs(self, target: Mapping[str, str]) -> None:
         """Write the knobs in *target* (values as written, e.g. ``advisor_mode="none"``).
@@ -440,56 +450,9 @@ class LinuxKernel:
         Raises KsmRestoreError naming every knob that could not be written.
         """
         self._check_open()
-        failures = self._restore_knobs(target, final=False)
+        failures = restore_knobs(target, unmerge=self._ran, end_stopped_as_unmerged=False)
         if failures:
             raise KsmRestoreError(failures)
-
-    def _restore_knobs(self, saved: Mapping[str, str], *,
-                       final: bool) -> list[tuple[str, str, OSError]]:
-        failures: list[tuple[str, str, OSError]] = []
-        unmerged = False
-
-        def unmerge() -> None:
-            nonlocal unmerged
-            try:
-                self._write_knob("run", "2")
-                unmerged = True
-            except OSError as err:
-                # run=2 failing (ENOMEM/EINTR) leaves run=0 in the kernel.
-                failures.append(("run", "2", err))
-
-        def restore(name: str) -> None:
-            if name not in saved or self._current(name) == saved[name]:
-                return
-            try:
-                self._write_knob(name, saved[name])
-            except OSError as err:
-                if err.errno == errno.EBUSY and name in _NEED_NO_KSM_PAGES and not unmerged:
-                    unmerge()
-                    try:
-                        self._write_knob(name, saved[name])
-                    except OSError as err2:
-                        failures.append((name, saved[name], err2))
-                else:
-                    failures.append((name, saved[name], err))
-
-        if self._ran or self._current("run") == "1":
-            unmerge()
-        order = [n for n in KNOB_WRITE_ORDER if n != "run"]
-        order += sorted(set(saved) - set(KNOB_WRITE_ORDER) - {"run"})
-        for name in order:
-            if name == "pages_to_scan" and saved.get("advisor_mode") == "scan-time":
-                continue  # set by the advisor; writing it would be refused
-            restore(name)
-        final_run = saved.get("run", "0")
-        if final and final_run == "0" and unmerged:
-            final_run = "2"  # the lock protocol: end with run=2 when it may have merged
-        if self._current("run") != final_run:
-            try:
-                self._write_knob("run", final_run)
-            except OSError as err:
-                failures.append(("run", final_run, err))
-        return failures
 
     # --- signals ---------------------------------------------------------------------
 

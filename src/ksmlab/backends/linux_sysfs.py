@@ -6,19 +6,15 @@ Re-exported by :mod:`ksmlab.backends.linux`.
 from __future__ import annotations
 
 import os
-import re
-import stat
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
+
+from ksmlab.backends.linux_knobs import KSM_SYSFS_DIR, writable_knobs
 
 if TYPE_CHECKING:
     from ksmlab.backends.linux import LinuxKernel
 
 __all__ = ["KSM_SYSFS_DIR", "LinuxSysfs"]
-
-KSM_SYSFS_DIR: Final = "/sys/kernel/mm/ksm"
-"""Where the kernel exposes KSM's knobs and counters."""
-
 
 class LinuxSysfs:
     """``/sys/kernel/mm/ksm`` as a mapping of file name to text (satisfies ``api.Sysfs``).
@@ -74,14 +70,4 @@ class LinuxSysfs:
 
     def writable(self) -> list[str]:
         """The names of the knobs (files with an owner-write bit), sorted."""
-        return [n for n in self._names
-                if os.stat(os.path.join(self._dir, n)).st_mode & stat.S_IWUSR]
-
-
-def _normalise(name: str, text: str) -> str:
-    """The value to write back for a knob read as *text* (``advisor_mode`` shows a menu)."""
-    if name == "advisor_mode":
-        m = re.search(r"\[([^\]]+)\]", text)
-        if m:
-            return m[1]
-    return text.strip()
+        return writable_knobs(self._dir)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from ksmlab.backends.linux_knobs import boot_knobs
 from ksmlab.errors import KsmSimError, ScanStalledError
 from ksmlab.kernel import SimKernel
 from ksmlab.ksm.sysfs import MAX_WRITE, ParseError, kstrtouint
@@ -85,17 +86,8 @@ def _vfs_text(value: str) -> str:
 
 
 def _model_defaults() -> list[tuple[str, str]]:
-    """The model's knob values at boot, in an order the real kernel accepts them."""
-    s = SimKernel().sysfs
-    values = {n: s[n] for n in s if s.writable(n) and n != "run"}
-    if "advisor_mode" in values:
-        mode = values["advisor_mode"]
-        values["advisor_mode"] = mode[mode.index("[") + 1:mode.index("]")]
-    first = [n for n in sorted(values) if n.startswith("advisor_") and n != "advisor_mode"]
-    first += ["advisor_mode", "pages_to_scan"]
-    last = ["merge_across_nodes", "max_page_sharing"]
-    order = first + [n for n in sorted(values) if n not in first and n not in last] + last
-    return [(n, values[n]) for n in order if n in values]
+    """The model's knob values at boot but ``run``, in an order the real kernel accepts them."""
+    return [(n, v) for n, v in boot_knobs().items() if n != "run"]
 
 
 class _LinuxDriver:
