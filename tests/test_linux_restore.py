@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -311,3 +312,35 @@ def test_doctor_without_ksm_says_so(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["doctor", "--sysfs-dir", str(tmp_path / "nothing")]) == 3
     err = capsys.readouterr().err.strip()
     assert "without CONFIG_KSM" in err and "\n" not in err
+
+
+@pytest.mark.linux
+def test_a_scenario_on_the_kernel_starts_from_boot_knobs_not_the_hosts(tmp_path: Path) -> None:
+    """A knob the host's owner set does not leak into a scenario run, and comes back after it."""
+    skip_unless_ksm_usable()
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(
+        '[scenario]\nname = "boot knobs"\n[ksm]\nsleep_millisecs = 0\n'
+        '[content.same]\nkind = "image"\npages = 16\n'
+        '[[process]]\nname = "p"\ncount = 2\n'
+        '[[process.mapping]]\nname = "buf"\npages = 16\ncontent = "same"\n'
+        '[[checkpoint]]\nname = "merged"\nfull_scans = 2\ntimeout = "30s"\n')
+    before = read_knobs_locked()
+    owners = "3" if before["max_page_sharing"] != "3" else "4"
+    with ksmlab_lock():  # the host's owner sets a knob (no ksmd runs, so no EBUSY)
+        (KSM / "max_page_sharing").write_text(owners)
+    try:
+        p = subprocess.run([sys.executable, "-m", "ksmlab", "run", str(scenario), "--backend",
+                            "linux", "--json"], capture_output=True, text=True, timeout=120,
+                           check=False)
+        assert p.returncode == 0, p.stderr
+        knobs = json.loads(p.stdout)["knobs"]
+        assert str(knobs["max_page_sharing"]) == BOOT_KNOBS["max_page_sharing"]
+        assert str(knobs["sleep_millisecs"]) == "0"  # what the scenario gave
+        with ksmlab_lock():
+            assert read_knobs() == after_session({**before, "max_page_sharing": owners},
+                                                 merged=True)
+    finally:
+        with ksmlab_lock():
+            if (KSM / "max_page_sharing").read_text().strip() != before["max_page_sharing"]:
+                (KSM / "max_page_sharing").write_text(before["max_page_sharing"])

@@ -201,10 +201,21 @@ class LinuxBackend:
         reason = linux_ksm_unavailable_reason() or helper_unavailable_reason()
         if reason:
             raise BackendUnavailableError(reason)
+        from ksmlab.backends.linux_knobs import boot_knobs
+
         try:
-            self.kernel: Kernel = LinuxKernel()
+            kernel = LinuxKernel()
         except (KsmUnavailableError, KsmLockTimeoutError) as e:
             raise BackendUnavailableError(str(e)) from None
+        try:
+            # A scenario's knobs not given are the kernel's boot values on every
+            # backend, so a run does not depend on what the host's owner (or
+            # anyone) set; the session puts the host's values back at the end.
+            kernel.reset_knobs({**boot_knobs(), "run": "0"})
+        except BaseException:
+            kernel.close()
+            raise
+        self.kernel: Kernel = kernel
         self._t0 = time.monotonic_ns()
         self._cpu0: int | None = None
 
