@@ -2,8 +2,8 @@
 
 Each size is a host of 1 GiB guests (262144 pages each) with a mixed content
 typical of virtual machines running the same OS (anchored on the production
-figures in ../shared/docs/anchors.md: 7-33% reclaimed for Linux and Windows
-guests, best cases around 60%):
+figures reported for VMware ESX Server, Waldspurger, OSDI 2002: 7-33% reclaimed
+for Linux and Windows guests, best cases around 60%):
 
 * 10% zero pages;
 * 20% pages of a common OS image (the same image page in every guest);

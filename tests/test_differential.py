@@ -9,8 +9,8 @@ which field differs where, and both runs' records.
 
 The scenarios re-create the kernel selftests runnable on a one-node machine
 (tools/testing/selftests/mm/ksm_tests.c and ksm_functional_tests.c, summarised
-in /work/shared/docs/ksm-selftests.md), the seed's madvise errno rules, the
-traces of ksm-spec.md section 7, and seeded random programs.
+in ``docs/kernel-selftests.md``), the seed's madvise errno rules, the
+traces of ``docs/kernel-behaviour.md`` section 7, and seeded random programs.
 """
 
 from __future__ import annotations

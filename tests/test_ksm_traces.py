@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: GPL-2.0-only
-"""The verified traces of /work/shared/docs/ksm-spec.md, reproduced scan by scan.
+"""The verified traces of ``docs/kernel-behaviour.md``, reproduced scan by scan.
 
 Section 7's traces 1-4 were recorded on Linux 6.18.44 with a large
 pages_to_scan (one batch = one full scan); the ``kernel`` fixture sets that

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """Process lifecycle and KSM: fork, exit, exec and prctl(PR_SET_MEMORY_MERGE).
 
-Expected values come from /work/shared/docs/ksm-spec.md sections 2 (mm-level
+Expected values come from ``docs/kernel-behaviour.md`` sections 2 (mm-level
 state, lifecycle, prctl), 4 (counters), 6 (edge cases) and 7 (traces), or
 from arithmetic shown next to them.
 """

@@ -1,6 +1,6 @@
 """Tests of :mod:`ksmlab.backends.linux` against the real kernel.
 
-Every expected figure comes from ``/work/shared/docs/ksm-spec.md`` (its
+Every expected figure comes from ``docs/kernel-behaviour.md`` (its
 [verified] facts; the section is named next to each check) or from
 arithmetic, never from a previous run of this code.  KSM is global to the
 machine: every test that touches it runs inside a :class:`LinuxKernel`, which

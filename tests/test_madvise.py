@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """madvise(MADV_MERGEABLE / MADV_UNMERGEABLE): the seed's errno rules, unit by unit.
 
-Expected values come from /work/shared/docs/ksm-spec.md section 1 (the
+Expected values come from ``docs/kernel-behaviour.md`` section 1 (the
 madvise interface) and section 4 (ksm_stat); section numbers are cited
 per test.
 """

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """The scenario runner on the model: scheduling, content, activity, and counters by arithmetic.
 
-Expected counter values come from ``/work/shared/docs/ksm-spec.md`` and
+Expected counter values come from ``docs/kernel-behaviour.md`` and
 arithmetic shown next to each check, never from an earlier run:
 
 * two identical new pages merge during the second full scan (spec 3.5,

@@ -2,7 +2,7 @@
 """The kernel's own KSM selftests, re-created against SimKernel.
 
 Sources: ``tools/testing/selftests/mm/ksm_tests.c`` and
-``ksm_functional_tests.c`` as summarised in /work/shared/docs/ksm-selftests.md
+``ksm_functional_tests.c`` as summarised in ``docs/kernel-selftests.md``
 (the "inventory").  Sizes, knob settings and expected values are the
 inventory's; the order of operations is the C code's.  Only the
 userfaultfd test (test_unmerge_uffd_wp) is left out: the model has no

@@ -8,7 +8,7 @@ recomputes what the incremental counters claim, and raises
 message starts with the name of the broken invariant, e.g.
 ``"pages_sharing: counter says 3, the stable tree holds 2"``.
 
-The checks follow ``ksm-spec.md`` sections 3 and 4 and the kernel's own
+The checks follow ``docs/kernel-behaviour.md`` sections 3 and 4 and the kernel's own
 comments.  Each invariant has its own helper, so a failure points at one rule:
 
 * ``mm_slot list``: the circular list, ``mm_slots`` and MMF_VM_MERGEABLE agree.

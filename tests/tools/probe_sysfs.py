@@ -45,7 +45,7 @@ from ksmlab.backends.linux import LinuxKernel
 KSM_DIR = Path("/sys/kernel/mm/ksm")
 OUTPUT = Path(__file__).resolve().parents[1] / "sysfs_cases.py"
 
-# The compiled-in defaults of ksm.c (spec section 5), only used to warn when the
+# The compiled-in defaults of ksm.c (docs/kernel-behaviour.md section 5), only used to warn when the
 # kernel being probed is not at its defaults.
 SPEC_DEFAULTS: dict[str, str] = {
     "advisor_max_cpu": "70\n",

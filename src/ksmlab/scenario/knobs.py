@@ -1,7 +1,7 @@
 """The writable KSM knobs a scenario may set, their accepted values and their write order.
 
 Values are checked here, before anything runs, against the ranges the
-kernel accepts (``/work/shared/docs/ksm-spec.md`` section 5), so a bad knob
+kernel accepts (``docs/kernel-behaviour.md`` section 5), so a bad knob
 is a file error and not a half-finished run.  What is written is the text
 the kernel's parser takes (booleans as ``0``/``1``).
 """
