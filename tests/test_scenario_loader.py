@@ -8,7 +8,10 @@ loader's documented messages (docs/scenarios.md, "Errors").
 
 from __future__ import annotations
 
+import os
 import re
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -380,3 +383,187 @@ def test_empty_content_file(tmp_path: Path) -> None:
     (tmp_path / "empty.img").write_bytes(b"")
     with pytest.raises(ScenarioError, match=r"content.img.path: expected a non-empty file"):
         parse('[content.img]\nkind = "file"\npath = "empty.img"\n' + PROC + CHECK, tmp_path)
+
+
+# --- found by fuzzing (tests/test_fuzz_scenario.py) and by reading the loader -----------------
+# Each once crashed the loader (a traceback instead of the one-line error), hung it, made it
+# allocate without bound, or printed an error over several lines.
+
+EXIT_AT_1 = '[[event]]\nat = 1\naction = "exit"\nprocess = "vm[0]"\n'
+FORK_AT_1 = '[[event]]\nat = 1\naction = "fork"\nprocess = "vm"\nchild = "kid"\n'
+ACTIVITY = '[[activity]]\nprocess = "vm"\nmapping = "ram"\n'
+
+REGRESSIONS = [
+    # tomllib recurses once per level: RecursionError.
+    ("deep arrays", BASE + "[timeline]\nx = " + "[" * 3000 + "]" * 3000 + "\n", "(syntax)",
+     "expected valid TOML nested less deeply, got arrays or inline tables nested too deeply"),
+    ("deep inline tables", BASE + "[timeline]\nx = " + "{a = " * 3000 + "1" + "}" * 3000 + "\n",
+     "(syntax)", "nested too deeply"),
+    # tomllib's memory grows with the square of a dotted key's parts (6 GB for 40,000).
+    ("long dotted key", "a." * 1000 + "b = 1\n" + BASE, "(syntax)",
+     "expected keys and table names of at most 16 dotted parts, got a longer one at line 1"),
+    ("long table header", BASE + "[" + "a." * 16 + "b]\n", "(syntax)",
+     "of at most 16 dotted parts, got a longer one at line 16"),
+    # tomllib lets int()'s ValueError for more than 4300 digits through.
+    ("decimal integer of 5000 digits", "[scenario]\nseed = " + "9" * 5000 + "\n" + BASE, "(syntax)",
+     "expected valid TOML, got an integer of more than 4300 digits"),
+    # show() of such an integer raised the same ValueError.
+    ("hex integer of 20000 bits", "[scenario]\nseed = 0x" + "f" * 5000 + "\n" + BASE, "scenario.seed",
+     "expected an integer from 0 to 18446744073709551615, got an integer of 20000 bits"),
+    # Keys were put in the key path as written: a newline split the error line.
+    ("key with a newline", '[ksm]\n"a\\nb" = 1\n' + BASE, 'ksm."a\\nb"',
+     'expected a KSM knob (run, pages_to_scan'),
+    ("key with a line separator", BASE + '[timeline]\n"\u2028\u0085" = 1\n',
+     'timeline."\\u2028\\u0085"', 'got unknown field "\\u2028\\u0085"'),
+    ("content name with a dot", '[content."a.b"]\nkind = "zero"\nbyte = 1\n' + PROC + CHECK,
+     'content."a.b".byte', 'expected no byte for kind "zero" (only for kind fill), got 1'),
+    # round(inf): OverflowError.
+    ("duration string past float", BASE + f'[[event]]\nat = "{"9" * 310}h"\naction = "exit"\n'
+                                          'process = "vm"\n',
+     "event[0].at", "expected a duration of at most 292 years (2**63 - 1 ns), got \"999"),
+    ("duration float past 292 years", '[scenario]\nduration = 1e300\n' + BASE, "scenario.duration",
+     "expected a duration of at most 292 years (2**63 - 1 ns), got 1e+300"),
+    ("duration integer past 292 years", BASE + f"[timeline]\ninterval = {10**20}\n",
+     "timeline.interval", "expected a duration of at most 292 years"),
+    # float("9" * 400) * unit = inf; int(inf): OverflowError.
+    ("size string past float", BASE.replace("pages = 16\ncontent", f'size = "{"9" * 400}MiB"\ncontent'),
+     "process[0].mapping[0].size", "expected a size below 16 EiB (2**64 bytes), got \"999"),
+    ("size integer past 64 bits", BASE.replace("pages = 16\ncontent", f"size = {2**70}\ncontent"),
+     "process[0].mapping[0].size", f"expected a size below 16 EiB (2**64 bytes), got {2**70}"),
+    # [None] * count: a count of 2**40 allocated 8 TiB; len(range) > sys.maxsize: OverflowError.
+    ("count past PID_MAX_LIMIT", BASE.replace("count = 3", f"count = {2**40}"), "process[0].count",
+     f"expected an integer from 1 to 4194304, got {2**40}"),
+    ("fork count past PID_MAX_LIMIT", BASE + FORK_AT_1 + f"count = {2**63}\n", "event[0].count",
+     f"expected an integer from 1 to 4194304, got {2**63}"),
+    ("fork of too many children", BASE + FORK_AT_1 + "count = 2000000\n", "event[0].count",
+     "expected at most 4194304 children in all (3 processes fork), got 2000000"),
+    # math.isnan(10**400): OverflowError.
+    ("fraction past float", '[content.img]\nkind = "image"\nzero_fraction = ' + "9" * 400 + "\n"
+                            + PROC + CHECK,
+     "content.img.zero_fraction", "expected a number from 0 to 1, got an integer of 1329 bits"),
+    # rate = inf or a subnormal was accepted; rng.random() / 5e-324 = inf crashed the run.
+    ("rate inf", BASE + ACTIVITY + "rate = inf\n", "activity[0].rate",
+     "expected a finite number > 0, got inf"),
+    ("rate nan", BASE + ACTIVITY + "rate = nan\n", "activity[0].rate",
+     "expected a finite number > 0, got nan"),
+    ("rate subnormal", BASE + ACTIVITY + "rate = 5e-324\n", "activity[0].rate",
+     "expected a rate from 1e-09 to 1e+09 writes per second (the clock counts nanoseconds), "
+     "got 5e-324"),
+    ("rate past the clock", BASE + ACTIVITY + "rate = 1e10\n", "activity[0].rate",
+     "expected a rate from 1e-09 to 1e+09 writes per second"),
+    ("rate integer past float", BASE + ACTIVITY + "rate = " + "9" * 400 + "\n", "activity[0].rate",
+     "expected a finite number > 0, got an integer of 1329 bits"),
+    # int() of a selector's index of more than 4300 digits: ValueError.
+    ("selector index of 5000 digits", BASE + '[[event]]\nat = 1\naction = "exit"\n'
+                                             f'process = "vm[{"9" * 5000}]"\n',
+     "event[0].process", 'expected instances of vm within 0..2, got "vm[999'),
+    ("selector range of 5000 digits", BASE + '[[event]]\nat = 1\naction = "exit"\n'
+                                             f'process = "vm[{"9" * 5000}:{"9" * 4999}]"\n',
+     "event[0].process", "expected a non-empty range [first:stop] with first < stop"),
+    # An expectation the reports could not print (str() of more than 4300 digits).
+    ("expectation past 64 bits", BASE + f"[[checkpoint]]\nat = 2\nexpect = {{ pages_shared = {2**64} }}\n",
+     "checkpoint[1].expect.pages_shared",
+     f"expected an integer from -9223372036854775808 to 18446744073709551615, got {2**64}"),
+    # open() of a path with a NUL: ValueError.
+    ("NUL in a content path", '[content.img]\nkind = "file"\npath = "a\\u0000b"\n' + PROC + CHECK,
+     "content.img.path", 'expected a file name without NUL characters, got "a\\u0000b"'),
+    # "expected an array of tables ([[process[0].mapping]]), got an array": which item, what it was.
+    ("array item not a table", CONTENT + '[[process]]\nname = "vm"\nmapping = [{ pages = 1, '
+                                         'content = "img" }, "ram"]\n' + CHECK,
+     "process[0].mapping[1]", 'expected a table, as [[process.mapping]] makes, got "ram"'),
+    # A long value filled the line.
+    ("long string is cut", '[content.img]\nkind = "' + "x" * 5000 + '"\n' + PROC + CHECK,
+     "content.img.kind", 'got "' + "x" * 100 + '" (5000 characters)'),
+]
+
+
+@pytest.mark.parametrize(("text", "field", "fragment"), [c[1:] for c in REGRESSIONS],
+                         ids=[c[0] for c in REGRESSIONS])
+def test_invalid_scenario_regressions(text: str, field: str, fragment: str) -> None:
+    """Inputs that once crashed or misled the loader: now ``s.toml: FIELD: expected ..., got ...``."""
+    test_invalid_scenario(text, field, fragment)
+
+
+def test_exits_of_a_large_group(tmp_path: Path) -> None:
+    """Exits are kept as runs of instances: a group of PID_MAX_LIMIT processes costs nothing.
+
+    vm[100:200] exits at 1 s: at 2 s vm[99] and vm[200] are alive, vm[50:101]
+    includes the exited vm[100], and vm[150] has exited.
+    """
+    big = BASE.replace("count = 3", "count = 4194304")
+    exit_ = '[[event]]\nat = 1\naction = "exit"\nprocess = "vm[100:200]"\n'
+
+    def write(sel: str) -> str:
+        return f'[[event]]\nat = 2\naction = "write"\nprocess = "{sel}"\nmapping = "ram"\n'
+
+    sc = parse(big + exit_ + write("vm[99]") + write("vm[200]") + write("vm[200:]"))
+    assert [e.action for e in sc.events] == ["exit", "write", "write", "write"]
+    for sel, gone in (("vm[50:101]", 100), ("vm[150]", 150), ("vm", 100), ("vm[199:]", 199)):
+        with pytest.raises(ScenarioError, match=re.escape(
+                f'event[1].process: expected processes alive at 2 s (vm[{gone}] exited at 1 s), '
+                f'got "{sel}"')):
+            parse(big + exit_ + write(sel))
+
+
+def test_file_too_large(tmp_path: Path) -> None:
+    """A file over 1 MiB is refused before it is parsed (and /dev/zero is not read forever)."""
+    f = tmp_path / "big.toml"
+    f.write_bytes(b"# " + b"x" * (1 << 20) + b"\n" + BASE.encode())
+    for path in (f, Path("/dev/zero")):
+        with pytest.raises(ScenarioError, match=re.escape(
+                f"{path}: (file): expected a scenario file of at most 1 MiB, got a larger file")):
+            load_scenario(path)
+
+
+def test_non_utf8_byte_is_located(tmp_path: Path) -> None:
+    """A byte that is not UTF-8 is named with its line and column."""
+    f = tmp_path / "latin1.toml"
+    f.write_bytes(b"[scenario]\nname = \"caf\xe9\"\n" + BASE.encode())
+    with pytest.raises(ScenarioError, match=re.escape(
+            f"{f}: (file): expected a readable UTF-8 text file, got byte 0xe9 at line 2, "
+            "column 12 (invalid continuation byte)")):
+        load_scenario(f)
+
+
+def test_crlf_and_cr_line_ends_are_read_as_before(tmp_path: Path) -> None:
+    """The file is read as bytes now; line ends are still translated as text mode did."""
+    f = tmp_path / "dos.toml"
+    f.write_bytes(('[scenario]\ndescription = """two\nlines"""\n' + BASE).replace("\n", "\r\n")
+                  .encode())
+    assert load_scenario(f).description == "two\nlines"
+
+
+@pytest.mark.parametrize(("make", "kind"), [("fifo", "a FIFO"), ("dir", "a directory")])
+def test_content_path_that_is_not_a_file(tmp_path: Path, make: str, kind: str) -> None:
+    """A FIFO as a content file was opened blocking: the check waited for a writer forever."""
+    target = tmp_path / "img"
+    if make == "fifo":
+        os.mkfifo(target)
+    else:
+        target.mkdir()
+    text = '[content.img]\nkind = "file"\npath = "img"\n' + PROC + CHECK
+    result: list[BaseException] = []
+    worker = threading.Thread(target=lambda: result.append(_raised(text, tmp_path)), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert result, "the loader blocked on the content file"
+    assert str(result[0]) == (f's.toml: content.img.path: expected a regular file or a block '
+                              f'device, got "img" ({kind})')
+
+
+def _raised(text: str, base: Path) -> BaseException:
+    try:
+        parse(text, base)
+    except ScenarioError as e:
+        return e
+    raise AssertionError("no error")
+
+
+def test_many_mappings_are_checked_in_linear_time() -> None:
+    """Mapping names were checked for duplicates pairwise: 30,000 mappings took 30 s, now 1 s."""
+    maps = "".join(f'[[process.mapping]]\nname = "m{i}"\npages = 1\ncontent = "img"\n'
+                   for i in range(30_000))
+    start = time.monotonic()
+    sc = parse(CONTENT + '[[process]]\nname = "vm"\n' + maps + CHECK)
+    assert len(sc.processes[0].mappings) == 30_000
+    assert time.monotonic() - start < 8

@@ -41,6 +41,7 @@ from ksmlab.mm.page import CONTENT_MODES
 from ksmlab.scenario.backends import BACKENDS, BackendUnavailableError, open_backend
 from ksmlab.scenario.knobs import KNOBS, KnobValue, parse_cli_value
 from ksmlab.scenario.loader import (
+    MAX_INT,
     ScenarioError,
     apply_knob_overrides,
     builtin_scenario_text,
@@ -99,6 +100,17 @@ def _duration_arg(text: str) -> int:
         return parse_duration_ns(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"expected {e}, got {text!r}") from None
+
+
+def _seed_arg(text: str) -> int:
+    # Checked here: the loader would name the scenario file for a bad --seed.
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed <= MAX_INT:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {MAX_INT}, got {text!r}")
+    return seed
 
 
 def _knob_arg(text: str) -> tuple[str, KnobValue]:
@@ -464,7 +476,7 @@ def _add_scenario_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--until", type=_duration_arg, metavar="TIME",
                    help="stop the run at TIME (e.g. 30s, 5min): later checkpoints and events "
                         "are dropped, and a checkpoint is added at TIME")
-    p.add_argument("--seed", type=int, metavar="N",
+    p.add_argument("--seed", type=_seed_arg, metavar="N",
                    help="replace the scenario's [scenario] seed (every random choice follows)")
     p.add_argument("--knob", type=_knob_arg, action="append", metavar="NAME=VALUE",
                    help=f"override a KSM knob of the scenario's [ksm] table (repeatable); "

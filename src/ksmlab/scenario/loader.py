@@ -14,15 +14,20 @@ The format is documented in ``docs/scenarios.md``.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
 import re
+import stat
+import sys
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -50,7 +55,16 @@ from ksmlab.scenario.model import (
     WriteActivity,
     WriteEvent,
 )
-from ksmlab.scenario.units import NS_PER_S, format_duration, parse_duration_ns, parse_size
+from ksmlab.scenario.units import (
+    MAX_DURATION_NS,
+    MAX_SIZE,
+    NS_PER_S,
+    TOO_LARGE_SIZE,
+    TOO_LONG_DURATION,
+    format_duration,
+    parse_duration_ns,
+    parse_size,
+)
 
 BUILTIN_SOURCE = "<built-in>"
 """The ``source`` of the built-in default scenario."""
@@ -58,7 +72,35 @@ BUILTIN_SOURCE = "<built-in>"
 DEFAULT_SCAN_TIMEOUT_NS = 600 * NS_PER_S
 """How long a ``full_scans`` checkpoint may take when the scenario has no duration."""
 
+MAX_FILE_BYTES = 1 << 20
+"""The largest scenario file read (1 MiB; real ones are a few KiB).  tomllib may take
+several hundred bytes of memory per byte of text (a MiB of deep table headers: 400 MB, 7 s),
+and the path may be /dev/zero."""
+
+MAX_KEY_PARTS = 16
+"""The most parts a dotted key or table header may have (``a.b.c`` has 3; the format needs
+at most 5).  tomllib's memory grows with the square of a dotted key's length (a key of
+40,000 parts, 80 KB of text, takes 6 GB), so longer keys are refused before parsing."""
+
+MAX_INT = (1 << 64) - 1
+"""The largest integer a field accepts unless it says less: the kernel's counters and sizes
+are 64-bit, and so is every count a scenario can mean."""
+
+MAX_PROCESSES = 1 << 22
+"""The most processes of one group (and children of one fork): the kernel's PID_MAX_LIMIT,
+the largest value /proc/sys/kernel/pid_max accepts on 64-bit (proc(5))."""
+
+MAX_RATE = float(NS_PER_S)
+"""The fastest activity: one write per nanosecond, the clock's resolution."""
+
+MIN_RATE = 1e-9
+"""The slowest activity: one write in about 32 years (slower writes never come)."""
+
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_PART = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\\n]|\\.)*"|'[^'\n]*')"""
+_LONG_KEY = re.compile(rf"^[ \t]*\[?\[?[ \t]*(?:{_PART}[ \t]*\.[ \t]*){{{MAX_KEY_PARTS}}}",
+                       re.MULTILINE)
 _SELECTOR = re.compile(r"^([A-Za-z_][A-Za-z0-9_.-]*)(?:\[(\d+)\]|\[(\d*):(\d*)\])?$")
 _MISSING: Any = object()
 T = TypeVar("T")
@@ -82,14 +124,21 @@ class ScenarioError(ValueError):
         super().__init__(f"{source}: {field}: expected {expected}, got {got}")
 
 
+_SHOWN_CHARS = 100
+"""Strings longer than this are cut in error messages (the line stays readable)."""
+
+
 def show(value: object) -> str:
-    """*value* as a short TOML-like text for error messages."""
+    """*value* as a short TOML-like text for error messages: one line, printable."""
     if value is _MISSING:
         return "nothing"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        return _quoted(value)
+    if isinstance(value, int) and value.bit_length() > 128:
+        # Past any limit; its decimal digits would fill the line (or exceed Python's limit).
+        return f"an integer of {value.bit_length()} bits"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, dict):
@@ -109,7 +158,7 @@ class _Table:
     used: set[str] = field(default_factory=set)
 
     def name(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
+        return f"{self.path}.{_key_text(key)}" if self.path else _key_text(key)
 
     def fail(self, key: str, expected: str, got: object = _MISSING) -> ScenarioError:
         return ScenarioError(self.loader.source, self.name(key), expected,
@@ -155,26 +204,36 @@ class _Table:
         return self.get(key, check, "true or false", default)
 
     def integer(self, key: str, low: int = 0, high: int | None = None,
-                default: Any = _MISSING) -> int:
+                default: Any = _MISSING, *, limit: int = MAX_INT) -> int:
+        """An integer from *low* to *high*; without *high*, up to *limit*, named only when exceeded."""
         expected = (f"an integer >= {low}" if high is None
                     else f"an integer from {low} to {high}")
+        top = limit if high is None else high
 
         def check(v: Any) -> int:
-            if not isinstance(v, int) or isinstance(v, bool) or v < low or (
-                    high is not None and v > high):
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ValueError(expected)
+            if v > top:
+                raise ValueError(f"an integer from {low} to {top}")
             return v
         return self.get(key, check, expected, default)
 
     def number(self, key: str, low: float, high: float | None, *, open_low: bool = False,
                default: Any = _MISSING) -> float:
+        """A finite number from *low* (excluded if *open_low*) to *high* (None: no bound)."""
         lo = f"> {low:g}" if open_low else f">= {low:g}"
         expected = f"a number {lo}" if high is None else f"a number from {low:g} to {high:g}"
 
         def check(v: Any) -> float:
-            if not isinstance(v, int | float) or isinstance(v, bool) or math.isnan(v) or (
-                    v <= low if open_low else v < low) or (high is not None and v > high):
+            if not isinstance(v, int | float) or isinstance(v, bool):
                 raise ValueError(expected)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"a finite number {lo}" if high is None else expected)
+            # An int is compared exactly: float() of a huge one overflows.
+            if (v <= low if open_low else v < low) or (high is not None and v > high):
+                raise ValueError(expected)
+            if v > sys.float_info.max:
+                raise ValueError(f"a finite number {lo}")
             return float(v)
         return self.get(key, check, expected, default)
 
@@ -187,6 +246,8 @@ class _Table:
             n = v if isinstance(v, int) else parse_size(v)
             if n < 0:
                 raise ValueError(expected)
+            if n >= MAX_SIZE:
+                raise ValueError(TOO_LARGE_SIZE)
             return n
         return self.get(key, check, expected, default)
 
@@ -211,14 +272,19 @@ class _Table:
             if isinstance(v, bool):
                 raise ValueError(expected)
             if isinstance(v, int | float):
-                if v < 0 or math.isnan(v) or math.isinf(v):
+                if not 0 <= v < math.inf:  # also refuses NaN
                     raise ValueError(expected)
-                return round(v * NS_PER_S)
+                # Exact: a float as large as 1e300 s has no float number of ns.
+                ns = round(Fraction(v) * NS_PER_S)
+                if ns > MAX_DURATION_NS:
+                    raise ValueError(TOO_LONG_DURATION)
+                return ns
             if isinstance(v, str):
                 try:
                     return parse_duration_ns(v)
-                except ValueError:
-                    raise ValueError(expected) from None
+                except ValueError as e:
+                    raise ValueError(TOO_LONG_DURATION if str(e) == TOO_LONG_DURATION
+                                     else expected) from None
             raise ValueError(expected)
         return self.get(key, check, expected, default)
 
@@ -233,8 +299,13 @@ class _Table:
     def tables(self, key: str) -> Iterator[_Table]:
         """The tables of an array of tables ``[[key]]`` (none if absent)."""
         value = self.raw(key, [])
-        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            raise self.fail(key, f"an array of tables ([[{self.name(key)}]])", value)
+        header = re.sub(r"\[\d+\]", "", self.name(key))  # process[0].mapping: [[process.mapping]]
+        if not isinstance(value, list):
+            raise self.fail(key, f"an array of tables ([[{header}]])", value)
+        for i, v in enumerate(value):
+            if not isinstance(v, dict):
+                raise ScenarioError(self.loader.source, f"{self.name(key)}[{i}]",
+                                    f"a table, as [[{header}]] makes", show(v))
         for i, v in enumerate(value):
             yield _Table(self.loader, v, f"{self.name(key)}[{i}]")
 
@@ -245,6 +316,27 @@ class _Table:
                 fields = allowed or ", ".join(sorted(self.used))
                 raise ScenarioError(self.loader.source, self.name(key),
                                     f"a known field ({fields})", f"unknown field {show(key)}")
+
+
+def _quoted(text: str) -> str:
+    """*text* as a TOML basic string: escaped so it stays on one line, cut if long."""
+    cut = len(text) > _SHOWN_CHARS
+    body = json.dumps(text[:_SHOWN_CHARS], ensure_ascii=False)[1:-1]
+    # json.dumps leaves DEL, C1 controls and Unicode line separators as they are.
+    body = "".join(c if c.isprintable() or c == " " else
+                   (f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}") for c in body)
+    return f'"{body}"' + (f" ({len(text)} characters)" if cut else "")
+
+
+def _key_text(key: str) -> str:
+    """*key* as it is written in a key path: bare if TOML allows it, else quoted."""
+    return key if _BARE_KEY.match(key) else _quoted(key)
+
+
+def _names(names: Iterable[str]) -> str:
+    """Names (already checked to be printable) for an error message, cut after the first ten."""
+    shown = list(itertools.islice(names, 11))
+    return ", ".join(shown[:10]) + (", ..." if len(shown) > 10 else "")
 
 
 class _Shown(str):
@@ -260,13 +352,42 @@ def _want_str(v: Any) -> str:
 
 
 @dataclass(slots=True)
+class _Exits:
+    """Which instances of a group have exited, as disjoint runs ``[first, stop)`` sorted by first.
+
+    Runs, not one entry per instance: a group may have millions of instances,
+    and each event is checked in time proportional to the log of the runs.
+    """
+
+    firsts: list[int] = field(default_factory=list)
+    stops: list[int] = field(default_factory=list)
+    times: list[int] = field(default_factory=list)
+
+    def first_gone(self, first: int, stop: int) -> tuple[int, int] | None:
+        """(instance, exit time) of the lowest exited instance in ``[first, stop)``, if any."""
+        i = bisect.bisect_right(self.firsts, first) - 1
+        if i >= 0 and self.stops[i] > first:
+            return first, self.times[i]
+        if i + 1 < len(self.firsts) and self.firsts[i + 1] < stop:
+            return self.firsts[i + 1], self.times[i + 1]
+        return None
+
+    def add(self, first: int, stop: int, at_ns: int) -> None:
+        """Instances ``[first, stop)``, none of them exited yet, exit at *at_ns*."""
+        i = bisect.bisect_right(self.firsts, first)
+        self.firsts.insert(i, first)
+        self.stops.insert(i, stop)
+        self.times.insert(i, at_ns)
+
+
+@dataclass(slots=True)
 class _GroupState:
     """What the loader knows about a process group while checking event order."""
 
     birth_ns: int
     count: int
     mappings: dict[str, int]
-    exits: list[int | None]
+    exits: _Exits
     where: str
 
 
@@ -283,23 +404,21 @@ class _Loader:
             raise t.fail(key, 'a process such as "guest", "guest[3]" or "guest[0:4]"', text)
         name, one, lo, hi = m.groups()
         if one is not None:
-            return Selector(name, int(one), int(one) + 1, text)
+            return Selector(name, _index(one), _index(one) + 1, text)
         if lo is not None or hi is not None:
-            first = int(lo) if lo else 0
-            stop = int(hi) if hi else None
-            if stop is not None and stop <= first:
+            if lo and hi and _digits_order(hi) <= _digits_order(lo):
                 raise t.fail(key, "a non-empty range [first:stop] with first < stop", text)
-            return Selector(name, first, stop, text)
+            return Selector(name, _index(lo) if lo else 0, _index(hi) if hi else None, text)
         return Selector(name, 0, None, text)
 
     def group_for(self, t: _Table, key: str, sel: Selector, at_ns: int | None) -> _GroupState:
         """The group *sel* names, checked to exist (at *at_ns*) and to have those instances."""
         g = self.groups.get(sel.group)
         if g is None or (at_ns is not None and g.birth_ns > at_ns):
-            known = ", ".join(n for n, s in self.groups.items()
-                              if at_ns is None or s.birth_ns <= at_ns) or "none"
+            known = [n for n, s in self.groups.items() if at_ns is None or s.birth_ns <= at_ns] \
+                or ["none"]
             when = "" if at_ns is None else f" at {format_duration(at_ns / NS_PER_S)}"
-            raise t.fail(key, f"a process group that exists{when} ({known})", sel.text)
+            raise t.fail(key, f"a process group that exists{when} ({_names(known)})", sel.text)
         if sel.first >= g.count or (sel.stop is not None and sel.stop > g.count):
             raise t.fail(key, f"instances of {sel.group} within 0..{g.count - 1}", sel.text)
         return g
@@ -307,7 +426,7 @@ class _Loader:
     def mapping_region(self, t: _Table, g: _GroupState, group: str) -> tuple[str, Region | None]:
         mapping = t.string("mapping")
         if mapping not in g.mappings:
-            raise t.fail("mapping", f"a mapping of {group} ({', '.join(g.mappings)})", mapping)
+            raise t.fail("mapping", f"a mapping of {group} ({_names(g.mappings)})", mapping)
         pages = g.mappings[mapping]
         r = t.table("region")
         if r is None:
@@ -326,6 +445,17 @@ class _Loader:
         return mapping, Region(first, n)
 
 
+def _digits_order(digits: str) -> tuple[int, str]:
+    """Orders decimal digit strings as their numbers, without converting them."""
+    d = digits.lstrip("0")
+    return len(d), d
+
+
+def _index(digits: str) -> int:
+    """An instance number; one past :data:`MAX_INT` for longer ones (no group has that many)."""
+    return int(digits) if len(digits.lstrip("0")) <= 20 else MAX_INT + 1
+
+
 def load_scenario(path: str | os.PathLike[str], *, seed: int | None = None) -> Scenario:
     """Read and validate the scenario file at *path*; *seed* replaces ``[scenario] seed``.
 
@@ -335,12 +465,26 @@ def load_scenario(path: str | os.PathLike[str], *, seed: int | None = None) -> S
     p = Path(path)
     source = str(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with open(p, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)  # bounded: the path may be /dev/zero
     except FileNotFoundError:
         raise ScenarioError(source, "(file)", "an existing scenario file", "no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise ScenarioError(source, "(file)", "a readable UTF-8 text file",
-                            _Shown(str(e.strerror if isinstance(e, OSError) else e))) from None
+                            _Shown(e.strerror or str(e))) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ScenarioError(source, "(file)", f"a scenario file of at most {MAX_FILE_BYTES >> 20} MiB",
+                            _Shown("a larger file"))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ScenarioError(source, "(file)", "a readable UTF-8 text file",
+                            _Shown(f"byte 0x{data[e.start]:02x} at line {line}, column {column} "
+                                   f"({e.reason})")) from None
+    # Universal newlines, as text mode reads files.
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     return parse_scenario(text, source=source, base_dir=p.resolve().parent, seed=seed)
 
 
@@ -364,10 +508,22 @@ def parse_scenario(text: str, *, source: str, base_dir: Path, seed: int | None =
         base_dir: relative content file paths are relative to this directory.
         seed: replaces ``[scenario] seed`` (so every seed derived from it follows).
     """
+    long_key = _LONG_KEY.search(text)
+    if long_key:
+        raise ScenarioError(source, "(syntax)", f"keys and table names of at most {MAX_KEY_PARTS} "
+                            f"dotted parts", _Shown(f"a longer one at line "
+                                                  f"{text.count(chr(10), 0, long_key.start()) + 1}"))
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ScenarioError(source, "(syntax)", "valid TOML", _Shown(f"error: {e}")) from None
+    except RecursionError:
+        raise ScenarioError(source, "(syntax)", "valid TOML nested less deeply",
+                            _Shown("arrays or inline tables nested too deeply for the parser")) from None
+    except ValueError:
+        # tomllib lets int()'s refusal of more than sys.get_int_max_str_digits() digits through.
+        raise ScenarioError(source, "(syntax)", "valid TOML", _Shown(
+            f"an integer of more than {sys.get_int_max_str_digits()} digits")) from None
     if seed is not None and isinstance(data.setdefault("scenario", {}), dict):
         data["scenario"]["seed"] = seed
     ld = _Loader(source, base_dir)
@@ -478,7 +634,7 @@ def _contents(ld: _Loader, t: _Table | None, seed: int) -> dict[str, Content]:
             if key not in fields_by_kind[kind]:
                 kinds = [k for k, f in fields_by_kind.items() if key in f]
                 where = f"only for kind {' or '.join(kinds)}" if kinds else "unknown field"
-                raise c.fail(key, f"no {key} for kind \"{kind}\" ({where})", c.data[key])
+                raise c.fail(key, f"no {_key_text(key)} for kind \"{kind}\" ({where})", c.data[key])
         cseed = c.integer("seed", 0, default=_stable_seed(seed, "content", cname))
         zf = c.number("zero_fraction", 0.0, 1.0, default=0.0)
         pf = c.number("private_fraction", 0.0, 1.0, default=0.0)
@@ -501,17 +657,32 @@ def _contents(ld: _Loader, t: _Table | None, seed: int) -> dict[str, Content]:
     return out
 
 
+_FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+               stat.S_IFSOCK: "a socket"}
+
+
 def _content_file(c: _Table, offset_pages: int) -> Path:
     raw = c.string("path")
     path = Path(os.path.expanduser(raw))
     if not path.is_absolute():
         path = c.loader.base_dir / path
     try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
+        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer, forever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except ValueError:
+        raise c.fail("path", "a file name without NUL characters", raw) from None
     except OSError as e:
         raise c.fail("path", "a readable file", _Shown(f"{show(raw)} ({e.strerror})")) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise c.fail("path", "a regular file or a block device",
+                         _Shown(f"{show(raw)} ({_FILE_KINDS.get(stat.S_IFMT(mode), 'special file')})"))
+        size = os.lseek(fd, 0, os.SEEK_END)
+    except OSError as e:
+        raise c.fail("path", "a readable file", _Shown(f"{show(raw)} ({e.strerror})")) from None
+    finally:
+        os.close(fd)
     if size == 0:
         raise c.fail("path", "a non-empty file", _Shown(f"{show(raw)} (0 bytes)"))
     if offset_pages * PAGE_SIZE >= size:
@@ -529,13 +700,14 @@ def _processes(ld: _Loader, top: _Table, contents: dict[str, Content]) -> tuple[
                          name)
         if name in ld.groups:
             raise p.fail("name", "a name no other process group has", name)
-        count = p.integer("count", 1, default=1)
+        count = p.integer("count", 1, default=1, limit=MAX_PROCESSES)
         start = p.duration("start", 0)
         merge_any = p.boolean("merge_any", False)
         maps: list[Mapping] = []
+        mapped: set[str] = set()
         for m in p.tables("mapping"):
             mname = m.string("name", "mem")
-            if not _NAME.match(mname) or any(x.name == mname for x in maps):
+            if not _NAME.match(mname) or mname in mapped:
                 raise m.fail("name", "a name unique within the process (letters, digits, _ . -)",
                              mname)
             if m.has("size") == m.has("pages"):
@@ -545,15 +717,16 @@ def _processes(ld: _Loader, top: _Table, contents: dict[str, Content]) -> tuple[
             pages = m.pages_of_size("size") if m.has("size") else m.integer("pages", 1)
             content = m.string("content")
             if content not in contents:
-                raise m.fail("content", f"a content model ({', '.join(contents)})", content)
+                raise m.fail("content", f"a content model ({_names(contents)})", content)
             mergeable = m.boolean("mergeable", True)
             m.done()
             maps.append(Mapping(mname, pages, content, mergeable))
+            mapped.add(mname)
         if not maps:
             raise p.fail("mapping", "at least one [[process.mapping]]", _MISSING)
         p.done()
-        ld.groups[name] = _GroupState(start, count, {m.name: m.pages for m in maps},
-                                      [None] * count, p.path)
+        ld.groups[name] = _GroupState(start, count, {m.name: m.pages for m in maps}, _Exits(),
+                                      p.path)
         out.append(ProcessGroup(name, count, start, merge_any, tuple(maps)))
     if not out:
         raise ScenarioError(ld.source, "process", "at least one [[process]]", "nothing")
@@ -583,12 +756,13 @@ def _events(ld: _Loader, top: _Table, knobs: tuple[tuple[str, str], ...],
         else:
             sel = ld.selector(e, "process")
             g = ld.group_for(e, "process", sel, at)
-            for j in sel.indices(g.count):
-                gone = g.exits[j]
-                if gone is not None:
-                    raise e.fail("process", f"processes alive at {format_duration(at / NS_PER_S)} "
-                                 f"({sel.group}[{j}] exited at {format_duration(gone / NS_PER_S)})",
-                                 sel.text)
+            first, stop = sel.first, g.count if sel.stop is None else sel.stop
+            gone = g.exits.first_gone(first, stop)
+            if gone is not None:
+                j, when = gone
+                raise e.fail("process", f"processes alive at {format_duration(at / NS_PER_S)} "
+                             f"({sel.group}[{j}] exited at {format_duration(when / NS_PER_S)})",
+                             sel.text)
             if action in ("write", "madvise"):
                 mapping, region = ld.mapping_region(e, g, sel.group)
                 if action == "write":
@@ -603,13 +777,15 @@ def _events(ld: _Loader, top: _Table, knobs: tuple[tuple[str, str], ...],
                 if not _NAME.match(child) or child in ld.groups:
                     raise e.fail("child", "a new process group name (letters, digits, _ . -)",
                                  child)
-                n = e.integer("count", 1, default=1)
-                size = len(sel.indices(g.count)) * n
-                ld.groups[child] = _GroupState(at, size, dict(g.mappings), [None] * size, e.path)
+                n = e.integer("count", 1, default=1, limit=MAX_PROCESSES)
+                size = (stop - first) * n
+                if size > MAX_PROCESSES:
+                    raise e.fail("count", f"at most {MAX_PROCESSES} children in all "
+                                 f"({stop - first} processes fork)", n)
+                ld.groups[child] = _GroupState(at, size, dict(g.mappings), _Exits(), e.path)
                 ev = ForkEvent(i, at, sel, child, n)
             elif action == "exit":
-                for j in sel.indices(g.count):
-                    g.exits[j] = at
+                g.exits.add(first, stop, at)
                 ev = ExitEvent(i, at, sel)
             else:
                 ev = PrctlEvent(i, at, sel, e.boolean("merge_any"))
@@ -631,6 +807,9 @@ def _activities(ld: _Loader, top: _Table, duration: int | None) -> tuple[WriteAc
         g = ld.group_for(a, "process", sel, None)
         mapping, region = ld.mapping_region(a, g, sel.group)
         rate = a.number("rate", 0.0, None, open_low=True)
+        if not MIN_RATE <= rate <= MAX_RATE:
+            raise a.fail("rate", f"a rate from {MIN_RATE:g} to {MAX_RATE:g} writes per second "
+                         f"(the clock counts nanoseconds)", a.data["rate"])
         start = a.duration("start", None)
         if start is None:
             start = g.birth_ns
@@ -718,6 +897,9 @@ def _expectation(t: _Table, counter: str, sel: Selector | None) -> Expectation:
 
     def value(v: Any, where: str) -> int:
         if isinstance(v, int) and not isinstance(v, bool):
+            if not -(1 << 63) <= v <= MAX_INT:  # counters are 64-bit: signed or unsigned
+                raise ScenarioError(t.loader.source, where,
+                                    f"an integer from {-(1 << 63)} to {MAX_INT}", show(v))
             return v
         if sized and isinstance(v, str):
             try:

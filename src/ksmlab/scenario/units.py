@@ -11,8 +11,18 @@ scheduler's arithmetic is exact.
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 NS_PER_S = 1_000_000_000
+
+MAX_SIZE = 1 << 64
+"""Sizes must be below this (16 EiB): the kernel's lengths and counters are 64-bit."""
+
+MAX_DURATION_NS = (1 << 63) - 1
+"""The longest duration, in ns (about 292 years): the kernel's and Python's 64-bit ns clocks."""
+
+TOO_LARGE_SIZE = "a size below 16 EiB (2**64 bytes)"
+TOO_LONG_DURATION = "a duration of at most 292 years (2**63 - 1 ns)"
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -29,6 +39,22 @@ _TIME_UNITS = {
 _NUMBER_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Zµ]*)\s*$")
 
 
+def _exact(number: str, too_large: str) -> Fraction:
+    """The decimal *number* (digits, at most one point) exactly.
+
+    Exact, so ``"4096.0000000000000001"`` is not taken for 4096 and a long
+    number is refused instead of becoming ``inf`` as a float would.
+    """
+    whole, _, frac = number.partition(".")
+    whole, frac = whole.lstrip("0"), frac.rstrip("0")
+    if len(whole) > 30:  # 10**30 is past every size and duration limit
+        raise ValueError(too_large)
+    if len(frac) > 64:
+        msg = "a number with at most 64 digits after the point"
+        raise ValueError(msg)
+    return Fraction(f"{whole or 0}.{frac or 0}")
+
+
 def parse_size(text: str) -> int:
     """Bytes in *text* (``"8MiB"``, ``"4096"``); ValueError naming what is accepted."""
     m = _NUMBER_UNIT.match(text)
@@ -36,21 +62,26 @@ def parse_size(text: str) -> int:
     if m is None or unit not in _SIZE_UNITS:
         msg = "a size such as 4096, \"64KiB\", \"8MiB\" or \"1GiB\""
         raise ValueError(msg)
-    value = float(m.group(1)) * _SIZE_UNITS[unit]
-    if value != int(value):
+    value = _exact(m.group(1), TOO_LARGE_SIZE) * _SIZE_UNITS[unit]
+    if value.denominator != 1:
         msg = "a whole number of bytes"
         raise ValueError(msg)
+    if value >= MAX_SIZE:
+        raise ValueError(TOO_LARGE_SIZE)
     return int(value)
 
 
 def parse_duration_ns(text: str) -> int:
-    """Nanoseconds in *text* (``"500ms"``, ``"10s"``, ``"5min"``, ``"1h"``)."""
+    """Nanoseconds in *text* (``"500ms"``, ``"10s"``, ``"5min"``, ``"1h"``), at most :data:`MAX_DURATION_NS`."""
     m = _NUMBER_UNIT.match(text)
     unit = m.group(2).lower() if m else None
     if m is None or unit not in _TIME_UNITS:
         msg = "a duration such as 10, \"500ms\", \"10s\", \"5min\" or \"1h\""
         raise ValueError(msg)
-    return round(float(m.group(1)) * _TIME_UNITS[unit])
+    ns = round(_exact(m.group(1), TOO_LONG_DURATION) * _TIME_UNITS[unit])
+    if ns > MAX_DURATION_NS:
+        raise ValueError(TOO_LONG_DURATION)
+    return ns
 
 
 def format_bytes(n: int | float) -> str:
@@ -83,4 +114,5 @@ def format_duration(seconds: float) -> str:
     return f"{int(h)} h" if m == 0 else f"{int(h)} h {m} min"
 
 
-__all__ = ["NS_PER_S", "format_bytes", "format_duration", "parse_duration_ns", "parse_size"]
+__all__ = ["MAX_DURATION_NS", "MAX_SIZE", "NS_PER_S", "TOO_LARGE_SIZE", "TOO_LONG_DURATION",
+           "format_bytes", "format_duration", "parse_duration_ns", "parse_size"]
