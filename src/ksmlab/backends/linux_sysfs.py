@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ksmlab.backends.linux_knobs import KSM_SYSFS_DIR, writable_knobs
+from ksmlab.ksm.sysfs import require_text
 
 if TYPE_CHECKING:
     from ksmlab.backends.linux import LinuxKernel
@@ -45,8 +46,7 @@ class LinuxSysfs:
     def __setitem__(self, name: str, value: str) -> None:
         """Write *value* to one file in a single ``write(2)``."""
         path = self._path(name)
-        if not isinstance(value, str):
-            raise TypeError(f"sysfs value for {name} must be a str, not {type(value).__name__}")
+        require_text(name, value)
         self._kernel._check_open()
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:

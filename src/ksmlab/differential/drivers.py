@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 from ksmlab.backends.linux_knobs import boot_knobs
 from ksmlab.errors import KsmSimError, ScanStalledError
 from ksmlab.kernel import SimKernel
-from ksmlab.ksm.sysfs import MAX_WRITE, ParseError, kstrtouint
+from ksmlab.ksm.sysfs import ParseError, kstrtouint, store_text
 
 if TYPE_CHECKING:
     from ksmlab.api import Kernel
@@ -80,11 +80,6 @@ class _SimDriver:
         pass
 
 
-def _vfs_text(value: str) -> str:
-    """What a sysfs store sees of a write (cut at 4096 bytes and at the first NUL)."""
-    return value.encode()[:MAX_WRITE].split(b"\0", 1)[0].decode(errors="replace")
-
-
 def _model_defaults() -> list[tuple[str, str]]:
     """The model's knob values at boot but ``run``, in an order the real kernel accepts them."""
     return [(n, v) for n, v in boot_knobs().items() if n != "run"]
@@ -142,7 +137,7 @@ class _LinuxDriver:
     def write(self, name: str, value: str) -> None:
         s = self._k.sysfs
         if name == "run":
-            text = _vfs_text(value)
+            text = store_text("run", value) or ""
             try:
                 wanted: int | None = kstrtouint(text)
             except ParseError:
