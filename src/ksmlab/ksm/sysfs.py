@@ -11,11 +11,17 @@ What the VFS does before a store is called is modelled too (recorded on the
 real kernel, see tests/sysfs_cases.py): a write of more than 4096 bytes is cut
 to 4096, the text ends at the first NUL, an empty write succeeds without
 calling the store, and writing a read-only file fails with EACCES at open.
+
+:data:`KNOB_SYNTAX`, :func:`parse_knob` and :func:`store_text` are what the
+stores judge on the text alone; the bulk engine's sysfs uses them too, so
+both engines answer every string alike.  ``tests/test_fuzz_sysfs.py`` holds
+them to the real kernel's answers for arbitrary strings.
 """
 
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -27,6 +33,7 @@ U64 = 0xFFFFFFFFFFFFFFFF
 INT_MAX = 0x7FFFFFFF
 LLONG_MAX = 0x7FFFFFFFFFFFFFFF
 MAX_WRITE = 4096  # PAGE_SIZE: sysfs never passes more to a store
+_DIGITS = re.compile(r"[0-9]*")  # ASCII only: "\u0663" (Arabic-Indic three) is no digit here
 
 KNOB_WRITE_ORDER = (
     "advisor_max_cpu", "advisor_min_pages_to_scan", "advisor_max_pages_to_scan",
@@ -53,18 +60,27 @@ class ParseError(Exception):
         self.errno = err
 
 
-def kstrtoull(s: str) -> int:
-    """``kstrtoull(s, 10)``: optional '+', decimal digits, one optional trailing newline."""
-    if s.startswith("+"):
-        s = s[1:]
-    if s.endswith("\n"):
-        s = s[:-1]
-    if not s or not s.isascii() or not s.isdigit():
-        raise ParseError(errno.EINVAL)
-    value = int(s)
-    if value > U64:
+def _kstrtoull(s: str) -> int:
+    """``_kstrtoull(s, 10)``: decimal digits, one optional newline, nothing else (no sign).
+
+    The digits are parsed as far as they go and an overflow wins over what
+    follows: "99999999999999999999x" is ERANGE, not EINVAL, on the kernel.
+    """
+    digits = _DIGITS.match(s)
+    assert digits is not None  # [0-9]* matches every string
+    end = digits.end()
+    significant = s[:end].lstrip("0")
+    if len(significant) > len(str(U64)) or int(significant or "0") > U64:
         raise ParseError(errno.ERANGE)
-    return value
+    rest = s[end:]
+    if not end or rest not in ("", "\n"):
+        raise ParseError(errno.EINVAL)
+    return int(significant or "0")
+
+
+def kstrtoull(s: str) -> int:
+    """``kstrtoull(s, 10)``: one optional '+', then as :func:`_kstrtoull`."""
+    return _kstrtoull(s[1:] if s.startswith("+") else s)
 
 
 def kstrtouint(s: str) -> int:
@@ -76,9 +92,12 @@ def kstrtouint(s: str) -> int:
 
 
 def kstrtoint(s: str) -> int:
-    """``kstrtoint(s, 10)``: signed, ERANGE outside the range of int."""
+    """``kstrtoint(s, 10)``: signed, ERANGE outside the range of int.
+
+    After a '-' no '+' is allowed ("-+5" is EINVAL); without one, as kstrtoull.
+    """
     if s.startswith("-"):
-        magnitude = kstrtoull(s[1:])
+        magnitude = _kstrtoull(s[1:])
         if magnitude > LLONG_MAX + 1:
             raise ParseError(errno.ERANGE)
         value = -magnitude
@@ -127,56 +146,119 @@ class Attr:
     store: Callable[[str], None] | None = None
 
 
-def _uint_store(apply: Callable[[int], None], *, errors_as_einval: bool = True,
-                parse: Callable[[str], int] = kstrtouint) -> Callable[[str], None]:
-    def store(text: str) -> None:
-        try:
-            value = parse(text)
-        except ParseError as e:
-            raise kernel_error(errno.EINVAL if errors_as_einval else e.errno, text) from None
-        apply(value)
-    return store
+@dataclass(frozen=True, slots=True)
+class KnobSyntax:
+    """What a knob's store accepts, judged on the text alone (before any state is looked at).
+
+    Attributes:
+        parse: the kstrto* function the store calls.
+        parse_errno: the store returns the parser's own errno (ERANGE for a
+            number too big); False: it turns every parse error into EINVAL.
+        lo, hi: parsed values outside [lo, hi] are refused with EINVAL.
+    """
+
+    parse: Callable[[str], int]
+    parse_errno: bool = False
+    lo: int | None = None
+    hi: int | None = None
 
 
-def _bool_store(apply: Callable[[bool], None]) -> Callable[[str], None]:
-    def store(text: str) -> None:
-        try:
-            value = kstrtobool(text)
-        except ParseError:
-            raise kernel_error(errno.EINVAL, text) from None
-        apply(value)
-    return store
+KNOB_SYNTAX: dict[str, KnobSyntax] = {
+    "sleep_millisecs": KnobSyntax(kstrtouint),
+    "pages_to_scan": KnobSyntax(kstrtouint),
+    "run": KnobSyntax(kstrtouint, hi=2),
+    "merge_across_nodes": KnobSyntax(kstrtoull, parse_errno=True, hi=1),
+    "max_page_sharing": KnobSyntax(kstrtoint, parse_errno=True, lo=2),
+    "stable_node_chains_prune_millisecs": KnobSyntax(kstrtouint),
+    "use_zero_pages": KnobSyntax(kstrtobool, parse_errno=True),
+    "smart_scan": KnobSyntax(kstrtobool, parse_errno=True),
+    "advisor_max_cpu": KnobSyntax(kstrtoull),
+    "advisor_min_pages_to_scan": KnobSyntax(kstrtoull),
+    "advisor_max_pages_to_scan": KnobSyntax(kstrtoull),
+    "advisor_target_scan_time": KnobSyntax(kstrtoull, lo=1),
+}
+"""Every numeric or boolean knob (all but ``advisor_mode``); shared by the engines."""
+
+
+def brief(text: str, limit: int = 40) -> str:
+    """``repr(text)``, shortened for an error message (a write can be 4096 bytes)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} chars)"
+
+
+def parse_knob(name: str, text: str) -> int:
+    """The value a store of *text* gives knob *name*, or its errno as a KernelError.
+
+    *text* is what the store receives (see :func:`store_text`).  Only the
+    text is judged here; what depends on state (EBUSY, the advisor holding
+    pages_to_scan) is the store's.  Booleans come back as 0 or 1.
+    """
+    syntax = KNOB_SYNTAX[name]
+    try:
+        value = int(syntax.parse(text))
+    except ParseError as e:
+        err = e.errno if syntax.parse_errno else errno.EINVAL
+        raise kernel_error(err, f"{name}={brief(text)}") from None
+    if (syntax.lo is not None and value < syntax.lo) or (syntax.hi is not None
+                                                         and value > syntax.hi):
+        raise kernel_error(errno.EINVAL, f"{name}={value}")
+    return value
+
+
+def no_such_file(name: object) -> KeyError:
+    """The KeyError for a name that is not a file of /sys/kernel/mm/ksm."""
+    return KeyError(f"no such file in /sys/kernel/mm/ksm: {name!r}")
+
+
+def require_text(name: str, value: object) -> None:
+    """TypeError naming *value* unless it is a str (sysfs files are written as text)."""
+    if not isinstance(value, str):
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        msg = f"sysfs values are text: got {type(value).__name__} {shown} for {name!r}"
+        raise TypeError(msg)
+
+
+def store_text(name: str, value: str) -> str | None:
+    """The text a store function receives for ``write(2)`` of *value*; None if it is not called.
+
+    The value is written as UTF-8 (a lone surrogate cannot be: ValueError).
+    The VFS passes at most :data:`MAX_WRITE` bytes, the store sees them up to
+    the first NUL, and an empty write never reaches it.  Bytes cut in the
+    middle of a character become U+FFFD, which no parser accepts, as the
+    kernel accepts no non-ASCII byte.
+    """
+    try:
+        raw = value.encode()
+    except UnicodeEncodeError as e:
+        msg = f"sysfs value for {name!r} is not encodable as UTF-8: {brief(value)} ({e.reason})"
+        raise ValueError(msg) from None
+    if not raw:
+        return None
+    raw = raw[:MAX_WRITE]
+    raw = raw.split(b"\0", 1)[0]
+    return raw.decode(errors="replace")
 
 
 def build_attrs(ksm: Ksm) -> dict[str, Attr]:
     """The attribute table of *ksm*, in the kernel's ``ksm_attrs[]`` order."""
 
+    def knob_store(name: str, apply: Callable[[int], None]) -> Callable[[str], None]:
+        return lambda text: apply(parse_knob(name, text))
+
     def setter(name: str) -> Callable[[int], None]:
         return lambda v: setattr(ksm, name, v)
+
+    def bool_setter(name: str) -> Callable[[int], None]:
+        return lambda v: setattr(ksm, name, bool(v))
 
     def store_pages_to_scan(text: str) -> None:
         if ksm.advisor_scan_time:
             raise kernel_error(errno.EINVAL, "pages_to_scan is set by the advisor")
-        _uint_store(setter("pages_to_scan"))(text)
+        ksm.pages_to_scan = parse_knob("pages_to_scan", text)
 
     def store_sleep(value: int) -> None:
         ksm.sleep_millisecs = value
         ksm.wake_ksmd()  # a new sleep time applies at once
-
-    def store_run(value: int) -> None:
-        if value > 2:
-            raise kernel_error(errno.EINVAL, f"run={value}")
-        ksm.set_run(value)
-
-    def store_merge_across_nodes(value: int) -> None:
-        if value > 1:
-            raise kernel_error(errno.EINVAL, f"merge_across_nodes={value}")
-        ksm.set_merge_across_nodes(value)
-
-    def store_max_page_sharing(value: int) -> None:
-        if value < 2:
-            raise kernel_error(errno.EINVAL, f"max_page_sharing={value}")
-        ksm.set_max_page_sharing(value)
 
     def store_advisor_mode(text: str) -> None:
         if sysfs_streq("scan-time", text):
@@ -184,18 +266,17 @@ def build_attrs(ksm: Ksm) -> dict[str, Attr]:
         elif sysfs_streq("none", text):
             ksm.set_advisor_mode(False)
         else:
-            raise kernel_error(errno.EINVAL, f"advisor_mode={text!r}")
+            raise kernel_error(errno.EINVAL, f"advisor_mode={brief(text)}")
 
     def store_target(value: int) -> None:
-        if value < 1:
-            raise kernel_error(errno.EINVAL, "advisor_target_scan_time must be >= 1")
         ksm.advisor.target_scan_time = value
 
     adv = ksm.advisor
     table = [
-        Attr("sleep_millisecs", lambda: str(ksm.sleep_millisecs), _uint_store(store_sleep)),
+        Attr("sleep_millisecs", lambda: str(ksm.sleep_millisecs),
+             knob_store("sleep_millisecs", store_sleep)),
         Attr("pages_to_scan", lambda: str(ksm.pages_to_scan), store_pages_to_scan),
-        Attr("run", lambda: str(ksm.run), _uint_store(store_run)),
+        Attr("run", lambda: str(ksm.run), knob_store("run", ksm.set_run)),
         Attr("pages_scanned", lambda: str(ksm.pages_scanned)),
         Attr("pages_shared", lambda: str(ksm.pages_shared)),
         Attr("pages_sharing", lambda: str(ksm.pages_sharing)),
@@ -205,29 +286,34 @@ def build_attrs(ksm: Ksm) -> dict[str, Attr]:
         Attr("ksm_zero_pages", lambda: str(ksm.ksm_zero_pages)),
         Attr("full_scans", lambda: str(ksm.full_scans)),
         Attr("merge_across_nodes", lambda: str(ksm.merge_across_nodes),
-             _uint_store(store_merge_across_nodes, errors_as_einval=False, parse=kstrtoull)),
+             knob_store("merge_across_nodes", ksm.set_merge_across_nodes)),
         Attr("max_page_sharing", lambda: str(ksm.max_page_sharing),
-             _uint_store(store_max_page_sharing, errors_as_einval=False, parse=kstrtoint)),
+             knob_store("max_page_sharing", ksm.set_max_page_sharing)),
         Attr("stable_node_chains", lambda: str(ksm.stable_node_chains)),
         Attr("stable_node_dups", lambda: str(ksm.stable_node_dups)),
         Attr("stable_node_chains_prune_millisecs",
              lambda: str(ksm.stable_node_chains_prune_millisecs),
-             _uint_store(setter("stable_node_chains_prune_millisecs"))),
+             knob_store("stable_node_chains_prune_millisecs",
+                        setter("stable_node_chains_prune_millisecs"))),
         Attr("use_zero_pages", lambda: str(int(ksm.use_zero_pages)),
-             _bool_store(setter("use_zero_pages"))),
+             knob_store("use_zero_pages", bool_setter("use_zero_pages"))),
         Attr("general_profit", lambda: str(ksm.general_profit)),
-        Attr("smart_scan", lambda: str(int(ksm.smart_scan)), _bool_store(setter("smart_scan"))),
+        Attr("smart_scan", lambda: str(int(ksm.smart_scan)),
+             knob_store("smart_scan", bool_setter("smart_scan"))),
         Attr("advisor_mode",
              lambda: "none [scan-time]" if ksm.advisor_scan_time else "[none] scan-time",
              store_advisor_mode),
+        # The store keeps an unsigned long in an unsigned int: 2^32 reads 0.
         Attr("advisor_max_cpu", lambda: str(adv.max_cpu),
-             _uint_store(lambda v: setattr(adv, "max_cpu", v & U32), parse=kstrtoull)),
+             knob_store("advisor_max_cpu", lambda v: setattr(adv, "max_cpu", v & U32))),
         Attr("advisor_min_pages_to_scan", lambda: str(adv.min_pages_to_scan),
-             _uint_store(lambda v: setattr(adv, "min_pages_to_scan", v), parse=kstrtoull)),
+             knob_store("advisor_min_pages_to_scan",
+                        lambda v: setattr(adv, "min_pages_to_scan", v))),
         Attr("advisor_max_pages_to_scan", lambda: str(adv.max_pages_to_scan),
-             _uint_store(lambda v: setattr(adv, "max_pages_to_scan", v), parse=kstrtoull)),
+             knob_store("advisor_max_pages_to_scan",
+                        lambda v: setattr(adv, "max_pages_to_scan", v))),
         Attr("advisor_target_scan_time", lambda: str(adv.target_scan_time),
-             _uint_store(store_target, parse=kstrtoull)),
+             knob_store("advisor_target_scan_time", store_target)),
     ]
     return {a.name: a for a in table}
 
@@ -241,33 +327,33 @@ class KsmSysfs:
             del self._attrs["merge_across_nodes"]
 
     def _attr(self, name: str) -> Attr:
-        try:
-            return self._attrs[name]
-        except KeyError:
-            msg = f"no such file in /sys/kernel/mm/ksm: {name!r}"
-            raise KeyError(msg) from None
+        attr = self._attrs.get(name) if isinstance(name, str) else None
+        if attr is None:
+            raise no_such_file(name)
+        return attr
 
     def __getitem__(self, name: str) -> str:
         return self._attr(name).show()
 
     def __setitem__(self, name: str, value: str) -> None:
+        """Write *value* as one ``write(2)``; a refused write raises OSError and changes nothing.
+
+        Raises KeyError for a name that is no file here, TypeError unless
+        *value* is a str, ValueError if it cannot be encoded as UTF-8.
+        """
         attr = self._attr(name)
-        if not isinstance(value, str):
-            msg = f"sysfs values are text: got {type(value).__name__} for {name!r}"
-            raise TypeError(msg)
+        require_text(name, value)
         if attr.store is None:
-            raise kernel_error(errno.EACCES, f"{name} is read-only")
-        raw = value.encode()[:MAX_WRITE]
-        raw = raw.split(b"\0", 1)[0] if b"\0" in raw else raw
-        if not value:
-            return  # an empty write(2) never reaches the store function
-        attr.store(raw.decode(errors="replace"))
+            raise kernel_error(errno.EACCES, f"{name} is read-only")  # at open(2)
+        text = store_text(name, value)
+        if text is not None:
+            attr.store(text)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._attrs)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._attrs
+        return isinstance(name, str) and name in self._attrs
 
     def __len__(self) -> int:
         return len(self._attrs)
