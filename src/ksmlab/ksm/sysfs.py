@@ -155,12 +155,15 @@ class KnobSyntax:
         parse_errno: the store returns the parser's own errno (ERANGE for a
             number too big); False: it turns every parse error into EINVAL.
         lo, hi: parsed values outside [lo, hi] are refused with EINVAL.
+        kept: the store keeps ``value & kept`` (a narrower C variable than the
+            parser's); None: the whole value.
     """
 
     parse: Callable[[str], int]
     parse_errno: bool = False
     lo: int | None = None
     hi: int | None = None
+    kept: int | None = None
 
 
 KNOB_SYNTAX: dict[str, KnobSyntax] = {
@@ -172,12 +175,45 @@ KNOB_SYNTAX: dict[str, KnobSyntax] = {
     "stable_node_chains_prune_millisecs": KnobSyntax(kstrtouint),
     "use_zero_pages": KnobSyntax(kstrtobool, parse_errno=True),
     "smart_scan": KnobSyntax(kstrtobool, parse_errno=True),
-    "advisor_max_cpu": KnobSyntax(kstrtoull),
+    "advisor_max_cpu": KnobSyntax(kstrtoull, kept=U32),  # kstrtoul into an unsigned int
     "advisor_min_pages_to_scan": KnobSyntax(kstrtoull),
     "advisor_max_pages_to_scan": KnobSyntax(kstrtoull),
     "advisor_target_scan_time": KnobSyntax(kstrtoull, lo=1),
 }
 """Every numeric or boolean knob (all but ``advisor_mode``); shared by the engines."""
+
+ADVISOR_MODES = ("none", "scan-time")
+"""The words ``advisor_mode`` accepts, the one knob that is not a number."""
+
+_PARSER_RANGE: dict[Callable[[str], int], tuple[int, int]] = {
+    kstrtouint: (0, U32), kstrtoull: (0, U64), kstrtoint: (-INT_MAX - 1, INT_MAX),
+    kstrtobool: (0, 1),
+}
+
+
+def knob_range(name: str) -> tuple[int, int]:
+    """``(low, high)``: the values a store of knob *name* accepts and keeps as written.
+
+    The parser's range, cut by the store's own bounds and by what the variable
+    keeps; the scenario layer checks knob values against it before anything
+    runs.  KeyError for ``advisor_mode`` (see :data:`ADVISOR_MODES`) and for a
+    name that is no knob.
+    """
+    syntax = KNOB_SYNTAX[name]
+    low, high = _PARSER_RANGE[syntax.parse]
+    if syntax.lo is not None:
+        low = max(low, syntax.lo)
+    if syntax.hi is not None:
+        high = min(high, syntax.hi)
+    if syntax.kept is not None:
+        high = min(high, syntax.kept)
+    return low, high
+
+
+def kept_value(name: str, value: int) -> int:
+    """What knob *name* holds after its store accepted *value* (see :attr:`KnobSyntax.kept`)."""
+    kept = KNOB_SYNTAX[name].kept
+    return value if kept is None else value & kept
 
 
 def brief(text: str, limit: int = 40) -> str:
@@ -261,9 +297,10 @@ def build_attrs(ksm: Ksm) -> dict[str, Attr]:
         ksm.wake_ksmd()  # a new sleep time applies at once
 
     def store_advisor_mode(text: str) -> None:
-        if sysfs_streq("scan-time", text):
+        none, scan_time = ADVISOR_MODES
+        if sysfs_streq(scan_time, text):
             ksm.set_advisor_mode(True)
-        elif sysfs_streq("none", text):
+        elif sysfs_streq(none, text):
             ksm.set_advisor_mode(False)
         else:
             raise kernel_error(errno.EINVAL, f"advisor_mode={brief(text)}")
@@ -305,7 +342,8 @@ def build_attrs(ksm: Ksm) -> dict[str, Attr]:
              store_advisor_mode),
         # The store keeps an unsigned long in an unsigned int: 2^32 reads 0.
         Attr("advisor_max_cpu", lambda: str(adv.max_cpu),
-             knob_store("advisor_max_cpu", lambda v: setattr(adv, "max_cpu", v & U32))),
+             knob_store("advisor_max_cpu",
+                        lambda v: setattr(adv, "max_cpu", kept_value("advisor_max_cpu", v)))),
         Attr("advisor_min_pages_to_scan", lambda: str(adv.min_pages_to_scan),
              knob_store("advisor_min_pages_to_scan",
                         lambda v: setattr(adv, "min_pages_to_scan", v))),

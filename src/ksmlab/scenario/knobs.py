@@ -4,6 +4,12 @@ Values are checked here, before anything runs, against the ranges the
 kernel accepts (``docs/kernel-behaviour.md`` section 5), so a bad knob
 is a file error and not a half-finished run.  What is written is the text
 the kernel's parser takes (booleans as ``0``/``1``).
+
+The set of knobs and their limits are not written here: they come from the
+kernel's attribute table, :mod:`ksmlab.ksm.sysfs` (:data:`KNOB_WRITE_ORDER`,
+:func:`~ksmlab.ksm.sysfs.knob_range`, :data:`~ksmlab.ksm.sysfs.ADVISOR_MODES`).
+What is the scenario's own is how TOML spells a value (a knob of range 0..1
+takes ``true``/``false``) and the messages.
 """
 
 from __future__ import annotations
@@ -11,11 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ksmlab.ksm.sysfs import KNOB_WRITE_ORDER
-
-U32 = 0xFFFFFFFF
-U64 = 0xFFFFFFFFFFFFFFFF
-INT_MAX = 0x7FFFFFFF
+from ksmlab.ksm.sysfs import ADVISOR_MODES, KNOB_WRITE_ORDER, knob_range
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +33,7 @@ class KnobSpec:
 
     kind: Literal["int", "bool", "choice"]
     low: int = 0
-    high: int = U32
+    high: int = 0
     choices: tuple[str, ...] = ()
 
     def expected(self) -> str:
@@ -43,26 +45,27 @@ class KnobSpec:
         return f"an integer from {self.low} to {self.high}"
 
 
+def _spec(name: str) -> KnobSpec:
+    """The scenario's view of knob *name*, from the kernel's table."""
+    if name == "advisor_mode":
+        return KnobSpec("choice", choices=ADVISOR_MODES)
+    low, high = knob_range(name)
+    # A 0/1 knob is a switch: TOML's true/false (or 1/0), "expected true or false".
+    return KnobSpec("bool", low, high) if (low, high) == (0, 1) else KnobSpec("int", low, high)
+
+
+_LISTED = ("run", "pages_to_scan", "sleep_millisecs", "max_page_sharing", "merge_across_nodes",
+           "use_zero_pages", "smart_scan", "stable_node_chains_prune_millisecs", "advisor_mode")
+"""The order knobs are listed in (messages, ``--help``, docs/scenarios.md).  It only
+orders: any other knob of the kernel's table follows these, in write order."""
+
 KNOBS: dict[str, KnobSpec] = {
-    "run": KnobSpec("int", 0, 2),
-    "pages_to_scan": KnobSpec("int", 0, U32),
-    "sleep_millisecs": KnobSpec("int", 0, U32),
-    "max_page_sharing": KnobSpec("int", 2, INT_MAX),
-    "merge_across_nodes": KnobSpec("bool"),
-    "use_zero_pages": KnobSpec("bool"),
-    "smart_scan": KnobSpec("bool"),
-    "stable_node_chains_prune_millisecs": KnobSpec("int", 0, U32),
-    "advisor_mode": KnobSpec("choice", choices=("none", "scan-time")),
-    "advisor_max_cpu": KnobSpec("int", 0, U32),
-    "advisor_min_pages_to_scan": KnobSpec("int", 0, U64),
-    "advisor_max_pages_to_scan": KnobSpec("int", 0, U64),
-    "advisor_target_scan_time": KnobSpec("int", 1, U64),
-}
-"""Every knob a scenario may write; they are written in :data:`WRITE_ORDER`,
-the kernel's safe order (``ksmlab.ksm.sysfs.KNOB_WRITE_ORDER``)."""
+    name: _spec(name) for name in sorted(
+        KNOB_WRITE_ORDER, key=lambda n: _LISTED.index(n) if n in _LISTED else len(_LISTED))}
+"""Every knob a scenario may write (every writable file of ``/sys/kernel/mm/ksm``); they
+are written in :data:`WRITE_ORDER`, the kernel's safe order."""
 
 WRITE_ORDER = KNOB_WRITE_ORDER
-assert sorted(WRITE_ORDER) == sorted(KNOBS)
 
 KnobValue = int | bool | str
 
@@ -78,7 +81,7 @@ def knob_text(name: str, value: object) -> str:
     if spec.kind == "bool":
         if isinstance(value, bool):
             return "1" if value else "0"
-        if isinstance(value, int) and value in (0, 1):
+        if isinstance(value, int) and spec.low <= value <= spec.high:  # 0 or 1
             return str(value)
         raise ValueError(spec.expected())
     if spec.kind == "choice":
@@ -88,6 +91,15 @@ def knob_text(name: str, value: object) -> str:
     if isinstance(value, int) and not isinstance(value, bool) and spec.low <= value <= spec.high:
         return str(value)
     raise ValueError(spec.expected())
+
+
+def pages_to_scan_refused(values: dict[str, str]) -> bool:
+    """Whether *values* (knob texts) set ``pages_to_scan`` under ``advisor_mode = "scan-time"``.
+
+    The kernel refuses that write with EINVAL (the advisor sets
+    pages_to_scan), so a scenario may not ask for both.
+    """
+    return values.get("advisor_mode") == "scan-time" and "pages_to_scan" in values
 
 
 def parse_cli_value(text: str) -> KnobValue:
@@ -117,5 +129,5 @@ def read_knob(text: str) -> int | str:
         return text
 
 
-__all__ = ["KNOBS", "WRITE_ORDER", "KnobSpec", "knob_text", "ordered", "parse_cli_value",
-           "read_knob"]
+__all__ = ["KNOBS", "WRITE_ORDER", "KnobSpec", "knob_text", "ordered", "pages_to_scan_refused",
+           "parse_cli_value", "read_knob"]

@@ -36,7 +36,7 @@ from ksmlab.constants import (
     PAGE_SIZE,
     PR_SET_MEMORY_MERGE,
 )
-from ksmlab.errors import ScanStalledError
+from ksmlab.errors import KsmSimError, ScanStalledError
 from ksmlab.scenario.backends import Backend
 from ksmlab.scenario.content import ZERO_PAGE, ContentSource
 from ksmlab.scenario.knobs import KNOBS, WRITE_ORDER, read_knob
@@ -71,7 +71,7 @@ _ADVICE = {"mergeable": MADV_MERGEABLE, "unmergeable": MADV_UNMERGEABLE,
            "dontneed": MADV_DONTNEED}
 
 
-class RunError(RuntimeError):
+class RunError(KsmSimError, RuntimeError):
     """The run could not go on: a kernel call failed.  The message says when and what."""
 
 
