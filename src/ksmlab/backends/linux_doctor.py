@@ -106,7 +106,7 @@ def _ksm_processes(proc: str) -> list[KsmProcess]:
             continue  # gone meanwhile, a kernel thread, or not ours to read
         merging = int(st.get("ksm_merging_pages", 0))
         if merging or st.get("ksm_mergeable") or st.get("ksm_merge_any"):
-            out.append(KsmProcess(int(name), process_cmdline(int(name)), merging,
+            out.append(KsmProcess(int(name), process_cmdline(int(name), proc), merging,
                                   bool(st.get("ksm_merge_any")), bool(st.get("ksm_mergeable"))))
     return sorted(out, key=lambda p: p.pid)
 
@@ -129,7 +129,7 @@ def diagnose(*, sysfs_dir: str = KSM_SYSFS_DIR, lock_path: str | None = None,
         if os.stat(path).st_mode & 0o200:
             d.knobs.append(name)
     d.defaults = boot_knobs()
-    d.holders = [(pid, process_cmdline(pid)) for pid in lock_holders(d.lock_path)]
+    d.holders = [(pid, process_cmdline(pid, proc)) for pid in lock_holders(d.lock_path, proc)]
     d.note = read_note(d.lock_path)
     if d.note and not d.holders:
         d.stale = SessionNote.parse(d.note)

@@ -114,10 +114,10 @@ def default_lock_path() -> str:
     return "/run/lock/ksmlab.lock" if os.path.isdir("/run/lock") else "/tmp/ksmlab.lock"
 
 
-def process_cmdline(pid: int) -> str:
+def process_cmdline(pid: int, proc: str = "/proc") -> str:
     """The command line of *pid* on one short line ("?" if it cannot be read)."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
+        with open(os.path.join(proc, str(pid), "cmdline"), "rb") as f:
             raw = f.read()
     except OSError:
         return "?"
@@ -126,13 +126,13 @@ def process_cmdline(pid: int) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def _lock_holders(fd: int) -> list[int]:
+def _lock_holders(fd: int, proc: str = "/proc") -> list[int]:
     """Pids that hold a flock on the file open at *fd*, from ``/proc/locks``."""
     st = os.fstat(fd)
     dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     pids = []
     try:
-        with open("/proc/locks") as f:
+        with open(os.path.join(proc, "locks")) as f:
             for line in f:
                 parts = line.split()
                 # "1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF" (blocked
@@ -187,14 +187,14 @@ def try_lock(path: str) -> tuple[int, str] | None:
         return None
 
 
-def lock_holders(path: str) -> list[int]:
+def lock_holders(path: str, proc: str = "/proc") -> list[int]:
     """Pids holding the lock at *path* now (empty if none or the file does not exist)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return []
     try:
-        return _lock_holders(fd)
+        return _lock_holders(fd, proc)
     finally:
         os.close(fd)
 
