@@ -490,6 +490,7 @@ def test_stat_without_ksm_exits_3(tmp_path: Path) -> None:
     assert f"ksmlab stat: {tmp_path / 'none'} is not a directory" == one_line_error(p)
 
 
+@pytest.mark.linux
 @pytest.mark.skipif(not Path("/sys/kernel/mm/ksm").is_dir(), reason="this kernel has no KSM")
 def test_stat_on_this_machine_unprivileged(tmp_path: Path) -> None:
     """`stat --once` reads the real counters, also as an unprivileged user."""
