@@ -37,6 +37,7 @@ from rich.console import Console
 
 from ksmlab import __version__
 from ksmlab.constants import PAGE_SIZE
+from ksmlab.errors import KsmSimError
 from ksmlab.mm.page import CONTENT_MODES
 from ksmlab.scenario.backends import BACKENDS, BackendUnavailableError, open_backend
 from ksmlab.scenario.knobs import KNOBS, KnobValue, parse_cli_value
@@ -78,7 +79,7 @@ EXIT_CODES = """exit codes:
 Errors are one line on stderr."""
 
 
-class CliError(Exception):
+class CliError(KsmSimError):
     """An error to report in one line with an exit code."""
 
     def __init__(self, message: str, code: int) -> None:

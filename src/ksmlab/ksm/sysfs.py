@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from ksmlab.errors import kernel_error
+from ksmlab.errors import KsmSimError, kernel_error
 from ksmlab.ksm.interface import Ksm
 
 U32 = 0xFFFFFFFF
@@ -52,7 +52,7 @@ restore.
 """
 
 
-class ParseError(Exception):
+class ParseError(KsmSimError):
     """A kstrto* parse failure, carrying the errno the parser returns."""
 
     def __init__(self, err: int) -> None:

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from ksmlab import __version__
+from ksmlab.errors import KsmSimError
 from ksmlab.scenario.model import GLOBAL_COUNTERS
 from ksmlab.scenario.result import (
     TIMELINE_COLUMNS,
@@ -27,7 +28,7 @@ from ksmlab.scenario.result import (
 SCHEMA = "ksmlab.run/1"
 
 
-class DocumentError(ValueError):
+class DocumentError(KsmSimError, ValueError):
     """A JSON document that is not a ``ksmlab.run/1`` result; the message names the field."""
 
 

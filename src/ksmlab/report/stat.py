@@ -19,6 +19,7 @@ from typing import Any
 
 from rich.table import Table
 
+from ksmlab.errors import KsmSimError
 from ksmlab.scenario import host
 from ksmlab.scenario.knobs import read_knob
 from ksmlab.scenario.units import format_bytes
@@ -31,7 +32,7 @@ STAT_KNOBS = ("run", "pages_to_scan", "sleep_millisecs", "use_zero_pages", "smar
 STAT_SCHEMA = "ksmlab.stat/1"
 
 
-class KsmUnreadableError(RuntimeError):
+class KsmUnreadableError(KsmSimError, RuntimeError):
     """The KSM sysfs directory is missing or unreadable; the message says which."""
 
 
