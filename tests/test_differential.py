@@ -389,8 +389,8 @@ def test_madvise_errno_rules() -> None:
         p.madvise(a + 1, P, MADV_MERGEABLE)  # unaligned start
         p.madvise(a + 1, 0, MADV_MERGEABLE)  # unaligned, even with len 0
         p.madvise(a, P, 12345)  # unknown advice
-        p.madvise(a, -1, MADV_MERGEABLE)  # len rounds to 0
-        p.madvise(a, -4096, MADV_MERGEABLE)  # start + len wraps
+        p.madvise(a, 2 ** 64 - 1, MADV_MERGEABLE)  # len rounds to 0
+        p.madvise(a, 2 ** 64 - 4096, MADV_MERGEABLE)  # start + len wraps
         p.madvise(a, 0, MADV_MERGEABLE)  # len 0: success
         p.madvise(a, 4 * P - 100, MADV_MERGEABLE)  # rounded up
         cp("bad arguments")

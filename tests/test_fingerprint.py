@@ -43,7 +43,7 @@ from ksmlab import (
     SimKernel,
     SimProcess,
 )
-from ksmlab.errors import ScanStalledError
+from ksmlab.errors import NotModelledError, ScanStalledError
 from ksmlab.invariants import check_invariants
 from ksmlab.ksm.types import NodeKind, RmapItem, StableNode
 from ksmlab.mm.page import (
@@ -389,7 +389,7 @@ def test_partial_write_refused() -> None:
     p.write(a, POOL[1] * 2)
     before = (p.pfns(a, 4 * P), p.fingerprints(a, 4 * P), k.phys.nr_frames)
     for addr, data in ((a + 1, POOL[1]), (a, POOL[1] + b"x"), (a, b"x"), (a + P, POOL[1][:-1])):
-        with pytest.raises(ValueError, match=r"content='fingerprint'.*whole pages"):
+        with pytest.raises(NotModelledError, match=r"content='fingerprint'.*whole pages"):
             p.write(addr, data)
     assert (p.pfns(a, 4 * P), p.fingerprints(a, 4 * P), k.phys.nr_frames) == before
     assert p.fingerprints(a, 4 * P) == [fingerprint(POOL[1])] * 2 + [None, None]
@@ -400,7 +400,7 @@ def test_read_refused() -> None:
     k = SimKernel(content="fingerprint")
     p = k.spawn()
     a = p.mmap(P)
-    with pytest.raises(ValueError, match=r"content='fingerprint'.*fingerprints"):
+    with pytest.raises(NotModelledError, match=r"content='fingerprint'.*fingerprints"):
         p.read(a, 1)
     assert p.fingerprints(a, P) == [None]
     p.write(a, bytes(P))
@@ -411,7 +411,7 @@ def test_write_fingerprints_checks() -> None:
     """write_fingerprints wants fingerprint mode, an aligned address and 16-byte fingerprints."""
     p = SimKernel().spawn()
     a = p.mmap(P)
-    with pytest.raises(ValueError, match="needs SimKernel\\(content='fingerprint'\\)"):
+    with pytest.raises(NotModelledError, match="needs SimKernel\\(content='fingerprint'\\)"):
         p.write_fingerprints(a, [ZERO_FINGERPRINT])
     k = SimKernel(content="fingerprint")
     p = k.spawn()

@@ -22,13 +22,17 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-from collections.abc import Sequence
-from typing import Any, Self
+from collections.abc import Iterable
+from typing import Any, Self, cast
 
+from ksmlab import argcheck
 from ksmlab.api import KsmStat, SmapsEntry
 from ksmlab.constants import (
     MAP_ANONYMOUS,
     MAP_PRIVATE,
+    MAP_SHARED,
+    MAP_SHARED_VALIDATE,
+    MAP_TYPE,
     MMF_VM_MERGE_ANY,
     PAGE_SHIFT,
     PAGE_SIZE,
@@ -46,11 +50,11 @@ from ksmlab.constants import (
     VM_WIPEONFORK,
     VM_WRITE,
 )
-from ksmlab.errors import ProcessExitedError, ScanStalledError, kernel_error
+from ksmlab.errors import NotModelledError, ProcessExitedError, ScanStalledError, kernel_error
 from ksmlab.ksm.interface import Ksm
 from ksmlab.ksm.sysfs import KsmSysfs
-from ksmlab.mm.madvise import do_madvise
-from ksmlab.mm.memory import Fault, Memory
+from ksmlab.mm.madvise import UNMODELLED_ADVICE, do_madvise
+from ksmlab.mm.memory import Fault, Memory, present_vpns
 from ksmlab.mm.mm_types import AnonVma, MappedFile, MmStruct, Vma
 from ksmlab.mm.mmap import VmaOps
 from ksmlab.mm.page import FINGERPRINT_SIZE, ContentMode, Frame, PhysMem, fingerprint
@@ -61,6 +65,8 @@ MMF_INIT_MASK = 1 << MMF_VM_MERGE_ANY
 """The mm flags fork and exec carry into the new mm (of those the model has)."""
 
 NS_PER_MS = 1_000_000
+MAX_NUMNODES = 1024
+"""``MAX_NUMNODES`` of x86-64's largest configuration (``CONFIG_NODES_SHIFT=10``)."""
 
 
 class SimKernel:
@@ -82,8 +88,11 @@ class SimKernel:
             memory.  Every result is the same, apart from page content
             (docs/design.md says where tree order can show); in fingerprint
             mode only whole pages can be written (``write`` of whole pages,
-            :meth:`SimProcess.write_fingerprints`) and ``read`` is refused:
-            use :meth:`SimProcess.fingerprints`.
+            :meth:`SimProcess.write_fingerprints`) and ``read`` is not
+            modelled: use :meth:`SimProcess.fingerprints`.
+
+    Every argument is checked as :mod:`ksmlab.argcheck` says (TypeError,
+    ValueError naming it) before anything is built.
     """
 
     def __init__(self, *, config_ksm: bool = True, numa_nodes: int = 1,
@@ -91,12 +100,15 @@ class SimKernel:
                  max_map_count: int = 65530, ksmd_batch_ns: int = 2000,
                  ksmd_page_ns: int = 3000, trace: bool = True,
                  content: ContentMode = "bytes") -> None:
-        if numa_nodes < 1:
-            msg = f"numa_nodes must be at least 1, got {numa_nodes}"
-            raise ValueError(msg)
-        if ksmd_batch_ns <= 0 or ksmd_page_ns < 0:
-            msg = "ksmd_batch_ns must be positive and ksmd_page_ns not negative"
-            raise ValueError(msg)
+        config_ksm = argcheck.flag("config_ksm", config_ksm)
+        numa_nodes = argcheck.count("numa_nodes", numa_nodes, minimum=1, maximum=MAX_NUMNODES)
+        max_frames = argcheck.optional_count("max_frames", max_frames)
+        slab_limit = argcheck.optional_count("slab_limit", slab_limit)
+        max_map_count = argcheck.count("max_map_count", max_map_count, maximum=argcheck.INT_MAX)
+        ksmd_batch_ns = argcheck.count("ksmd_batch_ns", ksmd_batch_ns, minimum=1)
+        ksmd_page_ns = argcheck.count("ksmd_page_ns", ksmd_page_ns)
+        trace = argcheck.flag("trace", trace)
+        content = cast(ContentMode, argcheck.choice("content", content, ("bytes", "fingerprint")))
         self.config_ksm = config_ksm
         self.numa_nodes = numa_nodes
         self.now_ns = 0
@@ -169,14 +181,18 @@ class SimKernel:
         Model choice: the file's bytes are read once, at the first mmap, and
         never written back; SimKernel never modifies host files.
         """
-        key = os.path.abspath(path)
+        key = os.path.abspath(argcheck.path("path", path))
         if key not in self._files:
-            try:
-                with open(key, "rb") as f:
-                    self._files[key] = MappedFile(key, f.read())
-            except OSError as e:
-                raise kernel_error(e.errno or errno.ENOENT, path) from None
+            self._files[key] = self._read_file(key)
         return self._files[key]
+
+    def _read_file(self, key: str) -> MappedFile:
+        """A host file's bytes as a new MappedFile (not yet shared by later mmaps)."""
+        try:
+            with open(key, "rb") as f:
+                return MappedFile(key, f.read())
+        except OSError as e:
+            raise kernel_error(e.errno or errno.ENOENT, key) from None
 
     # --- ksmd on the virtual clock ------------------------------------------------------
     def _wake_ksmd(self) -> None:
@@ -202,10 +218,11 @@ class SimKernel:
         return self._ksmd_wake_ns
 
     def advance(self, ms: float) -> None:
-        """Let *ms* milliseconds of virtual time pass, running ksmd as it would."""
-        if ms < 0:
-            msg = f"cannot advance by a negative time: {ms} ms"
-            raise ValueError(msg)
+        """Let *ms* milliseconds of virtual time pass, running ksmd as it would.
+
+        *ms* is a finite real >= 0 (see :mod:`ksmlab.argcheck`).
+        """
+        ms = argcheck.advance_ms(ms)
         target = self.now_ns + round(ms * NS_PER_MS)
         while (wake := self._ksmd_next()) is not None and wake <= target:
             self._ksmd_batch()
@@ -216,16 +233,18 @@ class SimKernel:
 
         Raises ScanStalledError instead of waiting forever when ksmd is not
         running (run != 1), has no mm to scan, or pages_to_scan is 0; and
-        when *timeout* (virtual seconds) passes first.
+        when *timeout* (virtual seconds) passes first.  *n* is an int >= 0,
+        *timeout* None or a finite real >= 0 (see :mod:`ksmlab.argcheck`).
         """
-        if n < 0:
-            msg = f"n must not be negative, got {n}"
-            raise ValueError(msg)
+        n = argcheck.count("n", n, maximum=argcheck.U64_LIMIT - 1)
+        timeout = argcheck.optional_duration("timeout", timeout)
         if not self.config_ksm:
             msg = "KSM is configured out (config_ksm=False): there is no ksmd"
             raise ScanStalledError(msg)
         target = self.ksm.full_scans + n
-        deadline = None if timeout is None else self.now_ns + round(timeout * 1e9)
+        # A deadline past 2**64 ns (585 years) is never reached; min() keeps round() finite.
+        deadline = (None if timeout is None
+                    else self.now_ns + round(min(timeout * 1e9, 2.0 ** 64)))
         while self.ksm.full_scans < target:
             wake = self._ksmd_next()
             reason = self._stall_reason()
@@ -289,45 +308,74 @@ class SimProcess:
             raise ProcessExitedError(msg)
         return self._mm
 
+    def _check_alive(self) -> None:
+        """ProcessExitedError after exit, for a call that does not need the mm itself."""
+        _ = self.mm
+
     # --- memory syscalls ---------------------------------------------------------------
     def mmap(self, length: int, prot: int = PROT_READ | PROT_WRITE,
              flags: int = MAP_PRIVATE | MAP_ANONYMOUS, *, addr: int = 0,
              node: int | None = None, path: str | None = None, offset: int = 0,
              vm_flags: int = 0) -> int:
         """mmap(2); returns the address.  ``vm_flags`` is model-only: extra VM_* flags
-        a driver's mmap hook would set (e.g. VM_PFNMAP|VM_IO), for areas user
-        space cannot otherwise create."""
+        a driver's mmap hook would set (VM_SPECIAL bits: e.g. VM_PFNMAP|VM_IO), for
+        areas user space cannot otherwise create."""
+        k = self.kernel
+        args = argcheck.mmap_args(length, prot, flags, addr, node, path, offset, vm_flags,
+                                  lambda: range(k.numa_nodes))
         mm = self.mm
-        _check_int("length", length)
-        if node is not None and not 0 <= node < self.kernel.numa_nodes:
-            msg = f"node {node} does not exist (numa_nodes={self.kernel.numa_nodes})"
-            raise ValueError(msg)
-        if path is not None and flags & MAP_ANONYMOUS:
-            msg = "pass either path= or MAP_ANONYMOUS, not both"
-            raise ValueError(msg)
-        file = self.kernel.host_file(path) if path is not None else None
-        ksm = self.kernel.ksm
-        return self.kernel.vmaops.do_mmap(
-            mm, length, prot, flags, addr=addr, file=file, offset=offset, nid=node,
-            extra_vm_flags=vm_flags, ksm_vma_flags=ksm.ksm_vma_flags)
+        file = key = None
+        if args.path is not None:
+            key = os.path.abspath(args.path)
+            file = k._files.get(key)
+            if file is None:
+                if os.path.isdir(key):
+                    # Linux opens a directory for MAP_PRIVATE (O_RDONLY), then finds no
+                    # mmap method: ENODEV; O_RDWR for MAP_SHARED fails first (checked).
+                    shared = (args.flags & MAP_TYPE) in (MAP_SHARED, MAP_SHARED_VALIDATE)
+                    raise kernel_error(errno.EISDIR if shared else errno.ENODEV, args.path)
+                file = k._read_file(key)
+        start = k.vmaops.do_mmap(
+            mm, args.length, args.prot, args.flags, addr=args.addr, file=file,
+            offset=args.offset, nid=args.node, extra_vm_flags=args.vm_flags,
+            ksm_vma_flags=k.ksm.ksm_vma_flags)
+        if key is not None and file is not None:
+            k._files.setdefault(key, file)  # shared by later mappings only once one succeeded
+        return start
 
     def munmap(self, addr: int, length: int) -> None:
         """munmap(2)."""
+        addr, length = argcheck.ulong("addr", addr), argcheck.ulong("length", length)
         self.kernel.vmaops.do_munmap(self.mm, addr, length)
 
     def mprotect(self, addr: int, length: int, prot: int) -> None:
         """mprotect(2)."""
+        addr, length = argcheck.ulong("addr", addr), argcheck.ulong("length", length)
+        prot = argcheck.cint("prot", prot)
         self.kernel.vmaops.do_mprotect(self.mm, addr, length, prot)
 
     def madvise(self, addr: int, length: int, advice: int) -> None:
-        """madvise(2): None, or OSError with the kernel's errno."""
-        k = self.kernel
-        do_madvise(k.vmaops, self.mm, addr, length, advice, config_ksm=k.config_ksm,
+        """madvise(2): None, or OSError with the kernel's errno.
+
+        NotModelledError for the advices Linux 6.18 knows that the model does
+        not implement (:data:`ksmlab.mm.madvise.UNMODELLED_ADVICE`).
+        """
+        addr, length = argcheck.ulong("addr", addr), argcheck.ulong("length", length)
+        advice = argcheck.cint("advice", advice)
+        k, mm = self.kernel, self.mm
+        if advice in UNMODELLED_ADVICE:
+            msg = f"madvise advice {advice} is not modelled by SimKernel"
+            raise NotModelledError(msg)
+        do_madvise(k.vmaops, mm, addr, length, advice, config_ksm=k.config_ksm,
                    ksm_madvise=k.ksm.ksm_madvise)
 
     def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0,
               arg5: int = 0) -> int:
         """prctl(2) for PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE (others: EINVAL)."""
+        option = argcheck.cint("option", option)
+        arg2, arg3, arg4, arg5 = (argcheck.ulong(name, v) for name, v in
+                                  (("arg2", arg2), ("arg3", arg3), ("arg4", arg4),
+                                   ("arg5", arg5)))
         mm = self.mm
         ksm = self.kernel.ksm
         if not self.kernel.config_ksm or option not in (PR_SET_MEMORY_MERGE,
@@ -352,8 +400,6 @@ class SimProcess:
         EIO when it could copy nothing (checked on Linux 6.18 by the
         differential suite).
         """
-        _check_int("addr", addr)
-        _check_int("length", length)
         mm = self.mm
         out: list[Vma] = []
         err = errno.EIO if force else errno.EFAULT
@@ -377,28 +423,28 @@ class SimProcess:
         on private areas).  An inaccessible page anywhere in the range raises
         OSError(EFAULT), or OSError(EIO) when forced, and nothing is written.
 
-        In fingerprint mode *addr* and ``len(data)`` must be multiples of
-        PAGE_SIZE: each page is stored as its fingerprint, and a write of part
-        of a page raises ValueError (no bytes are kept to apply it to).
+        In fingerprint mode only whole pages can be written: each page is
+        stored as its fingerprint, and a write of part of a page (*addr* or
+        ``len(data)`` not a multiple of PAGE_SIZE) raises NotModelledError (no
+        bytes are kept to apply it to).
         """
-        if not isinstance(data, bytes | bytearray | memoryview):
-            msg = f"data must be bytes, not {type(data).__name__}"
-            raise TypeError(msg)
-        data = bytes(data)
+        addr = argcheck.ulong("addr", addr)
+        data = argcheck.buffer("data", data)
+        force = argcheck.flag("force", force)
+        mm = self.mm
         if not data:
             return
         if self.kernel.phys.fingerprint_mode:
-            _check_int("addr", addr)
             if addr % PAGE_SIZE or len(data) % PAGE_SIZE:
                 msg = (f"content='fingerprint' keeps no page bytes, so it can only write whole "
                        f"pages: addr {addr:#x} and length {len(data)} must be multiples of "
                        f"{PAGE_SIZE}")
-                raise ValueError(msg)
+                raise NotModelledError(msg)
             self._store_pages(addr, [fingerprint(data[i:i + PAGE_SIZE])
                                      for i in range(0, len(data), PAGE_SIZE)], force=force)
             return
         vmas = self._vmas_for(addr, len(data), write=True, force=force)
-        mm, memory = self.mm, self.kernel.memory
+        memory = self.kernel.memory
         self._check_memory_for_write(addr, len(data), vmas)
         pos = 0
         while pos < len(data):
@@ -412,37 +458,41 @@ class SimProcess:
                 raise kernel_error(errno.ENOMEM, "out of memory")
             pos += n
 
-    def write_fingerprints(self, addr: int, fps: Sequence[bytes], *,
+    def write_fingerprints(self, addr: int, fps: Iterable[bytes], *,
                            force: bool = False) -> None:
         """Store whole pages given as 16-byte fingerprints at *addr* (fingerprint mode only).
 
         The same store as :meth:`write` of the pages these are the
         fingerprints of, with the same faults, COW, errors and ``force``;
-        *addr* must be page aligned.  ValueError in byte mode (a fingerprint
-        cannot be turned back into bytes) or for a malformed fingerprint,
-        before anything is written.
+        *addr* must be page aligned (ValueError).  NotModelledError in byte
+        mode (a fingerprint cannot be turned back into bytes); TypeError or
+        ValueError for a malformed fingerprint, before anything is written.
         """
-        if not self.kernel.phys.fingerprint_mode:
-            msg = ("write_fingerprints needs SimKernel(content='fingerprint'); this machine "
-                   "keeps page bytes (content='bytes'): use write()")
-            raise ValueError(msg)
-        _check_int("addr", addr)
-        if addr % PAGE_SIZE:
-            msg = f"addr {addr:#x} must be a multiple of {PAGE_SIZE}"
-            raise ValueError(msg)
-        if isinstance(fps, bytes | bytearray | memoryview | str):
-            msg = f"fps must be a sequence of fingerprints, not one {type(fps).__name__}"
+        addr = argcheck.ulong("addr", addr)
+        if isinstance(fps, bytes | bytearray | memoryview | str) or not isinstance(fps, Iterable):
+            msg = (f"fps must be a sequence of fingerprints, not one {type(fps).__name__}: "
+                   f"{argcheck.describe(fps)}")
             raise TypeError(msg)
         contents: list[bytes] = []
         for i, fp in enumerate(fps):
             if not isinstance(fp, bytes | bytearray | memoryview):
-                msg = f"fingerprint {i} must be bytes, not {type(fp).__name__}"
+                msg = (f"fps: fingerprint {i} must be bytes, not {type(fp).__name__}: "
+                       f"{argcheck.describe(fp)}")
                 raise TypeError(msg)
             fp = bytes(fp)
             if len(fp) != FINGERPRINT_SIZE:
-                msg = f"fingerprint {i} is {len(fp)} bytes long, not {FINGERPRINT_SIZE}"
+                msg = f"fps: fingerprint {i} is {len(fp)} bytes long, not {FINGERPRINT_SIZE}"
                 raise ValueError(msg)
             contents.append(fp)
+        force = argcheck.flag("force", force)
+        if addr % PAGE_SIZE:
+            msg = f"addr {addr:#x} must be a multiple of {PAGE_SIZE}"
+            raise ValueError(msg)
+        self._check_alive()
+        if not self.kernel.phys.fingerprint_mode:
+            msg = ("write_fingerprints needs SimKernel(content='fingerprint'); this machine "
+                   "keeps page bytes (content='bytes'): use write()")
+            raise NotModelledError(msg)
         if contents:
             self._store_pages(addr, contents, force=force)
 
@@ -473,17 +523,20 @@ class SimProcess:
     def read(self, addr: int, length: int, *, force: bool = False) -> bytes:
         """Load *length* bytes at *addr* (first touch maps the zero page or page cache).
 
-        ValueError in fingerprint mode, which keeps no page bytes (see
+        NotModelledError in fingerprint mode, which keeps no page bytes (see
         :meth:`fingerprints`).
         """
+        addr, length = argcheck.ulong("addr", addr), argcheck.ulong("length", length)
+        force = argcheck.flag("force", force)
+        mm = self.mm
         if self.kernel.phys.fingerprint_mode:
             msg = ("read() needs page bytes, which SimKernel(content='fingerprint') does not "
                    "keep: use fingerprints()")
-            raise ValueError(msg)
+            raise NotModelledError(msg)
         if length == 0:
             return b""
         vmas = self._vmas_for(addr, length, write=False, force=force)
-        mm, memory = self.mm, self.kernel.memory
+        memory = self.kernel.memory
         out = bytearray()
         end = addr + length
         a = addr
@@ -580,9 +633,10 @@ class SimProcess:
         out = []
         for vma in mm.vmas:
             rss = anon = ksm = 0
-            for vpn in range(vma.start >> PAGE_SHIFT, vma.end >> PAGE_SHIFT):
-                frame = mm.ptes.get(vpn)
-                if frame is None or frame.zero:
+            # present_vpns: a huge, mostly empty vma costs its pages, not its size.
+            for vpn in present_vpns(mm, vma.start, vma.end):
+                frame = mm.ptes[vpn]
+                if frame.zero:
                     continue  # the zero page is not counted (vm_normal_page is NULL)
                 rss += PAGE_SIZE
                 if frame.anon:
@@ -596,8 +650,10 @@ class SimProcess:
     def pfns(self, addr: int, length: int) -> list[int | None]:
         """/proc/PID/pagemap: the frame number of each page, None where nothing is mapped.
 
-        An empty range gives an empty list, as on Linux.
+        An empty range gives an empty list, as on Linux.  The range must end
+        by 2**64 and cover at most :data:`ksmlab.argcheck.MAX_VIEW_PAGES` pages.
         """
+        addr, length = argcheck.view_range(addr, length)
         return [f.pfn if f is not None else None for f in self._frames_in(addr, length)]
 
     def _frames_in(self, addr: int, length: int) -> list[Frame | None]:
@@ -616,18 +672,11 @@ class SimProcess:
         anything in or checking protections; a range covers every page it
         touches, and an empty range gives an empty list.
         """
-        _check_int("addr", addr)
-        _check_int("length", length)
+        addr, length = argcheck.view_range(addr, length)
         frames = self._frames_in(addr, length)
         if self.kernel.phys.fingerprint_mode:
             return [f.data if f is not None else None for f in frames]
         return [fingerprint(f.data) if f is not None else None for f in frames]
-
-
-def _check_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        msg = f"{name} must be a non-negative int, got {value!r}"
-        raise TypeError(msg) if not isinstance(value, int) else ValueError(msg)
 
 
 __all__ = ["SimKernel", "SimProcess"]

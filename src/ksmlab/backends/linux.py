@@ -49,6 +49,7 @@ from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import TYPE_CHECKING, Final, Self
 
+from ksmlab import argcheck
 from ksmlab.backends.linux_helper import (
     _HELPER_START_TIMEOUT,
     _REPLY,
@@ -333,9 +334,9 @@ class LinuxKernel:
         :data:`DEFAULT_SCAN_TIMEOUT`) pass.  Note that ``full_scans`` also stops
         when no process has a mergeable area (empty mm list).
         """
+        n = argcheck.count("n", n, maximum=argcheck.U64_LIMIT - 1)
+        timeout = argcheck.optional_duration("timeout", timeout)
         self._check_open()
-        if n < 0:
-            raise ValueError(f"n={n} must be >= 0")
         limit = DEFAULT_SCAN_TIMEOUT if timeout is None else timeout
         sysfs = self._sysfs
         start = prev = int(sysfs["full_scans"])
@@ -366,9 +367,11 @@ class LinuxKernel:
 
     def advance(self, ms: float) -> None:
         """Let *ms* milliseconds of real time pass (ksmd keeps running meanwhile)."""
-        if ms < 0:
-            raise ValueError(f"ms={ms} must be >= 0")
-        time.sleep(ms / 1000)
+        left = argcheck.advance_ms(ms) / 1000
+        while left > 0:  # in steps: time.sleep refuses a count of ns beyond 64 bits
+            step = min(left, 86400.0)
+            time.sleep(step)
+            left -= step
 
     # --- teardown --------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import subprocess
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
+from ksmlab import argcheck
 from ksmlab.api import KsmStat, SmapsEntry
 from ksmlab.backends.linux_helper import (
     _HELPER_START_TIMEOUT,
@@ -210,41 +211,47 @@ class LinuxProcess:
                 gets ``EBADF`` from the kernel.
 
         Raises:
-            ValueError: *node* is not an online NUMA node, or both *path* and
+            TypeError, ValueError: as :func:`ksmlab.argcheck.mmap_args` says,
+                e.g. *node* is not an online NUMA node, or both *path* and
                 ``MAP_ANONYMOUS`` were given (API misuse, as in the model).
         """
-        if node is not None and node not in online_nodes():
-            raise ValueError(f"node {node} does not exist (online nodes: "
-                             f"{sorted(online_nodes())})")
-        if path is not None and flags & MAP_ANONYMOUS:
-            raise ValueError("pass either path= or MAP_ANONYMOUS, not both")
+        args = argcheck.mmap_args(length, prot, flags, addr, node, path, offset, 0,
+                                  online_nodes)
+        self._check_alive()
         pathb = b""
-        if path is not None:
+        if args.path is not None:
             # The helper's cwd is ours at spawn time, not necessarily now.
-            pathb = os.fsencode(os.path.abspath(path))
-            if b"\0" in pathb:
-                raise ValueError(f"path {path!r} contains a NUL byte")
-            if len(pathb) > 4096:
-                raise ValueError(f"path of {len(pathb)} bytes is too long")
-        node1 = 0 if node is None else node + 1
-        return _raise_errno(self._call(_OP_MMAP, addr, length, prot, flags, node1, offset,
-                                       path=pathb))
+            pathb = os.fsencode(os.path.abspath(args.path))
+            if len(pathb) >= 4096:  # PATH_MAX, with the NUL: what open(2) would say
+                raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), args.path)
+        node1 = 0 if args.node is None else args.node + 1
+        return _raise_errno(self._call(_OP_MMAP, args.addr, args.length, args.prot, args.flags,
+                                       node1, args.offset, path=pathb))
 
     def munmap(self, addr: int, length: int) -> None:
         """``munmap(2)`` in the process."""
+        addr, length = argcheck.ulong("addr", addr), argcheck.ulong("length", length)
         _raise_errno(self._call(_OP_MUNMAP, addr, length))
 
     def mprotect(self, addr: int, length: int, prot: int) -> None:
         """``mprotect(2)`` in the process."""
+        addr, length = argcheck.ulong("addr", addr), argcheck.ulong("length", length)
+        prot = argcheck.cint("prot", prot)
         _raise_errno(self._call(_OP_MPROTECT, addr, length, prot))
 
     def madvise(self, addr: int, length: int, advice: int) -> None:
         """``madvise(2)`` in the process."""
+        addr, length = argcheck.ulong("addr", addr), argcheck.ulong("length", length)
+        advice = argcheck.cint("advice", advice)
         _raise_errno(self._call(_OP_MADVISE, addr, length, advice))
 
     def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0,
               arg5: int = 0) -> int:
         """``prctl(2)`` in the process; returns its non-negative result."""
+        option = argcheck.cint("option", option)
+        arg2, arg3, arg4, arg5 = (argcheck.ulong(name, v) for name, v in
+                                  (("arg2", arg2), ("arg3", arg3), ("arg4", arg4),
+                                   ("arg5", arg5)))
         return _raise_errno(self._call(_OP_PRCTL, option, arg2, arg3, arg4, arg5))
 
     # --- memory access ---------------------------------------------------------------
@@ -289,8 +296,10 @@ class LinuxProcess:
         read-only and PROT_NONE private memory by COW; a range with unmapped
         pages raises ``OSError(EIO)`` (the kernel's errno there) and writes nothing.
         """
+        addr = argcheck.ulong("addr", addr)
+        buf = argcheck.buffer("data", data)
+        force = argcheck.flag("force", force)
         self._check_alive()
-        buf = bytes(data)
         if not buf:
             return
         if force:
@@ -320,9 +329,9 @@ class LinuxProcess:
         Reading faults pages in: a never-touched anonymous page then maps the
         zero page.
         """
+        addr, length = argcheck.ulong("addr", addr), argcheck.ulong("length", length)
+        force = argcheck.flag("force", force)
         self._check_alive()
-        if length < 0:
-            raise ValueError(f"length={length} must be >= 0")
         if length == 0:
             return b""
         # Not process_vm_readv: it pins the pages (FOLL_PIN), and a read-only
@@ -453,11 +462,12 @@ class LinuxProcess:
         """Page frame numbers from ``/proc/PID/pagemap``, one per page of the range.
 
         The range is widened to whole pages.  A page that is not present (never
-        touched, swapped out) gives ``None``.  Only root sees real PFNs.
+        touched, swapped out) gives ``None``.  Only root sees real PFNs.  The
+        range must end by 2**64 and cover at most
+        :data:`ksmlab.argcheck.MAX_VIEW_PAGES` pages (one read of pagemap).
         """
+        addr, length = argcheck.view_range(addr, length)
         self._check_alive()
-        if length < 0 or addr < 0:
-            raise ValueError(f"bad range addr={addr:#x} length={length}")
         if length == 0:
             return []
         first = addr >> PAGE_SHIFT

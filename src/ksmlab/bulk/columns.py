@@ -46,10 +46,10 @@ class _Table:
         """Make room for *rows* rows in all, at once (a big machine avoids regrowing)."""
         if rows <= self.capacity:
             return
-        for name, (dtype, fill) in self.FIELDS.items():
-            old = getattr(self, name)
-            new = np.full(rows, fill, dtype)
-            new[:self.n] = old[:self.n]
+        # Every array first, then the swap: a MemoryError leaves the table as it was.
+        grown = {name: np.full(rows, fill, dtype) for name, (dtype, fill) in self.FIELDS.items()}
+        for name, new in grown.items():
+            new[:self.n] = getattr(self, name)[:self.n]
             setattr(self, name, new)
 
     def append(self, count: int) -> int:

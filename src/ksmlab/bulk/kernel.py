@@ -7,19 +7,22 @@ of the :class:`ksmlab.api.Kernel` interface that such workloads use: spawn,
 mmap of anonymous private memory, whole-page writes (as bytes, or as content
 ids for speed), MADV_MERGEABLE / MADV_UNMERGEABLE, fork, exit, ksm_stat, the
 sysfs files of the knobs and counters it models, and ksmd on the same virtual
-clock and cost model as SimKernel.  Anything else raises a clear error
+clock and cost model as SimKernel.  Anything else raises NotModelledError
 naming the call; SimKernel remains the reference for the whole interface.
+Arguments are checked as :mod:`ksmlab.argcheck` says, like SimKernel's.
 """
 
 from __future__ import annotations
 
 import errno
 from collections.abc import Iterator, Sequence
-from typing import Self
+from typing import NoReturn, Self
 
 import numpy as np
 import numpy.typing as npt
 
+from ksmlab import argcheck
+from ksmlab.api import SmapsEntry
 from ksmlab.bulk.columns import ABSENT, KSM_ZERO, NO_FRAME, STABLE
 from ksmlab.bulk.content import ZERO_CONTENT, ContentTable
 from ksmlab.bulk.engine import BulkKsm
@@ -35,9 +38,17 @@ from ksmlab.constants import (
     PROT_READ,
     PROT_WRITE,
     RMAP_ITEM_SIZE,
+    TASK_SIZE,
 )
-from ksmlab.errors import ProcessExitedError, ScanStalledError, kernel_error
-from ksmlab.ksm.sysfs import ParseError, kstrtobool, kstrtoint, kstrtouint
+from ksmlab.errors import (
+    NotModelledError,
+    ProcessExitedError,
+    ScanStalledError,
+    kernel_error,
+)
+from ksmlab.ksm.sysfs import no_such_file, parse_knob, require_text, store_text
+from ksmlab.mm.madvise import UNMODELLED_ADVICE, madvise_behavior_valid, madvise_check
+from ksmlab.mm.mmap import page_align
 from ksmlab.mm.page import fingerprint
 
 NS_PER_MS = 1_000_000
@@ -47,10 +58,23 @@ _WRITABLE = ("run", "pages_to_scan", "sleep_millisecs", "max_page_sharing", "sma
 _COUNTERS = ("pages_scanned", "pages_shared", "pages_sharing", "pages_unshared",
              "pages_volatile", "pages_skipped", "ksm_zero_pages", "full_scans",
              "stable_node_chains", "stable_node_dups", "general_profit")
+_UNMODELLED = ("advisor_mode", "advisor_max_cpu", "advisor_min_pages_to_scan",
+               "advisor_max_pages_to_scan", "advisor_target_scan_time")
+"""Files of the kernel's /sys/kernel/mm/ksm that the bulk engine does not model."""
 
 
 class BulkSysfs:
-    """The /sys/kernel/mm/ksm files the bulk engine models: text in, text out."""
+    """The /sys/kernel/mm/ksm files the bulk engine models: text in, text out.
+
+    Iterating and ``in`` give the files it models: the knobs in ``_WRITABLE``
+    and every counter.  The scan-time advisor's files (``_UNMODELLED``) exist
+    on the kernel but not here: reading or writing one raises
+    :class:`NotModelledError`, as does a value the engine cannot take
+    (``run=2``, ``merge_across_nodes=0``).  Everything else answers as
+    SimKernel's sysfs does, through the same parsers (same errno, same
+    text read back), and a refused write changes nothing.  A name that is no
+    file of /sys/kernel/mm/ksm raises the same KeyError as on SimKernel.
+    """
 
     def __init__(self, kernel: BulkKernel) -> None:
         self._k = kernel
@@ -61,50 +85,56 @@ class BulkSysfs:
     def __contains__(self, name: object) -> bool:
         return name in _WRITABLE or name in _COUNTERS
 
+    def __len__(self) -> int:
+        return len(_WRITABLE) + len(_COUNTERS)
+
+    def _check_known(self, name: object) -> None:
+        if not isinstance(name, str) or name not in _WRITABLE + _COUNTERS + _UNMODELLED:
+            raise no_such_file(name)
+
+    def _check_modelled(self, name: str) -> None:
+        if name in _UNMODELLED:
+            raise NotModelledError(f"{name}: the scan-time advisor is not modelled by the "
+                                   f"bulk engine; use SimKernel")
+
     def __getitem__(self, name: str) -> str:
-        ksm = self._k.ksm
+        self._check_known(name)
+        self._check_modelled(name)
         if name in _COUNTERS:
             return str(self._k.counters()[name])
         if name == "merge_across_nodes":
             return "1"
-        if name in _WRITABLE:
-            return str(int(getattr(ksm, name)))
-        raise KeyError(f"{name!r} is not a KSM sysfs file the bulk engine models")
+        return str(int(getattr(self._k.ksm, name)))
+
+    def snapshot(self) -> dict[str, str]:
+        """Every modelled file's text at once."""
+        return {name: self[name] for name in self}
 
     def __setitem__(self, name: str, value: str) -> None:
-        ksm = self._k.ksm
-        self._k.changes += 1
+        """Write *value* as one ``write(2)`` would; see the class doc for what is refused."""
+        self._check_known(name)
+        require_text(name, value)
+        self._check_modelled(name)
         if name in _COUNTERS:
             raise kernel_error(errno.EACCES, f"{name} is read-only")
-        if name not in _WRITABLE:
-            raise KeyError(f"{name!r} is not a KSM sysfs file the bulk engine models")
-        try:
-            if name in ("smart_scan", "use_zero_pages"):
-                parsed = int(kstrtobool(value))
-            elif name == "max_page_sharing":
-                parsed = kstrtoint(value)
-            else:
-                parsed = kstrtouint(value)
-        except ParseError:
-            raise kernel_error(errno.EINVAL, f"{name}={value!r}") from None
+        text = store_text(name, value)
+        if text is None:
+            return  # an empty write(2) never reaches the store function
+        parsed = parse_knob(name, text)  # every refusal SimKernel's text parse gives
+        ksm = self._k.ksm
         if name == "run":
-            if parsed > 2:
-                raise kernel_error(errno.EINVAL, f"run={parsed}")
             if parsed == 2:
-                raise NotImplementedError("run=2 (unmerge everything) is not modelled by "
-                                          "the bulk engine; use SimKernel")
+                raise NotModelledError("run=2 (unmerge everything) is not modelled by "
+                                       "the bulk engine; use SimKernel")
             ksm.run = parsed
             if parsed:
                 self._k.wake_ksmd()
         elif name == "merge_across_nodes":
-            if parsed > 1:
-                raise kernel_error(errno.EINVAL, f"merge_across_nodes={parsed}")
             if parsed != 1:
-                raise NotImplementedError("the bulk engine models one NUMA node "
-                                          "(merge_across_nodes=1 only)")
+                raise NotModelledError("the bulk engine models one NUMA node "
+                                       "(merge_across_nodes=1 only)")
+            return  # already 1: the kernel does nothing either
         elif name == "max_page_sharing":
-            if parsed < 2:
-                raise kernel_error(errno.EINVAL, f"max_page_sharing={parsed}")
             if parsed != ksm.max_page_sharing:
                 if bool(ksm.nodes.alive[:ksm.nodes.n].any()):
                     # Model choice: any stable node counts as busy (the kernel
@@ -118,6 +148,7 @@ class BulkSysfs:
             setattr(ksm, name, bool(parsed))
         else:
             setattr(ksm, name, parsed)
+        self._k.changes += 1
 
 
 class BulkKernel:
@@ -133,6 +164,10 @@ class BulkKernel:
 
     def __init__(self, *, vectorize: bool = True, seed: int = 0, ksmd_batch_ns: int = 2000,
                  ksmd_page_ns: int = 3000) -> None:
+        vectorize = argcheck.flag("vectorize", vectorize)
+        seed = argcheck.count("seed", seed)
+        ksmd_batch_ns = argcheck.count("ksmd_batch_ns", ksmd_batch_ns, minimum=1)
+        ksmd_page_ns = argcheck.count("ksmd_page_ns", ksmd_page_ns)
         self.contents = ContentTable(seed)
         self.ksm: BulkKsm = VectorKsm(self.contents) if vectorize else BulkKsm(self.contents)
         self.ksm.sync_contents()
@@ -171,11 +206,21 @@ class BulkKernel:
 
         Optional: tables grow by themselves; reserving avoids the copies (and
         the moment when old and new arrays both exist) on very big machines.
+        Frames and contents are numbered by 32-bit ints, so at most 2**31 - 1
+        of each (ValueError); MemoryError naming the table if the arrays
+        cannot be allocated.
         """
-        for table, rows in ((self.ksm.pages, pages), (self.ksm.frames, frames),
-                            (self.ksm.ctab, contents)):
-            table.reserve(rows)
-        self.contents.reserve(contents)
+        pages = argcheck.count("pages", pages)
+        frames = argcheck.count("frames", frames, maximum=argcheck.INT_MAX)
+        contents = argcheck.count("contents", contents, maximum=argcheck.INT_MAX)
+        for name, rows, grow in (("pages", pages, self.ksm.pages.reserve),
+                                 ("frames", frames, self.ksm.frames.reserve),
+                                 ("contents", contents, self.ksm.ctab.reserve),
+                                 ("contents", contents, self.contents.reserve)):
+            try:
+                grow(rows)
+            except (MemoryError, ValueError) as e:  # numpy: too big to allocate or to describe
+                raise MemoryError(f"cannot reserve {name}={argcheck.describe(rows)}: {e}") from None
 
     def memory_bytes(self) -> int:
         """Bytes held by the engine's arrays (their capacity)."""
@@ -216,9 +261,8 @@ class BulkKernel:
         self._wake_ns = self.now_ns + self.ksm.sleep_millisecs * NS_PER_MS
 
     def advance(self, ms: float) -> None:
-        """Let *ms* milliseconds of virtual time pass, running ksmd as it would."""
-        if ms < 0:
-            raise ValueError(f"cannot advance by a negative time: {ms} ms")
+        """Let *ms* milliseconds of virtual time pass, running ksmd as it would (see SimKernel)."""
+        ms = argcheck.advance_ms(ms)
         target = self.now_ns + round(ms * NS_PER_MS)
         while (wake := self._ksmd_next()) is not None and wake <= target:
             self._ksmd_batch()
@@ -233,10 +277,11 @@ class BulkKernel:
 
     def wait_full_scans(self, n: int = 1, *, timeout: float | None = None) -> None:
         """Advance virtual time until ``full_scans`` has grown by *n* (see SimKernel)."""
-        if n < 0:
-            raise ValueError(f"n must not be negative, got {n}")
+        n = argcheck.count("n", n, maximum=argcheck.U64_LIMIT - 1)
+        timeout = argcheck.optional_duration("timeout", timeout)
         target = self.ksm.full_scans + n
-        deadline = None if timeout is None else self.now_ns + round(timeout * 1e9)
+        deadline = (None if timeout is None
+                    else self.now_ns + round(min(timeout * 1e9, 2.0 ** 64)))
         while self.ksm.full_scans < target:
             wake = self._ksmd_next()
             if wake is None or self.ksm.pages_to_scan == 0:
@@ -273,6 +318,20 @@ class BulkKernel:
             mm.list_add_after(self.ksm.cursor)
 
 
+def _int_array(values: Sequence[object]) -> npt.NDArray[np.int64] | None:
+    """*values* as an int64 array if they are all ints (numpy's or Python's, no bools)."""
+    if not values:
+        return np.zeros(0, np.int64)
+    try:
+        arr = np.asarray(values)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    if arr.ndim != 1 or arr.dtype.kind not in "iu" or any(isinstance(x, bool | np.bool_)
+                                                          for x in values):
+        return None
+    return arr.astype(np.int64) if arr.dtype.kind == "i" else None
+
+
 class BulkProcess:
     """A process of a :class:`BulkKernel`."""
 
@@ -293,26 +352,52 @@ class BulkProcess:
         if not self.alive:
             raise ProcessExitedError(f"process {self.pid} has exited")
 
-    def _changing(self) -> None:
-        """_check_alive for a call that may change what the counters count."""
-        self._check_alive()
-        self.kernel.changes += 1
+    def _unmodelled(self, call: str, why: str = "see docs/bulk.md") -> NoReturn:
+        raise NotModelledError(f"{call} is not modelled by the bulk engine ({why}); "
+                               f"use SimKernel")
 
+    # --- mappings and writes --------------------------------------------------------------------
     def mmap(self, length: int, prot: int = PROT_READ | PROT_WRITE,
-             flags: int = MAP_PRIVATE | MAP_ANONYMOUS, **kwargs: object) -> int:
-        """Map *length* bytes of anonymous private memory, top-down like SimKernel."""
-        self._changing()
-        if prot != PROT_READ | PROT_WRITE or flags != MAP_PRIVATE | MAP_ANONYMOUS or kwargs:
-            raise NotImplementedError("the bulk engine models only read-write anonymous "
-                                      "private mappings (mmap(length))")
-        if length <= 0 or length % PAGE_SIZE:
-            raise ValueError(f"length must be a positive multiple of {PAGE_SIZE}, got {length}")
+             flags: int = MAP_PRIVATE | MAP_ANONYMOUS, *, addr: int = 0,
+             node: int | None = None, path: str | None = None, offset: int = 0,
+             vm_flags: int = 0) -> int:
+        """Map *length* bytes of anonymous private memory, top-down like SimKernel.
+
+        Only read-write anonymous private mappings placed by the kernel
+        (``addr=0``) are modelled, on the one NUMA node (``node`` None or 0);
+        ``offset`` is checked and ignored, as Linux does for them.  Anything
+        else is NotModelledError; errnos are SimKernel's.
+        """
+        args = argcheck.mmap_args(length, prot, flags, addr, node, path, offset, vm_flags,
+                                  lambda: range(1))
+        self._check_alive()
+        if (args.prot != PROT_READ | PROT_WRITE or args.flags != MAP_PRIVATE | MAP_ANONYMOUS
+                or args.addr or args.path is not None or args.vm_flags):
+            self._unmodelled(f"mmap(prot={args.prot:#x}, flags={args.flags:#x}, "
+                             f"addr={args.addr:#x}, path={args.path!r}, "
+                             f"vm_flags={args.vm_flags:#x})",
+                             "only read-write anonymous private mappings, mmap(length), are")
+        # do_mmap's checks, in SimKernel's order.
+        if args.length == 0:
+            raise kernel_error(errno.EINVAL, "mmap length 0")
+        if args.offset % PAGE_SIZE:
+            raise kernel_error(errno.EINVAL, f"mmap offset {args.offset:#x} not page aligned")
+        size = page_align(args.length)
+        if size > TASK_SIZE:
+            raise kernel_error(errno.ENOMEM, f"mmap length {args.length:#x}")
         mm = self.mm
         top = mm.segments[0].addr if mm.segments else mm.mmap_base
-        addr = top - length
-        row = self.kernel.ksm.pages.append(length >> PAGE_SHIFT)
-        mm.segments.insert(0, Segment(addr, row, length >> PAGE_SHIFT))
-        return addr
+        start = top - size
+        if start < 16 * PAGE_SIZE:  # get_unmapped_area's floor, as SimKernel's
+            raise kernel_error(errno.ENOMEM, "no room in the address space")
+        try:
+            row = self.kernel.ksm.pages.append(size >> PAGE_SHIFT)
+        except (MemoryError, ValueError):  # numpy could not allocate the rows: nothing changed
+            raise kernel_error(errno.ENOMEM, f"no memory for {size >> PAGE_SHIFT} page rows "
+                               f"in the bulk engine") from None
+        self.kernel.changes += 1
+        mm.segments.insert(0, Segment(start, row, size >> PAGE_SHIFT))
+        return start
 
     def _rows(self, addr: int, length: int) -> npt.NDArray[np.int64]:
         pieces = self.mm.rows(addr, length)
@@ -321,32 +406,98 @@ class BulkProcess:
             return np.arange(r, r + n, dtype=np.int64)
         return np.concatenate([np.arange(r, r + n, dtype=np.int64) for r, _i, n in pieces])
 
-    def write(self, addr: int, data: bytes) -> None:
-        """Store whole pages of *data* at *addr* (their content is fingerprinted)."""
-        self._changing()
+    def _check_access(self, addr: int, length: int, force: bool) -> None:
+        """OSError(EFAULT), or EIO when forced, unless [addr, addr+length) is all mapped
+        (every mapping of the engine is read-write), as SimKernel's write."""
+        _pieces, hole = self.mm.pieces(addr & ~(PAGE_SIZE - 1), page_align(addr + length))
+        if hole:
+            raise kernel_error(errno.EIO if force else errno.EFAULT,
+                               f"[{addr:#x}, {addr + length:#x}) is not all mapped")
+
+    def write(self, addr: int, data: bytes, *, force: bool = False) -> None:
+        """Store whole pages of *data* at *addr* (their content is fingerprinted).
+
+        As SimKernel's write in fingerprint mode: a write of part of a page is
+        NotModelledError; an unmapped page in the range is OSError(EFAULT), or
+        OSError(EIO) with ``force=True`` (otherwise the same write: every
+        mapping here is writable); nothing is written then.
+        """
+        addr = argcheck.ulong("addr", addr)
+        data = argcheck.buffer("data", data)
+        force = argcheck.flag("force", force)
+        self._check_alive()
         if not data:
             return
+        if addr % PAGE_SIZE or len(data) % PAGE_SIZE:
+            self._unmodelled(f"a write of part of a page (addr {addr:#x}, {len(data)} bytes)",
+                             "it keeps no page bytes, so it writes whole pages only")
+        self._check_access(addr, len(data), force)
+        self.kernel.changes += 1
         if len(data) == PAGE_SIZE:  # the common case of a COW storm, without arrays
             row = int(self._rows(addr, PAGE_SIZE)[0])
-            cid = self.kernel.contents.intern(fingerprint(bytes(data)))
+            cid = self.kernel.contents.intern(fingerprint(data))
             self.kernel.ksm.sync_contents()
             self._write_one(row, cid)
             return
-        ids = self.kernel.contents.of_pages(bytes(data))
-        self.write_contents(addr, np.asarray(ids, dtype=np.int64))
+        ids = self.kernel.contents.of_pages(data)
+        self._store(addr, np.asarray(ids, dtype=np.int64))
 
     def write_contents(self, addr: int, ids: Sequence[int] | npt.NDArray[np.int64]) -> None:
-        """Store pages of the given content ids at *addr*, with the faults and COW of a write."""
-        self._changing()
-        k = self.kernel
-        cids = np.asarray(ids, dtype=np.int64)
-        if cids.ndim != 1 or not k.contents.valid(cids):
-            raise ValueError("content ids must be a flat sequence of ids of this kernel's "
-                             "ContentTable")
-        ksm = k.ksm
+        """Store pages of the given content ids at *addr*, with the faults and COW of a write.
+
+        *addr* must be page aligned (ValueError) and *ids* a flat sequence or
+        integer array (TypeError) of ids of this kernel's ContentTable
+        (ValueError).  An unmapped page in the range is OSError(EFAULT), and
+        nothing is written then.
+        """
+        addr = argcheck.ulong("addr", addr)
+        cids = self._content_ids_arg(ids)
+        if addr % PAGE_SIZE:
+            raise ValueError(f"addr {addr:#x} must be a multiple of {PAGE_SIZE}")
+        self._check_alive()
+        if not len(cids):
+            return
+        self._check_access(addr, len(cids) * PAGE_SIZE, False)
+        self.kernel.changes += 1
+        self._store(addr, cids)
+
+    def _content_ids_arg(self, ids: object) -> npt.NDArray[np.int64]:
+        """*ids* checked: TypeError unless a flat sequence of ints, ValueError for an unknown id."""
+        def bad(what: str) -> TypeError:
+            return TypeError(f"ids must be a flat sequence of content ids (ints), not {what}: "
+                             f"{argcheck.describe(ids)}")
+        if isinstance(ids, np.ndarray):
+            if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+                raise bad(f"a {ids.ndim}-dimensional array of {ids.dtype}")
+            arr: npt.NDArray[np.int64] | list[int] = ids
+        else:
+            if isinstance(ids, str | bytes | bytearray | memoryview) or not isinstance(ids, Sequence):
+                raise bad(type(ids).__name__)
+            fast = _int_array(ids)
+            if fast is not None:
+                arr = fast
+            else:  # not plainly int64s: check each, to name the culprit
+                arr = []
+                for i, x in enumerate(ids):
+                    try:
+                        arr.append(argcheck.integer("ids", x))
+                    except TypeError:
+                        raise bad(f"one holding {type(x).__name__} {argcheck.describe(x)} "
+                                  f"at index {i}") from None
+        n = len(self.kernel.contents)
+        lo, hi = ((int(arr.min()), int(arr.max())) if isinstance(arr, np.ndarray)
+                  else (min(arr), max(arr))) if len(arr) else (0, 0)
+        if lo < 0 or hi >= n:
+            raise ValueError(f"ids must be content ids of this kernel's ContentTable (0 <= id < {n}), "
+                             f"got {argcheck.describe(ids)}")
+        return np.asarray(arr, dtype=np.int64)
+
+    def _store(self, addr: int, cids: npt.NDArray[np.int64]) -> None:
+        """Write pages of content *cids* at *addr* (checked: aligned, mapped, known ids)."""
+        ksm = self.kernel.ksm
         ksm.sync_contents()
         if len(cids) == 1:
-            self._write_one(self._rows(addr, PAGE_SIZE)[0], int(cids[0]))
+            self._write_one(int(self._rows(addr, PAGE_SIZE)[0]), int(cids[0]))
             return
         rows = self._rows(addr, len(cids) * PAGE_SIZE)
         frames = ksm.pages.frame[rows]
@@ -359,7 +510,7 @@ class BulkProcess:
         ksm.pages.frame[rows[copy]] = ksm.new_frames(cids[copy])
 
     def _write_one(self, row: int, cid: int) -> None:
-        """write_contents for one page, without array overheads (a COW storm is many of these)."""
+        """_store for one page, without array overheads (a COW storm is many of these)."""
         ksm = self.kernel.ksm
         frames = ksm.frames
         f = int(ksm.pages.frame[row])
@@ -377,12 +528,32 @@ class BulkProcess:
         ksm.pages.frame[row] = new
 
     def madvise(self, addr: int, length: int, advice: int) -> None:
-        """MADV_MERGEABLE or MADV_UNMERGEABLE on mapped memory."""
-        self._changing()
-        if advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE):
-            raise NotImplementedError("the bulk engine models only MADV_MERGEABLE and "
-                                      "MADV_UNMERGEABLE")
-        rows = self._rows(addr, length)
+        """MADV_MERGEABLE or MADV_UNMERGEABLE, with madvise(2)'s checks and errnos.
+
+        Other advices Linux knows are NotModelledError; unknown ones EINVAL.
+        As on Linux, the mapped parts of a range with holes are advised, then
+        OSError(ENOMEM) is raised.
+        """
+        addr, length = argcheck.ulong("addr", addr), argcheck.ulong("length", length)
+        advice = argcheck.cint("advice", advice)
+        self._check_alive()
+        known = madvise_behavior_valid(advice, True) or advice in UNMODELLED_ADVICE
+        if known and advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE):
+            self._unmodelled(f"madvise advice {advice}",
+                             "only MADV_MERGEABLE and MADV_UNMERGEABLE are")
+        end = madvise_check(addr, length, advice, config_ksm=True)
+        if end == addr:
+            return
+        pieces, hole = self.mm.pieces(addr, end)
+        if pieces:
+            self.kernel.changes += 1
+            self._advise(np.concatenate([np.arange(r, r + n, dtype=np.int64)
+                                         for _a, r, n in pieces]), advice)
+        if hole:
+            raise kernel_error(errno.ENOMEM, f"part of [{addr:#x}, {end:#x}) is not mapped")
+
+    def _advise(self, rows: npt.NDArray[np.int64], advice: int) -> None:
+        """Apply MADV_MERGEABLE or MADV_UNMERGEABLE to the pages at *rows*."""
         k, ksm = self.kernel, self.kernel.ksm
         if advice == MADV_MERGEABLE:
             if not bool(ksm.pages.mergeable[rows].all()):
@@ -402,9 +573,11 @@ class BulkProcess:
         ksm.pages.frame[rows[ksm_page]] = ksm.new_frames(contents)
         ksm.pages.mergeable[rows] = False
 
+    # --- process lifecycle ----------------------------------------------------------------------
     def fork(self) -> BulkProcess:
         """fork(2): the child shares every page copy-on-write and is registered if the parent is."""
-        self._changing()
+        self._check_alive()
+        self.kernel.changes += 1
         k, ksm = self.kernel, self.kernel.ksm
         child = k.spawn()
         child.mm.mmap_base = self.mm.mmap_base
@@ -422,7 +595,8 @@ class BulkProcess:
 
     def exit(self) -> None:
         """exit(2): KSM's exit hook, then the address space goes."""
-        self._changing()
+        self._check_alive()
+        self.kernel.changes += 1
         self.alive = False
         k, mm = self.kernel, self.mm
         mm.exiting = True
@@ -433,35 +607,27 @@ class BulkProcess:
             k.ksm.pages.frame[sl] = NO_FRAME
         del k.processes[self.pid]
 
+    # --- views ------------------------------------------------------------------------------------
     def content_ids(self, addr: int, length: int) -> list[int | None]:
-        """The content id of each page in [addr, addr+length); None where nothing is mapped
-        (``KSM_ZERO`` pages hold the zero content)."""
+        """The content id of each page the range touches; None where nothing is mapped
+        (``KSM_ZERO`` pages hold the zero content).  Like SimKernel's
+        ``fingerprints``: the range ends by 2**64 and covers at most
+        :data:`ksmlab.argcheck.MAX_VIEW_PAGES` pages; an empty range gives []."""
+        addr, length = argcheck.view_range(addr, length)
         self._check_alive()
+        if length == 0:
+            return []
+        first = addr & ~(PAGE_SIZE - 1)
+        out: list[int | None] = [None] * (((addr + length - 1) >> PAGE_SHIFT)
+                                         - (first >> PAGE_SHIFT) + 1)
+        pieces, _hole = self.mm.pieces(first, page_align(addr + length))
         frames = self.kernel.ksm.frames
-        return [None if f == NO_FRAME else ZERO_CONTENT if f == KSM_ZERO
-                else int(frames.content[f])
-                for f in self.kernel.ksm.pages.frame[self._rows(addr, length)].tolist()]
-
-    def _unmodelled(self, call: str) -> NotImplementedError:
-        return NotImplementedError(f"{call} is not modelled by the bulk engine "
-                                   f"(see docs/bulk.md); use SimKernel")
-
-    def munmap(self, addr: int, length: int) -> None:
-        """Not modelled: raises NotImplementedError."""
-        raise self._unmodelled("munmap")
-
-    def mprotect(self, addr: int, length: int, prot: int) -> None:
-        """Not modelled: raises NotImplementedError."""
-        raise self._unmodelled("mprotect")
-
-    def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0,
-              arg5: int = 0) -> int:
-        """Not modelled (PR_SET_MEMORY_MERGE and the rest): raises NotImplementedError."""
-        raise self._unmodelled("prctl")
-
-    def read(self, addr: int, length: int, *, force: bool = False) -> bytes:
-        """Not modelled (no page bytes are kept): raises NotImplementedError."""
-        raise self._unmodelled("read (the engine keeps no page bytes)")
+        page_frames = self.kernel.ksm.pages.frame
+        for at, row, n in pieces:
+            i = (at - first) >> PAGE_SHIFT
+            out[i:i + n] = [None if f == NO_FRAME else ZERO_CONTENT if f == KSM_ZERO
+                            else int(frames.content[f]) for f in page_frames[row:row + n].tolist()]
+        return out
 
     def ksm_stat(self) -> dict[str, int | bool]:
         """``/proc/PID/ksm_stat``."""
@@ -482,3 +648,49 @@ class BulkProcess:
     def ksm_merging_pages(self) -> int:
         """``/proc/PID/ksm_merging_pages``."""
         return int(self.ksm_stat()["ksm_merging_pages"])
+
+    # --- the calls the engine does not model: checked like SimKernel's, then NotModelledError ---
+    def munmap(self, addr: int, length: int) -> None:
+        """Not modelled: NotModelledError (after SimKernel's argument checks)."""
+        argcheck.ulong("addr", addr), argcheck.ulong("length", length)
+        self._check_alive()
+        self._unmodelled("munmap")
+
+    def mprotect(self, addr: int, length: int, prot: int) -> None:
+        """Not modelled: NotModelledError (after SimKernel's argument checks)."""
+        argcheck.ulong("addr", addr), argcheck.ulong("length", length)
+        argcheck.cint("prot", prot)
+        self._check_alive()
+        self._unmodelled("mprotect")
+
+    def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0,
+              arg5: int = 0) -> int:
+        """Not modelled (PR_SET_MEMORY_MERGE and the rest): NotModelledError."""
+        argcheck.cint("option", option)
+        for name, value in (("arg2", arg2), ("arg3", arg3), ("arg4", arg4), ("arg5", arg5)):
+            argcheck.ulong(name, value)
+        self._check_alive()
+        self._unmodelled("prctl")
+
+    def read(self, addr: int, length: int, *, force: bool = False) -> bytes:
+        """Not modelled (no page bytes are kept): NotModelledError; see :meth:`content_ids`."""
+        argcheck.ulong("addr", addr), argcheck.ulong("length", length)
+        argcheck.flag("force", force)
+        self._check_alive()
+        self._unmodelled("read", "it keeps no page bytes; see content_ids()")
+
+    def exec(self) -> None:
+        """Not modelled: NotModelledError."""
+        self._check_alive()
+        self._unmodelled("exec")
+
+    def smaps(self) -> list[SmapsEntry]:
+        """Not modelled (the engine keeps no vmas): NotModelledError."""
+        self._check_alive()
+        self._unmodelled("smaps", "it keeps no vmas")
+
+    def pfns(self, addr: int, length: int) -> list[int | None]:
+        """Not modelled (frames have no numbers): NotModelledError; see :meth:`content_ids`."""
+        argcheck.view_range(addr, length)
+        self._check_alive()
+        self._unmodelled("pfns", "its frames have no numbers; see content_ids()")

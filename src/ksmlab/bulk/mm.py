@@ -58,6 +58,25 @@ class BulkMm(ListHead):
         self.registered = False
         self.mmap_base = 0x7F0000000000
 
+    def pieces(self, start: int, end: int) -> tuple[list[tuple[int, int, int]], bool]:
+        """The mapped parts of [start, end) (page aligned) as (address, first row, pages),
+        in address order, and whether the range has a hole (an unmapped page)."""
+        out: list[tuple[int, int, int]] = []
+        pos = start
+        hole = False
+        for seg in self.segments:
+            if seg.end <= pos:
+                continue
+            if seg.addr >= end:
+                break
+            if seg.addr > pos:
+                hole = True
+                pos = seg.addr
+            stop = min(end, seg.end)
+            out.append((pos, seg.row + ((pos - seg.addr) >> PAGE_SHIFT), (stop - pos) >> PAGE_SHIFT))
+            pos = stop
+        return out, hole or pos < end
+
     def rows(self, addr: int, length: int) -> list[tuple[int, int, int]]:
         """(first row, first page index, pages) of each segment piece in [addr, addr+length).
 

@@ -48,6 +48,11 @@ from ksmlab.mm.mm_types import MappedFile, MmStruct, Vma
 
 PROT_MASK = PROT_READ | PROT_WRITE | PROT_EXEC
 _ACCESS = VM_READ | VM_WRITE | VM_EXEC
+_PROT_SEM = 0x8
+_PROT_GROWSDOWN = 0x01000000
+_PROT_GROWSUP = 0x02000000
+_MAX_LFS_FILESIZE = (1 << 63) - 1
+_U64 = (1 << 64) - 1
 
 
 def page_align(n: int) -> int:
@@ -195,11 +200,13 @@ class VmaOps:
                 file: MappedFile | None, offset: int, nid: int | None,
                 extra_vm_flags: int = 0,
                 ksm_vma_flags: Callable[[MmStruct, Vma], int]) -> int:
-        """Create a mapping and return its address (``do_mmap`` + ``mmap_region``)."""
+        """Create a mapping and return its address (``do_mmap`` + ``mmap_region``).
+
+        Unknown PROT_* bits are ignored, as Linux 6.18 does (checked: prot
+        0x80 or -1 maps ``---p`` or ``rwxp``).
+        """
         if length <= 0:
             raise kernel_error(errno.EINVAL, f"mmap length {length}")
-        if prot & ~PROT_MASK:
-            raise kernel_error(errno.EINVAL, f"mmap prot {prot:#x}")
         if offset % PAGE_SIZE:
             raise kernel_error(errno.EINVAL, f"mmap offset {offset:#x} not page aligned")
         size = page_align(length)
@@ -211,6 +218,10 @@ class VmaOps:
         anonymous = bool(flags & MAP_ANONYMOUS)
         if not anonymous and file is None:
             raise kernel_error(errno.EBADF, "mmap of a file needs a path")
+        if not anonymous and (offset & _U64) >> PAGE_SHIFT > (_MAX_LFS_FILESIZE - size) >> PAGE_SHIFT:
+            # A file offset (an unsigned page offset in the kernel) past the largest
+            # file: EOVERFLOW (checked on Linux 6.18 with offset=-4096).
+            raise kernel_error(errno.EOVERFLOW, f"mmap offset {offset:#x}")
         if maptype == MAP_DROPPABLE and not anonymous:
             raise kernel_error(errno.EINVAL, "MAP_DROPPABLE needs MAP_ANONYMOUS")
         fixed = bool(flags & (MAP_FIXED | MAP_FIXED_NOREPLACE))
@@ -309,20 +320,40 @@ class VmaOps:
 
     # --- mprotect ------------------------------------------------------------------
     def do_mprotect(self, mm: MmStruct, start: int, length: int, prot: int) -> None:
-        """Change protections of [start, start+length) (``do_mprotect_pkey``)."""
+        """Change protections of [start, start+length) (``do_mprotect_pkey``).
+
+        The checks come in Linux 6.18's order (each checked on the real
+        kernel): both GROWSDOWN and GROWSUP, then an unaligned start, are
+        EINVAL; a zero length succeeds; a range wrapping past 2**64 is
+        ENOMEM; then unknown PROT bits (PROT_SEM is allowed) are EINVAL; then
+        an unmapped start is ENOMEM; PROT_GROWSDOWN needs a VM_GROWSDOWN area
+        (which it extends down to the area's start) and PROT_GROWSUP one that
+        grows up, which x86-64 has not (EINVAL).
+        """
+        grows = prot & (_PROT_GROWSDOWN | _PROT_GROWSUP)
+        prot &= ~(_PROT_GROWSDOWN | _PROT_GROWSUP)
+        if grows == _PROT_GROWSDOWN | _PROT_GROWSUP:
+            raise kernel_error(errno.EINVAL, "mprotect cannot grow both ways")
         if start % PAGE_SIZE:
             raise kernel_error(errno.EINVAL, f"mprotect start {start:#x} not page aligned")
-        if prot & ~PROT_MASK:
-            raise kernel_error(errno.EINVAL, f"mprotect prot {prot:#x}")
-        size = page_align(length)
-        if (length and size == 0) or start + size < start:
-            raise kernel_error(errno.ENOMEM, "mprotect range overflows")
-        if size == 0:
+        if length == 0:
             return
-        end = start + size
+        end = start + (page_align(length) & _U64)
+        if end <= start or end > _U64:
+            raise kernel_error(errno.ENOMEM, "mprotect range overflows")
+        if prot & ~(PROT_MASK | _PROT_SEM):
+            raise kernel_error(errno.EINVAL, f"mprotect prot {prot:#x}")
         vma = mm.find_vma(start)
-        if vma is None or vma.start > start:
+        if vma is None or vma.start >= end:
             raise kernel_error(errno.ENOMEM, f"{start:#x} is not mapped")
+        if grows == _PROT_GROWSDOWN:
+            if not vma.flags & VM_GROWSDOWN:
+                raise kernel_error(errno.EINVAL, "PROT_GROWSDOWN on an area that does not grow")
+            start = vma.start
+        elif vma.start > start:
+            raise kernel_error(errno.ENOMEM, f"{start:#x} is not mapped")
+        elif grows:
+            raise kernel_error(errno.EINVAL, "PROT_GROWSUP: x86-64 has no VM_GROWSUP area")
         newbits = calc_vm_prot_bits(prot)
         pos = start
         while pos < end:

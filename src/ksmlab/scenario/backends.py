@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from ksmlab.api import Kernel, Process
 from ksmlab.constants import PAGE_SIZE
+from ksmlab.errors import KsmSimError
 from ksmlab.kernel import SimKernel, SimProcess
 from ksmlab.mm.page import ZERO_FINGERPRINT, ContentMode, fingerprint
 from ksmlab.scenario import host
@@ -29,7 +30,7 @@ BackendName = Literal["sim", "linux", "bulk"]
 BACKENDS: tuple[BackendName, ...] = ("sim", "linux", "bulk")
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(KsmSimError, RuntimeError):
     """The backend cannot run on this machine (e.g. no KSM, not root); the message says why."""
 
 
@@ -154,7 +155,7 @@ class BulkBackend(_VirtualBackend):
         from ksmlab.bulk import BulkKernel  # numpy: only when this backend is used
 
         self.bulk = BulkKernel()
-        self.kernel: Kernel = self.bulk  # type: ignore[assignment]
+        self.kernel: Kernel = self.bulk
         super().__init__(self.bulk)
 
     def fill(self, proc: Process, addr: int, source: ContentSource, content: Content,
