@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from ksmlab.backends import linux, linux_doctor, linux_knobs
+from ksmlab.backends import linux, linux_doctor, linux_knobs, linux_session
 from ksmlab.backends.linux import KsmRestoreError, LinuxKernel
 from ksmlab.backends.linux_knobs import KnobFailure, restore_knobs
 from ksmlab.backends.linux_lock import SessionNote
@@ -178,7 +178,7 @@ def test_a_failed_restore_keeps_the_note_for_the_next_session(
     k.sysfs["sleep_millisecs"] = sleep
     refused = OSError(errno.EBUSY, os.strerror(errno.EBUSY))
     # The kernel refusing the restore is injected: no knob of 6.18 refuses it for real.
-    monkeypatch.setattr(linux, "restore_knobs",
+    monkeypatch.setattr(linux_session, "restore_knobs",
                         lambda *a, **kw: [KnobFailure("sleep_millisecs", before["sleep_millisecs"],
                                                       refused)])
     with pytest.raises(KsmRestoreError, match="sleep_millisecs"):

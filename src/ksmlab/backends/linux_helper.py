@@ -1,11 +1,14 @@
-"""The C helper process of the Linux backend: building it, and its command protocol.
+"""The C helper process of the Linux backend: building it, starting it, its command protocol.
 
 ``linux_helper.c`` is compiled on first use (:func:`build_helper`) and cached
-by source hash.  A :class:`~ksmlab.backends.linux_process.LinuxProcess` talks
-to its helper over a ``SOCK_SEQPACKET`` socket: one request (:data:`_REQ`: an
-operation code, a path length and six 64-bit arguments, then the path) and one
-reply (:data:`_REPLY`: the result or ``-errno``).  Everything here is
-re-exported by :mod:`ksmlab.backends.linux`.
+by source hash; :func:`start_helper` starts one under its reaper stub.  A
+:class:`~ksmlab.backends.linux_process.LinuxProcess` talks to its helper over a
+``SOCK_SEQPACKET`` socket: a new helper first sends its pid
+(:func:`receive_hello`), then answers each request (:data:`_REQ`: an
+operation code, a path length and six 64-bit arguments, then the path) with
+one reply (:data:`_REPLY`: the result or ``-errno``).  The public names
+(:func:`build_helper`, :func:`helper_unavailable_reason`,
+:class:`HelperBuildError`) are re-exported by :mod:`ksmlab.backends.linux`.
 """
 
 from __future__ import annotations
@@ -14,15 +17,23 @@ import hashlib
 import importlib.resources
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from ksmlab.errors import KsmSimError
+from ksmlab.errors import KsmSimError, ProcessExitedError
 
-__all__ = ["HelperBuildError", "build_helper", "helper_unavailable_reason"]
+__all__ = [
+    "HelperBuildError",
+    "build_helper",
+    "helper_unavailable_reason",
+    "receive_hello",
+    "start_helper",
+]
 
 _HELPER_SOURCE: Final = "linux_helper.c"
 _HELPER_START_TIMEOUT: Final = 30.0
@@ -117,3 +128,51 @@ def build_helper() -> Path:
         os.replace(out, exe)  # atomic: a concurrent build never sees half a binary
     _helper_path = exe
     return exe
+
+
+# --------------------------------------------------------------------------------------
+# Starting
+
+
+def receive_hello(sock: socket.socket) -> int:
+    """Wait for a new helper's first message, its pid; -1 if the channel closed first."""
+    sock.settimeout(_HELPER_START_TIMEOUT)
+    hello = sock.recv(_REPLY.size)
+    sock.settimeout(None)
+    return int(_REPLY.unpack(hello)[0]) if len(hello) == _REPLY.size else -1
+
+
+def start_helper(keep_stub: Callable[[subprocess.Popen[bytes]], None],
+                 ) -> tuple[socket.socket, int, subprocess.Popen[bytes]]:
+    """Start a helper under its stub; return our end of its channel, its pid and the stub.
+
+    The stub (our child) forks the helper and then only reaps (see
+    ``linux_helper.c``).  *keep_stub* receives the stub as soon as it runs,
+    before the helper has answered, so that its owner waits for it on close
+    even if the helper never starts.
+
+    Raises:
+        HelperBuildError: the helper cannot be compiled.
+        ProcessExitedError: the helper did not start.
+    """
+    exe = build_helper()
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        fd = theirs.fileno()
+        stub = subprocess.Popen([str(exe), str(fd), "stub"], pass_fds=(fd,),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    except BaseException:
+        mine.close()
+        theirs.close()
+        raise
+    theirs.close()
+    try:
+        keep_stub(stub)
+        pid = receive_hello(mine)
+        if pid <= 0:
+            raise ProcessExitedError(f"helper {exe} did not start ({pid=}, stub exit "
+                                     f"status {stub.poll()})")
+    except BaseException:
+        mine.close()  # the helper, if any, exits on EOF
+        raise
+    return mine, pid, stub

@@ -1,29 +1,27 @@
-"""A real process of the Linux backend: :class:`LinuxProcess` and its memory access.
+"""A real process of the Linux backend: :class:`LinuxProcess`.
 
 Each :class:`LinuxProcess` is a C helper (see :mod:`ksmlab.backends.linux_helper`)
-that runs system calls on request; memory is read and written from this
-process with ``process_vm_writev`` (through ctypes) or ``/proc/PID/mem``.
+that runs system calls on request; its memory is read and written from this
+process (:mod:`ksmlab.backends.linux_memory`).  A process belongs to a
+:class:`~ksmlab.backends.linux_session.LinuxSession`: it registers every child
+it forks there, so that the session kills them all when it closes.
 Re-exported by :mod:`ksmlab.backends.linux`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import select
 import signal
 import socket
-import struct
 import subprocess
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from ksmlab import argcheck
 from ksmlab.api import KsmStat, SmapsEntry
 from ksmlab.backends.linux_helper import (
-    _HELPER_START_TIMEOUT,
     _OP_EXEC,
     _OP_EXIT,
     _OP_FORK,
@@ -34,60 +32,21 @@ from ksmlab.backends.linux_helper import (
     _OP_PRCTL,
     _REPLY,
     _REQ,
+    receive_hello,
 )
-from ksmlab.backends.linux_procfs import MapsEntry, parse_ksm_stat, parse_maps, parse_smaps
-from ksmlab.constants import (
-    MAP_ANONYMOUS,
-    MAP_PRIVATE,
-    PAGE_SHIFT,
-    PROT_READ,
-    PROT_WRITE,
-)
+from ksmlab.backends.linux_memory import read_memory, read_pfns, write_memory
+from ksmlab.backends.linux_procfs import parse_ksm_stat, parse_smaps
+from ksmlab.constants import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
 from ksmlab.errors import ProcessExitedError
 
 if TYPE_CHECKING:
-    from ksmlab.backends.linux import LinuxKernel
+    from ksmlab.backends.linux_session import LinuxSession
 
 __all__ = ["LinuxProcess", "online_nodes"]
 
 _EXIT_TIMEOUT: Final = 10.0
 
 _U64_MASK: Final = (1 << 64) - 1
-_PFN_MASK: Final = (1 << 55) - 1
-_PM_PRESENT: Final = 1 << 63
-
-
-# --------------------------------------------------------------------------------------
-# process_vm_readv / process_vm_writev through ctypes
-
-
-class _Iovec(ctypes.Structure):
-    _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
-
-
-_libc: ctypes.CDLL | None = None
-
-
-def _libc_fn(name: str) -> Callable[..., int]:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    fn = getattr(_libc, name)
-    fn.argtypes = (ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong,
-                   ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_ulong)
-    fn.restype = ctypes.c_ssize_t
-    f: Callable[..., int] = fn
-    return f
-
-
-def _vm_rw(name: str, pid: int, buf: ctypes.Array[ctypes.c_char], addr: int, n: int) -> int:
-    local = _Iovec(ctypes.cast(buf, ctypes.c_void_p), n)
-    remote = _Iovec(addr, n)
-    done = int(_libc_fn(name)(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0))
-    if done < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return done
 
 
 # --------------------------------------------------------------------------------------
@@ -131,9 +90,9 @@ class LinuxProcess:
     closed) raises :class:`~ksmlab.errors.ProcessExitedError`.
     """
 
-    def __init__(self, kernel: LinuxKernel, sock: socket.socket, pid: int,
+    def __init__(self, session: LinuxSession, sock: socket.socket, pid: int,
                  stub: subprocess.Popen[bytes] | None = None) -> None:
-        self._kernel = kernel
+        self._session = session
         self._sock = sock
         self._pid = pid
         # For a spawned helper: the reaper process that is its parent (and our child).
@@ -256,36 +215,6 @@ class LinuxProcess:
 
     # --- memory access ---------------------------------------------------------------
 
-    def _maps(self) -> list[MapsEntry]:
-        with open(f"/proc/{self._pid}/maps") as f:
-            return parse_maps(f.read())
-
-    def _check_range(self, addr: int, length: int, perm: str, err: int) -> None:
-        """Raise ``OSError(err)`` unless every page of the range is mapped with *perm*.
-
-        *perm* ``"force-write"`` accepts what a forced write can change
-        (``check_vma_flags``): a writable mapping, or a private (COW) one.
-        Checking first is what makes a refused access leave memory untouched:
-        the kernel itself copies page by page and stops at the first bad page.
-        """
-        if addr < 0 or addr + length > _U64_MASK:
-            raise OSError(err, os.strerror(err))
-        pos, end = addr, addr + length
-        for vma in self._maps():
-            if vma.end <= pos:
-                continue
-            if vma.start > pos:
-                break  # a hole
-            if perm == "force-write":
-                if "w" not in vma.perms and "p" not in vma.perms:
-                    break  # a read-only shared mapping (found by the differential suite)
-            elif perm and perm not in vma.perms:
-                break
-            pos = vma.end
-            if pos >= end:
-                return
-        raise OSError(err, os.strerror(err))
-
     def write(self, addr: int, data: bytes, *, force: bool = False) -> None:
         """Write *data* at *addr* in the process, faulting pages in as the process would.
 
@@ -300,24 +229,7 @@ class LinuxProcess:
         buf = argcheck.buffer("data", data)
         force = argcheck.flag("force", force)
         self._check_alive()
-        if not buf:
-            return
-        if force:
-            self._check_range(addr, len(buf), "force-write", errno.EIO)
-            fd = os.open(f"/proc/{self._pid}/mem", os.O_RDWR | os.O_CLOEXEC)
-            try:
-                done = 0
-                while done < len(buf):
-                    done += os.pwrite(fd, buf[done:], addr + done)
-            finally:
-                os.close(fd)
-            return
-        self._check_range(addr, len(buf), "w", errno.EFAULT)
-        cbuf = ctypes.create_string_buffer(buf, len(buf))
-        done = _vm_rw("process_vm_writev", self._pid, cbuf, addr, len(buf))
-        if done != len(buf):
-            raise OSError(errno.EFAULT, f"{os.strerror(errno.EFAULT)} (short write: "
-                          f"{done} of {len(buf)} bytes)")
+        write_memory(self._pid, addr, buf, force=force)
 
     def read(self, addr: int, length: int, *, force: bool = False) -> bytes:
         """Read *length* bytes at *addr* in the process.
@@ -332,36 +244,7 @@ class LinuxProcess:
         addr, length = argcheck.ulong("addr", addr), argcheck.ulong("length", length)
         force = argcheck.flag("force", force)
         self._check_alive()
-        if length == 0:
-            return b""
-        # Not process_vm_readv: it pins the pages (FOLL_PIN), and a read-only
-        # pin of an anonymous page that is not exclusive (every KSM page, and a
-        # page still shared with a fork relative) first *unshares* it: the
-        # reader gets a private copy and cow_ksm grows (found by the
-        # differential suite, docs/differential.md).  /proc/PID/mem takes plain
-        # references (FOLL_GET), which unshare nothing.
-        if force:
-            self._check_range(addr, length, "", errno.EIO)
-        else:
-            self._check_range(addr, length, "r", errno.EFAULT)
-        fd = os.open(f"/proc/{self._pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            chunks = []
-            done = 0
-            while done < length:
-                try:
-                    chunk = os.pread(fd, length - done, addr + done)
-                except OSError:
-                    chunk = b""  # e.g. a readable VM_IO|VM_PFNMAP page (vvar)
-                if not chunk:
-                    # /proc/PID/mem says EIO; process_vm_readv would say EFAULT.
-                    err = errno.EIO if force else errno.EFAULT
-                    raise OSError(err, os.strerror(err))
-                chunks.append(chunk)
-                done += len(chunk)
-            return b"".join(chunks)
-        finally:
-            os.close(fd)
+        return read_memory(self._pid, addr, length, force=force)
 
     # --- process lifecycle -----------------------------------------------------------
 
@@ -375,17 +258,15 @@ class LinuxProcess:
             finally:
                 theirs.close()  # the helper has its own copy now
             pid = _raise_errno(ret)
-            mine.settimeout(_HELPER_START_TIMEOUT)
-            hello = mine.recv(_REPLY.size)
-            mine.settimeout(None)
+            hello = receive_hello(mine)
         except BaseException:
             mine.close()
             raise
-        if len(hello) != _REPLY.size or _REPLY.unpack(hello)[0] != pid:
+        if hello != pid:
             mine.close()
             raise ProcessExitedError(f"forked child {pid} of {self._pid} did not start")
-        child = LinuxProcess(self._kernel, mine, pid)
-        self._kernel._register(child)
+        child = LinuxProcess(self._session, mine, pid)
+        self._session.register(child)
         return child
 
     def exec(self) -> None:
@@ -422,14 +303,14 @@ class LinuxProcess:
         self._exited = True
         if self._stub is not None:
             # The stub exits right after the helper unless it still has
-            # orphans to reap; the kernel waits for it on close in that case.
+            # orphans to reap; the session waits for it on close in that case.
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._stub.wait(timeout=0.05)
         self._sock.close()
         os.close(self._pidfd)
 
     def _kill(self) -> None:
-        """SIGKILL the process and wait until it is gone (used on close)."""
+        """SIGKILL the process and wait until it is gone (the session's close does this)."""
         if self._exited:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -468,18 +349,4 @@ class LinuxProcess:
         """
         addr, length = argcheck.view_range(addr, length)
         self._check_alive()
-        if length == 0:
-            return []
-        first = addr >> PAGE_SHIFT
-        last = (addr + length - 1) >> PAGE_SHIFT
-        n = last - first + 1
-        fd = os.open(f"/proc/{self._pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            raw = os.pread(fd, 8 * n, 8 * first)
-        finally:
-            os.close(fd)
-        out: list[int | None] = []
-        for (entry,) in struct.iter_unpack("<Q", raw):
-            out.append(entry & _PFN_MASK if entry & _PM_PRESENT else None)
-        out += [None] * (n - len(out))  # beyond TASK_SIZE pagemap reads short
-        return out
+        return read_pfns(self._pid, addr, length)

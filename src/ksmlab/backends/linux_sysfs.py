@@ -1,5 +1,10 @@
-"""``/sys/kernel/mm/ksm`` as the Linux backend sees it: :class:`LinuxSysfs` and knob values.
+"""``/sys/kernel/mm/ksm`` as the Linux backend sees it: :class:`LinuxSysfs`.
 
+A :class:`LinuxSysfs` belongs to a
+:class:`~ksmlab.backends.linux_session.LinuxSession`: it refuses writes once
+the session is closed (:meth:`~ksmlab.backends.linux_session.LinuxSession.check_open`)
+and tells it of every write of ``run``
+(:meth:`~ksmlab.backends.linux_session.LinuxSession.note_run`).
 Re-exported by :mod:`ksmlab.backends.linux`.
 """
 
@@ -13,7 +18,7 @@ from ksmlab.backends.linux_knobs import KSM_SYSFS_DIR, writable_knobs
 from ksmlab.ksm.sysfs import require_text
 
 if TYPE_CHECKING:
-    from ksmlab.backends.linux import LinuxKernel
+    from ksmlab.backends.linux_session import LinuxSession
 
 __all__ = ["KSM_SYSFS_DIR", "LinuxSysfs"]
 
@@ -26,8 +31,8 @@ class LinuxSysfs:
     read-only counters).
     """
 
-    def __init__(self, kernel: LinuxKernel, directory: str = KSM_SYSFS_DIR) -> None:
-        self._kernel = kernel
+    def __init__(self, session: LinuxSession, directory: str = KSM_SYSFS_DIR) -> None:
+        self._session = session
         self._dir = directory
         # The set of files is fixed for a kernel, so list it once.
         self._names = tuple(sorted(
@@ -47,14 +52,14 @@ class LinuxSysfs:
         """Write *value* to one file in a single ``write(2)``."""
         path = self._path(name)
         require_text(name, value)
-        self._kernel._check_open()
+        self._session.check_open()
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
             os.write(fd, value.encode())
         finally:
             os.close(fd)
         if name == "run":
-            self._kernel._note_run()
+            self._session.note_run()
 
     def __iter__(self) -> Iterator[str]:
         """The file names, sorted."""
