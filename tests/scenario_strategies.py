@@ -239,7 +239,12 @@ def _retyped(v: Any, how: int) -> Any:
     if how == 1:
         return {"value": v}
     if how == 2:
-        return str(v) if not isinstance(v, str) else v + "x"
+        if isinstance(v, str):
+            return v + "x"
+        try:
+            return str(v)
+        except ValueError:  # holds an integer of more than 4300 digits (a mutation made it)
+            return "an integer too long to print"
     if how == 3:
         return float(v) if isinstance(v, int) and not isinstance(v, bool) and v < 2**1000 else 1.5
     if how == 4:
