@@ -177,11 +177,8 @@ def step(run: Run, op: Op, snap: Callable[[Kernel], Any], log: list[Any]) -> Non
 
 
 def batch(k: Kernel) -> None:
-    """Run ksmd's next batch, if it would run."""
-    if isinstance(k, BulkKernel):
-        k.batch()
-    elif k._ksmd_next() is not None:
-        k._ksmd_batch()
+    """Run ksmd's next batch, if it would run (both engines run the one ksmlab.ksm.ksmd)."""
+    k.ksmd.batch()
 
 
 def execute(k: Kernel, ops: list[Op], snap: Callable[[Kernel], Any]) -> list[Any]:

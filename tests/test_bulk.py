@@ -104,6 +104,7 @@ def test_vector_path_equals_per_page_path(seed: int) -> None:
         assert g == w, f"log entry {i} ({g[0]}) of seed {seed}"
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.randoms(use_true_random=False), st.integers(20, 120))
 def test_vector_path_equals_per_page_path_hypothesis(r: random.Random, steps: int) -> None:

@@ -58,6 +58,7 @@ def test_examples_identical_to_simkernel(name: str) -> None:
     assert document(sc, BulkBackend()) == document(sc, SimBackend("fingerprint"))
 
 
+@pytest.mark.slow
 def test_zero_pages_example_matches_but_for_tree_walk_timing() -> None:
     """After the unmerge at 12 s, SimKernel frees the emptied zero-page chain when a
     search for another content passes it; the bulk engine keeps it until a search

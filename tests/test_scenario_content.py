@@ -60,6 +60,7 @@ def same_results(sc: Scenario) -> None:
     assert before(by, first)["rows"], "nothing compared"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", FAST_EXAMPLES, ids=[p.stem for p in FAST_EXAMPLES])
 def test_examples_same_in_both_modes(path: Path) -> None:
     """Every checkpoint, counter, check and timeline sample (see same_results)."""

@@ -1,20 +1,10 @@
 """SimKernel: one simulated machine, holding every piece of state; SimProcess: a process on it.
 
-Virtual time
-------------
-Nothing here reads the wall clock.  User calls happen at the current virtual
-time and take none.  ksmd is a kernel thread on the virtual clock: it runs a
-batch of ``pages_to_scan`` pages, which costs ksmd CPU time according to a
-simple cost model, then sleeps ``sleep_millisecs``, exactly as
-``ksm_scan_thread`` loops.  ``advance(ms)`` and ``wait_full_scans(n)`` move the
-clock and let ksmd run.
-
-Model choice (cost model): a batch costs ``ksmd_batch_ns`` plus
-``ksmd_page_ns`` per page handed to cmp_and_merge_page.  The defaults (2 µs
-and 3 µs) are rough figures for this machine's real ksmd (about 600k empty
-batches per second; about 3 µs of CPU per page visit in 1 GiB runs); they
-matter only for timing (virtual time, the advisor's CPU estimate), never for
-which pages merge.
+Virtual time: nothing here reads the wall clock.  User calls happen at the
+current virtual time and take none; ksmd, a :class:`~ksmlab.ksm.ksmd.Ksmd`
+shared with the bulk engine, holds the clock and runs its batches on it, with
+the cost model its module describes.  ``advance(ms)`` and
+``wait_full_scans(n)`` move the clock and let ksmd run.
 """
 
 from __future__ import annotations
@@ -40,7 +30,6 @@ from ksmlab.constants import (
     PR_SET_MEMORY_MERGE,
     PROT_READ,
     PROT_WRITE,
-    RMAP_ITEM_SIZE,
     VM_DONTCOPY,
     VM_IO,
     VM_MAYWRITE,
@@ -50,8 +39,11 @@ from ksmlab.constants import (
     VM_WIPEONFORK,
     VM_WRITE,
 )
-from ksmlab.errors import NotModelledError, ProcessExitedError, ScanStalledError, kernel_error
+from ksmlab.errors import NotModelledError, ProcessExitedError, kernel_error
+from ksmlab.ksm.counters import ksm_process_profit
+from ksmlab.ksm.defaults import DEFAULT_KSMD_BATCH_NS, DEFAULT_KSMD_PAGE_NS
 from ksmlab.ksm.interface import Ksm
+from ksmlab.ksm.ksmd import Ksmd, KsmdCost
 from ksmlab.ksm.sysfs import KsmSysfs
 from ksmlab.mm.madvise import UNMODELLED_ADVICE, do_madvise
 from ksmlab.mm.memory import Fault, Memory, present_vpns
@@ -64,7 +56,6 @@ from ksmlab.tracing import TraceEvent
 MMF_INIT_MASK = 1 << MMF_VM_MERGE_ANY
 """The mm flags fork and exec carry into the new mm (of those the model has)."""
 
-NS_PER_MS = 1_000_000
 MAX_NUMNODES = 1024
 """``MAX_NUMNODES`` of x86-64's largest configuration (``CONFIG_NODES_SHIFT=10``)."""
 
@@ -81,7 +72,7 @@ class SimKernel:
             inside, EAGAIN at madvise); None for unlimited.  Also settable
             later as ``k.slab.limit``.
         max_map_count: ``vm.max_map_count``.
-        ksmd_batch_ns, ksmd_page_ns: ksmd's CPU cost model (see module doc).
+        ksmd_batch_ns, ksmd_page_ns: ksmd's CPU cost model (see :mod:`ksmlab.ksm.ksmd`).
         trace: record tracepoints in :attr:`events`.
         content: ``"bytes"`` keeps each page's 4096 bytes; ``"fingerprint"``
             keeps a 16-byte fingerprint instead, so large machines fit in
@@ -97,26 +88,19 @@ class SimKernel:
 
     def __init__(self, *, config_ksm: bool = True, numa_nodes: int = 1,
                  max_frames: int | None = None, slab_limit: int | None = None,
-                 max_map_count: int = 65530, ksmd_batch_ns: int = 2000,
-                 ksmd_page_ns: int = 3000, trace: bool = True,
+                 max_map_count: int = 65530, ksmd_batch_ns: int = DEFAULT_KSMD_BATCH_NS,
+                 ksmd_page_ns: int = DEFAULT_KSMD_PAGE_NS, trace: bool = True,
                  content: ContentMode = "bytes") -> None:
         config_ksm = argcheck.flag("config_ksm", config_ksm)
         numa_nodes = argcheck.count("numa_nodes", numa_nodes, minimum=1, maximum=MAX_NUMNODES)
         max_frames = argcheck.optional_count("max_frames", max_frames)
         slab_limit = argcheck.optional_count("slab_limit", slab_limit)
         max_map_count = argcheck.count("max_map_count", max_map_count, maximum=argcheck.INT_MAX)
-        ksmd_batch_ns = argcheck.count("ksmd_batch_ns", ksmd_batch_ns, minimum=1)
-        ksmd_page_ns = argcheck.count("ksmd_page_ns", ksmd_page_ns)
+        cost = KsmdCost.checked(ksmd_batch_ns, ksmd_page_ns)
         trace = argcheck.flag("trace", trace)
         content = cast(ContentMode, argcheck.choice("content", content, ("bytes", "fingerprint")))
         self.config_ksm = config_ksm
         self.numa_nodes = numa_nodes
-        self.now_ns = 0
-        """Virtual time, in nanoseconds since boot."""
-        self.ksmd_cpu_ns = 0
-        """CPU time ksmd has used, by the cost model."""
-        self.ksmd_batch_ns = ksmd_batch_ns
-        self.ksmd_page_ns = ksmd_page_ns
         self.trace_enabled = trace
         self.events: list[TraceEvent] = []
         """Tracepoint records, in order."""
@@ -125,16 +109,28 @@ class SimKernel:
         self.memory = Memory(self.phys, self._on_ksm_zero_unmap)
         self.vmaops = VmaOps(self.memory, max_map_count)
         self.ksm = Ksm(self.memory, self.slab, numa_nodes=numa_nodes,
-                       now_ms=lambda: self.now_ns / NS_PER_MS,
-                       cpu_ns=lambda: self.ksmd_cpu_ns, trace=self._trace)
-        self.ksm.wake_ksmd = self._wake_ksmd
+                       now_ms=lambda: self.ksmd.now_ms(),
+                       cpu_ns=lambda: self.ksmd.cpu_ns, trace=self._trace)
+        self.ksmd = Ksmd(self.ksm, cost, absent="" if config_ksm else
+                         "KSM is configured out (config_ksm=False): there is no ksmd")
+        """ksmd and the virtual clock."""
+        self.ksm.wake_ksmd = self.ksmd.wake_up
         self._sysfs = KsmSysfs(self.ksm)
-        self._ksmd_wake_ns: int | None = None
         self._pids = itertools.count(1000)
         self._mm_ids = itertools.count(1)
         self.processes: dict[int, SimProcess] = {}
         """Live processes by pid."""
         self._files: dict[str, MappedFile] = {}
+
+    @property
+    def now_ns(self) -> int:
+        """Virtual time, in nanoseconds since boot."""
+        return self.ksmd.now_ns
+
+    @property
+    def ksmd_cpu_ns(self) -> int:
+        """CPU time ksmd has used, by the cost model."""
+        return self.ksmd.cpu_ns
 
     @property
     def content(self) -> ContentMode:
@@ -195,78 +191,23 @@ class SimKernel:
             raise kernel_error(e.errno or errno.ENOENT, key) from None
 
     # --- ksmd on the virtual clock ------------------------------------------------------
-    def _wake_ksmd(self) -> None:
-        self._ksmd_wake_ns = self.now_ns
-
-    def _ksmd_batch(self) -> None:
-        """One iteration of ``ksm_scan_thread``: a batch, then the sleep."""
-        assert self._ksmd_wake_ns is not None
-        self.now_ns = max(self.now_ns, self._ksmd_wake_ns)
-        scanned = self.ksm.ksm_do_scan(self.ksm.pages_to_scan)
-        cost = self.ksmd_batch_ns + scanned * self.ksmd_page_ns
-        self.ksmd_cpu_ns += cost
-        self.now_ns += cost
-        self._ksmd_wake_ns = self.now_ns + self.ksm.sleep_millisecs * NS_PER_MS
-
-    def _ksmd_next(self) -> int | None:
-        """When ksmd runs next, or None if it is blocked (run != 1 or nothing registered)."""
-        if not self.ksm.ksmd_should_run():
-            self._ksmd_wake_ns = None
-            return None
-        if self._ksmd_wake_ns is None:
-            self._ksmd_wake_ns = self.now_ns
-        return self._ksmd_wake_ns
-
     def advance(self, ms: float) -> None:
         """Let *ms* milliseconds of virtual time pass, running ksmd as it would.
 
-        *ms* is a finite real >= 0 (see :mod:`ksmlab.argcheck`).
+        *ms* is a finite real >= 0 (see :meth:`ksmlab.ksm.ksmd.Ksmd.advance`).
         """
-        ms = argcheck.advance_ms(ms)
-        target = self.now_ns + round(ms * NS_PER_MS)
-        while (wake := self._ksmd_next()) is not None and wake <= target:
-            self._ksmd_batch()
-        self.now_ns = max(self.now_ns, target)
+        self.ksmd.advance(ms)
 
     def wait_full_scans(self, n: int = 1, *, timeout: float | None = None) -> None:
         """Advance virtual time until ``full_scans`` has grown by *n*.
 
         Raises ScanStalledError instead of waiting forever when ksmd is not
-        running (run != 1), has no mm to scan, or pages_to_scan is 0; and
-        when *timeout* (virtual seconds) passes first.  *n* is an int >= 0,
-        *timeout* None or a finite real >= 0 (see :mod:`ksmlab.argcheck`).
+        running (run != 1), has no mm to scan, or pages_to_scan is 0; when KSM
+        is configured out; and when *timeout* (virtual seconds) passes first.
+        *n* is an int >= 0, *timeout* None or a finite real >= 0 (see
+        :meth:`ksmlab.ksm.ksmd.Ksmd.wait_full_scans`).
         """
-        n = argcheck.count("n", n, maximum=argcheck.U64_LIMIT - 1)
-        timeout = argcheck.optional_duration("timeout", timeout)
-        if not self.config_ksm:
-            msg = "KSM is configured out (config_ksm=False): there is no ksmd"
-            raise ScanStalledError(msg)
-        target = self.ksm.full_scans + n
-        # A deadline past 2**64 ns (585 years) is never reached; min() keeps round() finite.
-        deadline = (None if timeout is None
-                    else self.now_ns + round(min(timeout * 1e9, 2.0 ** 64)))
-        while self.ksm.full_scans < target:
-            wake = self._ksmd_next()
-            reason = self._stall_reason()
-            if wake is None or reason:
-                msg = (f"full_scans is stuck at {self.ksm.full_scans} (waiting for {target}): "
-                       f"{reason or 'ksmd is not running'}")
-                raise ScanStalledError(msg)
-            if deadline is not None and wake > deadline:
-                self.now_ns = deadline
-                msg = f"timeout: full_scans reached {self.ksm.full_scans}, not {target}"
-                raise ScanStalledError(msg)
-            self._ksmd_batch()
-
-    def _stall_reason(self) -> str:
-        ksm = self.ksm
-        if ksm.run != 1:
-            return f"run={ksm.run} (write run=1 to start ksmd)"
-        if ksm.list_empty():
-            return "no process has registered mergeable memory, so ksmd sleeps"
-        if ksm.pages_to_scan == 0:
-            return "pages_to_scan=0, so ksmd scans nothing"
-        return ""
+        self.ksmd.wait_full_scans(n, timeout=timeout)
 
     # --- hooks --------------------------------------------------------------------------
     def _on_ksm_zero_unmap(self, mm: MmStruct) -> None:
@@ -612,13 +553,12 @@ class SimProcess:
     def ksm_stat(self) -> KsmStat:
         """/proc/PID/ksm_stat as a dict."""
         mm = self.mm
-        profit = ((mm.ksm_merging_pages + mm.ksm_zero_pages) * PAGE_SIZE
-                  - mm.ksm_rmap_items * RMAP_ITEM_SIZE)
         return {
             "ksm_rmap_items": mm.ksm_rmap_items,
             "ksm_zero_pages": mm.ksm_zero_pages,
             "ksm_merging_pages": mm.ksm_merging_pages,
-            "ksm_process_profit": profit,
+            "ksm_process_profit": ksm_process_profit(mm.ksm_merging_pages, mm.ksm_zero_pages,
+                                                     mm.ksm_rmap_items),
             "ksm_merge_any": mm.merge_any,
             "ksm_mergeable": self.kernel.ksm.ksm_process_mergeable(mm),
         }

@@ -27,7 +27,8 @@ shares), each because there is no content-ordered tree to walk:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import errno
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,12 +49,23 @@ from ksmlab.bulk.columns import (
 )
 from ksmlab.bulk.content import ZERO_CONTENT, ContentTable
 from ksmlab.bulk.mm import BulkMm
-from ksmlab.constants import PAGE_SHIFT, PAGE_SIZE, RMAP_ITEM_SIZE
-from ksmlab.errors import vm_bug_on
-from ksmlab.ksm.advisor import DEFAULT_PAGES_TO_SCAN
-from ksmlab.ksm.ksm import KsmCore
-
-skip_age = KsmCore.skip_age
+from ksmlab.constants import KSM_RUN_MERGE, KSM_RUN_UNMERGE, PAGE_SHIFT
+from ksmlab.errors import NotModelledError, kernel_error, vm_bug_on
+from ksmlab.ksm import counters
+from ksmlab.ksm.advisor import AdvisorKnobs
+from ksmlab.ksm.defaults import (
+    AGE_MAX,
+    DEFAULT_MAX_PAGE_SHARING,
+    DEFAULT_MERGE_ACROSS_NODES,
+    DEFAULT_PAGES_TO_SCAN,
+    DEFAULT_RUN,
+    DEFAULT_SLEEP_MILLISECS,
+    DEFAULT_SMART_SCAN,
+    DEFAULT_STABLE_NODE_CHAINS_PRUNE_MILLISECS,
+    DEFAULT_USE_ZERO_PAGES,
+    SEQNR_MASK,
+)
+from ksmlab.ksm.scan import skip_age
 
 
 @dataclass(slots=True)
@@ -78,10 +90,18 @@ class BulkKsm:
     """KSM state for a bulk machine: knobs, columns, chains, ksmd's cursor.
 
     Counters that SimKernel keeps incrementally (pages_shared, rmap_items...)
-    are computed from the columns when read (:meth:`counters`).
+    are computed from the columns when read (:meth:`counters`).  It is the
+    engine the virtual ksmd (:class:`ksmlab.ksm.ksmd.Ksmd`) and the sysfs
+    table (:class:`ksmlab.ksm.sysfs.KsmSysfs`) work on, as SimKernel's
+    :class:`~ksmlab.ksm.interface.Ksm` is.
+
+    Args:
+        contents: the machine's content ids.
+        now_ms: the virtual clock in ms (ksmd's), read by chain pruning.
     """
 
-    def __init__(self, contents: ContentTable) -> None:
+    def __init__(self, contents: ContentTable, *,
+                 now_ms: Callable[[], float] = lambda: 0.0) -> None:
         self.contents = contents
         self.pages = PageCols()
         self.frames = FrameCols()
@@ -91,13 +111,18 @@ class BulkKsm:
         """Chains by content."""
         self.chain_cols = ChainCols()
         # --- knobs (the sysfs names) ---
-        self.run = 0
+        self.run = DEFAULT_RUN
         self.pages_to_scan = DEFAULT_PAGES_TO_SCAN
-        self.sleep_millisecs = 20
-        self.max_page_sharing = 256
-        self.use_zero_pages = False
-        self.smart_scan = True
-        self.stable_node_chains_prune_millisecs = 2000
+        self.sleep_millisecs = DEFAULT_SLEEP_MILLISECS
+        self.max_page_sharing = DEFAULT_MAX_PAGE_SHARING
+        self.use_zero_pages = DEFAULT_USE_ZERO_PAGES
+        self.smart_scan = DEFAULT_SMART_SCAN
+        self.stable_node_chains_prune_millisecs = DEFAULT_STABLE_NODE_CHAINS_PRUNE_MILLISECS
+        self.merge_across_nodes = DEFAULT_MERGE_ACROSS_NODES
+        """Always 1: one NUMA node is modelled."""
+        self.advisor_scan_time = False
+        """Always False: the scan-time advisor is not modelled (nor are its sysfs files)."""
+        self.advisor = AdvisorKnobs()
         # --- incremental counters ---
         self.full_scans = 0
         self.pages_scanned = 0
@@ -106,9 +131,12 @@ class BulkKsm:
         self.head = BulkMm(-1)
         self.cursor: BulkMm = self.head
         self.address = 0
-        self.now_ms = 0.0
-        """Time of the current batch (set by the kernel, read by chain pruning)."""
+        self.now_ms = now_ms
         self.zero_checksum = int(contents.checksum[ZERO_CONTENT])
+        self.wake_ksmd: Callable[[], None] = lambda: None
+        """Set by the kernel to its ksmd's ``wake_up``: ksmd runs its next batch now."""
+        self.read_counters: Callable[[], dict[str, int]] = self.counters
+        """What :meth:`counter` reads; the kernel sets its cached :meth:`counters`."""
 
     # --- content and frames ---------------------------------------------------------------
     def sync_contents(self) -> None:
@@ -170,7 +198,7 @@ class BulkKsm:
     def new_chain(self, c: int, dup: int) -> Chain:
         """A chain for content *c* in place of its regular node *dup* (``alloc_stable_node_chain``)."""
         chain = Chain(self.chain_cols.append(1), [dup], {dup})
-        self.chain_cols.prune_time[chain.id] = int(self.now_ms)
+        self.chain_cols.prune_time[chain.id] = int(self.now_ms())
         self.chains[c] = chain
         self.ctab.stable[c] = STABLE_CHAIN - chain.id
         self.sync_chain(chain)
@@ -201,7 +229,7 @@ class BulkKsm:
         walk stops once it has seen every open dup.
         """
         chain = self.chains[c]
-        now = int(self.now_ms)
+        now = int(self.now_ms())
         prune_time = self.chain_cols.prune_time
         if not prune or now < prune_time[chain.id] + self.stable_node_chains_prune_millisecs:
             prune = False
@@ -326,7 +354,7 @@ class BulkKsm:
 
     def cur_seqnr(self) -> int:
         """``ksm_scan.seqnr & SEQNR_MASK``."""
-        return self.full_scans & 0xFF
+        return self.full_scans & SEQNR_MASK
 
     def unstable_tree_search_insert(self, g: int, f: int, c: int) -> int:
         """The page to merge *g* with, or -1 after inserting *g* or giving up.
@@ -395,7 +423,7 @@ class BulkKsm:
             return False
         pages = self.pages
         age = int(pages.age[g])
-        if age != 255:
+        if age != AGE_MAX:
             pages.age[g] = age + 1
         if age < 3:
             return False
@@ -531,6 +559,41 @@ class BulkKsm:
         self.pages_scanned += done
         return done
 
+    # --- the sysfs stores (ksmlab.ksm.sysfs's table calls them, as SimKernel's) -----------
+    def counter(self, name: str) -> int:
+        """The value of counter file *name* (see :attr:`read_counters`)."""
+        return self.read_counters()[name]
+
+    def set_run(self, flags: int) -> None:
+        """``run_store`` after parsing: start or stop ksmd; run=2 is not modelled."""
+        if flags & KSM_RUN_UNMERGE:
+            raise NotModelledError("run=2 (unmerge everything) is not modelled by the bulk "
+                                   "engine; use SimKernel")
+        self.run = flags
+        if flags & KSM_RUN_MERGE:
+            self.wake_ksmd()
+
+    def set_max_page_sharing(self, knob: int) -> None:
+        """``max_page_sharing_store`` after parsing; EBUSY while any stable node exists."""
+        if knob == self.max_page_sharing:
+            return
+        if bool(self.nodes.alive[:self.nodes.n].any()):
+            # Model choice: any stable node counts as busy (the kernel first
+            # removes nodes whose pages are no longer mapped).
+            raise kernel_error(errno.EBUSY, "KSM pages exist")
+        self.max_page_sharing = knob
+
+    def set_merge_across_nodes(self, knob: int) -> None:
+        """``merge_across_nodes_store`` after parsing: only the value it has (1) is modelled."""
+        if knob != self.merge_across_nodes:
+            raise NotModelledError("the bulk engine models one NUMA node "
+                                   "(merge_across_nodes=1 only)")
+
+    def set_advisor_mode(self, scan_time: bool) -> None:
+        """Not modelled (the kernel's sysfs view hides the advisor's files)."""
+        raise NotModelledError("advisor_mode: the scan-time advisor is not modelled by the "
+                               "bulk engine; use SimKernel")
+
     # --- counters --------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
         """The sysfs counters, computed from the columns."""
@@ -546,13 +609,13 @@ class BulkKsm:
         zero = int(np.count_nonzero(pages.frame[:pages.n] == KSM_ZERO))
         return {
             "pages_shared": shared, "pages_sharing": sharing, "pages_unshared": unshared,
-            "pages_volatile": max(0, rmap_items - shared - sharing - unshared),
+            "pages_volatile": counters.pages_volatile(rmap_items, shared, sharing, unshared),
             "pages_scanned": self.pages_scanned, "pages_skipped": self.pages_skipped,
             "full_scans": self.full_scans,
             "stable_node_chains": len(self.chains),
             "stable_node_dups": sum(len(ch.dups) for ch in self.chains.values()),
             "ksm_zero_pages": zero,
-            "general_profit": (sharing + zero) * PAGE_SIZE - rmap_items * RMAP_ITEM_SIZE,
+            "general_profit": counters.general_profit(sharing, zero, rmap_items),
             "rmap_items": rmap_items,
         }
 

@@ -15,7 +15,7 @@ Arguments are checked as :mod:`ksmlab.argcheck` says, like SimKernel's.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import NoReturn, Self
 
 import numpy as np
@@ -37,118 +37,26 @@ from ksmlab.constants import (
     PAGE_SIZE,
     PROT_READ,
     PROT_WRITE,
-    RMAP_ITEM_SIZE,
     TASK_SIZE,
 )
-from ksmlab.errors import (
-    NotModelledError,
-    ProcessExitedError,
-    ScanStalledError,
-    kernel_error,
-)
-from ksmlab.ksm.sysfs import no_such_file, parse_knob, require_text, store_text
+from ksmlab.errors import NotModelledError, ProcessExitedError, kernel_error
+from ksmlab.ksm.counters import ksm_process_profit
+from ksmlab.ksm.defaults import DEFAULT_KSMD_BATCH_NS, DEFAULT_KSMD_PAGE_NS
+from ksmlab.ksm.ksmd import Ksmd, KsmdCost
+from ksmlab.ksm.sysfs import ADVISOR_FILES, KsmSysfs
 from ksmlab.mm.madvise import UNMODELLED_ADVICE, madvise_behavior_valid, madvise_check
 from ksmlab.mm.mmap import page_align
 from ksmlab.mm.page import fingerprint
 
-NS_PER_MS = 1_000_000
+UNMODELLED_FILES = {name: "the scan-time advisor is not modelled by the bulk engine; use SimKernel"
+                    for name in ADVISOR_FILES}
+"""The files of the kernel's /sys/kernel/mm/ksm the bulk engine does not model, and why.
 
-_WRITABLE = ("run", "pages_to_scan", "sleep_millisecs", "max_page_sharing", "smart_scan",
-             "use_zero_pages", "stable_node_chains_prune_millisecs", "merge_across_nodes")
-_COUNTERS = ("pages_scanned", "pages_shared", "pages_sharing", "pages_unshared",
-             "pages_volatile", "pages_skipped", "ksm_zero_pages", "full_scans",
-             "stable_node_chains", "stable_node_dups", "general_profit")
-_UNMODELLED = ("advisor_mode", "advisor_max_cpu", "advisor_min_pages_to_scan",
-               "advisor_max_pages_to_scan", "advisor_target_scan_time")
-"""Files of the kernel's /sys/kernel/mm/ksm that the bulk engine does not model."""
-
-
-class BulkSysfs:
-    """The /sys/kernel/mm/ksm files the bulk engine models: text in, text out.
-
-    Iterating and ``in`` give the files it models: the knobs in ``_WRITABLE``
-    and every counter.  The scan-time advisor's files (``_UNMODELLED``) exist
-    on the kernel but not here: reading or writing one raises
-    :class:`NotModelledError`, as does a value the engine cannot take
-    (``run=2``, ``merge_across_nodes=0``).  Everything else answers as
-    SimKernel's sysfs does, through the same parsers (same errno, same
-    text read back), and a refused write changes nothing.  A name that is no
-    file of /sys/kernel/mm/ksm raises the same KeyError as on SimKernel.
-    """
-
-    def __init__(self, kernel: BulkKernel) -> None:
-        self._k = kernel
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(_WRITABLE + _COUNTERS)
-
-    def __contains__(self, name: object) -> bool:
-        return name in _WRITABLE or name in _COUNTERS
-
-    def __len__(self) -> int:
-        return len(_WRITABLE) + len(_COUNTERS)
-
-    def _check_known(self, name: object) -> None:
-        if not isinstance(name, str) or name not in _WRITABLE + _COUNTERS + _UNMODELLED:
-            raise no_such_file(name)
-
-    def _check_modelled(self, name: str) -> None:
-        if name in _UNMODELLED:
-            raise NotModelledError(f"{name}: the scan-time advisor is not modelled by the "
-                                   f"bulk engine; use SimKernel")
-
-    def __getitem__(self, name: str) -> str:
-        self._check_known(name)
-        self._check_modelled(name)
-        if name in _COUNTERS:
-            return str(self._k.counters()[name])
-        if name == "merge_across_nodes":
-            return "1"
-        return str(int(getattr(self._k.ksm, name)))
-
-    def snapshot(self) -> dict[str, str]:
-        """Every modelled file's text at once."""
-        return {name: self[name] for name in self}
-
-    def __setitem__(self, name: str, value: str) -> None:
-        """Write *value* as one ``write(2)`` would; see the class doc for what is refused."""
-        self._check_known(name)
-        require_text(name, value)
-        self._check_modelled(name)
-        if name in _COUNTERS:
-            raise kernel_error(errno.EACCES, f"{name} is read-only")
-        text = store_text(name, value)
-        if text is None:
-            return  # an empty write(2) never reaches the store function
-        parsed = parse_knob(name, text)  # every refusal SimKernel's text parse gives
-        ksm = self._k.ksm
-        if name == "run":
-            if parsed == 2:
-                raise NotModelledError("run=2 (unmerge everything) is not modelled by "
-                                       "the bulk engine; use SimKernel")
-            ksm.run = parsed
-            if parsed:
-                self._k.wake_ksmd()
-        elif name == "merge_across_nodes":
-            if parsed != 1:
-                raise NotModelledError("the bulk engine models one NUMA node "
-                                       "(merge_across_nodes=1 only)")
-            return  # already 1: the kernel does nothing either
-        elif name == "max_page_sharing":
-            if parsed != ksm.max_page_sharing:
-                if bool(ksm.nodes.alive[:ksm.nodes.n].any()):
-                    # Model choice: any stable node counts as busy (the kernel
-                    # first removes nodes whose pages are no longer mapped).
-                    raise kernel_error(errno.EBUSY, "KSM pages exist")
-                ksm.max_page_sharing = parsed
-        elif name == "sleep_millisecs":
-            ksm.sleep_millisecs = parsed
-            self._k.wake_ksmd()
-        elif name in ("smart_scan", "use_zero_pages"):
-            setattr(ksm, name, bool(parsed))
-        else:
-            setattr(ksm, name, parsed)
-        self._k.changes += 1
+Reading or writing one raises NotModelledError; the others answer as
+SimKernel's, from the same attribute table (:class:`ksmlab.ksm.sysfs.KsmSysfs`).
+The engine also refuses with NotModelledError the values it cannot take
+(``run=2``, ``merge_across_nodes=0``: see :class:`~ksmlab.bulk.engine.BulkKsm`).
+"""
 
 
 class BulkKernel:
@@ -156,33 +64,30 @@ class BulkKernel:
 
     Attributes:
         ksm: the engine's state and algorithm.
+        ksmd: ksmd and the virtual clock (the same as SimKernel's).
         contents: content ids of this machine's pages.
-        now_ns: virtual time.
-        ksmd_cpu_ns: ksmd's CPU time by the cost model (the same as SimKernel's).
+        sysfs: /sys/kernel/mm/ksm: SimKernel's table, less :data:`UNMODELLED_FILES`.
         processes: live processes by pid.
     """
 
-    def __init__(self, *, vectorize: bool = True, seed: int = 0, ksmd_batch_ns: int = 2000,
-                 ksmd_page_ns: int = 3000) -> None:
+    def __init__(self, *, vectorize: bool = True, seed: int = 0,
+                 ksmd_batch_ns: int = DEFAULT_KSMD_BATCH_NS,
+                 ksmd_page_ns: int = DEFAULT_KSMD_PAGE_NS) -> None:
         vectorize = argcheck.flag("vectorize", vectorize)
         seed = argcheck.count("seed", seed)
-        ksmd_batch_ns = argcheck.count("ksmd_batch_ns", ksmd_batch_ns, minimum=1)
-        ksmd_page_ns = argcheck.count("ksmd_page_ns", ksmd_page_ns)
+        cost = KsmdCost.checked(ksmd_batch_ns, ksmd_page_ns)
         self.contents = ContentTable(seed)
-        self.ksm: BulkKsm = VectorKsm(self.contents) if vectorize else BulkKsm(self.contents)
+        engine = VectorKsm if vectorize else BulkKsm
+        self.ksm: BulkKsm = engine(self.contents, now_ms=lambda: self.ksmd.now_ms())
         self.ksm.sync_contents()
-        self.now_ns = 0
-        self.ksmd_cpu_ns = 0
-        self.ksmd_batch_ns = ksmd_batch_ns
-        self.ksmd_page_ns = ksmd_page_ns
-        self._wake_ns: int | None = None
+        self.ksmd = Ksmd(self.ksm, cost)
+        self.ksm.wake_ksmd = self.ksmd.wake_up
+        self.ksm.read_counters = self.counters
         self._next_pid = 1000  # SimKernel's first pid
         self.processes: dict[int, BulkProcess] = {}
-        self.sysfs = BulkSysfs(self)
+        self.sysfs = KsmSysfs(self.ksm, unmodelled=UNMODELLED_FILES)
         self.changes = 0
         """Bumped by every call that can change the counters outside ksmd's batches."""
-        self.batches = 0
-        """ksmd batches run so far (a batch that scans nothing can still free items)."""
         self._counters: tuple[tuple[int, int], dict[str, int]] | None = None
 
     def __enter__(self) -> Self:
@@ -194,9 +99,24 @@ class BulkKernel:
     def close(self) -> None:
         """Nothing to release: the machine is plain memory."""
 
+    @property
+    def now_ns(self) -> int:
+        """Virtual time, in nanoseconds since boot."""
+        return self.ksmd.now_ns
+
+    @property
+    def ksmd_cpu_ns(self) -> int:
+        """CPU time ksmd has used, by the cost model (the same as SimKernel's)."""
+        return self.ksmd.cpu_ns
+
+    @property
+    def batches(self) -> int:
+        """ksmd batches run so far (a batch that scans nothing can still free items)."""
+        return self.ksmd.batches
+
     def counters(self) -> dict[str, int]:
         """The sysfs counters, counted once per state (a report reads many at a time)."""
-        key = (self.changes, self.batches)
+        key = (self.changes, self.ksmd.batches)
         if self._counters is None or self._counters[0] != key:
             self._counters = (key, self.ksm.counters())
         return self._counters[1]
@@ -236,65 +156,18 @@ class BulkKernel:
         self.processes[pid] = proc
         return proc
 
-    # --- ksmd on the virtual clock (as SimKernel) ---------------------------------------------
-    def wake_ksmd(self) -> None:
-        """Make ksmd run its next batch now."""
-        self._wake_ns = self.now_ns
-
-    def _ksmd_next(self) -> int | None:
-        if not (self.ksm.run == 1 and not self.ksm.list_empty()):
-            self._wake_ns = None
-            return None
-        if self._wake_ns is None:
-            self._wake_ns = self.now_ns
-        return self._wake_ns
-
-    def _ksmd_batch(self) -> None:
-        assert self._wake_ns is not None
-        self.now_ns = max(self.now_ns, self._wake_ns)
-        self.batches += 1
-        self.ksm.now_ms = self.now_ns / NS_PER_MS
-        scanned = self.ksm.ksm_do_scan(self.ksm.pages_to_scan)
-        cost = self.ksmd_batch_ns + scanned * self.ksmd_page_ns
-        self.ksmd_cpu_ns += cost
-        self.now_ns += cost
-        self._wake_ns = self.now_ns + self.ksm.sleep_millisecs * NS_PER_MS
-
+    # --- ksmd on the virtual clock (SimKernel's: ksmlab.ksm.ksmd) -----------------------------
     def advance(self, ms: float) -> None:
         """Let *ms* milliseconds of virtual time pass, running ksmd as it would (see SimKernel)."""
-        ms = argcheck.advance_ms(ms)
-        target = self.now_ns + round(ms * NS_PER_MS)
-        while (wake := self._ksmd_next()) is not None and wake <= target:
-            self._ksmd_batch()
-        self.now_ns = max(self.now_ns, target)
+        self.ksmd.advance(ms)
 
     def batch(self) -> bool:
         """Run ksmd's next batch at once (after its sleep); False if ksmd is blocked."""
-        if self._ksmd_next() is None:
-            return False
-        self._ksmd_batch()
-        return True
+        return self.ksmd.batch()
 
     def wait_full_scans(self, n: int = 1, *, timeout: float | None = None) -> None:
         """Advance virtual time until ``full_scans`` has grown by *n* (see SimKernel)."""
-        n = argcheck.count("n", n, maximum=argcheck.U64_LIMIT - 1)
-        timeout = argcheck.optional_duration("timeout", timeout)
-        target = self.ksm.full_scans + n
-        deadline = (None if timeout is None
-                    else self.now_ns + round(min(timeout * 1e9, 2.0 ** 64)))
-        while self.ksm.full_scans < target:
-            wake = self._ksmd_next()
-            if wake is None or self.ksm.pages_to_scan == 0:
-                why = (f"run={self.ksm.run}" if self.ksm.run != 1 else
-                       "no process has registered mergeable memory" if self.ksm.list_empty()
-                       else "pages_to_scan=0")
-                raise ScanStalledError(f"full_scans is stuck at {self.ksm.full_scans} "
-                                       f"(waiting for {target}): {why}")
-            if deadline is not None and wake > deadline:
-                self.now_ns = deadline
-                raise ScanStalledError(f"timeout: full_scans reached {self.ksm.full_scans}, "
-                                       f"not {target}")
-            self._ksmd_batch()
+        self.ksmd.wait_full_scans(n, timeout=timeout)
 
     # --- KSM entry points --------------------------------------------------------------------
     def ksm_enter(self, mm: BulkMm) -> None:
@@ -303,7 +176,7 @@ class BulkKernel:
         mm.list_add_before(self.ksm.cursor)
         mm.registered = True
         if needs_wakeup:
-            self.wake_ksmd()
+            self.ksmd.wake_up()
 
     def ksm_exit(self, mm: BulkMm) -> None:
         """``__ksm_exit``: unregister at once if ksmd holds nothing of *mm*, else leave it to ksmd."""
@@ -642,7 +515,7 @@ class BulkProcess:
             merging += int(np.count_nonzero(ksm.nodes.alive[ksm.pages.head[sl][st]]))
             zero += int(np.count_nonzero(ksm.pages.frame[sl] == KSM_ZERO))
         return {"ksm_rmap_items": items, "ksm_zero_pages": zero, "ksm_merging_pages": merging,
-                "ksm_process_profit": (merging + zero) * PAGE_SIZE - items * RMAP_ITEM_SIZE,
+                "ksm_process_profit": ksm_process_profit(merging, zero, items),
                 "ksm_merge_any": False, "ksm_mergeable": ksm.has_mergeable(self.mm)}
 
     def ksm_merging_pages(self) -> int:

@@ -40,12 +40,14 @@ from ksmlab.bulk.columns import (
     UNSTABLE,
 )
 from ksmlab.bulk.content import ZERO_CONTENT
-from ksmlab.bulk.engine import BulkKsm, skip_age
+from ksmlab.bulk.engine import BulkKsm
 from ksmlab.errors import vm_bug_on
+from ksmlab.ksm.defaults import AGE_MAX
+from ksmlab.ksm.scan import skip_age
 
 Rows = npt.NDArray[np.int64]
 
-_SKIP_AGE = np.array([skip_age(age) for age in range(256)], dtype=np.uint8)
+_SKIP_AGE = np.array([skip_age(age) for age in range(AGE_MAX + 1)], dtype=np.uint8)
 """``skip_age(age)`` for every age."""
 
 
@@ -142,7 +144,7 @@ class VectorKsm(BulkKsm):
         if self.smart_scan:
             aging = elig & ~ksm
             age = pages.age[sl].copy()
-            bump = aging & (age != 255)
+            bump = aging & (age != AGE_MAX)
             pages.age[sl][bump] = age[bump] + 1
             old = aging & (age >= 3)
             skips = pages.skips[sl]
@@ -245,7 +247,7 @@ class VectorKsm(BulkKsm):
         chain = stable <= STABLE_CHAIN
         cid = np.where(chain, STABLE_CHAIN - stable, 0)
         cols = self.chain_cols
-        now = int(self.now_ms)
+        now = int(self.now_ms())
         due = now >= cols.prune_time[cid] + self.stable_node_chains_prune_millisecs
         # A due prune walks every dup and keeps the fullest with room: still the
         # first dup when every other one is full with its page alive.

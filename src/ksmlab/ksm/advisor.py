@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEFAULT_PAGES_TO_SCAN = 100
-U32 = 0xFFFFFFFF
-NSEC_PER_MSEC = 1_000_000
+from ksmlab.ksm.defaults import (
+    DEFAULT_ADVISOR_MAX_CPU,
+    DEFAULT_ADVISOR_MAX_PAGES_TO_SCAN,
+    DEFAULT_ADVISOR_MIN_PAGES_TO_SCAN,
+    DEFAULT_ADVISOR_TARGET_SCAN_TIME,
+    NS_PER_MS,
+    U32,
+)
 
 
 @dataclass(slots=True)
@@ -37,10 +42,10 @@ class AdvisorKnobs:
         target_scan_time: ``advisor_target_scan_time`` in seconds (>= 1).
     """
 
-    max_cpu: int = 70
-    min_pages_to_scan: int = 500
-    max_pages_to_scan: int = 30000
-    target_scan_time: int = 200
+    max_cpu: int = DEFAULT_ADVISOR_MAX_CPU
+    min_pages_to_scan: int = DEFAULT_ADVISOR_MIN_PAGES_TO_SCAN
+    max_pages_to_scan: int = DEFAULT_ADVISOR_MAX_PAGES_TO_SCAN
+    target_scan_time: int = DEFAULT_ADVISOR_TARGET_SCAN_TIME
 
 
 def scan_time_advisor(ctx: AdvisorCtx, knobs: AdvisorKnobs, *, now_ms: float,
@@ -51,7 +56,7 @@ def scan_time_advisor(ctx: AdvisorCtx, knobs: AdvisorKnobs, *, now_ms: float,
     to the 32 bits of ``ksm_thread_pages_to_scan``.
     """
     scan_time_s = max(1, int(now_ms - ctx.start_scan_ms) // 1000)
-    cpu_ms = (cpu_ns - ctx.cpu_time_ns) // NSEC_PER_MSEC
+    cpu_ms = (cpu_ns - ctx.cpu_time_ns) // NS_PER_MS
     cpu_percent = max(1, cpu_ms * 100 // (scan_time_s * 1000))
     last_scan_time = ctx.scan_time_s if ctx.scan_time_s else scan_time_s
     factor = max(1, knobs.target_scan_time * 100 // scan_time_s)

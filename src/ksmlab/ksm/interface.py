@@ -4,7 +4,8 @@ This is the part of ``mm/ksm.c`` (and ``include/linux/ksm.h``) the 2009 seed
 "ksm: the mm interface to ksm" defined: ``ksm_madvise``, ``__ksm_enter`` and
 ``__ksm_exit``, the fork and exit callouts (made only for mms that carry
 MMF_VM_MERGEABLE), plus what came later: exec, prctl merge-any, and the
-sysfs knobs whose writes have side effects.
+sysfs knobs whose writes have side effects, with the whole-tree operations
+they run (``run=2``, a new ``max_page_sharing`` or ``merge_across_nodes``).
 """
 
 from __future__ import annotations
@@ -20,14 +21,19 @@ from ksmlab.constants import (
     MMF_VM_MERGEABLE,
     VM_MERGEABLE,
 )
-from ksmlab.errors import kernel_error
-from ksmlab.ksm.ksm import KsmCore, vma_ksm_compatible
-from ksmlab.ksm.types import MmSlot
+from ksmlab.errors import kernel_error, vm_bug_on
+from ksmlab.ksm.advisor import AdvisorCtx
+from ksmlab.ksm.defaults import DEFAULT_PAGES_TO_SCAN, U32
+from ksmlab.ksm.ksm import vma_ksm_compatible
+from ksmlab.ksm.rbtree import RbRoot
+from ksmlab.ksm.scan import KsmScanner
+from ksmlab.ksm.types import MmSlot, StableNode, is_stable_node_chain
 from ksmlab.mm.mm_types import MmStruct, Vma
 
 
-class Ksm(KsmCore):
-    """KSM as the rest of the kernel sees it: :class:`KsmCore` plus its entry points."""
+class Ksm(KsmScanner):
+    """KSM as the rest of the kernel sees it: :class:`~ksmlab.ksm.scan.KsmScanner` plus its
+    entry points."""
 
     # --- entry points from the rest of mm ------------------------------------------------------
     def __ksm_enter(self, mm: MmStruct) -> int:
@@ -207,3 +213,68 @@ class Ksm(KsmCore):
         self.advisor_scan_time = scan_time
         if changed:
             self.set_advisor_defaults()
+
+    def set_advisor_defaults(self) -> None:
+        """Reset pages_to_scan (and the advisor state) after a mode change."""
+        if self.advisor_scan_time:
+            self.advisor_ctx = AdvisorCtx()
+            self.pages_to_scan = self.advisor.min_pages_to_scan & U32
+        else:
+            self.pages_to_scan = DEFAULT_PAGES_TO_SCAN
+
+    # --- sysfs-driven whole-tree operations ---------------------------------------------------
+    def remove_stable_node(self, node: StableNode) -> int:
+        """Remove *node* if its page is no longer mapped; EBUSY otherwise (``remove_stable_node``)."""
+        page = self.ksm_get_folio(node)
+        if page is None:
+            return 0
+        if page.mapcount:
+            return errno.EBUSY
+        page.stable_node = None
+        self.remove_node_from_stable_tree(node)
+        return 0
+
+    def remove_stable_node_chain(self, node: StableNode, root: RbRoot) -> bool:
+        """Remove a tree node and all its dups; True if one was busy."""
+        if not is_stable_node_chain(node):
+            return bool(self.remove_stable_node(node))
+        for dup in list(node.dups):
+            if self.remove_stable_node(dup):
+                return True
+        vm_bug_on(bool(node.dups), "chain not empty after removing its dups")
+        self.free_stable_node_chain(node, root)
+        return False
+
+    def remove_all_stable_nodes(self) -> int:
+        """Remove every removable stable node; EBUSY if some page is still mapped."""
+        err = 0
+        for root in self.root_stable_tree:
+            while root.node is not None:
+                node = root.node
+                assert isinstance(node, StableNode)
+                if self.remove_stable_node_chain(node, root):
+                    err = errno.EBUSY
+                    break
+        return err
+
+    def unmerge_and_remove_all_rmap_items(self) -> int:
+        """What ``run=2`` does: unmerge everything, free all items (``unmerge_and_remove_all_rmap_items``)."""
+        self.scan.mm_slot = self.mm_head.next
+        while (slot := self.scan.mm_slot) is not self.mm_head:
+            mm = slot.mm
+            assert mm is not None
+            if not self.ksm_test_exit(mm):
+                for vma in list(mm.vmas):
+                    if not vma.flags & VM_MERGEABLE or vma.anon_vma is None:
+                        continue
+                    err = self.unmerge_ksm_pages(mm, vma, vma.start, vma.end)
+                    if err:
+                        self.scan.mm_slot = self.mm_head
+                        return err
+            self.remove_trailing_rmap_items(slot, None)
+            self.scan.mm_slot = slot.next
+            if self.ksm_test_exit(mm):
+                self._free_mm_slot(slot, clear_merge_any=True)
+        self.remove_all_stable_nodes()
+        self.scan.seqnr = 0
+        return 0

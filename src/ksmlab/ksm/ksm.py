@@ -1,4 +1,4 @@
-"""Kernel Samepage Merging: ksmd's scanner and the stable and unstable trees (``mm/ksm.c``).
+"""Kernel Samepage Merging: KSM's state, the stable and unstable trees, merging (``mm/ksm.c``).
 
 Overview (our own words for ksm.c's ``DOC: Overview``)
 -------------------------------------------------------
@@ -23,6 +23,12 @@ A KSM page may be shared by at most ``max_page_sharing`` mappings.  More
 identical pages form further KSM pages with the same content ("dups"); the
 tree then holds a **chain** node for that content, whose dups are the pages.
 
+The code is split as ksm.c's parts are: this module holds the state, the
+trees and ``cmp_and_merge_page``; :mod:`ksmlab.ksm.scan` ksmd's walk over the
+registered mms (``ksm_do_scan``); :mod:`ksmlab.ksm.interface` the entry points
+the rest of mm calls and the sysfs stores; :mod:`ksmlab.ksm.ksmd` the ksmd
+thread itself, on the virtual clock, shared with the bulk engine.
+
 Model choices (differences from the kernel that are not observable, or are
 marked here as deliberate):
 
@@ -39,16 +45,12 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from enum import Enum
 from typing import Any
 
 from ksmlab.constants import (
-    KSM_RUN_MERGE,
     MMF_VM_MERGE_ANY,
     MMF_VM_MERGEABLE,
     PAGE_SHIFT,
-    PAGE_SIZE,
-    RMAP_ITEM_SIZE,
     VM_DROPPABLE,
     VM_HUGETLB,
     VM_MAYSHARE,
@@ -57,11 +59,17 @@ from ksmlab.constants import (
     VM_SPECIAL,
 )
 from ksmlab.errors import ModelInvariantError, vm_bug_on
-from ksmlab.ksm.advisor import (
+from ksmlab.ksm import counters
+from ksmlab.ksm.advisor import AdvisorCtx, AdvisorKnobs
+from ksmlab.ksm.defaults import (
+    DEFAULT_MAX_PAGE_SHARING,
+    DEFAULT_MERGE_ACROSS_NODES,
     DEFAULT_PAGES_TO_SCAN,
-    AdvisorCtx,
-    AdvisorKnobs,
-    scan_time_advisor,
+    DEFAULT_RUN,
+    DEFAULT_SLEEP_MILLISECS,
+    DEFAULT_SMART_SCAN,
+    DEFAULT_STABLE_NODE_CHAINS_PRUNE_MILLISECS,
+    DEFAULT_USE_ZERO_PAGES,
 )
 from ksmlab.ksm.rbtree import RbRoot, rb_erase, rb_insert_color, rb_link_node, rb_replace_node
 from ksmlab.ksm.types import (
@@ -105,12 +113,13 @@ def vma_ksm_compatible(vma: Vma) -> bool:
 
 
 class KsmCore:
-    """All of KSM's state for one machine, and ksmd's algorithm over it.
+    """All of KSM's state for one machine, and what ksmd does to one page.
 
     Tunables, counters, the trees and ksmd's cursor live here; counters and
-    tunables carry the names of their sysfs files.  ksmd's thread loop calls
-    :meth:`ksm_do_scan`.  The entry points the rest of mm calls (madvise,
-    fork, exit, exec, prctl) and the sysfs stores are added by
+    tunables carry the names of their sysfs files.  ksmd's walk over the mms
+    (:meth:`~ksmlab.ksm.scan.KsmScanner.ksm_do_scan`) is added by
+    :class:`ksmlab.ksm.scan.KsmScanner`; the entry points the rest of mm
+    calls (madvise, fork, exit, exec, prctl) and the sysfs stores by
     :class:`ksmlab.ksm.interface.Ksm`.
     """
 
@@ -128,14 +137,14 @@ class KsmCore:
         self.zero_checksum = memory.phys.zero_checksum
         """``zero_checksum``: the zero page's checksum, computed once (``ksm_init``)."""
         # --- tunables ----------------------------------------------------------------
-        self.run = 0
+        self.run = DEFAULT_RUN
         self.pages_to_scan = DEFAULT_PAGES_TO_SCAN
-        self.sleep_millisecs = 20
-        self.max_page_sharing = 256
-        self.merge_across_nodes = 1
-        self.use_zero_pages = False
-        self.smart_scan = True
-        self.stable_node_chains_prune_millisecs = 2000
+        self.sleep_millisecs = DEFAULT_SLEEP_MILLISECS
+        self.max_page_sharing = DEFAULT_MAX_PAGE_SHARING
+        self.merge_across_nodes = DEFAULT_MERGE_ACROSS_NODES
+        self.use_zero_pages = DEFAULT_USE_ZERO_PAGES
+        self.smart_scan = DEFAULT_SMART_SCAN
+        self.stable_node_chains_prune_millisecs = DEFAULT_STABLE_NODE_CHAINS_PRUNE_MILLISECS
         self.advisor_scan_time = False
         self.advisor = AdvisorKnobs()
         self.advisor_ctx = AdvisorCtx()
@@ -159,7 +168,7 @@ class KsmCore:
         self.scan = KsmScan(self.mm_head)
         self.warned_overflow = False
         self.wake_ksmd: Callable[[], None] = lambda: None
-        """Set by the kernel: makes ksmd run its next batch now."""
+        """Set by the kernel to its ksmd's ``wake_up``: ksmd runs its next batch now."""
 
     def trace(self, name: str, **fields: Any) -> None:
         """Emit a tracepoint record (``trace_ksm_*``)."""
@@ -168,28 +177,27 @@ class KsmCore:
     # --- derived counters ---------------------------------------------------------------
     @property
     def pages_volatile(self) -> int:
-        """``pages_volatile``: items in no tree, concealing negatives as the kernel does."""
-        return max(0, self.rmap_items - self.pages_shared - self.pages_sharing
-                   - self.pages_unshared)
+        """``pages_volatile``: items in no tree (:func:`ksmlab.ksm.counters.pages_volatile`)."""
+        return counters.pages_volatile(self.rmap_items, self.pages_shared, self.pages_sharing,
+                                       self.pages_unshared)
 
     @property
     def general_profit(self) -> int:
-        """``general_profit`` in bytes (signed)."""
-        return ((self.pages_sharing + self.ksm_zero_pages) * PAGE_SIZE
-                - self.rmap_items * RMAP_ITEM_SIZE)
+        """``general_profit`` in bytes, signed (:func:`ksmlab.ksm.counters.general_profit`)."""
+        return counters.general_profit(self.pages_sharing, self.ksm_zero_pages, self.rmap_items)
 
     @property
     def full_scans(self) -> int:
         """``full_scans``: completed passes (``ksm_scan.seqnr``)."""
         return self.scan.seqnr
 
+    def counter(self, name: str) -> int:
+        """The counter file *name* of /sys/kernel/mm/ksm (an attribute of that name)."""
+        return int(getattr(self, name))
+
     def list_empty(self) -> bool:
         """No mm is registered."""
         return self.mm_head.next is self.mm_head
-
-    def ksmd_should_run(self) -> bool:
-        """``ksmd_should_run``: run has the MERGE bit and some mm is registered."""
-        return bool(self.run & KSM_RUN_MERGE) and not self.list_empty()
 
     # --- allocation helpers ----------------------------------------------------------------
     def alloc_rmap_item(self, mm: MmStruct, address: int) -> RmapItem | None:
@@ -379,63 +387,7 @@ class KsmCore:
                 return err
         return 0
 
-    # --- sysfs-driven whole-tree operations ---------------------------------------------------
-    def remove_stable_node(self, node: StableNode) -> int:
-        """Remove *node* if its page is no longer mapped; EBUSY otherwise (``remove_stable_node``)."""
-        page = self.ksm_get_folio(node)
-        if page is None:
-            return 0
-        if page.mapcount:
-            return errno.EBUSY
-        page.stable_node = None
-        self.remove_node_from_stable_tree(node)
-        return 0
-
-    def remove_stable_node_chain(self, node: StableNode, root: RbRoot) -> bool:
-        """Remove a tree node and all its dups; True if one was busy."""
-        if not is_stable_node_chain(node):
-            return bool(self.remove_stable_node(node))
-        for dup in list(node.dups):
-            if self.remove_stable_node(dup):
-                return True
-        vm_bug_on(bool(node.dups), "chain not empty after removing its dups")
-        self.free_stable_node_chain(node, root)
-        return False
-
-    def remove_all_stable_nodes(self) -> int:
-        """Remove every removable stable node; EBUSY if some page is still mapped."""
-        err = 0
-        for root in self.root_stable_tree:
-            while root.node is not None:
-                node = root.node
-                assert isinstance(node, StableNode)
-                if self.remove_stable_node_chain(node, root):
-                    err = errno.EBUSY
-                    break
-        return err
-
-    def unmerge_and_remove_all_rmap_items(self) -> int:
-        """What ``run=2`` does: unmerge everything, free all items (``unmerge_and_remove_all_rmap_items``)."""
-        self.scan.mm_slot = self.mm_head.next
-        while (slot := self.scan.mm_slot) is not self.mm_head:
-            mm = slot.mm
-            assert mm is not None
-            if not self.ksm_test_exit(mm):
-                for vma in list(mm.vmas):
-                    if not vma.flags & VM_MERGEABLE or vma.anon_vma is None:
-                        continue
-                    err = self.unmerge_ksm_pages(mm, vma, vma.start, vma.end)
-                    if err:
-                        self.scan.mm_slot = self.mm_head
-                        return err
-            self.remove_trailing_rmap_items(slot, None)
-            self.scan.mm_slot = slot.next
-            if self.ksm_test_exit(mm):
-                self._free_mm_slot(slot, clear_merge_any=True)
-        self.remove_all_stable_nodes()
-        self.scan.seqnr = 0
-        return 0
-
+    # --- mm slots ---------------------------------------------------------------------------
     def _free_mm_slot(self, slot: MmSlot, *, clear_merge_any: bool) -> None:
         mm = slot.mm
         assert mm is not None
@@ -743,171 +695,3 @@ class KsmCore:
         else:
             self.break_cow(tree_item)
             self.break_cow(item)
-
-    # --- the scanner ------------------------------------------------------------------------
-    def get_next_rmap_item(self, slot: MmSlot, addr: int) -> RmapItem | None:
-        """The item for *addr*, freeing items of addresses passed over (``get_next_rmap_item``)."""
-        prev = self.scan.rmap_prev
-        while (item := self._cursor_get(slot, prev)) is not None:
-            if item.address == addr:
-                return item
-            if item.address > addr:
-                break
-            self._cursor_set(slot, prev, item.rmap_next)
-            self.remove_rmap_item_from_tree(item)
-            self.free_rmap_item(item)
-        assert slot.mm is not None
-        new = self.alloc_rmap_item(slot.mm, addr)
-        if new is not None:
-            new.rmap_next = self._cursor_get(slot, prev)
-            self._cursor_set(slot, prev, new)
-        return new
-
-    @staticmethod
-    def skip_age(age: int) -> int:
-        """How many scans to skip a page of this age (``skip_age``)."""
-        if age <= 3:
-            return 1
-        if age <= 5:
-            return 2
-        if age <= 8:
-            return 4
-        return 8
-
-    def should_skip_rmap_item(self, page: Frame, item: RmapItem) -> bool:
-        """Smart scan: skip pages that have long failed to merge (``should_skip_rmap_item``)."""
-        if not self.smart_scan or page.ksm:
-            return False
-        age = item.age
-        if age != 255:
-            item.age += 1
-        if age < 3:
-            return False
-        if not item.remaining_skips:
-            item.remaining_skips = self.skip_age(age)
-            return False
-        self.pages_skipped += 1
-        item.remaining_skips -= 1
-        self.remove_rmap_item_from_tree(item)
-        return True
-
-    def scan_get_next_rmap_item(self) -> tuple[RmapItem, Frame] | None:
-        """Advance ksmd's cursor to the next page to look at (``scan_get_next_rmap_item``).
-
-        Returns None at the end of a full scan (and ``full_scans`` grows), when
-        no mm is registered, or when an rmap_item cannot be allocated.
-        """
-        if self.list_empty():
-            return None
-        scan = self.scan
-        slot = scan.mm_slot
-        if slot is self.mm_head:
-            self.advisor_start_scan()
-            self.trace("ksm_start_scan", seq=scan.seqnr, rss=self.rmap_items)
-            for root in self.root_unstable_tree:
-                root.node = None
-            slot = scan.mm_slot = self.mm_head.next
-            if slot is self.mm_head:
-                return None
-            scan.address, scan.rmap_prev = 0, None
-        while True:  # "next_mm"
-            mm = slot.mm
-            assert mm is not None
-            if not self.ksm_test_exit(mm):
-                found = self._scan_mm(slot, mm)
-                if found is not None:
-                    return found if isinstance(found, tuple) else None
-            else:
-                scan.address, scan.rmap_prev = 0, None
-            self.remove_trailing_rmap_items(slot, scan.rmap_prev)
-            scan.mm_slot = slot.next
-            if scan.address == 0:
-                # No VM_MERGEABLE vma (or the mm is exiting): drop the slot.
-                # Since 6.18 MMF_VM_MERGE_ANY survives this.
-                self._free_mm_slot(slot, clear_merge_any=self.ksm_test_exit(mm))
-            slot = scan.mm_slot
-            if slot is self.mm_head:
-                break
-            scan.address, scan.rmap_prev = 0, None
-        self.advisor_stop_scan()
-        self.trace("ksm_stop_scan", seq=scan.seqnr, rss=self.rmap_items)
-        scan.seqnr += 1
-        return None
-
-    def _scan_mm(self, slot: MmSlot, mm: MmStruct) -> tuple[RmapItem, Frame] | AllocFailed | None:
-        """Walk *mm*'s mergeable vmas from the cursor.
-
-        Returns the (item, page) found, ALLOC_FAILED, or None at the end of the mm.
-        """
-        scan = self.scan
-        i = mm.find_vma_index(scan.address)
-        while i < len(mm.vmas):
-            vma = mm.vmas[i]
-            i += 1
-            if not vma.flags & VM_MERGEABLE:
-                continue
-            if scan.address < vma.start:
-                scan.address = vma.start
-            if vma.anon_vma is None:
-                scan.address = vma.end
-            ptes = mm.ptes
-            while scan.address < vma.end:
-                page = ptes.get(scan.address >> PAGE_SHIFT)
-                if page is not None and page.anon:
-                    item = self.get_next_rmap_item(slot, scan.address)
-                    if item is None:
-                        return ALLOC_FAILED
-                    scan.rmap_prev = item
-                    scan.address += PAGE_SIZE
-                    if self.should_skip_rmap_item(page, item):
-                        continue
-                    return item, page
-                scan.address += PAGE_SIZE
-        return None
-
-    def ksm_do_scan(self, scan_npages: int) -> int:
-        """One batch of ksmd: up to *scan_npages* pages (``ksm_do_scan``); returns pages scanned."""
-        done = 0
-        while done < scan_npages:
-            found = self.scan_get_next_rmap_item()
-            if found is None:
-                break
-            item, page = found
-            self.cmp_and_merge_page(page, item)
-            self.pages_scanned += 1
-            done += 1
-        return done
-
-    # --- the advisor -----------------------------------------------------------------------
-    def advisor_start_scan(self) -> None:
-        """Record the start of a full scan for the scan-time advisor."""
-        if self.advisor_scan_time:
-            self.advisor_ctx.start_scan_ms = self._now_ms()
-
-    def advisor_stop_scan(self) -> None:
-        """At the end of a full scan, let the advisor set pages_to_scan."""
-        if not self.advisor_scan_time:
-            return
-        old = self.pages_to_scan
-        self.pages_to_scan = scan_time_advisor(self.advisor_ctx, self.advisor,
-                                               now_ms=self._now_ms(), cpu_ns=self._cpu_ns(),
-                                               pages_to_scan=old)
-        self.trace("ksm_advisor", scan_time=self.advisor_ctx.scan_time_s,
-                   pages_to_scan=self.pages_to_scan)
-
-    def set_advisor_defaults(self) -> None:
-        """Reset pages_to_scan (and the advisor state) after a mode change."""
-        if self.advisor_scan_time:
-            self.advisor_ctx = AdvisorCtx()
-            self.pages_to_scan = self.advisor.min_pages_to_scan & 0xFFFFFFFF
-        else:
-            self.pages_to_scan = DEFAULT_PAGES_TO_SCAN
-
-
-class AllocFailed(Enum):
-    """Marker returned by ``_scan_mm``: an rmap_item allocation failed, the batch ends."""
-
-    ALLOC_FAILED = 0
-
-
-ALLOC_FAILED = AllocFailed.ALLOC_FAILED

@@ -3,9 +3,13 @@
 Each file is an :class:`Attr` with a ``show`` that formats like ``sysfs_emit``
 and, for writable files, a ``store`` that parses like ``kstrtouint`` /
 ``kstrtoul`` / ``kstrtoint`` / ``kstrtobool`` and raises the errno the kernel
-returns.  :class:`KsmSysfs` is the dict-like view users see: text in, text
-out, exactly as reading and writing the real files (reads come back without
-the trailing newline, as ``open(...).read().strip()`` would give).
+returns.  :func:`build_attrs` builds the table over any engine's KSM state
+(:class:`KsmFiles`: SimKernel's :class:`~ksmlab.ksm.interface.Ksm`, the bulk
+engine's :class:`~ksmlab.bulk.engine.BulkKsm`).  :class:`KsmSysfs` is the
+dict-like view users see: text in, text out, exactly as reading and writing
+the real files (reads come back without the trailing newline, as
+``open(...).read().strip()`` would give).  An engine that does not model some
+files says which, and why; the view then answers NotModelledError for them.
 
 What the VFS does before a store is called is modelled too (recorded on the
 real kernel, see tests/sysfs_cases.py): a write of more than 4096 bytes is cut
@@ -13,22 +17,23 @@ to 4096, the text ends at the first NUL, an empty write succeeds without
 calling the store, and writing a read-only file fails with EACCES at open.
 
 :data:`KNOB_SYNTAX`, :func:`parse_knob` and :func:`store_text` are what the
-stores judge on the text alone; the bulk engine's sysfs uses them too, so
-both engines answer every string alike.  ``tests/test_fuzz_sysfs.py`` holds
-them to the real kernel's answers for arbitrary strings.
+stores judge on the text alone, the same for every engine, so the engines
+answer every string alike.  ``tests/test_fuzz_sysfs.py`` holds them to the
+real kernel's answers for arbitrary strings.
 """
 
 from __future__ import annotations
 
 import errno
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
-from ksmlab.errors import KsmSimError, kernel_error
-from ksmlab.ksm.interface import Ksm
+from ksmlab.errors import KsmSimError, NotModelledError, kernel_error
+from ksmlab.ksm.advisor import AdvisorKnobs
+from ksmlab.ksm.defaults import U32
 
-U32 = 0xFFFFFFFF
 U64 = 0xFFFFFFFFFFFFFFFF
 INT_MAX = 0x7FFFFFFF
 LLONG_MAX = 0x7FFFFFFFFFFFFFFF
@@ -275,8 +280,67 @@ def store_text(name: str, value: str) -> str | None:
     return raw.decode(errors="replace")
 
 
-def build_attrs(ksm: Ksm) -> dict[str, Attr]:
+ADVISOR_FILES = ("advisor_mode", "advisor_max_cpu", "advisor_min_pages_to_scan",
+                 "advisor_max_pages_to_scan", "advisor_target_scan_time")
+"""The scan-time advisor's files (Linux 6.10+)."""
+
+
+class KsmFiles(Protocol):
+    """An engine's KSM state as the attribute table reads and writes it.
+
+    Knobs and counters carry their files' names.  Plain knobs are set
+    directly; the stores with side effects or engine-specific refusals are
+    methods (the kernel's ``*_store`` after parsing).  An engine may raise
+    NotModelledError from a store for a value it does not model.
+    """
+
+    run: int
+    pages_to_scan: int
+    sleep_millisecs: int
+    max_page_sharing: int
+    merge_across_nodes: int
+    use_zero_pages: bool
+    smart_scan: bool
+    stable_node_chains_prune_millisecs: int
+    advisor_scan_time: bool
+    advisor: AdvisorKnobs
+
+    def counter(self, name: str) -> int:
+        """The value of counter file *name* (one of :data:`COUNTER_FILES`)."""
+        ...
+
+    def wake_ksmd(self) -> None:
+        """Wake ksmd now (a new ``sleep_millisecs`` applies at once)."""
+        ...
+
+    def set_run(self, flags: int) -> None:
+        """``run_store``."""
+        ...
+
+    def set_max_page_sharing(self, knob: int) -> None:
+        """``max_page_sharing_store``."""
+        ...
+
+    def set_merge_across_nodes(self, knob: int) -> None:
+        """``merge_across_nodes_store``."""
+        ...
+
+    def set_advisor_mode(self, scan_time: bool) -> None:
+        """``advisor_mode_store``."""
+        ...
+
+
+COUNTER_FILES = ("pages_scanned", "pages_shared", "pages_sharing", "pages_unshared",
+                 "pages_volatile", "pages_skipped", "ksm_zero_pages", "full_scans",
+                 "stable_node_chains", "stable_node_dups", "general_profit")
+"""The read-only files: every one a counter (:meth:`KsmFiles.counter`)."""
+
+
+def build_attrs(ksm: KsmFiles) -> dict[str, Attr]:
     """The attribute table of *ksm*, in the kernel's ``ksm_attrs[]`` order."""
+
+    def counter(name: str) -> Attr:
+        return Attr(name, lambda: str(ksm.counter(name)))
 
     def knob_store(name: str, apply: Callable[[int], None]) -> Callable[[str], None]:
         return lambda text: apply(parse_knob(name, text))
@@ -314,27 +378,27 @@ def build_attrs(ksm: Ksm) -> dict[str, Attr]:
              knob_store("sleep_millisecs", store_sleep)),
         Attr("pages_to_scan", lambda: str(ksm.pages_to_scan), store_pages_to_scan),
         Attr("run", lambda: str(ksm.run), knob_store("run", ksm.set_run)),
-        Attr("pages_scanned", lambda: str(ksm.pages_scanned)),
-        Attr("pages_shared", lambda: str(ksm.pages_shared)),
-        Attr("pages_sharing", lambda: str(ksm.pages_sharing)),
-        Attr("pages_unshared", lambda: str(ksm.pages_unshared)),
-        Attr("pages_volatile", lambda: str(ksm.pages_volatile)),
-        Attr("pages_skipped", lambda: str(ksm.pages_skipped)),
-        Attr("ksm_zero_pages", lambda: str(ksm.ksm_zero_pages)),
-        Attr("full_scans", lambda: str(ksm.full_scans)),
+        counter("pages_scanned"),
+        counter("pages_shared"),
+        counter("pages_sharing"),
+        counter("pages_unshared"),
+        counter("pages_volatile"),
+        counter("pages_skipped"),
+        counter("ksm_zero_pages"),
+        counter("full_scans"),
         Attr("merge_across_nodes", lambda: str(ksm.merge_across_nodes),
              knob_store("merge_across_nodes", ksm.set_merge_across_nodes)),
         Attr("max_page_sharing", lambda: str(ksm.max_page_sharing),
              knob_store("max_page_sharing", ksm.set_max_page_sharing)),
-        Attr("stable_node_chains", lambda: str(ksm.stable_node_chains)),
-        Attr("stable_node_dups", lambda: str(ksm.stable_node_dups)),
+        counter("stable_node_chains"),
+        counter("stable_node_dups"),
         Attr("stable_node_chains_prune_millisecs",
              lambda: str(ksm.stable_node_chains_prune_millisecs),
              knob_store("stable_node_chains_prune_millisecs",
                         setter("stable_node_chains_prune_millisecs"))),
         Attr("use_zero_pages", lambda: str(int(ksm.use_zero_pages)),
              knob_store("use_zero_pages", bool_setter("use_zero_pages"))),
-        Attr("general_profit", lambda: str(ksm.general_profit)),
+        counter("general_profit"),
         Attr("smart_scan", lambda: str(int(ksm.smart_scan)),
              knob_store("smart_scan", bool_setter("smart_scan"))),
         Attr("advisor_mode",
@@ -357,18 +421,43 @@ def build_attrs(ksm: Ksm) -> dict[str, Attr]:
 
 
 class KsmSysfs:
-    """The dict-like view of /sys/kernel/mm/ksm for one simulated machine."""
+    """The dict-like view of /sys/kernel/mm/ksm for one simulated machine, of any engine.
 
-    def __init__(self, ksm: Ksm, *, numa: bool = True) -> None:
-        self._attrs = build_attrs(ksm)
+    Built from :func:`build_attrs`'s table over *ksm*.  *unmodelled* maps the
+    files the engine does not model to why (e.g. ``"the scan-time advisor is
+    not modelled by ..."``): they exist on the kernel, so, unlike a name that
+    is no file (KeyError), reading or writing one raises NotModelledError
+    (a write's value is checked as text first); they are not in the view
+    (iteration, ``in``, ``len``, :meth:`snapshot`).  ``numa=False`` models a
+    kernel without CONFIG_NUMA, which has no ``merge_across_nodes``.
+    """
+
+    def __init__(self, ksm: KsmFiles, *, numa: bool = True,
+                 unmodelled: Mapping[str, str] | None = None) -> None:
+        attrs = build_attrs(ksm)
         if not numa:  # merge_across_nodes exists only with CONFIG_NUMA
-            del self._attrs["merge_across_nodes"]
+            del attrs["merge_across_nodes"]
+        self._unmodelled = dict(unmodelled or {})
+        if not self._unmodelled.keys() <= attrs.keys():
+            msg = f"unmodelled names no file: {sorted(self._unmodelled.keys() - attrs.keys())}"
+            raise ValueError(msg)
+        self._attrs = {n: a for n, a in attrs.items() if n not in self._unmodelled}
+
+    def _known(self, name: object) -> Attr | None:
+        """The file's Attr; None for a file the engine does not model; KeyError for no file."""
+        if isinstance(name, str):
+            attr = self._attrs.get(name)
+            if attr is not None or name in self._unmodelled:
+                return attr
+        raise no_such_file(name)
+
+    def _modelled(self, name: str, attr: Attr | None) -> Attr:
+        if attr is None:
+            raise NotModelledError(f"{name}: {self._unmodelled[name]}")
+        return attr
 
     def _attr(self, name: str) -> Attr:
-        attr = self._attrs.get(name) if isinstance(name, str) else None
-        if attr is None:
-            raise no_such_file(name)
-        return attr
+        return self._modelled(name, self._known(name))
 
     def __getitem__(self, name: str) -> str:
         return self._attr(name).show()
@@ -377,10 +466,12 @@ class KsmSysfs:
         """Write *value* as one ``write(2)``; a refused write raises OSError and changes nothing.
 
         Raises KeyError for a name that is no file here, TypeError unless
-        *value* is a str, ValueError if it cannot be encoded as UTF-8.
+        *value* is a str, NotModelledError for a file the engine does not
+        model, ValueError if it cannot be encoded as UTF-8.
         """
-        attr = self._attr(name)
+        known = self._known(name)
         require_text(name, value)
+        attr = self._modelled(name, known)
         if attr.store is None:
             raise kernel_error(errno.EACCES, f"{name} is read-only")  # at open(2)
         text = store_text(name, value)

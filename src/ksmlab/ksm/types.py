@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from enum import Enum
 
+from ksmlab.ksm.defaults import SEQNR_MASK as SEQNR_MASK  # re-exported: rmap_item's field width
 from ksmlab.ksm.rbtree import RbNode
 from ksmlab.mm.mm_types import AnonVma, MmStruct
 from ksmlab.mm.page import Frame
-
-SEQNR_MASK = 0xFF
 
 
 class RmapState(Enum):
