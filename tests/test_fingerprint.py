@@ -170,7 +170,7 @@ def unsettled(k: SimKernel) -> list[str]:
       since it was inserted (the tree is out of order: a descent may go the
       wrong way past an identical page).
     """
-    ksm = k.ksm
+    ksm = k.ksm.core
     out: list[str] = []
     stale = _stale
     for root in ksm.root_stable_tree:
@@ -351,7 +351,7 @@ def test_default_is_byte_mode() -> None:
     """SimKernel() keeps page bytes, reads them back, and uses the kernel's checksum."""
     k = SimKernel()
     assert k.content == "bytes"
-    assert k.ksm.calc_checksum is calc_checksum
+    assert k.ksm.core.calc_checksum is calc_checksum
     p = k.spawn()
     a = p.mmap(2 * P)
     p.write(a + 10, b"abc")
@@ -370,8 +370,8 @@ def test_contract_functions() -> None:
     assert fingerprint(bytes(P)) == ZERO_FINGERPRINT
     k = SimKernel(content="fingerprint")
     assert k.content == "fingerprint"
-    assert k.ksm.calc_checksum is fingerprint_checksum
-    assert k.ksm.zero_checksum == fingerprint_checksum(ZERO_FINGERPRINT)
+    assert k.ksm.core.calc_checksum is fingerprint_checksum
+    assert k.ksm.core.zero_checksum == fingerprint_checksum(ZERO_FINGERPRINT)
     assert k.phys.zero_page.data == ZERO_FINGERPRINT
 
 

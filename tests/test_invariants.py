@@ -30,7 +30,7 @@ from ksmlab import (
     SimProcess,
 )
 from ksmlab.invariants import check_invariants
-from ksmlab.ksm.interface import Ksm
+from ksmlab.ksm.ksm import KsmCore
 from ksmlab.ksm.types import MmSlot, NodeKind, RmapItem, RmapState, StableNode
 from ksmlab.mm.page import Frame
 
@@ -66,7 +66,7 @@ def rich_scene(*, mid_pass: bool = False) -> Scene:
     k.wait_full_scans(3)
     child = p.fork()
     if mid_pass:
-        k.ksm.ksm_do_scan(13)
+        k.ksm.core.ksm_do_scan(13)
     return Scene(k, p, child, a)
 
 
@@ -99,7 +99,7 @@ def chain(k: SimKernel) -> StableNode:
 def items(k: SimKernel) -> list[RmapItem]:
     """Every rmap_item, in scan order."""
     out: list[RmapItem] = []
-    for slot in k.ksm.mm_slots.values():
+    for slot in k.ksm.core.mm_slots.values():
         item = slot.rmap_list
         while item is not None:
             out.append(item)
@@ -154,8 +154,8 @@ def test_passes_through_a_merge_lifecycle() -> None:
 def test_passes_mid_pass_with_a_live_unstable_tree() -> None:
     """Half way through a pass the unstable tree holds this pass's items, as the check expects."""
     s = rich_scene(mid_pass=True)
-    assert s.k.ksm.scan.mm_slot is not s.k.ksm.mm_head
-    assert len(s.k.ksm.root_unstable_tree[0]) > 0
+    assert s.k.ksm.core.scan.mm_slot is not s.k.ksm.core.mm_head
+    assert len(s.k.ksm.core.root_unstable_tree[0]) > 0
     check_invariants(s.k)
 
 
@@ -195,7 +195,7 @@ def test_passes_on_a_fresh_kernel() -> None:
 def _bump(obj: object, attr: str, by: int = 1) -> Callable[[Scene], None]:
     def corrupt(s: Scene) -> None:
         target = obj if not isinstance(obj, str) else {
-            "ksm": s.k.ksm, "parent_mm": s.parent.mm, "child_mm": s.child.mm, "phys": s.k.phys,
+            "ksm": s.k.ksm.core, "parent_mm": s.parent.mm, "child_mm": s.child.mm, "phys": s.k.phys,
         }[obj]
         setattr(target, attr, getattr(target, attr) + by)
     return corrupt
@@ -211,11 +211,11 @@ def _unsort_items(s: Scene) -> None:
 
 
 def _drop_slot_from_map(s: Scene) -> None:
-    del s.k.ksm.mm_slots[s.parent.mm.id]
+    del s.k.ksm.core.mm_slots[s.parent.mm.id]
 
 
 def _cursor_to_foreign_slot(s: Scene) -> None:
-    s.k.ksm.scan.mm_slot = MmSlot(s.parent.mm)
+    s.k.ksm.core.scan.mm_slot = MmSlot(s.parent.mm)
 
 
 def _recolour_stable_root(s: Scene) -> None:
@@ -241,7 +241,7 @@ def _unflag_stable_item(s: Scene) -> None:
 
 
 def _age_unstable_item(s: Scene) -> None:
-    tree_item = s.k.ksm.root_unstable_tree[0].node
+    tree_item = s.k.ksm.core.root_unstable_tree[0].node
     assert isinstance(tree_item, RmapItem)
     tree_item.seqnr = (tree_item.seqnr - 1) & 0xFF
 
@@ -270,7 +270,7 @@ def _leak_a_frame(s: Scene) -> None:
 
 
 def _warn_overflow(s: Scene) -> None:
-    s.k.ksm.warned_overflow = True
+    s.k.ksm.core.warned_overflow = True
 
 
 CORRUPTIONS: list[tuple[str, Callable[[Scene], None], str]] = [
@@ -330,7 +330,7 @@ def test_unstable_tree_check_fires_mid_pass() -> None:
 
 def test_pages_volatile_check_fires(scene: Scene, monkeypatch: pytest.MonkeyPatch) -> None:
     """pages_volatile must be the formula over the other counters."""
-    monkeypatch.setattr(Ksm, "pages_volatile", property(lambda self: 99))
+    monkeypatch.setattr(KsmCore, "pages_volatile", property(lambda self: 99))
     with pytest.raises(ModelInvariantError, match=r"^pages_volatile: "):
         check_invariants(scene.k)
 

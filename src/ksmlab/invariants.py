@@ -86,11 +86,11 @@ class _Census:
 
 
 def _walk_slots(k: SimKernel) -> list[MmSlot]:
-    head = k.ksm.mm_head
+    head = k.ksm.core.mm_head
     slots: list[MmSlot] = []
     slot = head.next
     while slot is not head:
-        if len(slots) > len(k.ksm.mm_slots):
+        if len(slots) > len(k.ksm.core.mm_slots):
             _fail("mm_slot list", "the circular list is longer than mm_slots (a cycle?)")
         if slot.next.prev is not slot:
             _fail("mm_slot list", f"broken prev link after the slot of mm {_mm_id(slot)}")
@@ -126,7 +126,7 @@ def _iter_tree(root: RbRoot) -> Iterator[StableNode]:
 def _take_census(k: SimKernel) -> _Census:
     census = _Census()
     census.slots = _walk_slots(k)
-    limit = k.ksm.rmap_items + 1
+    limit = k.ksm.core.rmap_items + 1
     for slot in census.slots:
         if slot.mm is None:
             _fail("mm_slot list", "a slot other than the head has no mm")
@@ -134,7 +134,7 @@ def _take_census(k: SimKernel) -> _Census:
         census.items.extend(_walk_rmap_list(slot, limit))
     for proc in k.processes.values():
         census.mms.setdefault(proc.mm.id, proc.mm)
-    for nid, root in enumerate(k.ksm.root_stable_tree):
+    for nid, root in enumerate(k.ksm.core.root_stable_tree):
         for node in _iter_tree(root):
             census.tree_nodes.append((nid, node))
             if node.kind is NodeKind.CHAIN:
@@ -148,15 +148,15 @@ def _take_census(k: SimKernel) -> _Census:
 def _check_mm_slot_list(k: SimKernel, c: _Census) -> None:
     """The scan list, the mm -> slot map and MMF_VM_MERGEABLE describe the same set."""
     listed = {id(s) for s in c.slots}
-    if len(listed) != len(c.slots) or len(c.slots) != len(k.ksm.mm_slots):
-        _fail("mm_slot list", f"{len(c.slots)} slots on the list, {len(k.ksm.mm_slots)} in mm_slots")
-    for mm_id, slot in k.ksm.mm_slots.items():
+    if len(listed) != len(c.slots) or len(c.slots) != len(k.ksm.core.mm_slots):
+        _fail("mm_slot list", f"{len(c.slots)} slots on the list, {len(k.ksm.core.mm_slots)} in mm_slots")
+    for mm_id, slot in k.ksm.core.mm_slots.items():
         if id(slot) not in listed or slot.mm is None or slot.mm.id != mm_id:
             _fail("mm_slot list", f"mm_slots[{mm_id}] is not on the scan list under that mm")
     for mm in c.mms.values():
-        if mm.ksm_registered != (mm.id in k.ksm.mm_slots):
+        if mm.ksm_registered != (mm.id in k.ksm.core.mm_slots):
             _fail("mm_slot list", f"mm {mm.id}: MMF_VM_MERGEABLE={mm.ksm_registered} but "
-                  f"{'a' if mm.id in k.ksm.mm_slots else 'no'} slot")
+                  f"{'a' if mm.id in k.ksm.core.mm_slots else 'no'} slot")
 
 
 def _check_rmap_lists(c: _Census) -> None:
@@ -177,23 +177,23 @@ def _check_rmap_lists(c: _Census) -> None:
 
 def _check_rmap_item_counts(k: SimKernel, c: _Census) -> None:
     """``rmap_items`` = items on all lists = Σ mm.ksm_rmap_items; each mm counts its own."""
-    if k.ksm.rmap_items != len(c.items):
-        _fail("rmap_items", f"counter says {k.ksm.rmap_items}, the slot lists hold {len(c.items)}")
+    if k.ksm.core.rmap_items != len(c.items):
+        _fail("rmap_items", f"counter says {k.ksm.core.rmap_items}, the slot lists hold {len(c.items)}")
     per_mm = Counter(item.mm.id for item in c.items)
     for mm in c.mms.values():
         if mm.ksm_rmap_items != per_mm[mm.id]:
             _fail("rmap_items", f"mm {mm.id}: ksm_rmap_items says {mm.ksm_rmap_items}, "
                   f"its list holds {per_mm[mm.id]}")
     registered = sum(slot.mm.ksm_rmap_items for slot in c.slots if slot.mm is not None)
-    if registered != k.ksm.rmap_items:
+    if registered != k.ksm.core.rmap_items:
         _fail("rmap_items", f"Σ mm.ksm_rmap_items over registered mms is {registered}, "
-              f"counter says {k.ksm.rmap_items}")
+              f"counter says {k.ksm.core.rmap_items}")
 
 
 def _check_scan_cursor(k: SimKernel, c: _Census) -> None:
     """ksmd's cursor is the list head or a listed slot, and its item is on that slot's list."""
-    scan = k.ksm.scan
-    if scan.mm_slot is k.ksm.mm_head:
+    scan = k.ksm.core.scan
+    if scan.mm_slot is k.ksm.core.mm_head:
         return
     if all(scan.mm_slot is not s for s in c.slots):
         _fail("scan cursor", "ksm_scan.mm_slot is neither the head nor a listed slot")
@@ -212,8 +212,8 @@ def _check_scan_cursor(k: SimKernel, c: _Census) -> None:
 
 def _check_rbtrees(k: SimKernel) -> None:
     """Every stable and unstable root holds a valid red-black tree."""
-    roots = [("stable", r) for r in k.ksm.root_stable_tree]
-    roots += [("unstable", r) for r in k.ksm.root_unstable_tree]
+    roots = [("stable", r) for r in k.ksm.core.root_stable_tree]
+    roots += [("unstable", r) for r in k.ksm.core.root_unstable_tree]
     for nid_kind, root in roots:
         try:
             rb_check(root)
@@ -237,10 +237,10 @@ def _check_stable_tree_shape(k: SimKernel, c: _Census) -> None:
     if len({id(d) for d in c.dups}) != len(c.dups):
         _fail("stable tree shape", "a dup is on more than one chain")
     chains = sum(1 for _nid, n in c.tree_nodes if n.kind is NodeKind.CHAIN)
-    if k.ksm.stable_node_chains != chains:
-        _fail("stable_node_chains", f"counter says {k.ksm.stable_node_chains}, the trees hold {chains}")
-    if k.ksm.stable_node_dups != len(c.dups):
-        _fail("stable_node_dups", f"counter says {k.ksm.stable_node_dups}, the chains hold {len(c.dups)}")
+    if k.ksm.core.stable_node_chains != chains:
+        _fail("stable_node_chains", f"counter says {k.ksm.core.stable_node_chains}, the trees hold {chains}")
+    if k.ksm.core.stable_node_dups != len(c.dups):
+        _fail("stable_node_dups", f"counter says {k.ksm.core.stable_node_dups}, the chains hold {len(c.dups)}")
 
 
 def _content(node: StableNode) -> bytes | None:
@@ -291,10 +291,10 @@ def _check_stable_items(k: SimKernel, c: _Census) -> None:
             _fail("stable items", f"{item!r} is not stable but keeps a stable node or anon_vma")
     if len(on_nodes) != sum(merging.values()):
         _fail("stable items", "a stable node holds an item that is on no mm's rmap_list")
-    if k.ksm.pages_shared != shared:
-        _fail("pages_shared", f"counter says {k.ksm.pages_shared}, {shared} KSM pages have items")
-    if k.ksm.pages_sharing != sharing:
-        _fail("pages_sharing", f"counter says {k.ksm.pages_sharing}, the stable tree holds {sharing}")
+    if k.ksm.core.pages_shared != shared:
+        _fail("pages_shared", f"counter says {k.ksm.core.pages_shared}, {shared} KSM pages have items")
+    if k.ksm.core.pages_sharing != sharing:
+        _fail("pages_sharing", f"counter says {k.ksm.core.pages_sharing}, the stable tree holds {sharing}")
     for mm in c.mms.values():
         if mm.ksm_merging_pages != merging[mm.id]:
             _fail("ksm_merging_pages", f"mm {mm.id}: counter says {mm.ksm_merging_pages}, "
@@ -308,18 +308,18 @@ def _check_unstable_tree(k: SimKernel, c: _Census) -> None:
     hold the last pass's tree, which the next pass discards unread, so only
     the counter and item ages are checked then.
     """
-    seqnr = k.ksm.scan.seqnr & SEQNR_MASK
+    seqnr = k.ksm.core.scan.seqnr & SEQNR_MASK
     unstable = [item for item in c.items if item.state is RmapState.UNSTABLE]
-    if k.ksm.pages_unshared != len(unstable):
-        _fail("pages_unshared", f"counter says {k.ksm.pages_unshared}, "
+    if k.ksm.core.pages_unshared != len(unstable):
+        _fail("pages_unshared", f"counter says {k.ksm.core.pages_unshared}, "
               f"{len(unstable)} items are UNSTABLE")
     for item in unstable:
         if (seqnr - item.seqnr) & SEQNR_MASK > 1:
             _fail("unstable tree", f"{item!r} has been UNSTABLE for more than one pass")
-    if k.ksm.scan.mm_slot is k.ksm.mm_head:
+    if k.ksm.core.scan.mm_slot is k.ksm.core.mm_head:
         return
     in_tree: set[int] = set()
-    for nid, root in enumerate(k.ksm.root_unstable_tree):
+    for nid, root in enumerate(k.ksm.core.root_unstable_tree):
         for node in root:
             if (not isinstance(node, RmapItem) or node.state is not RmapState.UNSTABLE
                     or node.seqnr != seqnr or node.nid != nid):
@@ -405,8 +405,8 @@ def _check_ksm_zero_pages(k: SimKernel, c: _Census) -> None:
             _fail("ksm_zero_pages", f"mm {mm.id}: counter says {mm.ksm_zero_pages}, "
                   f"{n} PTEs map the KSM zero page")
         total += n
-    if k.ksm.ksm_zero_pages != total:
-        _fail("ksm_zero_pages", f"counter says {k.ksm.ksm_zero_pages}, {total} PTEs map the "
+    if k.ksm.core.ksm_zero_pages != total:
+        _fail("ksm_zero_pages", f"counter says {k.ksm.core.ksm_zero_pages}, {total} PTEs map the "
               "KSM zero page")
 
 
@@ -445,7 +445,7 @@ def _check_frame_leaks(k: SimKernel, c: _Census) -> None:
 
 def _check_max_page_sharing(k: SimKernel) -> None:
     """No append without the fork bypass went past max_page_sharing (the kernel's WARN_ON_ONCE)."""
-    if k.ksm.warned_overflow:
+    if k.ksm.core.warned_overflow:
         _fail("max_page_sharing", "an rmap_item was appended to a full stable node without the "
               "fork bypass")
 

@@ -23,20 +23,17 @@ from ksmlab.constants import (
     MAP_SHARED,
     MAP_SHARED_VALIDATE,
     MAP_TYPE,
-    MMF_VM_MERGE_ANY,
     PAGE_SHIFT,
     PAGE_SIZE,
     PR_GET_MEMORY_MERGE,
     PR_SET_MEMORY_MERGE,
     PROT_READ,
     PROT_WRITE,
-    VM_DONTCOPY,
     VM_IO,
     VM_MAYWRITE,
     VM_PFNMAP,
     VM_READ,
     VM_SHARED,
-    VM_WIPEONFORK,
     VM_WRITE,
 )
 from ksmlab.errors import NotModelledError, ProcessExitedError, kernel_error
@@ -45,16 +42,15 @@ from ksmlab.ksm.defaults import DEFAULT_KSMD_BATCH_NS, DEFAULT_KSMD_PAGE_NS
 from ksmlab.ksm.interface import Ksm
 from ksmlab.ksm.ksmd import Ksmd, KsmdCost
 from ksmlab.ksm.sysfs import KsmSysfs
+from ksmlab.mm.exec import bprm_mm_init, exec_mmap
+from ksmlab.mm.fork import dup_mm, mmput
 from ksmlab.mm.madvise import UNMODELLED_ADVICE, do_madvise
 from ksmlab.mm.memory import Fault, Memory, present_vpns
-from ksmlab.mm.mm_types import AnonVma, MappedFile, MmStruct, Vma
+from ksmlab.mm.mm_types import MappedFile, MmStruct, Vma
 from ksmlab.mm.mmap import VmaOps
 from ksmlab.mm.page import FINGERPRINT_SIZE, ContentMode, Frame, PhysMem, fingerprint
 from ksmlab.mm.slab import Slab
 from ksmlab.tracing import TraceEvent
-
-MMF_INIT_MASK = 1 << MMF_VM_MERGE_ANY
-"""The mm flags fork and exec carry into the new mm (of those the model has)."""
 
 MAX_NUMNODES = 1024
 """``MAX_NUMNODES`` of x86-64's largest configuration (``CONFIG_NODES_SHIFT=10``)."""
@@ -111,10 +107,10 @@ class SimKernel:
         self.ksm = Ksm(self.memory, self.slab, numa_nodes=numa_nodes,
                        now_ms=lambda: self.ksmd.now_ms(),
                        cpu_ns=lambda: self.ksmd.cpu_ns, trace=self._trace)
-        self.ksmd = Ksmd(self.ksm, cost, absent="" if config_ksm else
+        self.ksmd = Ksmd(self.ksm.core, cost, absent="" if config_ksm else
                          "KSM is configured out (config_ksm=False): there is no ksmd")
         """ksmd and the virtual clock."""
-        self.ksm.wake_ksmd = self.ksmd.wake_up
+        self.ksm.core.wake_ksmd = self.ksmd.wake_up
         self._sysfs = KsmSysfs(self.ksm)
         self._pids = itertools.count(1000)
         self._mm_ids = itertools.count(1)
@@ -494,60 +490,31 @@ class SimProcess:
 
     # --- process lifecycle ------------------------------------------------------------
     def fork(self) -> SimProcess:
-        """fork(2): the child shares every anonymous page copy-on-write."""
-        parent = self.mm
+        """fork(2): the child shares every anonymous page copy-on-write (:func:`ksmlab.mm.fork.dup_mm`)."""
         k = self.kernel
-        child = k.new_mm()
-        child.flags = parent.flags & MMF_INIT_MASK
-        child.mmap_base = parent.mmap_base
-        for vma in parent.vmas:
-            if vma.flags & VM_DONTCOPY:
-                continue
-            copy = Vma(vma.start, vma.end, vma.flags, vma.pgoff, vma.file, None, True, vma.nid)
-            if vma.anon_vma is not None and not vma.flags & VM_WIPEONFORK:
-                # anon_vma_fork: the child's chain also links the parent's anon_vma.
-                copy.anon_vma, copy.anon_vma_singular = AnonVma(), False
-            child.insert_vma(copy)
-            if not vma.flags & VM_WIPEONFORK:
-                k.memory.copy_page_range(child, parent, vma)
-        # dup_mm copies the counters; the KSM zero PTEs really are shared.
-        # Model choice: count the copied ones (the same unless a
-        # DONTCOPY/WIPEONFORK area held KSM zero pages).
-        child.ksm_zero_pages = sum(1 for f in child.ptes.values()
-                                   if f is k.phys.ksm_zero_page)
-        k.ksm.ksm_fork(child, parent)
+        child = dup_mm(self.mm, k.new_mm(), k.memory, k.ksm.ksm_fork)
         proc = SimProcess(k, next(k._pids), child)
         k.processes[proc.pid] = proc
         return proc
 
-    def _mmput(self, mm: MmStruct) -> None:
-        """Last user gone: KSM's exit hook, then tear down the address space (``__mmput``)."""
-        k = self.kernel
-        mm.mm_users = 0
-        k.ksm.ksm_exit(mm)
-        for vma in mm.vmas:
-            k.memory.zap_range(mm, vma.start, vma.end)
-        for vma in list(mm.vmas):
-            k.memory.remove_vma(mm, vma)
-
     def exec(self) -> None:
-        """execve(2): a fresh, empty address space; MMF_VM_MERGE_ANY is kept."""
+        """execve(2): a fresh, empty address space; MMF_VM_MERGE_ANY is kept (:mod:`ksmlab.mm.exec`)."""
         old = self.mm
         k = self.kernel
         new = k.new_mm()
-        new.flags = old.flags & MMF_INIT_MASK
-        err = k.ksm.ksm_execve(new)
+        err = bprm_mm_init(new, old, k.ksm.ksm_execve)
         if err:
             raise kernel_error(err, "exec could not register with KSM")
         self._mm = new
-        self._mmput(old)
+        exec_mmap(old, k.memory, k.ksm.ksm_exit)
 
     def exit(self) -> None:
-        """exit(2): the address space goes away; ksmd reaps its KSM state later."""
+        """exit(2): the address space goes away (:func:`ksmlab.mm.fork.mmput`); ksmd reaps
+        its KSM state later."""
         mm = self.mm
         self._mm = None
         self.kernel.processes.pop(self._pid, None)
-        self._mmput(mm)
+        mmput(mm, self.kernel.memory, self.kernel.ksm.ksm_exit)
 
     # --- /proc ---------------------------------------------------------------------------
     def ksm_stat(self) -> KsmStat:

@@ -25,9 +25,9 @@ tree then holds a **chain** node for that content, whose dups are the pages.
 
 The code is split as ksm.c's parts are: this module holds the state, the
 trees and ``cmp_and_merge_page``; :mod:`ksmlab.ksm.scan` ksmd's walk over the
-registered mms (``ksm_do_scan``); :mod:`ksmlab.ksm.interface` the entry points
-the rest of mm calls and the sysfs stores; :mod:`ksmlab.ksm.ksmd` the ksmd
-thread itself, on the virtual clock, shared with the bulk engine.
+registered mms (``ksm_do_scan``): together KSM's core, owned (composition, not a
+subclass) by :class:`ksmlab.ksm.interface.Ksm`, the entry points and sysfs stores;
+:mod:`ksmlab.ksm.ksmd` the ksmd thread on the virtual clock, shared with the bulk engine.
 
 Model choices (differences from the kernel that are not observable, or are
 marked here as deliberate):
@@ -119,8 +119,8 @@ class KsmCore:
     tunables carry the names of their sysfs files.  ksmd's walk over the mms
     (:meth:`~ksmlab.ksm.scan.KsmScanner.ksm_do_scan`) is added by
     :class:`ksmlab.ksm.scan.KsmScanner`; the entry points the rest of mm
-    calls (madvise, fork, exit, exec, prctl) and the sysfs stores by
-    :class:`ksmlab.ksm.interface.Ksm`.
+    calls (madvise, fork, exit, exec, prctl) and the sysfs stores are
+    :class:`ksmlab.ksm.interface.Ksm`'s, which owns a KsmScanner as its core.
     """
 
     def __init__(self, memory: Memory, slab: Slab, *, numa_nodes: int,
@@ -388,7 +388,8 @@ class KsmCore:
         return 0
 
     # --- mm slots ---------------------------------------------------------------------------
-    def _free_mm_slot(self, slot: MmSlot, *, clear_merge_any: bool) -> None:
+    def free_mm_slot(self, slot: MmSlot, *, clear_merge_any: bool) -> None:
+        """Unregister *slot*'s mm from ksmd (``mm_slot_free`` and the flags it clears)."""
         mm = slot.mm
         assert mm is not None
         del self.mm_slots[mm.id]

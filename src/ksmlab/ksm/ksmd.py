@@ -12,7 +12,8 @@ registered), and is woken at once by a write of ``run=1`` or of
 
 An engine plugs in through :class:`KsmdEngine`: its tunables, ``full_scans``,
 whether an mm is registered, and one batch.  SimKernel's
-:class:`~ksmlab.ksm.interface.Ksm` and the bulk engine's
+:class:`~ksmlab.ksm.scan.KsmScanner` (the core of its
+:class:`~ksmlab.ksm.interface.Ksm`) and the bulk engine's
 :class:`~ksmlab.bulk.engine.BulkKsm` both satisfy it, so both run on this one
 ksmd, with the same clock and the same virtual time stamps.
 

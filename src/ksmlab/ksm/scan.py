@@ -45,7 +45,11 @@ ALLOC_FAILED = AllocFailed.ALLOC_FAILED
 
 
 class KsmScanner(KsmCore):
-    """:class:`~ksmlab.ksm.ksm.KsmCore` plus ksmd's walk over the mms (see the module doc)."""
+    """:class:`~ksmlab.ksm.ksm.KsmCore` plus ksmd's walk over the mms (see the module doc).
+
+    This is KSM's whole core: :class:`ksmlab.ksm.interface.Ksm` owns one as
+    :attr:`~ksmlab.ksm.interface.Ksm.core`, and ksmd runs its batches on it.
+    """
 
     def get_next_rmap_item(self, slot: MmSlot, addr: int) -> RmapItem | None:
         """The item for *addr*, freeing items of addresses passed over (``get_next_rmap_item``)."""
@@ -115,7 +119,7 @@ class KsmScanner(KsmCore):
             if scan.address == 0:
                 # No VM_MERGEABLE vma (or the mm is exiting): drop the slot.
                 # Since 6.18 MMF_VM_MERGE_ANY survives this.
-                self._free_mm_slot(slot, clear_merge_any=self.ksm_test_exit(mm))
+                self.free_mm_slot(slot, clear_merge_any=self.ksm_test_exit(mm))
             slot = scan.mm_slot
             if slot is self.mm_head:
                 break
