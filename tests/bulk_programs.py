@@ -1,10 +1,10 @@
 """Random programs for the bulk engine's equivalence tests.
 
 A program is a list of operations within what :class:`ksmlab.bulk.BulkKernel`
-models (mmap, whole-page writes, MADV_(UN)MERGEABLE, fork, exit, knobs, ksmd
-batches).  :func:`execute` runs one on any kernel and records a snapshot after
-every operation and every ksmd batch, so two kernels can be compared step by
-step.
+models (mmap, whole-page writes, MADV_(UN)MERGEABLE, fork, exit, knobs including
+max_page_sharing changes and run=2, ksmd batches).  :func:`execute` runs one on
+any kernel and records a snapshot after every operation and every ksmd batch,
+so two kernels can be compared step by step.
 """
 
 from __future__ import annotations
@@ -76,9 +76,34 @@ def program(r: random.Random, steps: int = 60) -> list[Op]:
             ops.append(("exit", p))
             live.remove(p)
         elif x < 0.62:
-            ops.append(("run", r.choice("01")))
+            ops.append(("run", r.choice("0112")))
+        elif x < 0.64:
+            ops.append(("knob", "max_page_sharing", r.choice(["2", "3", "256"])))
         else:
             ops.append(("batches", r.randint(1, 4)))
+    ops += [("run", "1"), ("batches", 40)]
+    return ops
+
+
+def unmerge_program(r: random.Random, steps: int = 40) -> list[Op]:
+    """A random program that merges, then unmerges everything (run=2) and changes
+    max_page_sharing around it: while KSM pages exist (EBUSY), after some
+    sharers went (unmapped nodes removed first), and after run=2."""
+    ops = program(r, steps)
+    for _ in range(r.randint(1, 3)):
+        mps = r.choice(["2", "3", "256"])
+        ops.append(("knob", "max_page_sharing", mps))
+        if r.random() < 0.5:  # some pages leave their KSM pages first
+            gone = {op[1] for op in ops if op[0] == "exit"}
+            procs = sorted({op[1] for op in ops if op[0] == "madvise"} - gone)
+            if procs:
+                p = r.choice(procs)
+                m, i, j = next(op[2:5] for op in ops if op[0] == "madvise" and op[1] == p)
+                ops.append(("madvise", p, m, i, j, False))
+                ops.append(("batches", r.randint(1, 30)))
+                ops.append(("knob", "max_page_sharing", r.choice(["2", "3", "256"])))
+        ops += [("run", "2"), ("knob", "max_page_sharing", r.choice(["2", "3", "256"])),
+                ("batches", 1), ("run", r.choice("12")), ("batches", r.randint(1, 40))]
     ops += [("run", "1"), ("batches", 40)]
     return ops
 
@@ -118,6 +143,18 @@ def touches_unstable_tree(k: BulkKernel, rows: np.ndarray) -> bool:
     return bool(in_tree.any())
 
 
+def has_stale_sharers(k: BulkKernel) -> bool:
+    """Whether a stable node whose KSM page was freed still has items.
+
+    The kernel's tree walk may already have removed it (and so allow a
+    max_page_sharing change the bulk engine refuses): see TREE_WALK.
+    """
+    ksm = k.ksm
+    n = ksm.nodes.n
+    alive = ksm.nodes.alive[:n] & (ksm.nodes.count[:n] > 0)
+    return bool((ksm.frames.mapcount[ksm.nodes.kframe[:n][alive]] == 0).any())
+
+
 def keep_tree_stable(ops: list[Op]) -> list[Op]:
     """*ops* without the mutations of pages in the current unstable tree.
 
@@ -125,7 +162,9 @@ def keep_tree_stable(ops: list[Op]) -> list[Op]:
     write, unmerge or exit that changes a page it holds makes later searches
     depend on the tree's shape; the bulk engine's exact index does not (a
     documented model choice).  Such operations are dropped (decided on a
-    bulk run, which both kernels then execute alike).
+    bulk run, which both kernels then execute alike), and so are
+    max_page_sharing changes while a freed KSM page's node still has items
+    (whether the kernel's walk has removed it yet depends on the tree).
     """
     kept: list[Op] = []
     run = Run(BulkKernel(), {}, {})
@@ -133,6 +172,8 @@ def keep_tree_stable(ops: list[Op]) -> list[Op]:
         rows = _rows(run, op)
         assert isinstance(run.kernel, BulkKernel)
         if rows is not None and touches_unstable_tree(run.kernel, rows):
+            continue
+        if op[:2] == ("knob", "max_page_sharing") and has_stale_sharers(run.kernel):
             continue
         kept.append(op)
         step(run, op, lambda _k: None, [])

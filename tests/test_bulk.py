@@ -23,6 +23,7 @@ from bulk_programs import (
     keep_tree_stable,
     page,
     program,
+    unmerge_program,
     walk_insensitive,
 )
 from ksmlab import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE, SimKernel
@@ -130,6 +131,76 @@ def test_random_programs_match_simkernel(seed: int, content: str) -> None:
         assert g == w, f"log entry {i} ({g[0]}) of seed {seed}"
 
 
+@pytest.mark.parametrize("seed", range(60))
+def test_unmerge_programs_vector_equals_per_page(seed: int) -> None:
+    """run=2 and max_page_sharing changes leave the same whole state on both paths."""
+    ops = unmerge_program(random.Random(seed))
+    want = execute(BulkKernel(vectorize=False), ops, canonical)
+    got = execute(BulkKernel(vectorize=True), ops, canonical)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g == w, f"log entry {i} ({g[0]}) of seed {seed}"
+
+
+@pytest.mark.parametrize("content", ["bytes", "fingerprint"])
+@pytest.mark.parametrize("seed", range(60))
+def test_unmerge_programs_match_simkernel(seed: int, content: str) -> None:
+    """run=2 and max_page_sharing changes (EBUSY or not) match SimKernel step by step."""
+    ops = keep_tree_stable(unmerge_program(random.Random(seed)))
+    want = execute(SimKernel(trace=False, content=content), ops, walk_insensitive)
+    got = execute(BulkKernel(), ops, walk_insensitive)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g == w, f"log entry {i} ({g[0]}) of seed {seed}"
+
+
+UNMAPPED_NODE = [
+    ("knob", "pages_to_scan", "2"), ("knob", "sleep_millisecs", "0"), ("spawn",),
+    ("mmap", 0, 2), ("write", 0, 0, 0, [3, 3]), ("madvise", 0, 0, 0, 2, True),
+    ("run", "1"), ("batches", 4),  # two full scans: one KSM page, two items
+    ("run", "0"), ("fork", 0),  # the child maps the KSM page twice, with no items
+    ("write", 0, 0, 0, [4, 5]),  # the parent's pages leave it
+    ("run", "1"), ("batches", 1), ("run", "0"),  # ksmd drops the parent's items: 0 sharers
+    ("madvise", 1, 0, 0, 2, False),  # the child's copies: the KSM page is freed
+    ("knob", "max_page_sharing", "3"),  # its node is removed first, so no EBUSY
+    ("run", "1"), ("batches", 10),
+]
+"""A stable node with no sharers whose page is no longer mapped, when max_page_sharing changes."""
+
+
+@pytest.mark.parametrize("content", ["bytes", "fingerprint"])
+def test_max_page_sharing_removes_unmapped_nodes_first(content: str) -> None:
+    """The change is allowed (the kernel removes the node first) on both engines, and all
+    that follows matches SimKernel; the vector path equals the per-page one."""
+    want = execute(SimKernel(trace=False, content=content), UNMAPPED_NODE, walk_insensitive)
+    got = execute(BulkKernel(), UNMAPPED_NODE, walk_insensitive)
+    assert got == want
+    k = BulkKernel()
+    log = execute(k, UNMAPPED_NODE, canonical)
+    assert "errno" not in [entry[1] for entry in log]
+    assert k.sysfs["max_page_sharing"] == "3"
+    assert log == execute(BulkKernel(vectorize=False), UNMAPPED_NODE, canonical)
+
+
+def test_run_2_unmerges_everything() -> None:
+    """300 identical pages merged into 2 KSM pages (max_page_sharing 256: 256 + 44 mappings);
+    run=2 gives all 300 private copies, frees every item and node, and resets full_scans."""
+    k = BulkKernel()
+    fill_and_scan(k, 300, WORKLOADS["identical"], KNOBS, 2)
+    assert counters(k, ("pages_shared", "pages_sharing")) == {
+        "pages_shared": "2", "pages_sharing": "298"}
+    k.sysfs["run"] = "2"
+    p = next(iter(k.processes.values()))
+    assert len(set(k.ksm.pages.frame[:300].tolist())) == 300
+    assert counters(k, ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
+                        "full_scans", "stable_node_chains", "stable_node_dups")) == {
+        "pages_shared": "0", "pages_sharing": "0", "pages_unshared": "0", "pages_volatile": "0",
+        "full_scans": "0", "stable_node_chains": "0", "stable_node_dups": "0"}
+    assert p.ksm_stat()["ksm_merging_pages"] == 0
+    assert p.ksm_stat()["ksm_rmap_items"] == 0
+    assert k.ksmd.batch() is False  # ksmd does not run under run=2
+    k.sysfs["max_page_sharing"] = "3"  # nothing is busy any more
+    assert k.sysfs["max_page_sharing"] == "3"
+
+
 # --- the interface ------------------------------------------------------------------------------
 
 def test_partial_write_is_refused_and_changes_nothing() -> None:
@@ -164,8 +235,6 @@ def test_unmodelled_calls_say_so() -> None:
     p = k.spawn()
     with pytest.raises(NotModelledError, match="anonymous"):
         p.mmap(PAGE_SIZE, PROT_READ, MAP_PRIVATE, path="/etc/hostname")
-    with pytest.raises(NotImplementedError, match="run=2"):
-        k.sysfs["run"] = "2"
     with pytest.raises(NotImplementedError, match="NUMA"):
         k.sysfs["merge_across_nodes"] = "0"
     with pytest.raises(NotImplementedError, match="advisor_mode"):  # NotModelledError

@@ -16,7 +16,7 @@ from ksmlab.mm.page import fingerprint
 from ksmlab.report.document import to_document
 from ksmlab.scenario.backends import BulkBackend, SimBackend
 from ksmlab.scenario.content import ContentSource
-from ksmlab.scenario.loader import load_builtin, load_scenario
+from ksmlab.scenario.loader import load_builtin, load_scenario, parse_scenario
 from ksmlab.scenario.model import Content, Scenario
 from ksmlab.scenario.runner import RunError, run_scenario
 
@@ -56,6 +56,62 @@ def test_examples_identical_to_simkernel(name: str) -> None:
     """No KSM page goes stale in these: every checkpoint and sample is the same."""
     sc = load_scenario(EXAMPLES / f"{name}.toml")
     assert document(sc, BulkBackend()) == document(sc, SimBackend("fingerprint"))
+
+
+UNMERGE_ALL = """
+[scenario]
+name = "run=2, then merge again with another max_page_sharing"
+seed = 3
+[ksm]
+pages_to_scan = 2000
+sleep_millisecs = 10
+[content.same]
+kind = "image"
+pages = 64
+[[process]]
+name = "p"
+count = 4
+[[process.mapping]]
+name = "buf"
+pages = 64
+content = "same"
+[[checkpoint]]
+name = "merged"
+at = "2s"
+expect = { pages_shared = 64, pages_sharing = 192 }
+[[event]]
+at = "3s"
+action = "knobs"
+set = { run = 2 }
+[[checkpoint]]
+name = "unmerged"
+at = "4s"
+expect = { pages_shared = 0, pages_sharing = 0, pages_unshared = 0, pages_volatile = 0 }
+expect_process = { p = { ksm_rmap_items = 0, ksm_merging_pages = 0 } }
+[[event]]
+at = "5s"
+action = "knobs"
+set = { max_page_sharing = 3, run = 1 }
+[[checkpoint]]
+name = "merged again"
+at = "8s"
+expect = { pages_shared = 64, pages_sharing = 128 }
+expect_process = { p = { ksm_merging_pages = 192 } }
+"""
+"""4 x 64 identical pages: 64 KSM pages of 4 sharers; no KSM page nor rmap_item after
+run=2; then, with max_page_sharing 3, each content's KSM page takes 3 of its 4 pages
+(64 shared, 128 sharing, 192 merging) and the 4th has no twin left to merge with."""
+
+
+def test_unmerge_all_and_max_page_sharing_identical_to_simkernel() -> None:
+    """run=2 and a max_page_sharing change as scenario events: every checkpoint and
+    sample of the run is SimKernel's, and the expectations (arithmetic above) hold."""
+    sc = parse_scenario(UNMERGE_ALL, source="<test>", base_dir=Path("."))
+    got = document(sc, BulkBackend())
+    assert got == document(sc, SimBackend("fingerprint"))
+    checks = [ch for c in got["checkpoints"] for ch in c["checks"]]
+    assert len(checks) == 11
+    assert all(ch["ok"] for ch in checks), checks
 
 
 @pytest.mark.slow

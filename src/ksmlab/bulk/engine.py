@@ -22,7 +22,7 @@ shares), each because there is no content-ordered tree to walk:
   passed them.  Counters can therefore drop at a different moment within a
   scan; the set of merges does not change.
 * Only what the bulk API can do is modelled: anonymous private memory, whole-
-  page writes, fork, exit and MADV_(UN)MERGEABLE; one NUMA node; no run=2.
+  page writes, fork, exit, MADV_(UN)MERGEABLE and run=2; one NUMA node.
 """
 
 from __future__ import annotations
@@ -137,6 +137,8 @@ class BulkKsm:
         """Set by the kernel to its ksmd's ``wake_up``: ksmd runs its next batch now."""
         self.read_counters: Callable[[], dict[str, int]] = self.counters
         """What :meth:`counter` reads; the kernel sets its cached :meth:`counters`."""
+        self.mutations = 0
+        """Bumped by the sysfs stores that change the counters outside ksmd's batches."""
 
     # --- content and frames ---------------------------------------------------------------
     def sync_contents(self) -> None:
@@ -565,23 +567,93 @@ class BulkKsm:
         return self.read_counters()[name]
 
     def set_run(self, flags: int) -> None:
-        """``run_store`` after parsing: start or stop ksmd; run=2 is not modelled."""
-        if flags & KSM_RUN_UNMERGE:
-            raise NotModelledError("run=2 (unmerge everything) is not modelled by the bulk "
-                                   "engine; use SimKernel")
-        self.run = flags
+        """``run_store`` after parsing: start, stop, or unmerge everything (run=2)."""
+        if self.run != flags:
+            self.run = flags
+            if flags & KSM_RUN_UNMERGE:
+                # No allocation can fail here (no OOM is modelled), so never ENOMEM.
+                self.unmerge_and_remove_all_rmap_items()
         if flags & KSM_RUN_MERGE:
             self.wake_ksmd()
 
     def set_max_page_sharing(self, knob: int) -> None:
-        """``max_page_sharing_store`` after parsing; EBUSY while any stable node exists."""
+        """``max_page_sharing_store`` after parsing; EBUSY while KSM pages exist.
+
+        As the kernel: refused at once while some stable node has sharers,
+        else nodes whose KSM page is no longer mapped are removed first and
+        it is refused if a KSM page is still mapped (see
+        :meth:`remove_all_stable_nodes` for the one model choice).
+        """
         if knob == self.max_page_sharing:
             return
-        if bool(self.nodes.alive[:self.nodes.n].any()):
-            # Model choice: any stable node counts as busy (the kernel first
-            # removes nodes whose pages are no longer mapped).
+        n = self.nodes.n
+        if bool((self.nodes.count[:n][self.nodes.alive[:n]] > 0).any()) \
+                or self.remove_all_stable_nodes():
             raise kernel_error(errno.EBUSY, "KSM pages exist")
         self.max_page_sharing = knob
+
+    # --- whole-tree operations of the sysfs stores -------------------------------------------
+    def break_ksm(self, rows: np.ndarray) -> None:
+        """Give each of *rows* that maps a KSM page (or the KSM zero page) a private copy
+        (``break_ksm``: the unshare fault always copies a KSM page)."""
+        frames = self.pages.frame[rows]
+        ksm_page = frames == KSM_ZERO
+        ok = frames >= 0
+        ksm_page[ok] = self.frames.knode[frames[ok]] >= 0
+        old = frames[ksm_page]
+        contents = np.where(old >= 0, self.frames.content[np.maximum(old, 0)], ZERO_CONTENT)
+        self.unmap(old)
+        self.pages.frame[rows[ksm_page]] = self.new_frames(contents)
+
+    def remove_all_stable_nodes(self) -> int:
+        """Remove every stable node whose KSM page is no longer mapped; EBUSY if one still is.
+
+        Model choice: the kernel walks its tree from the root and stops at the
+        first busy node, so which unmapped nodes it removes before giving up
+        depends on the tree's shape; here all of them are removed.  Only the
+        chain and dup counts can differ, until ksmd meets those nodes.
+        """
+        self.mutations += 1
+        err = 0
+        stable = self.ctab.stable[:self.ctab.n]
+        for c in np.flatnonzero(stable != STABLE_NONE).tolist():
+            s = int(stable[c])
+            if s > STABLE_NONE:
+                if self.stale(s):
+                    self.remove_node(s)
+                else:
+                    err = errno.EBUSY
+                continue
+            chain = self.chains[c]
+            for d in list(chain.dups):
+                if self.stale(d):
+                    self.remove_node(d)
+                else:
+                    err = errno.EBUSY
+            if not chain.dups:
+                self.drop_chain(c, STABLE_NONE)
+        return err
+
+    def unmerge_and_remove_all_rmap_items(self) -> int:
+        """What ``run=2`` does (``unmerge_and_remove_all_rmap_items``): every KSM page in a
+        mergeable area of a registered mm is broken, every item freed, exiting mms'
+        slots freed, the stable tree emptied and ``full_scans`` (``seqnr``) reset."""
+        self.mutations += 1
+        mm = self.head.next
+        while mm is not self.head:
+            nxt = mm.next
+            if not mm.exiting:
+                for seg in mm.segments:
+                    rows = np.arange(seg.row, seg.row + seg.pages, dtype=np.int64)
+                    self.break_ksm(rows[self.pages.mergeable[rows]])
+            self.remove_all_items(mm)
+            if mm.exiting:
+                self.unregister(mm)
+            mm = nxt
+        self.cursor, self.address = self.head, 0
+        self.remove_all_stable_nodes()
+        self.full_scans = 0
+        return 0
 
     def set_merge_across_nodes(self, knob: int) -> None:
         """``merge_across_nodes_store`` after parsing: only the value it has (1) is modelled."""

@@ -55,7 +55,7 @@ UNMODELLED_FILES = {name: "the scan-time advisor is not modelled by the bulk eng
 Reading or writing one raises NotModelledError; the others answer as
 SimKernel's, from the same attribute table (:class:`ksmlab.ksm.sysfs.KsmSysfs`).
 The engine also refuses with NotModelledError the values it cannot take
-(``run=2``, ``merge_across_nodes=0``: see :class:`~ksmlab.bulk.engine.BulkKsm`).
+(``merge_across_nodes=0``: see :class:`~ksmlab.bulk.engine.BulkKsm`).
 """
 
 
@@ -88,7 +88,7 @@ class BulkKernel:
         self.sysfs = KsmSysfs(self.ksm, unmodelled=UNMODELLED_FILES)
         self.changes = 0
         """Bumped by every call that can change the counters outside ksmd's batches."""
-        self._counters: tuple[tuple[int, int], dict[str, int]] | None = None
+        self._counters: tuple[tuple[int, int, int], dict[str, int]] | None = None
 
     def __enter__(self) -> Self:
         return self
@@ -116,7 +116,7 @@ class BulkKernel:
 
     def counters(self) -> dict[str, int]:
         """The sysfs counters, counted once per state (a report reads many at a time)."""
-        key = (self.changes, self.ksmd.batches)
+        key = (self.changes, self.ksmd.batches, self.ksm.mutations)
         if self._counters is None or self._counters[0] != key:
             self._counters = (key, self.ksm.counters())
         return self._counters[1]
@@ -435,15 +435,7 @@ class BulkProcess:
                 ksm.pages.mergeable[rows] = True
             return
         rows = rows[ksm.pages.mergeable[rows]]
-        frames = ksm.pages.frame[rows]
-        ksm_page = frames == KSM_ZERO
-        ok = frames >= 0
-        ksm_page[ok] = ksm.frames.knode[frames[ok]] >= 0
-        # break_ksm: each KSM page (or KSM zero page) becomes a private copy.
-        old = frames[ksm_page]
-        contents = np.where(old >= 0, ksm.frames.content[np.maximum(old, 0)], 0)
-        ksm.unmap(old)
-        ksm.pages.frame[rows[ksm_page]] = ksm.new_frames(contents)
+        ksm.break_ksm(rows)
         ksm.pages.mergeable[rows] = False
 
     # --- process lifecycle ----------------------------------------------------------------------
