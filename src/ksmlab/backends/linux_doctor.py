@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ksmlab.backends.linux_knobs import KSM_SYSFS_DIR, boot_knobs, normalise_knob
+from ksmlab.backends.linux_knobs import KSM_SYSFS_DIR, boot_knobs, read_knob, writable_knobs
 from ksmlab.backends.linux_lock import (
     SessionNote,
     _release_lock,
@@ -120,14 +120,11 @@ def diagnose(*, sysfs_dir: str = KSM_SYSFS_DIR, lock_path: str | None = None,
     """
     d = Diagnosis(sysfs_dir, lock_path=lock_path or default_lock_path())
     for name in sorted(os.listdir(sysfs_dir)):
-        path = os.path.join(sysfs_dir, name)
         try:
-            with open(path) as f:
-                d.files[name] = normalise_knob(name, f.read())
+            d.files[name] = read_knob(name, sysfs_dir)
         except OSError:
             continue
-        if os.stat(path).st_mode & 0o200:
-            d.knobs.append(name)
+    d.knobs = [n for n in writable_knobs(sysfs_dir) if n in d.files]
     d.defaults = boot_knobs()
     d.holders = [(pid, process_cmdline(pid, proc)) for pid in lock_holders(d.lock_path, proc)]
     d.note = read_note(d.lock_path)

@@ -34,7 +34,7 @@ from ksmlab.backends.linux_availability import (
     linux_ksm_unavailable_reason,
     probe_run_writable,
 )
-from ksmlab.backends.linux_knobs import KnobFailure, normalise_knob, restore_knobs
+from ksmlab.backends.linux_knobs import KnobFailure, read_knobs, restore_knobs
 from ksmlab.backends.linux_lock import (
     SessionNote,
     _acquire_lock,
@@ -109,7 +109,7 @@ class LinuxSession:
         try:
             self._sysfs = LinuxSysfs(self)
             self._repair_dead_session(stale)
-            self._saved = {n: normalise_knob(n, self._sysfs[n]) for n in self._sysfs.writable()}
+            self._saved = read_knobs()
             self._ran = self._saved.get("run") == "1"
             _write_note(self._lock_fd, SessionNote.for_this_process(self._saved, self._ran))
             own_note = True

@@ -52,20 +52,12 @@ from ksmlab.bulk.mm import BulkMm
 from ksmlab.constants import KSM_RUN_MERGE, KSM_RUN_UNMERGE, PAGE_SHIFT
 from ksmlab.errors import NotModelledError, kernel_error, vm_bug_on
 from ksmlab.ksm import counters
-from ksmlab.ksm.advisor import AdvisorKnobs
 from ksmlab.ksm.defaults import (
     AGE_MAX,
-    DEFAULT_MAX_PAGE_SHARING,
-    DEFAULT_MERGE_ACROSS_NODES,
-    DEFAULT_PAGES_TO_SCAN,
-    DEFAULT_RUN,
-    DEFAULT_SLEEP_MILLISECS,
-    DEFAULT_SMART_SCAN,
-    DEFAULT_STABLE_NODE_CHAINS_PRUNE_MILLISECS,
-    DEFAULT_USE_ZERO_PAGES,
     SEQNR_MASK,
 )
 from ksmlab.ksm.scan import skip_age
+from ksmlab.ksm.tunables import KsmTunables
 
 
 @dataclass(slots=True)
@@ -86,7 +78,7 @@ class Chain:
     cannot change the walk's result).  Closed again lazily when seen full."""
 
 
-class BulkKsm:
+class BulkKsm(KsmTunables):
     """KSM state for a bulk machine: knobs, columns, chains, ksmd's cursor.
 
     Counters that SimKernel keeps incrementally (pages_shared, rmap_items...)
@@ -110,19 +102,9 @@ class BulkKsm:
         self.chains: dict[int, Chain] = {}
         """Chains by content."""
         self.chain_cols = ChainCols()
-        # --- knobs (the sysfs names) ---
-        self.run = DEFAULT_RUN
-        self.pages_to_scan = DEFAULT_PAGES_TO_SCAN
-        self.sleep_millisecs = DEFAULT_SLEEP_MILLISECS
-        self.max_page_sharing = DEFAULT_MAX_PAGE_SHARING
-        self.use_zero_pages = DEFAULT_USE_ZERO_PAGES
-        self.smart_scan = DEFAULT_SMART_SCAN
-        self.stable_node_chains_prune_millisecs = DEFAULT_STABLE_NODE_CHAINS_PRUNE_MILLISECS
-        self.merge_across_nodes = DEFAULT_MERGE_ACROSS_NODES
-        """Always 1: one NUMA node is modelled."""
-        self.advisor_scan_time = False
-        """Always False: the scan-time advisor is not modelled (nor are its sysfs files)."""
-        self.advisor = AdvisorKnobs()
+        # The knobs, at their boot values.  merge_across_nodes stays 1 (one NUMA
+        # node is modelled) and advisor_scan_time False (the advisor is not).
+        super().__init__()
         # --- incremental counters ---
         self.full_scans = 0
         self.pages_scanned = 0
@@ -138,7 +120,8 @@ class BulkKsm:
         self.read_counters: Callable[[], dict[str, int]] = self.counters
         """What :meth:`counter` reads; the kernel sets its cached :meth:`counters`."""
         self.mutations = 0
-        """Bumped by the sysfs stores that change the counters outside ksmd's batches."""
+        """Bumped by every call that can change the counters outside ksmd's batches (the
+        process calls of :class:`~ksmlab.bulk.kernel.BulkProcess` and the sysfs stores)."""
 
     # --- content and frames ---------------------------------------------------------------
     def sync_contents(self) -> None:

@@ -86,9 +86,7 @@ class BulkKernel:
         self._next_pid = 1000  # SimKernel's first pid
         self.processes: dict[int, BulkProcess] = {}
         self.sysfs = KsmSysfs(self.ksm, unmodelled=UNMODELLED_FILES)
-        self.changes = 0
-        """Bumped by every call that can change the counters outside ksmd's batches."""
-        self._counters: tuple[tuple[int, int, int], dict[str, int]] | None = None
+        self._counters: tuple[tuple[int, int], dict[str, int]] | None = None
 
     def __enter__(self) -> Self:
         return self
@@ -116,7 +114,7 @@ class BulkKernel:
 
     def counters(self) -> dict[str, int]:
         """The sysfs counters, counted once per state (a report reads many at a time)."""
-        key = (self.changes, self.ksmd.batches, self.ksm.mutations)
+        key = (self.ksmd.batches, self.ksm.mutations)
         if self._counters is None or self._counters[0] != key:
             self._counters = (key, self.ksm.counters())
         return self._counters[1]
@@ -268,7 +266,7 @@ class BulkProcess:
         except (MemoryError, ValueError):  # numpy could not allocate the rows: nothing changed
             raise kernel_error(errno.ENOMEM, f"no memory for {size >> PAGE_SHIFT} page rows "
                                f"in the bulk engine") from None
-        self.kernel.changes += 1
+        self.kernel.ksm.mutations += 1
         mm.segments.insert(0, Segment(start, row, size >> PAGE_SHIFT))
         return start
 
@@ -305,7 +303,7 @@ class BulkProcess:
             self._unmodelled(f"a write of part of a page (addr {addr:#x}, {len(data)} bytes)",
                              "it keeps no page bytes, so it writes whole pages only")
         self._check_access(addr, len(data), force)
-        self.kernel.changes += 1
+        self.kernel.ksm.mutations += 1
         if len(data) == PAGE_SIZE:  # the common case of a COW storm, without arrays
             row = int(self._rows(addr, PAGE_SIZE)[0])
             cid = self.kernel.contents.intern(fingerprint(data))
@@ -331,7 +329,7 @@ class BulkProcess:
         if not len(cids):
             return
         self._check_access(addr, len(cids) * PAGE_SIZE, False)
-        self.kernel.changes += 1
+        self.kernel.ksm.mutations += 1
         self._store(addr, cids)
 
     def _content_ids_arg(self, ids: object) -> npt.NDArray[np.int64]:
@@ -419,7 +417,7 @@ class BulkProcess:
             return
         pieces, hole = self.mm.pieces(addr, end)
         if pieces:
-            self.kernel.changes += 1
+            self.kernel.ksm.mutations += 1
             self._advise(np.concatenate([np.arange(r, r + n, dtype=np.int64)
                                          for _a, r, n in pieces]), advice)
         if hole:
@@ -442,7 +440,7 @@ class BulkProcess:
     def fork(self) -> BulkProcess:
         """fork(2): the child shares every page copy-on-write and is registered if the parent is."""
         self._check_alive()
-        self.kernel.changes += 1
+        self.kernel.ksm.mutations += 1
         k, ksm = self.kernel, self.kernel.ksm
         child = k.spawn()
         child.mm.mmap_base = self.mm.mmap_base
@@ -461,7 +459,7 @@ class BulkProcess:
     def exit(self) -> None:
         """exit(2): KSM's exit hook, then the address space goes."""
         self._check_alive()
-        self.kernel.changes += 1
+        self.kernel.ksm.mutations += 1
         self.alive = False
         k, mm = self.kernel, self.mm
         mm.exiting = True

@@ -109,6 +109,9 @@ class Ksm:
     ksm_zero_pages = _CoreAttr[int]()
     callouts = _CoreAttr[dict[str, int]]()
     root_stable_tree = _CoreAttr[list[RbRoot]]()
+    full_scans = _CoreAttr[int]()
+    pages_volatile = _CoreAttr[int]()
+    general_profit = _CoreAttr[int]()
 
     def __init__(self, memory: Memory, slab: Slab, *, numa_nodes: int,
                  now_ms: Callable[[], float], cpu_ns: Callable[[], int],
@@ -116,21 +119,6 @@ class Ksm:
         self.core = KsmScanner(memory, slab, numa_nodes=numa_nodes, now_ms=now_ms,
                                cpu_ns=cpu_ns, trace=trace)
         """KSM's state and algorithm (``mm/ksm.c``'s internals)."""
-
-    @property
-    def full_scans(self) -> int:
-        """``full_scans`` of the core."""
-        return self.core.full_scans
-
-    @property
-    def pages_volatile(self) -> int:
-        """``pages_volatile`` of the core."""
-        return self.core.pages_volatile
-
-    @property
-    def general_profit(self) -> int:
-        """``general_profit`` of the core."""
-        return self.core.general_profit
 
     def counter(self, name: str) -> int:
         """The counter file *name* of /sys/kernel/mm/ksm (the core's attribute of that name)."""

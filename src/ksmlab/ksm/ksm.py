@@ -60,18 +60,9 @@ from ksmlab.constants import (
 )
 from ksmlab.errors import ModelInvariantError, vm_bug_on
 from ksmlab.ksm import counters
-from ksmlab.ksm.advisor import AdvisorCtx, AdvisorKnobs
-from ksmlab.ksm.defaults import (
-    DEFAULT_MAX_PAGE_SHARING,
-    DEFAULT_MERGE_ACROSS_NODES,
-    DEFAULT_PAGES_TO_SCAN,
-    DEFAULT_RUN,
-    DEFAULT_SLEEP_MILLISECS,
-    DEFAULT_SMART_SCAN,
-    DEFAULT_STABLE_NODE_CHAINS_PRUNE_MILLISECS,
-    DEFAULT_USE_ZERO_PAGES,
-)
+from ksmlab.ksm.advisor import AdvisorCtx
 from ksmlab.ksm.rbtree import RbRoot, rb_erase, rb_insert_color, rb_link_node, rb_replace_node
+from ksmlab.ksm.tunables import KsmTunables
 from ksmlab.ksm.types import (
     SEQNR_MASK,
     KsmScan,
@@ -112,7 +103,7 @@ def vma_ksm_compatible(vma: Vma) -> bool:
     return not vma.flags & (VM_SHARED | VM_MAYSHARE | VM_SPECIAL | VM_HUGETLB | VM_DROPPABLE)
 
 
-class KsmCore:
+class KsmCore(KsmTunables):
     """All of KSM's state for one machine, and what ksmd does to one page.
 
     Tunables, counters, the trees and ksmd's cursor live here; counters and
@@ -136,17 +127,7 @@ class KsmCore:
         """``calc_checksum`` of a page's content in the machine's content mode."""
         self.zero_checksum = memory.phys.zero_checksum
         """``zero_checksum``: the zero page's checksum, computed once (``ksm_init``)."""
-        # --- tunables ----------------------------------------------------------------
-        self.run = DEFAULT_RUN
-        self.pages_to_scan = DEFAULT_PAGES_TO_SCAN
-        self.sleep_millisecs = DEFAULT_SLEEP_MILLISECS
-        self.max_page_sharing = DEFAULT_MAX_PAGE_SHARING
-        self.merge_across_nodes = DEFAULT_MERGE_ACROSS_NODES
-        self.use_zero_pages = DEFAULT_USE_ZERO_PAGES
-        self.smart_scan = DEFAULT_SMART_SCAN
-        self.stable_node_chains_prune_millisecs = DEFAULT_STABLE_NODE_CHAINS_PRUNE_MILLISECS
-        self.advisor_scan_time = False
-        self.advisor = AdvisorKnobs()
+        super().__init__()  # the tunables, at their boot values
         self.advisor_ctx = AdvisorCtx()
         # --- counters ------------------------------------------------------------------
         self.pages_shared = 0

@@ -212,7 +212,7 @@ class LinuxBackend:
             # A scenario's knobs not given are the kernel's boot values on every
             # backend, so a run does not depend on what the host's owner (or
             # anyone) set; the session puts the host's values back at the end.
-            kernel.reset_knobs({**boot_knobs(), "run": "0"})
+            kernel.reset_knobs(boot_knobs())  # run=0 among them: the runner starts ksmd
         except BaseException:
             kernel.close()
             raise
