@@ -109,6 +109,8 @@ class BulkKsm(KsmTunables):
         self.full_scans = 0
         self.pages_scanned = 0
         self.pages_skipped = 0
+        self.cow_ksm = 0
+        """vmstat ``cow_ksm``: COW and unshare faults on KSM pages (not on the zero page)."""
         # --- ksmd's list and cursor ---
         self.head = BulkMm(-1)
         self.cursor: BulkMm = self.head
@@ -584,6 +586,7 @@ class BulkKsm(KsmTunables):
         ok = frames >= 0
         ksm_page[ok] = self.frames.knode[frames[ok]] >= 0
         old = frames[ksm_page]
+        self.cow_ksm += int(np.count_nonzero(old >= 0))
         contents = np.where(old >= 0, self.frames.content[np.maximum(old, 0)], ZERO_CONTENT)
         self.unmap(old)
         self.pages.frame[rows[ksm_page]] = self.new_frames(contents)

@@ -108,6 +108,11 @@ class BulkKernel:
         return self.ksmd.cpu_ns
 
     @property
+    def cow_ksm(self) -> int:
+        """vmstat ``cow_ksm``: COW and unshare faults on KSM pages (as SimKernel's)."""
+        return self.ksm.cow_ksm
+
+    @property
     def batches(self) -> int:
         """ksmd batches run so far (a batch that scans nothing can still free items)."""
         return self.ksmd.batches
@@ -377,6 +382,7 @@ class BulkProcess:
         in_place[ok] = (ksm.frames.knode[frames[ok]] < 0) & (ksm.frames.mapcount[frames[ok]] == 1)
         ksm.frames.content[frames[in_place]] = cids[in_place]
         copy = ~in_place
+        ksm.cow_ksm += int(np.count_nonzero(ksm.frames.knode[frames[ok]] >= 0))
         ksm.unmap(frames[copy])
         ksm.pages.frame[rows[copy]] = ksm.new_frames(cids[copy])
 
@@ -391,8 +397,10 @@ class BulkProcess:
                 frames.content[f] = cid  # an exclusive ordinary page is written in place
                 return
             frames.mapcount[f] -= 1
-            if knode >= 0 and frames.mapcount[f] == 0:
-                ksm.reopen([knode])
+            if knode >= 0:
+                ksm.cow_ksm += 1
+                if frames.mapcount[f] == 0:
+                    ksm.reopen([knode])
         new = frames.append(1)
         frames.content[new] = cid
         frames.mapcount[new] = 1
