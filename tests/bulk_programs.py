@@ -1,8 +1,9 @@
 """Random programs for the bulk engine's equivalence tests.
 
 A program is a list of operations within what :class:`ksmlab.bulk.BulkKernel`
-models (mmap, whole-page writes, MADV_(UN)MERGEABLE, fork, exit, knobs including
-max_page_sharing changes and run=2, ksmd batches).  :func:`execute` runs one on
+models (mmap, whole-page writes, MADV_(UN)MERGEABLE, prctl PR_SET/GET_MEMORY_MERGE
+(and refused prctls), fork, exec, exit, knobs including max_page_sharing changes
+and run=2, ksmd batches).  :func:`execute` runs one on
 any kernel and records a snapshot after every operation and every ksmd batch,
 so two kernels can be compared step by step.
 """
@@ -20,6 +21,7 @@ from helpers import COUNTERS
 from ksmlab import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE, SimKernel
 from ksmlab.bulk import BulkKernel
 from ksmlab.bulk.columns import STABLE, UNSTABLE
+from ksmlab.constants import PR_GET_MEMORY_MERGE, PR_SET_MEMORY_MERGE
 from ksmlab.ksm.types import NodeKind
 
 Op = tuple[Any, ...]
@@ -29,6 +31,16 @@ TREE_WALK = ("pages_shared", "pages_sharing", "pages_volatile", "stable_node_cha
              "stable_node_dups", "general_profit")
 """Counters that can move at a different moment when the kernel's tree walk passes
 another content's stale node or chain (bulk engine model choice, see bulk/engine.py)."""
+
+
+PRCTLS: tuple[tuple[int, ...], ...] = (
+    (PR_SET_MEMORY_MERGE, 1), (PR_SET_MEMORY_MERGE, 1), (PR_SET_MEMORY_MERGE, 7),
+    (PR_SET_MEMORY_MERGE, 0), (PR_SET_MEMORY_MERGE, 0), (PR_GET_MEMORY_MERGE,),
+    (PR_GET_MEMORY_MERGE,), (PR_SET_MEMORY_MERGE, 1, 1), (PR_SET_MEMORY_MERGE, 0, 0, 0, 1),
+    (PR_GET_MEMORY_MERGE, 1), (12345,),
+)
+"""prctl calls of the random programs: merge-any on (any non-zero arg2) and off, the query,
+and three EINVAL cases (an extra argument to each option, an unknown option)."""
 
 
 def page(tag: int) -> bytes:
@@ -47,7 +59,9 @@ def program(r: random.Random, steps: int = 60) -> list[Op]:
         ("knob", "stable_node_chains_prune_millisecs", r.choice(["0", "5", "2000"])),
         ("spawn",),
     ]
-    live, sizes, nprocs = [0], {0: []}, 1
+    # Mappings are named by the number of the mmap in the program, so an operation still
+    # names the same one when keep_tree_stable drops an exec (which empties the map).
+    live, sizes, nprocs, nmaps = [0], {0: dict[int, int]()}, 1, 0
     for _ in range(steps):
         x = r.random()
         mapped = [p for p in live if sizes[p]]
@@ -55,10 +69,11 @@ def program(r: random.Random, steps: int = 60) -> list[Op]:
             p = r.choice(live)
             n = r.randint(1, 12)
             ops.append(("mmap", p, n))
-            sizes[p].append(n)
+            sizes[p][nmaps] = n
+            nmaps += 1
         elif x < 0.50 and mapped:
             p = r.choice(mapped)
-            m = r.randrange(len(sizes[p]))
+            m = r.choice(list(sizes[p]))
             i = r.randrange(sizes[p][m])
             j = r.randint(i + 1, sizes[p][m])
             if x < 0.40:
@@ -69,7 +84,7 @@ def program(r: random.Random, steps: int = 60) -> list[Op]:
             p = r.choice(live)
             ops.append(("fork", p))
             live.append(nprocs)
-            sizes[nprocs] = list(sizes[p])
+            sizes[nprocs] = dict(sizes[p])
             nprocs += 1
         elif x < 0.58 and len(live) > 1:
             p = r.choice(live)
@@ -79,6 +94,12 @@ def program(r: random.Random, steps: int = 60) -> list[Op]:
             ops.append(("run", r.choice("0112")))
         elif x < 0.64:
             ops.append(("knob", "max_page_sharing", r.choice(["2", "3", "256"])))
+        elif x < 0.69:
+            ops.append(("prctl", r.choice(live), *r.choice(PRCTLS)))
+        elif x < 0.71:
+            p = r.choice(live)
+            ops.append(("exec", p))
+            sizes[p] = {}
         else:
             ops.append(("batches", r.randint(1, 4)))
     ops += [("run", "1"), ("batches", 40)]
@@ -94,7 +115,7 @@ def unmerge_program(r: random.Random, steps: int = 40) -> list[Op]:
         mps = r.choice(["2", "3", "256"])
         ops.append(("knob", "max_page_sharing", mps))
         if r.random() < 0.5:  # some pages leave their KSM pages first
-            gone = {op[1] for op in ops if op[0] == "exit"}
+            gone = {op[1] for op in ops if op[0] in ("exit", "exec")}  # old mappings gone
             procs = sorted({op[1] for op in ops if op[0] == "madvise"} - gone)
             if procs:
                 p = r.choice(procs)
@@ -114,7 +135,9 @@ class Run:
 
     kernel: Kernel
     procs: dict[int, Any]
-    maps: dict[int, list[int]]
+    maps: dict[int, dict[int, int]]
+    """Each process's mappings' addresses, by the number of their mmap in the program."""
+    nmaps: int = 0
 
 
 def _rows(run: Run, op: Op) -> np.ndarray | None:
@@ -128,7 +151,8 @@ def _rows(run: Run, op: Op) -> np.ndarray | None:
     if kind == "madvise":
         return proc._rows(run.maps[op[1]][op[2]] + op[3] * PAGE_SIZE,
                           (op[4] - op[3]) * PAGE_SIZE)
-    if kind == "exit":
+    if kind in ("exit", "exec") or (op[2:] == (PR_SET_MEMORY_MERGE, 0)
+                                    and proc.mm.merge_any):  # every page goes or unmerges
         return np.concatenate([np.arange(s.row, s.row + s.pages) for s in proc.mm.segments]
                               or [np.zeros(0, np.int64)])
     return None
@@ -188,9 +212,10 @@ def step(run: Run, op: Op, snap: Callable[[Kernel], Any], log: list[Any]) -> Non
         if kind == "knob":
             k.sysfs[op[1]] = op[2]
         elif kind == "spawn":
-            procs[0], maps[0] = k.spawn(), []
+            procs[0], maps[0] = k.spawn(), {}
         elif kind == "mmap":
-            maps[op[1]].append(procs[op[1]].mmap(op[2] * PAGE_SIZE))
+            run.nmaps += 1
+            maps[op[1]][run.nmaps - 1] = procs[op[1]].mmap(op[2] * PAGE_SIZE)
         elif kind == "write":
             _, p, m, i, tags = op
             procs[p].write(maps[p][m] + i * PAGE_SIZE, b"".join(page(t) for t in tags))
@@ -200,8 +225,15 @@ def step(run: Run, op: Op, snap: Callable[[Kernel], Any], log: list[Any]) -> Non
                              MADV_MERGEABLE if mergeable else MADV_UNMERGEABLE)
         elif kind == "fork":
             child = procs[op[1]].fork()
-            maps[len(procs)] = list(maps[op[1]])
+            maps[len(procs)] = dict(maps[op[1]])
             procs[len(procs)] = child
+        elif kind == "prctl":
+            result = procs[op[1]].prctl(*op[2:])
+            log.append((op, result, snap(k)))
+            return
+        elif kind == "exec":
+            procs[op[1]].exec()
+            maps[op[1]] = {}
         elif kind == "exit":
             procs[op[1]].exit()
         elif kind == "run":
@@ -264,7 +296,8 @@ def walk_insensitive(k: Kernel) -> Any:
     """Everything observable that does not depend on tree-walk timing (see TREE_WALK)."""
     procs = k.processes.values()
     stats = sorted((p.pid, p.ksm_stat()["ksm_rmap_items"], p.ksm_stat()["ksm_zero_pages"],
-                    p.ksm_stat()["ksm_mergeable"]) for p in procs)
+                    p.ksm_stat()["ksm_mergeable"], p.ksm_stat()["ksm_merge_any"])
+                   for p in procs)
     return (counters(k, tuple(c for c in COUNTERS if c not in TREE_WALK)), live_nodes(k), stats)
 
 
@@ -302,9 +335,14 @@ def canonical(k: BulkKernel) -> Any:
               for c, ch in ksm.chains.items()}
     counts = {int(ksm.nodes.kframe[d]): int(ksm.nodes.count[d])
               for d in range(ksm.nodes.n) if ksm.nodes.alive[d]}
+    slots, mm = [], ksm.head.next  # ksmd's list in order (an exec'd mm's old one included)
+    while mm is not ksm.head:
+        slots.append((mm.id, mm.exiting, mm.merge_any))
+        mm = mm.next
+    procs = sorted((p.pid, p.mm.merge_any, p.mm.registered) for p in k.processes.values())
     return (counters(k), pg.frame[:n].tolist(), pg.mergeable[:n].tolist(), state.tolist(),
             in_tree.tolist(), np.where(has, pg.oldsum[:n], 0).tolist(),
             np.where(has, pg.age[:n], 0).tolist(), np.where(has, pg.skips[:n], 0).tolist(),
             kframe.tolist(), uindex, ksm.frames.mapcount[:nf].tolist(),
             (node_alive & (knode >= 0)).tolist(), stable_of, chains, counts,
-            ksm.cursor.id, ksm.address)
+            ksm.cursor.id, ksm.address, slots, procs)

@@ -469,7 +469,7 @@ def _add_scenario_options(p: argparse.ArgumentParser) -> None:
                    help="sim: the model, in virtual time (default); linux: this machine's "
                         "kernel, in real time (root and CONFIG_KSM needed; see "
                         "docs/linux-backend.md for what it changes); bulk: the model's bulk "
-                        "engine, for hosts of many GiB (no prctl or advisor; see docs/bulk.md)")
+                        "engine, for hosts of many GiB (no advisor; see docs/bulk.md)")
     p.add_argument("--content", choices=CONTENT_MODES, default="bytes",
                    help="how the model stores page contents: bytes (default) or fingerprint "
                         "(a 128-bit hash per page: about 7x less memory; the same results "

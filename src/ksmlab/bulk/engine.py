@@ -692,7 +692,7 @@ class BulkKsm(KsmTunables):
                 full_alive = nodes.count[d] >= self.max_page_sharing and not self.stale(d)
                 vm_bug_on(not full_alive and d not in chain.open,
                           f"bulk: dup {d} of chain {c} has room or a freed page but is closed")
-            head = chain.dups[0]
+            head = chain.dups[0] if chain.dups else -1  # emptied by exits: kept until searched
             vm_bug_on(self.chain_cols.head[chain.id] != head
                       or self.chain_cols.ndups[chain.id] != len(chain.dups)
                       or self.chain_cols.others_open[chain.id] != len(chain.open - {head}),

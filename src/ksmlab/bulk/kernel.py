@@ -5,10 +5,11 @@ memory, with its state in numpy columns (about 30 bytes per simulated page
 instead of SimKernel's kilobytes) and a vectorised scan.  It offers the part
 of the :class:`ksmlab.api.Kernel` interface that such workloads use: spawn,
 mmap of anonymous private memory, whole-page writes (as bytes, or as content
-ids for speed), MADV_MERGEABLE / MADV_UNMERGEABLE, fork, exit, ksm_stat, the
-sysfs files of the knobs and counters it models, and ksmd on the same virtual
-clock and cost model as SimKernel.  Anything else raises NotModelledError
-naming the call; SimKernel remains the reference for the whole interface.
+ids for speed), MADV_MERGEABLE / MADV_UNMERGEABLE, prctl(PR_SET_MEMORY_MERGE /
+PR_GET_MEMORY_MERGE), fork, exec, exit, ksm_stat, the sysfs files of the
+knobs and counters it models, and ksmd on the same virtual clock and cost
+model as SimKernel.  Anything else raises NotModelledError naming the call;
+SimKernel remains the reference for the whole interface.
 Arguments are checked as :mod:`ksmlab.argcheck` says, like SimKernel's.
 """
 
@@ -35,6 +36,8 @@ from ksmlab.constants import (
     MAP_PRIVATE,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PR_GET_MEMORY_MERGE,
+    PR_SET_MEMORY_MERGE,
     PROT_READ,
     PROT_WRITE,
     TASK_SIZE,
@@ -193,6 +196,62 @@ class BulkKernel:
             mm.list_del()
             mm.list_add_after(self.ksm.cursor)
 
+    def ksm_execve(self, mm: BulkMm) -> None:
+        """Exec hook: register the new *mm* of a merge-any process (``ksm_execve``)."""
+        if mm.merge_any:
+            self.ksm_enter(mm)
+
+    def ksm_vma_flags(self, mm: BulkMm) -> bool:
+        """Whether a new mapping of *mm* is born mergeable (``ksm_vma_flags``): under
+        merge-any, registering *mm* again if ksmd dropped its slot (6.18)."""
+        if not mm.merge_any:
+            return False
+        if not mm.registered:
+            self.ksm_enter(mm)
+        return True
+
+    def ksm_enable_merge_any(self, mm: BulkMm) -> None:
+        """prctl(PR_SET_MEMORY_MERGE, 1) (``ksm_enable_merge_any``): nothing if already on
+        (mappings unmarked since stay so); else register *mm* and mark every mapping."""
+        if mm.merge_any:
+            return
+        if not mm.registered:
+            self.ksm_enter(mm)
+        mm.merge_any = True
+        self.ksm.mutations += 1
+        for seg in mm.segments:  # ksm_add_vmas: every mapping here is KSM-compatible
+            self.ksm.pages.mergeable[seg.row:seg.row + seg.pages] = True
+
+    def ksm_disable_merge_any(self, mm: BulkMm) -> None:
+        """prctl(PR_SET_MEMORY_MERGE, 0) (``ksm_disable_merge_any``): nothing if off; else
+        every mergeable page, madvised ones too, is unmerged and unmarked.  The mm stays on
+        ksmd's list until ksmd finds nothing mergeable in it."""
+        if not mm.merge_any:
+            return
+        self.ksm.mutations += 1
+        rows = mm_rows(mm)
+        rows = rows[self.ksm.pages.mergeable[rows]]
+        self.ksm.break_ksm(rows)  # ksm_del_vmas; no allocation fails here, so no ENOMEM
+        self.ksm.pages.mergeable[rows] = False
+        mm.merge_any = False
+
+    def mmput(self, mm: BulkMm) -> None:
+        """The address space *mm* goes (exit, or exec's old mm): KSM's exit hook, then
+        every page is unmapped; ksmd frees the items it still holds when it gets there."""
+        self.ksm.mutations += 1
+        mm.exiting = True
+        self.ksm_exit(mm)
+        for seg in mm.segments:
+            sl = slice(seg.row, seg.row + seg.pages)
+            self.ksm.unmap(self.ksm.pages.frame[sl])
+            self.ksm.pages.frame[sl] = NO_FRAME
+
+
+def mm_rows(mm: BulkMm) -> npt.NDArray[np.int64]:
+    """The page rows of every mapping of *mm*, in address order."""
+    return np.concatenate([np.arange(s.row, s.row + s.pages, dtype=np.int64)
+                           for s in mm.segments] or [np.zeros(0, np.int64)])
+
 
 def _int_array(values: Sequence[object]) -> npt.NDArray[np.int64] | None:
     """*values* as an int64 array if they are all ints (numpy's or Python's, no bools)."""
@@ -272,6 +331,8 @@ class BulkProcess:
             raise kernel_error(errno.ENOMEM, f"no memory for {size >> PAGE_SHIFT} page rows "
                                f"in the bulk engine") from None
         self.kernel.ksm.mutations += 1
+        if self.kernel.ksm_vma_flags(mm):
+            self.kernel.ksm.pages.mergeable[row:row + (size >> PAGE_SHIFT)] = True
         mm.segments.insert(0, Segment(start, row, size >> PAGE_SHIFT))
         return start
 
@@ -444,14 +505,37 @@ class BulkProcess:
         ksm.break_ksm(rows)
         ksm.pages.mergeable[rows] = False
 
+    def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0,
+              arg5: int = 0) -> int:
+        """prctl(2) for PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE, with SimKernel's checks
+        and errnos: a non-zero unused argument is EINVAL, other options too."""
+        option = argcheck.cint("option", option)
+        arg2, arg3, arg4, arg5 = (argcheck.ulong(name, v) for name, v in
+                                  (("arg2", arg2), ("arg3", arg3), ("arg4", arg4),
+                                   ("arg5", arg5)))
+        self._check_alive()
+        if option not in (PR_SET_MEMORY_MERGE, PR_GET_MEMORY_MERGE):
+            raise kernel_error(errno.EINVAL, f"prctl option {option}")
+        if option == PR_SET_MEMORY_MERGE:
+            if arg3 or arg4 or arg5:
+                raise kernel_error(errno.EINVAL, "PR_SET_MEMORY_MERGE takes one argument")
+            k = self.kernel
+            (k.ksm_enable_merge_any if arg2 else k.ksm_disable_merge_any)(self.mm)
+            return 0
+        if arg2 or arg3 or arg4 or arg5:
+            raise kernel_error(errno.EINVAL, "PR_GET_MEMORY_MERGE takes no argument")
+        return int(self.mm.merge_any)
+
     # --- process lifecycle ----------------------------------------------------------------------
     def fork(self) -> BulkProcess:
-        """fork(2): the child shares every page copy-on-write and is registered if the parent is."""
+        """fork(2): the child shares every page copy-on-write, keeps merge-any and each
+        mapping's mergeable mark, and is registered if the parent is."""
         self._check_alive()
         self.kernel.ksm.mutations += 1
         k, ksm = self.kernel, self.kernel.ksm
         child = k.spawn()
         child.mm.mmap_base = self.mm.mmap_base
+        child.mm.merge_any = self.mm.merge_any  # MMF_INIT_MASK
         for seg in self.mm.segments:
             row = ksm.pages.append(seg.pages)
             src = ksm.pages.frame[seg.row:seg.row + seg.pages]
@@ -464,19 +548,23 @@ class BulkProcess:
             k.ksm_enter(child.mm)
         return child
 
+    def exec(self) -> None:
+        """execve(2): a fresh, empty address space that keeps merge-any (and is registered
+        with ksmd if it is on, ``ksm_execve``); the old one goes as at exit."""
+        self._check_alive()
+        k, old = self.kernel, self.mm
+        new = BulkMm(self.pid)
+        new.merge_any = old.merge_any  # MMF_INIT_MASK
+        k.ksm_execve(new)
+        self.mm = new
+        k.mmput(old)
+
     def exit(self) -> None:
         """exit(2): KSM's exit hook, then the address space goes."""
         self._check_alive()
-        self.kernel.ksm.mutations += 1
         self.alive = False
-        k, mm = self.kernel, self.mm
-        mm.exiting = True
-        k.ksm_exit(mm)
-        for seg in mm.segments:
-            sl = slice(seg.row, seg.row + seg.pages)
-            k.ksm.unmap(k.ksm.pages.frame[sl])
-            k.ksm.pages.frame[sl] = NO_FRAME
-        del k.processes[self.pid]
+        self.kernel.mmput(self.mm)
+        del self.kernel.processes[self.pid]
 
     # --- views ------------------------------------------------------------------------------------
     def content_ids(self, addr: int, length: int) -> list[int | None]:
@@ -514,7 +602,7 @@ class BulkProcess:
             zero += int(np.count_nonzero(ksm.pages.frame[sl] == KSM_ZERO))
         return {"ksm_rmap_items": items, "ksm_zero_pages": zero, "ksm_merging_pages": merging,
                 "ksm_process_profit": ksm_process_profit(merging, zero, items),
-                "ksm_merge_any": False, "ksm_mergeable": ksm.has_mergeable(self.mm)}
+                "ksm_merge_any": self.mm.merge_any, "ksm_mergeable": ksm.has_mergeable(self.mm)}
 
     def ksm_merging_pages(self) -> int:
         """``/proc/PID/ksm_merging_pages``."""
@@ -534,26 +622,12 @@ class BulkProcess:
         self._check_alive()
         self._unmodelled("mprotect")
 
-    def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0,
-              arg5: int = 0) -> int:
-        """Not modelled (PR_SET_MEMORY_MERGE and the rest): NotModelledError."""
-        argcheck.cint("option", option)
-        for name, value in (("arg2", arg2), ("arg3", arg3), ("arg4", arg4), ("arg5", arg5)):
-            argcheck.ulong(name, value)
-        self._check_alive()
-        self._unmodelled("prctl")
-
     def read(self, addr: int, length: int, *, force: bool = False) -> bytes:
         """Not modelled (no page bytes are kept): NotModelledError; see :meth:`content_ids`."""
         argcheck.ulong("addr", addr), argcheck.ulong("length", length)
         argcheck.flag("force", force)
         self._check_alive()
         self._unmodelled("read", "it keeps no page bytes; see content_ids()")
-
-    def exec(self) -> None:
-        """Not modelled: NotModelledError."""
-        self._check_alive()
-        self._unmodelled("exec")
 
     def smaps(self) -> list[SmapsEntry]:
         """Not modelled (the engine keeps no vmas): NotModelledError."""

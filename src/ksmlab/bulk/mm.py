@@ -42,11 +42,13 @@ class BulkMm(ListHead):
         segments: mappings sorted by address.
         exiting: the process exited (``ksm_test_exit``); ksmd reaps the slot.
         registered: MMF_VM_MERGEABLE: the mm is on ksmd's list.
+        merge_any: MMF_VM_MERGE_ANY: prctl(PR_SET_MEMORY_MERGE) is in effect (fork and
+            exec keep it; ksmd dropping the slot does not clear it, as in 6.18).
         prev, next: neighbours on the list (the list head is a BulkMm with id -1).
         mmap_base: mappings are placed top-down below this address, as SimKernel does.
     """
 
-    __slots__ = ("exiting", "id", "mmap_base", "registered", "segments")
+    __slots__ = ("exiting", "id", "merge_any", "mmap_base", "registered", "segments")
     prev: BulkMm
     next: BulkMm
 
@@ -56,6 +58,7 @@ class BulkMm(ListHead):
         self.segments: list[Segment] = []
         self.exiting = False
         self.registered = False
+        self.merge_any = False
         self.mmap_base = 0x7F0000000000
 
     def pieces(self, start: int, end: int) -> tuple[list[tuple[int, int, int]], bool]:
