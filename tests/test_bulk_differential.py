@@ -17,9 +17,10 @@ from ksmlab.differential.random_programs import BULK_OPS
 P = PAGE_SIZE
 
 
+@pytest.mark.parametrize("merge_any", [False, True], ids=["advised", "merge_any"])
 @pytest.mark.parametrize("seed", range(150))
-def test_bulk_programs_agree_with_simkernel(seed: int) -> None:
-    program = random_program(seed, engine="bulk")
+def test_bulk_programs_agree_with_simkernel(seed: int, merge_any: bool) -> None:
+    program = random_program(seed, engine="bulk", merge_any=merge_any)
     report = compare(run_on_model(program), run_on_bulk(program), f"seed {seed}")
     if not report.ok:
         pytest.fail(f"{program}\n\n{report}", pytrace=False)

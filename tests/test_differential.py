@@ -784,6 +784,16 @@ def test_random_program_bulk_engine(seed: int) -> None:
     assert report.kernel.detail and not report.model.detail
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_random_program_bulk_engine_merge_any(seed: int) -> None:
+    """The same under prctl merge-any on the bulk engine, per region."""
+    program = random_program(seed, engine="bulk", merge_any=True)
+    report = differential(program, engine="bulk")
+    if not report.ok:
+        pytest.fail(f"{program}\n\n{report}", pytrace=False)
+    assert report.per_region_only
+
+
 # --- the runner itself ---------------------------------------------------------------------------
 
 

@@ -42,7 +42,8 @@ ALL_OPS = frozenset({"knob", "spawn", "wait", "cp", "mmap", "madvise", "write", 
                      "mprotect", "munmap", "prctl", "fork", "exec", "exit"})
 """Every step a random program can take."""
 
-BULK_OPS = frozenset({"knob", "spawn", "wait", "cp", "mmap", "madvise", "write", "fork", "exit"})
+BULK_OPS = frozenset({"knob", "spawn", "wait", "cp", "mmap", "madvise", "write", "prctl",
+                      "fork", "exec", "exit"})
 """The steps the bulk engine models (docs/bulk.md): with ``engine="bulk"`` a
 program also maps only private memory and advises only MADV_(UN)MERGEABLE."""
 
