@@ -1,4 +1,4 @@
-"""The summary table ``ksmlab run`` prints: one row per checkpoint."""
+"""What ``ksmlab run`` prints: the answer in a few lines, then one row per checkpoint."""
 
 from __future__ import annotations
 
@@ -8,8 +8,14 @@ from rich.table import Table
 from rich.text import Text
 
 from ksmlab.constants import PAGE_SIZE
+from ksmlab.report.headline import headline_lines
 from ksmlab.scenario.result import CheckpointResult, RunResult
 from ksmlab.scenario.units import format_bytes, format_duration
+
+CAPTION = ("shared: KSM pages; sharing: further mappings of them (memory freed); unshared: unique "
+           "pages in the unstable tree; volatile: pages in no tree (new, changed, or unique and "
+           "skipped by smart scan); profit: general_profit, memory saved net of KSM's metadata "
+           "(`ksmlab run --help` says what each counter counts)")
 
 KNOBS_SHOWN = ("pages_to_scan", "sleep_millisecs", "use_zero_pages", "smart_scan",
                "max_page_sharing", "advisor_mode")
@@ -47,8 +53,7 @@ def summary_table(r: RunResult) -> Table:
     table = Table(title=f"{r.scenario.name}\n[dim]{knobs_line(r)}[/dim]",
                   caption=f"{r.machine}; {format_bytes(mapped)} mapped by "
                           f"{nproc} process{'es' if nproc != 1 else ''} at the start.\n"
-                          "shared, sharing, unshared, volatile: the pages_* counters; "
-                          "profit: general_profit (memory saved minus KSM's metadata)",
+                          + CAPTION,
                   caption_justify="left")
     table.add_column("checkpoint")
     for col in ("time", "full scans", "shared", "sharing", "unshared", "volatile", "zero pages",
@@ -73,7 +78,7 @@ def transposed_table(r: RunResult) -> Table:
     """The checkpoint table turned sideways (a column per checkpoint), for narrow terminals."""
     mapped = r.scenario.total_pages * PAGE_SIZE
     table = Table(title=f"{r.scenario.name}\n[dim]{knobs_line(r)}[/dim]",
-                  caption=f"{r.machine}; {format_bytes(mapped)} mapped at the start",
+                  caption=f"{r.machine}; {format_bytes(mapped)} mapped at the start.\n{CAPTION}",
                   caption_justify="left")
     table.add_column("", style="bold")
     for c in r.checkpoints:
@@ -94,17 +99,27 @@ def transposed_table(r: RunResult) -> Table:
     return table
 
 
+def answer_grid(r: RunResult) -> Table:
+    """The answer (saving, time to merge, ksmd's cost) as a two-column grid."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    for label, text in headline_lines(r):
+        grid.add_row(Text(label, style="bold red" if label == "Interrupted" else "bold"), text)
+    return grid
+
+
 def summary(r: RunResult, width: int | None = None) -> RenderableType:
-    """The table (sideways if wider than *width* columns), then one line per failure."""
+    """The answer, the table (sideways if wider than *width* columns), then one line per failure."""
     table = summary_table(r)
     if width is not None:
         wide = Console(width=10_000)  # measure unclamped
         if Measurement.get(wide, wide.options, table).maximum > width:
             table = transposed_table(r)
-    parts: list[RenderableType] = [table]
+    parts: list[RenderableType] = [answer_grid(r), Text(""), table]
     parts += [Text(f"FAILED: {f}", style="bold red") for f in r.failures]
     return Group(*parts)
 
 
-__all__ = ["KNOBS_SHOWN", "checks_text", "cpu_text", "knobs_line", "summary", "summary_table",
-           "transposed_table"]
+__all__ = ["CAPTION", "KNOBS_SHOWN", "answer_grid", "checks_text", "cpu_text", "knobs_line",
+           "summary", "summary_table", "transposed_table"]
