@@ -193,6 +193,19 @@ def test_headline_of_an_interrupted_run() -> None:
                                        "checkpoints reached; the figures are at the interruption")
 
 
+def test_summary_of_a_run_stopped_before_any_checkpoint() -> None:
+    """No table of nothing: the answer, then a line saying no checkpoint was reached."""
+    from rich.console import Console
+
+    from ksmlab.report.table import summary
+
+    console = Console(width=100, record=True)
+    console.print(summary(_made_up([0, 4096], [0.0, 0.1], interrupted="SIGINT"), 100))
+    text = console.export_text()
+    assert text.startswith("Interrupted ")
+    assert "No checkpoint was reached." in text and "┏" not in text
+
+
 def test_partial_result_round_trip_and_older_documents(result: RunResult) -> None:
     """partial/interrupted survive JSON; a document without the newer fields still reads."""
     import dataclasses

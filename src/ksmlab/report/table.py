@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console, Group, RenderableType
+from rich.constrain import Constrain
 from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
@@ -52,8 +53,7 @@ def summary_table(r: RunResult) -> Table:
     nproc = sum(p.count for p in r.scenario.processes)
     table = Table(title=f"{r.scenario.name}\n[dim]{knobs_line(r)}[/dim]",
                   caption=f"{r.machine}; {format_bytes(mapped)} mapped by "
-                          f"{nproc} process{'es' if nproc != 1 else ''} at the start.\n"
-                          + CAPTION,
+                          f"{nproc} process{'es' if nproc != 1 else ''} at the start.",
                   caption_justify="left")
     table.add_column("checkpoint")
     for col in ("time", "full scans", "shared", "sharing", "unshared", "volatile", "zero pages",
@@ -78,7 +78,7 @@ def transposed_table(r: RunResult) -> Table:
     """The checkpoint table turned sideways (a column per checkpoint), for narrow terminals."""
     mapped = r.scenario.total_pages * PAGE_SIZE
     table = Table(title=f"{r.scenario.name}\n[dim]{knobs_line(r)}[/dim]",
-                  caption=f"{r.machine}; {format_bytes(mapped)} mapped at the start.\n{CAPTION}",
+                  caption=f"{r.machine}; {format_bytes(mapped)} mapped at the start",
                   caption_justify="left")
     table.add_column("", style="bold")
     for c in r.checkpoints:
@@ -112,11 +112,16 @@ def answer_grid(r: RunResult) -> Table:
 def summary(r: RunResult, width: int | None = None) -> RenderableType:
     """The answer, the table (sideways if wider than *width* columns), then one line per failure."""
     table = summary_table(r)
-    if width is not None:
-        wide = Console(width=10_000)  # measure unclamped
-        if Measurement.get(wide, wide.options, table).maximum > width:
-            table = transposed_table(r)
-    parts: list[RenderableType] = [answer_grid(r), Text(""), table]
+    wide = Console(width=10_000)  # measure unclamped
+    if width is not None and Measurement.get(wide, wide.options, table).maximum > width:
+        table = transposed_table(r)
+    parts: list[RenderableType] = [answer_grid(r), Text("")]
+    if r.checkpoints:
+        # The legend wraps at the table's width, or 80 columns for a narrow table.
+        legend_width = max(80, Measurement.get(wide, wide.options, table).maximum)
+        parts += [table, Constrain(Text(CAPTION, style="dim"), legend_width)]
+    else:
+        parts.append(Text("No checkpoint was reached."))
     parts += [Text(f"FAILED: {f}", style="bold red") for f in r.failures]
     return Group(*parts)
 
