@@ -1,11 +1,14 @@
 """Random programs for the bulk engine's equivalence tests.
 
 A program is a list of operations within what :class:`ksmlab.bulk.BulkKernel`
-models (mmap, whole-page writes, MADV_(UN)MERGEABLE, prctl PR_SET/GET_MEMORY_MERGE
-(and refused prctls), fork, exec, exit, knobs including max_page_sharing changes
-and run=2, ksmd batches).  :func:`execute` runs one on
-any kernel and records a snapshot after every operation and every ksmd batch,
-so two kernels can be compared step by step.
+models (mmap on a NUMA node, whole-page writes, MADV_(UN)MERGEABLE, prctl
+PR_SET/GET_MEMORY_MERGE (and refused prctls), fork, exec, exit, knobs including
+max_page_sharing and merge_across_nodes changes, run=2, the scan-time advisor
+and its knobs, ksmd batches), on a machine of 1 to 3 NUMA nodes (its first
+operation, ``("machine", nodes)``; :func:`sim` and :func:`bulk` make the
+kernels).  :func:`execute` runs one on any kernel and records a snapshot after
+every operation and every ksmd batch, so two kernels can be compared step by
+step.
 """
 
 from __future__ import annotations
@@ -48,17 +51,46 @@ def page(tag: int) -> bytes:
     return bytes(PAGE_SIZE) if tag == 0 else tag.to_bytes(8, "little") * (PAGE_SIZE // 8)
 
 
+ADVISOR_KNOBS = {
+    "advisor_max_cpu": ["0", "10", "70", "500"],
+    "advisor_min_pages_to_scan": ["1", "2", "7", "50"],
+    "advisor_max_pages_to_scan": ["3", "10", "60", "30000"],
+    "advisor_target_scan_time": ["1", "2", "200"],
+}
+"""Values for the advisor's knobs that keep batches small enough to interleave."""
+
+
+def advisor_op(r: random.Random) -> Op:
+    """A write of one of the advisor's knobs, of ``advisor_mode``, or of a knob it reads."""
+    x = r.random()
+    if x < 0.3:
+        return ("knob", "advisor_mode", r.choice(["none", "scan-time"]))
+    if x < 0.8:
+        name = r.choice(sorted(ADVISOR_KNOBS))
+        return ("knob", name, r.choice(ADVISOR_KNOBS[name]))
+    if x < 0.9:
+        return ("knob", "pages_to_scan", str(r.choice([1, 3, 7, 50])))  # EINVAL under scan-time
+    return ("knob", "sleep_millisecs", r.choice(["0", "20", "700"]))
+
+
 def program(r: random.Random, steps: int = 60) -> list[Op]:
-    """A random program: few contents so that pages merge, split and go stale."""
+    """A random program: few contents so that pages merge, split and go stale, spread over
+    1 to 3 NUMA nodes, with merge_across_nodes and the advisor changing on the way."""
+    nodes = r.choice([1, 2, 3])
     ops: list[Op] = [
+        ("machine", nodes),
         ("knob", "max_page_sharing", r.choice(["2", "3", "256"])),
         ("knob", "use_zero_pages", r.choice("01")),
         ("knob", "smart_scan", r.choice("01")),
         ("knob", "pages_to_scan", str(r.choice([1, 3, 7, 50]))),
-        ("knob", "sleep_millisecs", "0"),
+        ("knob", "sleep_millisecs", r.choice(["0", "0", "20", "700"])),
         ("knob", "stable_node_chains_prune_millisecs", r.choice(["0", "5", "2000"])),
-        ("spawn",),
+        ("knob", "merge_across_nodes", r.choice("01")),
     ]
+    if r.random() < 0.5:  # the advisor from the start, with its knobs set first
+        ops += [("knob", name, r.choice(values)) for name, values in ADVISOR_KNOBS.items()]
+        ops.append(("knob", "advisor_mode", "scan-time"))
+    ops.append(("spawn",))
     # Mappings are named by the number of the mmap in the program, so an operation still
     # names the same one when keep_tree_stable drops an exec (which empties the map).
     live, sizes, nprocs, nmaps = [0], {0: dict[int, int]()}, 1, 0
@@ -68,7 +100,7 @@ def program(r: random.Random, steps: int = 60) -> list[Op]:
         if x < 0.12:
             p = r.choice(live)
             n = r.randint(1, 12)
-            ops.append(("mmap", p, n))
+            ops.append(("mmap", p, n, r.choice([None, *range(nodes)])))
             sizes[p][nmaps] = n
             nmaps += 1
         elif x < 0.50 and mapped:
@@ -94,9 +126,13 @@ def program(r: random.Random, steps: int = 60) -> list[Op]:
             ops.append(("run", r.choice("0112")))
         elif x < 0.64:
             ops.append(("knob", "max_page_sharing", r.choice(["2", "3", "256"])))
-        elif x < 0.69:
+        elif x < 0.66:
+            ops.append(("knob", "merge_across_nodes", r.choice("01")))
+        elif x < 0.70:
+            ops.append(advisor_op(r))
+        elif x < 0.74:
             ops.append(("prctl", r.choice(live), *r.choice(PRCTLS)))
-        elif x < 0.71:
+        elif x < 0.76:
             p = r.choice(live)
             ops.append(("exec", p))
             sizes[p] = {}
@@ -109,7 +145,8 @@ def program(r: random.Random, steps: int = 60) -> list[Op]:
 def unmerge_program(r: random.Random, steps: int = 40) -> list[Op]:
     """A random program that merges, then unmerges everything (run=2) and changes
     max_page_sharing around it: while KSM pages exist (EBUSY), after some
-    sharers went (unmapped nodes removed first), and after run=2."""
+    sharers went (unmapped nodes removed first), and after run=2; merge_across_nodes
+    after run=2 too."""
     ops = program(r, steps)
     for _ in range(r.randint(1, 3)):
         mps = r.choice(["2", "3", "256"])
@@ -124,9 +161,72 @@ def unmerge_program(r: random.Random, steps: int = 40) -> list[Op]:
                 ops.append(("batches", r.randint(1, 30)))
                 ops.append(("knob", "max_page_sharing", r.choice(["2", "3", "256"])))
         ops += [("run", "2"), ("knob", "max_page_sharing", r.choice(["2", "3", "256"])),
+                ("knob", "merge_across_nodes", r.choice("01")),
                 ("batches", 1), ("run", r.choice("12")), ("batches", r.randint(1, 40))]
     ops += [("run", "1"), ("batches", 40)]
     return ops
+
+
+def numa_program(r: random.Random, steps: int = 40) -> list[Op]:
+    """A random program that flips merge_across_nodes while ksmd is mid-scan.
+
+    One process maps areas on 2 or 3 nodes holding a few contents, so equal
+    pages sit on different nodes (not on one), node 0's scanned last; small batches leave
+    pages of the current scan in the unstable trees when the knob changes
+    (allowed while no KSM page exists): a page filed in node 0's tree under 1
+    is then a partner on another node, refused under 0, and a node's tree
+    goes unsearched under 1.
+    """
+    nodes = r.choice([2, 3])
+    ops: list[Op] = [
+        ("machine", nodes),
+        ("knob", "pages_to_scan", r.choice("123")),
+        ("knob", "sleep_millisecs", "0"),
+        ("knob", "max_page_sharing", r.choice(["2", "256"])),
+        ("knob", "smart_scan", r.choice("01")),
+        ("knob", "merge_across_nodes", r.choice("01")),
+        ("spawn",),
+    ]
+    sizes = []
+    unused = {node: r.sample(range(1, 7), 6) for node in range(nodes)}
+    # Node 0's areas first: mapped top-down, they are scanned last, after their partners.
+    for node in sorted(r.randrange(nodes) for _ in range(r.randint(2, 5))):
+        n = min(r.randint(1, 4), len(unused[node]))
+        if n:
+            m = len(sizes)
+            sizes.append(n)
+            ops += [("mmap", 0, n, node),  # equal pages on one node only by later writes
+                    ("write", 0, m, 0, [unused[node].pop() for _ in range(n)]),
+                    ("madvise", 0, m, 0, n, True)]
+    ops.append(("run", "1"))
+    for _ in range(steps):
+        x = r.random()
+        if x < 0.3:
+            ops.append(("knob", "merge_across_nodes", r.choice("01")))
+        elif x < 0.4:
+            ops += [("run", "2"), ("run", "1")]
+        elif x < 0.5:
+            m = r.randrange(len(sizes))
+            ops.append(("write", 0, m, r.randrange(sizes[m]), [r.randint(1, 6)]))
+        else:
+            ops.append(("batches", r.randint(1, 3)))
+    ops.append(("batches", 30))
+    return ops
+
+
+def machine_nodes(ops: list[Op]) -> int:
+    """The program's NUMA nodes (its ``machine`` operation; 1 without one)."""
+    return next((op[1] for op in ops if op[0] == "machine"), 1)
+
+
+def sim(ops: list[Op], content: str = "bytes") -> SimKernel:
+    """A SimKernel for *ops*."""
+    return SimKernel(trace=False, content=content, numa_nodes=machine_nodes(ops))
+
+
+def bulk(ops: list[Op], *, vectorize: bool = True) -> BulkKernel:
+    """A BulkKernel for *ops*."""
+    return BulkKernel(vectorize=vectorize, numa_nodes=machine_nodes(ops))
 
 
 @dataclass
@@ -187,17 +287,19 @@ def keep_tree_stable(ops: list[Op]) -> list[Op]:
     depend on the tree's shape; the bulk engine's exact index does not (a
     documented model choice).  Such operations are dropped (decided on a
     bulk run, which both kernels then execute alike), and so are
-    max_page_sharing changes while a freed KSM page's node still has items
-    (whether the kernel's walk has removed it yet depends on the tree).
+    max_page_sharing and merge_across_nodes changes while a freed KSM page's
+    node still has items (whether the kernel's walk has removed it yet depends
+    on the tree).
     """
     kept: list[Op] = []
-    run = Run(BulkKernel(), {}, {})
+    run = Run(bulk(ops), {}, {})
     for op in ops:
         rows = _rows(run, op)
         assert isinstance(run.kernel, BulkKernel)
         if rows is not None and touches_unstable_tree(run.kernel, rows):
             continue
-        if op[:2] == ("knob", "max_page_sharing") and has_stale_sharers(run.kernel):
+        if op[:2] in (("knob", "max_page_sharing"), ("knob", "merge_across_nodes")) \
+                and has_stale_sharers(run.kernel):
             continue
         kept.append(op)
         step(run, op, lambda _k: None, [])
@@ -209,13 +311,16 @@ def step(run: Run, op: Op, snap: Callable[[Kernel], Any], log: list[Any]) -> Non
     k, procs, maps = run.kernel, run.procs, run.maps
     kind = op[0]
     try:
-        if kind == "knob":
+        if kind == "machine":
+            assert k.numa_nodes == op[1], f"{k} is no machine of {op[1]} nodes"
+        elif kind == "knob":
             k.sysfs[op[1]] = op[2]
         elif kind == "spawn":
             procs[0], maps[0] = k.spawn(), {}
         elif kind == "mmap":
             run.nmaps += 1
-            maps[op[1]][run.nmaps - 1] = procs[op[1]].mmap(op[2] * PAGE_SIZE)
+            node = op[3] if len(op) > 3 else None
+            maps[op[1]][run.nmaps - 1] = procs[op[1]].mmap(op[2] * PAGE_SIZE, node=node)
         elif kind == "write":
             _, p, m, i, tags = op
             procs[p].write(maps[p][m] + i * PAGE_SIZE, b"".join(page(t) for t in tags))
@@ -292,13 +397,41 @@ def live_nodes(k: Kernel) -> list[int]:
     return sorted(out)
 
 
+KNOBS = ("pages_to_scan", "sleep_millisecs", "max_page_sharing", "merge_across_nodes",
+         "advisor_mode", "advisor_max_cpu", "advisor_min_pages_to_scan",
+         "advisor_max_pages_to_scan", "advisor_target_scan_time")
+"""Knobs a program writes, or the advisor sets (pages_to_scan)."""
+
+
+def page_nodes(k: Kernel) -> list[tuple[int, list[tuple[int, int]]]]:
+    """Per process, each mapped page's (address, NUMA node of its frame); -1 for the zero page."""
+    out = []
+    for pid, p in sorted(k.processes.items()):
+        if isinstance(k, BulkKernel):
+            ksm = k.ksm
+            pages = []
+            for seg in p.mm.segments:
+                for i, f in enumerate(ksm.pages.frame[seg.row:seg.row + seg.pages].tolist()):
+                    if f != -1:
+                        node = -1 if f < 0 else int(ksm.frames.nid[f]) if k.numa_nodes > 1 else 0
+                        pages.append((seg.addr + i * PAGE_SIZE, node))
+            out.append((pid, sorted(pages)))
+        else:
+            out.append((pid, sorted((vpn * PAGE_SIZE, -1 if f.zero else f.nid)
+                                    for vpn, f in p.mm.ptes.items())))
+    return out
+
+
 def walk_insensitive(k: Kernel) -> Any:
-    """Everything observable that does not depend on tree-walk timing (see TREE_WALK)."""
+    """Everything observable that does not depend on tree-walk timing (see TREE_WALK): the
+    counters, the knobs (pages_to_scan as the advisor sets it), ksmd's clock and CPU time,
+    the live stable nodes, ksm_stat, and the node of every mapped page."""
     procs = k.processes.values()
     stats = sorted((p.pid, p.ksm_stat()["ksm_rmap_items"], p.ksm_stat()["ksm_zero_pages"],
                     p.ksm_stat()["ksm_mergeable"], p.ksm_stat()["ksm_merge_any"])
                    for p in procs)
-    return (counters(k, tuple(c for c in COUNTERS if c not in TREE_WALK)), live_nodes(k), stats)
+    return (counters(k, tuple(c for c in COUNTERS if c not in TREE_WALK)), live_nodes(k), stats,
+            counters(k, KNOBS), k.now_ns, k.ksmd_cpu_ns, page_nodes(k))
 
 
 def canonical(k: BulkKernel) -> Any:
@@ -320,19 +453,21 @@ def canonical(k: BulkKernel) -> Any:
     has = state != 0
     kframe = np.where(stable & alive, ksm.nodes.kframe[np.maximum(head, 0)], -1)
     in_tree = (state == UNSTABLE) & (pg.seqnr[:n] == ksm.cur_seqnr())
-    uindex = {int(c): int(g) for c, g in enumerate(ksm.ctab.uindex[:ksm.ctab.n])
-              if g >= 0 and in_tree[g]}
     nf = ksm.frames.n
     knode = ksm.frames.knode[:nf]
     node_alive = np.zeros(nf, bool)
     node_alive[knode >= 0] = ksm.nodes.alive[knode[knode >= 0]]
-    stable_of = {}
-    for c, s in enumerate(ksm.ctab.stable[:ksm.ctab.n]):
-        if s >= 0:
-            stable_of[c] = int(ksm.nodes.kframe[s])
-    chains = {c: ([int(ksm.nodes.kframe[d]) for d in ch.dups],
-                  int(ksm.chain_cols.prune_time[ch.id]))
-              for c, ch in ksm.chains.items()}
+    trees = {}
+    for ix in ksm.trees:  # each node's pair of trees (an empty one is as good as none)
+        uindex = {int(c): int(g) for c, g in enumerate(ix.ctab.uindex[:ix.ctab.n])
+                  if g >= 0 and in_tree[g] and (k.numa_nodes == 1 or pg.unid[g] == ix.nid)}
+        stable_of = {c: int(ksm.nodes.kframe[s])
+                     for c, s in enumerate(ix.ctab.stable[:ix.ctab.n]) if s >= 0}
+        chains = {c: ([int(ksm.nodes.kframe[d]) for d in ch.dups],
+                      int(ksm.chain_cols.prune_time[ch.id]))
+                  for c, ch in ix.chains.items()}
+        if uindex or stable_of or chains:
+            trees[ix.nid] = (uindex, stable_of, chains)
     counts = {int(ksm.nodes.kframe[d]): int(ksm.nodes.count[d])
               for d in range(ksm.nodes.n) if ksm.nodes.alive[d]}
     slots, mm = [], ksm.head.next  # ksmd's list in order (an exec'd mm's old one included)
@@ -340,9 +475,12 @@ def canonical(k: BulkKernel) -> Any:
         slots.append((mm.id, mm.exiting, mm.merge_any))
         mm = mm.next
     procs = sorted((p.pid, p.mm.merge_any, p.mm.registered) for p in k.processes.values())
-    return (counters(k), pg.frame[:n].tolist(), pg.mergeable[:n].tolist(), state.tolist(),
+    nids = ((pg.nid[:n].tolist(), np.where(in_tree, pg.unid[:n], -1).tolist(),
+             ksm.frames.nid[:nf].tolist()) if k.numa_nodes > 1 else None)
+    return (counters(k), counters(k, KNOBS), k.now_ns, pg.frame[:n].tolist(),
+            pg.mergeable[:n].tolist(), state.tolist(),
             in_tree.tolist(), np.where(has, pg.oldsum[:n], 0).tolist(),
             np.where(has, pg.age[:n], 0).tolist(), np.where(has, pg.skips[:n], 0).tolist(),
-            kframe.tolist(), uindex, ksm.frames.mapcount[:nf].tolist(),
-            (node_alive & (knode >= 0)).tolist(), stable_of, chains, counts,
+            kframe.tolist(), ksm.frames.mapcount[:nf].tolist(),
+            (node_alive & (knode >= 0)).tolist(), trees, counts, nids,
             ksm.cursor.id, ksm.address, slots, procs)

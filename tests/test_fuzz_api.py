@@ -439,7 +439,7 @@ CONSTRUCTOR_KINDS = {
     "max_map_count": "count", "trace": "flag", "content": "content", "vectorize": "flag",
     "seed": "count",
 }
-SIM_ONLY = {"config_ksm", "numa_nodes", "max_frames", "slab_limit", "max_map_count", "trace",
+SIM_ONLY = {"config_ksm", "max_frames", "slab_limit", "max_map_count", "trace",
             "content"}
 
 

@@ -1,13 +1,14 @@
 """BulkKernel: the bulk engine behind the same calls as SimKernel, for big hosts.
 
 :class:`BulkKernel` models what ksmd does to many processes' anonymous
-memory, with its state in numpy columns (about 30 bytes per simulated page
+memory, with its state in numpy columns (about 40 bytes per simulated page
 instead of SimKernel's kilobytes) and a vectorised scan.  It offers the part
 of the :class:`ksmlab.api.Kernel` interface that such workloads use: spawn,
-mmap of anonymous private memory, whole-page writes (as bytes, or as content
-ids for speed), MADV_MERGEABLE / MADV_UNMERGEABLE, prctl(PR_SET_MEMORY_MERGE /
-PR_GET_MEMORY_MERGE), fork, exec, exit, ksm_stat, the sysfs files of the
-knobs and counters it models, and ksmd on the same virtual clock and cost
+mmap of anonymous private memory (on a chosen NUMA node), whole-page writes
+(as bytes, or as content ids for speed), MADV_MERGEABLE / MADV_UNMERGEABLE,
+prctl(PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE), fork, exec, exit, ksm_stat,
+every file of /sys/kernel/mm/ksm (the scan-time advisor and
+``merge_across_nodes`` included), and ksmd on the same virtual clock and cost
 model as SimKernel.  Anything else raises NotModelledError naming the call;
 SimKernel remains the reference for the whole interface.
 Arguments are checked as :mod:`ksmlab.argcheck` says, like SimKernel's.
@@ -43,22 +44,19 @@ from ksmlab.constants import (
     TASK_SIZE,
 )
 from ksmlab.errors import NotModelledError, ProcessExitedError, kernel_error
+from ksmlab.kernel import MAX_NUMNODES
 from ksmlab.ksm.counters import ksm_process_profit
 from ksmlab.ksm.defaults import DEFAULT_KSMD_BATCH_NS, DEFAULT_KSMD_PAGE_NS
 from ksmlab.ksm.ksmd import Ksmd, KsmdCost
-from ksmlab.ksm.sysfs import ADVISOR_FILES, KsmSysfs
+from ksmlab.ksm.sysfs import KsmSysfs
 from ksmlab.mm.madvise import UNMODELLED_ADVICE, madvise_behavior_valid, madvise_check
 from ksmlab.mm.mmap import page_align
 from ksmlab.mm.page import fingerprint
 
-UNMODELLED_FILES = {name: "the scan-time advisor is not modelled by the bulk engine; use SimKernel"
-                    for name in ADVISOR_FILES}
-"""The files of the kernel's /sys/kernel/mm/ksm the bulk engine does not model, and why.
-
-Reading or writing one raises NotModelledError; the others answer as
-SimKernel's, from the same attribute table (:class:`ksmlab.ksm.sysfs.KsmSysfs`).
-The engine also refuses with NotModelledError the values it cannot take
-(``merge_across_nodes=0``: see :class:`~ksmlab.bulk.engine.BulkKsm`).
+UNMODELLED_FILES: dict[str, str] = {}
+"""The files of the kernel's /sys/kernel/mm/ksm the bulk engine does not model, and why:
+none now.  Reading or writing one would raise NotModelledError; every file answers
+as SimKernel's, from the same attribute table (:class:`ksmlab.ksm.sysfs.KsmSysfs`).
 """
 
 
@@ -71,17 +69,21 @@ class BulkKernel:
         contents: content ids of this machine's pages.
         sysfs: /sys/kernel/mm/ksm: SimKernel's table, less :data:`UNMODELLED_FILES`.
         processes: live processes by pid.
+        numa_nodes: NUMA nodes (pages are placed with ``mmap(node=)``, as SimKernel's).
     """
 
-    def __init__(self, *, vectorize: bool = True, seed: int = 0,
+    def __init__(self, *, vectorize: bool = True, seed: int = 0, numa_nodes: int = 1,
                  ksmd_batch_ns: int = DEFAULT_KSMD_BATCH_NS,
                  ksmd_page_ns: int = DEFAULT_KSMD_PAGE_NS) -> None:
         vectorize = argcheck.flag("vectorize", vectorize)
         seed = argcheck.count("seed", seed)
+        numa_nodes = argcheck.count("numa_nodes", numa_nodes, minimum=1, maximum=MAX_NUMNODES)
         cost = KsmdCost.checked(ksmd_batch_ns, ksmd_page_ns)
+        self.numa_nodes = numa_nodes
         self.contents = ContentTable(seed)
         engine = VectorKsm if vectorize else BulkKsm
-        self.ksm: BulkKsm = engine(self.contents, now_ms=lambda: self.ksmd.now_ms())
+        self.ksm: BulkKsm = engine(self.contents, now_ms=lambda: self.ksmd.now_ms(),
+                                   cpu_ns=lambda: self.ksmd.cpu_ns, numa_nodes=numa_nodes)
         self.ksm.sync_contents()
         self.ksmd = Ksmd(self.ksm, cost)
         self.ksm.wake_ksmd = self.ksmd.wake_up
@@ -151,7 +153,7 @@ class BulkKernel:
     def memory_bytes(self) -> int:
         """Bytes held by the engine's arrays (their capacity)."""
         ksm = self.ksm
-        return (ksm.pages.nbytes() + ksm.frames.nbytes() + ksm.ctab.nbytes()
+        return (ksm.pages.nbytes() + ksm.frames.nbytes() + sum(ix.ctab.nbytes() for ix in ksm.trees)
                 + ksm.nodes.nbytes() + int(self.contents.checksum.nbytes))
 
     def spawn(self) -> BulkProcess:
@@ -299,12 +301,14 @@ class BulkProcess:
         """Map *length* bytes of anonymous private memory, top-down like SimKernel.
 
         Only read-write anonymous private mappings placed by the kernel
-        (``addr=0``) are modelled, on the one NUMA node (``node`` None or 0);
+        (``addr=0``) are modelled; their pages are allocated on NUMA node
+        *node* (None: node 0), which must exist (ValueError, as SimKernel);
         ``offset`` is checked and ignored, as Linux does for them.  Anything
         else is NotModelledError; errnos are SimKernel's.
         """
+        k = self.kernel
         args = argcheck.mmap_args(length, prot, flags, addr, node, path, offset, vm_flags,
-                                  lambda: range(1))
+                                  lambda: range(k.numa_nodes))
         self._check_alive()
         if (args.prot != PROT_READ | PROT_WRITE or args.flags != MAP_PRIVATE | MAP_ANONYMOUS
                 or args.addr or args.path is not None or args.vm_flags):
@@ -333,6 +337,8 @@ class BulkProcess:
         self.kernel.ksm.mutations += 1
         if self.kernel.ksm_vma_flags(mm):
             self.kernel.ksm.pages.mergeable[row:row + (size >> PAGE_SHIFT)] = True
+        if args.node:
+            self.kernel.ksm.pages.nid[row:row + (size >> PAGE_SHIFT)] = args.node
         mm.segments.insert(0, Segment(start, row, size >> PAGE_SHIFT))
         return start
 
@@ -445,7 +451,7 @@ class BulkProcess:
         copy = ~in_place
         ksm.cow_ksm += int(np.count_nonzero(ksm.frames.knode[frames[ok]] >= 0))
         ksm.unmap(frames[copy])
-        ksm.pages.frame[rows[copy]] = ksm.new_frames(cids[copy])
+        ksm.pages.frame[rows[copy]] = ksm.new_frames(cids[copy], rows[copy])
 
     def _write_one(self, row: int, cid: int) -> None:
         """_store for one page, without array overheads (a COW storm is many of these)."""
@@ -465,6 +471,8 @@ class BulkProcess:
         new = frames.append(1)
         frames.content[new] = cid
         frames.mapcount[new] = 1
+        if ksm.numa_nodes > 1:
+            frames.nid[new] = ksm.pages.nid[row]  # the mapping's node, as a fault allocates
         ksm.pages.frame[row] = new
 
     def madvise(self, addr: int, length: int, advice: int) -> None:
@@ -542,6 +550,8 @@ class BulkProcess:
             ksm.pages.frame[row:row + seg.pages] = src
             ksm.pages.mergeable[row:row + seg.pages] = ksm.pages.mergeable[seg.row:seg.row
                                                                            + seg.pages]
+            if ksm.numa_nodes > 1:  # the child's mapping keeps the parent's policy
+                ksm.pages.nid[row:row + seg.pages] = ksm.pages.nid[seg.row:seg.row + seg.pages]
             np.add.at(ksm.frames.mapcount, src[src >= 0], 1)
             child.mm.segments.append(Segment(seg.addr, row, seg.pages))
         if self.mm.registered:
