@@ -532,3 +532,47 @@ def test_snapshot_help_lists_every_option() -> None:
     for opt in ("--pid", "--cgroup", "--uid", "--all", "--samples", "--interval", "--policy",
                 "--output", "--progress", "exit codes:"):
         assert opt in p.stdout
+
+
+# --- against the real KSM (through LinuxKernel, which holds the lock and restores the knobs) ---
+
+@pytest.mark.linux
+def test_as_is_covers_madvised_areas_and_merged_pages_show_as_ksm(tmp_path: Path) -> None:
+    """A helper's madvised area is captured under as-is, its other area not; once ksmd merged
+    the 8 identical pages they show ksm=True and one PFN, with the same fingerprints; the
+    knobs in the metadata are the host's at capture, and the capture changed none."""
+    from ksmlab import MADV_MERGEABLE
+    from linux_support import BOOT_KNOBS, read_knobs, session_at_boot_knobs, skip_unless_ksm_usable
+
+    skip_unless_ksm_usable()
+    with session_at_boot_knobs(pages_to_scan="100", sleep_millisecs="0") as k:
+        p = k.spawn()
+        a = p.mmap(16 * PAGE)
+        contents = [pattern(1)] * 8 + [pattern(10 + i) for i in range(8)]
+        p.write(a, b"".join(contents))
+        b = p.mmap(4 * PAGE)
+        p.write(b, pattern(1) * 4)
+        p.madvise(a, 16 * PAGE, MADV_MERGEABLE)
+        before = read_knobs()
+        out = tmp_path / "before.parquet"
+        capture_snapshot(str(out), Selection(pids=(p.pid,)))
+        assert read_knobs() == before
+        snap = read_snapshot(out)
+        assert snap.ksm_knobs is not None
+        assert snap.ksm_knobs["pages_to_scan"] == "100" and snap.ksm_knobs["run"] == BOOT_KNOBS["run"]
+        rows = np.arange(len(snap.pages))
+        assert snap.pages.addr.tolist() == [a + i * PAGE for i in range(16)]  # b is not covered
+        assert (snap.processes[0].vmas[0].start, snap.processes[0].vmas[0].end) == (a, a + 16 * PAGE)
+        assert [bytes(x) for x in snap.pages.fingerprint[rows]] == [fp(c) for c in contents]
+        assert not snap.pages.ksm.any()
+        k.sysfs["run"] = "1"
+        k.wait_full_scans(2)
+        k.sysfs["run"] = "0"
+        out2 = tmp_path / "after.parquet"
+        capture_snapshot(str(out2), Selection(pids=(p.pid,)))
+        after = read_snapshot(out2)
+        assert after.pages.ksm.tolist() == [True] * 8 + [False] * 8
+        assert len(set(after.pages.pfn[:8].tolist())) == 1
+        assert [bytes(x) for x in after.pages.fingerprint] == [fp(c) for c in contents]
+        assert after.processes[0].ksm_stat is not None
+        assert after.processes[0].ksm_stat["ksm_merging_pages"] == 8

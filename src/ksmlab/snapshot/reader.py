@@ -225,7 +225,7 @@ def read_snapshot(path: str | os.PathLike[str], *, page_size: int | None = PAGE_
             f"{path}: taken with {size}-byte pages on kernel {meta.get('kernel')} "
             f"({meta.get('machine')}); expected {page_size}-byte pages")
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as e:
         if isinstance(e, OSError) and not isinstance(e, pa.ArrowException) and e.errno:
             raise

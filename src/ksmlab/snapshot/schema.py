@@ -63,6 +63,7 @@ WRITE_OPTIONS: Final[dict[str, Any]] = {
     "use_dictionary": [c for c in COLUMNS if c not in _DELTA],
     "column_encoding": dict.fromkeys(_DELTA, "DELTA_BINARY_PACKED"),
     "write_statistics": ["pid", "addr"],
+    "write_page_checksum": True,  # a damaged page is an error, not wrong values
 }
 """Keyword arguments of ``pyarrow.parquet.ParquetWriter`` for a snapshot."""
 
