@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -197,7 +198,15 @@ def test_capture_leaves_the_target_unchanged(tmp_path: Path, workload: Workload)
         return ([rss_kb(p) for p in pids],
                 [[e & present for e in pagemap(p, workload.region, REGION_PAGES)] for p in pids])
 
-    before = state()
+    # The workload printed its addresses just before blocking on stdin: wait
+    # until it is idle (two equal readings) before comparing.
+    before, deadline = state(), time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = state()
+        if now == before:
+            break
+        before = now
     capture_snapshot(str(tmp_path / "s.parquet"), Selection(pids=pids), policy="merge-any",
                      samples=2, interval_s=0.05)
     assert state() == before

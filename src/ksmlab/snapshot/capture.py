@@ -86,7 +86,7 @@ class CaptureProgress:
 
     bytes_done: int
     bytes_total: int
-    """Estimate: the resident size of the selected areas times the passes."""
+    """Estimate: the anonymous resident size of the selected areas times the passes."""
     pass_no: int
     passes: int
     pid: int
@@ -293,7 +293,7 @@ def _capture(path: str, targets: list[_Target], skipped: dict[int, str],
                 except ProcessGoneError:
                     t.mark_gone(pass_no)
                     continue
-                t.estimate = sum(a.sizes.get("rss", 0) for a in areas_of[t.handle.pid])
+                t.estimate = sum(a.sizes.get("anonymous", 0) for a in areas_of[t.handle.pid])
             if pass_no == 1:
                 meter.total = sum(t.estimate for t in _alive(targets)) * samples
             for t in _alive(targets):
