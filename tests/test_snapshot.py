@@ -296,6 +296,20 @@ def test_a_process_that_exits_during_the_capture_is_recorded_as_gone(
 
 @pytest.mark.linux
 @pytest.mark.skipif(not HAVE_PAGEMAP, reason="no /proc/PID/pagemap: not Linux")
+def test_an_interrupted_capture_leaves_no_file(tmp_path: Path, workload: Workload) -> None:
+    """Ctrl-C in the middle (here: from the progress callback): no output, no temporary file."""
+    def interrupt(p: CaptureProgress) -> None:
+        if p.bytes_done:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        capture_snapshot(str(tmp_path / "s.parquet"), Selection(pids=(workload.pid,)),
+                         policy="merge-any", progress=interrupt)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.linux
+@pytest.mark.skipif(not HAVE_PAGEMAP, reason="no /proc/PID/pagemap: not Linux")
 def test_unknown_pid_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()  # a pid that existed and is gone now

@@ -254,3 +254,11 @@ def test_selection_by_cgroup_directory(tmp_path: Path) -> None:
     (cg / "cgroup.procs").write_text("20\n")
     (cg / "worker" / "cgroup.procs").write_text("21\n")
     assert select_pids(Selection(cgroups=(str(cg),)), str(proc)) == [20, 21]
+
+
+def test_the_file_is_private_to_its_owner(tmp_path: Path) -> None:
+    """Fingerprints of low-entropy pages can be guessed: the file is mode 0600."""
+    f = tmp_path / "s.parquet"
+    write_synthetic(f, 10)
+    assert f.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["s.parquet"]  # no temporary file left

@@ -79,7 +79,9 @@ class SnapshotWriter:
         self._write_pending()
         self._writer.add_key_value_metadata({METADATA_KEY: json.dumps(meta, separators=(",", ":"))})
         self._writer.close()
-        os.chmod(self._tmp, 0o644 & ~_umask())
+        # Left at mkstemp's mode 0600: the fingerprint of a page with little
+        # entropy (a short secret in a known page) can be found by trying
+        # contents, so a snapshot is as private as the memory it was taken from.
         os.replace(self._tmp, self.path)
         return os.path.getsize(self.path)
 
@@ -96,9 +98,3 @@ def _validity(mask: Bools) -> pa.Buffer | None:
     if mask.all():
         return None
     return pa.py_buffer(np.packbits(mask, bitorder="little").tobytes())
-
-
-def _umask() -> int:
-    old = os.umask(0)
-    os.umask(old)
-    return old
