@@ -55,7 +55,7 @@ def write_synthetic(path: Path, n: int, *, seed: int = 1, page_size: int = PAGE,
                     pids: tuple[int, ...] = (100, 200)) -> dict[str, Any]:
     """A snapshot of len(pids) processes with n pages each: unique random contents and PFNs."""
     rng = np.random.default_rng(seed)
-    w = SnapshotWriter(str(path), page_size=page_size, kpageflags=True)
+    w = SnapshotWriter(str(path))
     cols: dict[str, Any] = {}
     procs = []
     for pid in pids:

@@ -207,7 +207,8 @@ def capture_snapshot(path: str, selection: Selection, *, policy: str = "as-is",
         samples: passes to take (1 to 65535); with more than one, each page's
             ``changes`` counts the passes after which its content differed.
         interval_s: seconds from the start of one pass to the next (samples > 1).
-        progress: called with a :class:`CaptureProgress` after every chunk.
+        progress: called with a :class:`CaptureProgress` at the start of each
+            pass and after every chunk read.
 
     Raises:
         ValueError: a bad argument (named), or nothing selected.
@@ -278,12 +279,14 @@ def _capture(path: str, targets: list[_Target], skipped: dict[int, str],
         "privileges": {"pfn": show_pfn, "kpageflags": kpf is not None},
         "ksm": _ksm_state(),
     }
-    writer = SnapshotWriter(path, page_size=page_size, kpageflags=kpf is not None)
+    writer = SnapshotWriter(path)
     try:
         meter = _Meter(progress, samples)
+        pass_starts: list[float] = []
         for pass_no in range(1, samples + 1):
             if pass_no > 1:
                 time.sleep(max(0.0, t0 + (pass_no - 1) * interval_s - time.monotonic()))
+            pass_starts.append(round(time.monotonic() - t0, 6))  # later if a pass overran
             meter.start_pass(pass_no)
             areas_of = {}
             for t in _alive(targets):
@@ -328,7 +331,8 @@ def _capture(path: str, targets: list[_Target], skipped: dict[int, str],
         summary.seconds = time.monotonic() - t0
         meta["capture"] = {"seconds": round(summary.seconds, 6), "pages": summary.pages,
                            "present": summary.present, "hashed": summary.hashed,
-                           "raced": summary.raced, "bytes_read": summary.bytes_read}
+                           "raced": summary.raced, "bytes_read": summary.bytes_read,
+                           "pass_starts_s": pass_starts}
         summary.file_bytes = writer.close(meta)
     except BaseException:
         writer.abort()

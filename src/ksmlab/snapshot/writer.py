@@ -30,10 +30,8 @@ def _bools(values: Bools | None, valid: Bools) -> pa.Array:
 class SnapshotWriter:
     """Streams page rows into a Parquet file under a temporary name; :meth:`close` publishes it."""
 
-    def __init__(self, path: str, *, page_size: int, kpageflags: bool) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.page_size = page_size
-        self.kpageflags = kpageflags
         directory = os.path.dirname(os.path.abspath(path))
         fd, self._tmp = tempfile.mkstemp(prefix=".ksmlab-snapshot-", suffix=".tmp", dir=directory)
         os.close(fd)
