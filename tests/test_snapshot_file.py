@@ -117,6 +117,20 @@ def test_read_snapshot_gives_the_columns_back(tmp_path: Path) -> None:
     assert snap.pages.rows_of(999) == slice(0, 0)
 
 
+def test_content_ids_number_equal_fingerprints_alike(tmp_path: Path) -> None:
+    f = tmp_path / "s.parquet"
+    cols = write_synthetic(f, 500)
+    snap = read_snapshot(f)
+    table, ids = snap.pages.content_ids()
+    hashed = snap.pages.hashed
+    assert (ids[~hashed] == -1).all() and (ids[hashed] >= 0).all()
+    assert (table[ids[hashed]] == snap.pages.fingerprint[hashed]).all()
+    expect = {bytes(x) for c in cols.values()
+              for x, h in zip(c["fingerprint"], c["hashed"], strict=True) if h}
+    assert {bytes(x) for x in table} == expect and len(table) == len(expect)
+    assert (snap.pages.candidates == (snap.pages.present & hashed)).all()  # no file/zero pages
+
+
 def test_a_page_costs_at_most_24_bytes(tmp_path: Path) -> None:
     """Worst case for the encodings: every content unique, PFNs random over 24 GiB."""
     f = tmp_path / "s.parquet"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from ksmlab.backends.linux_procfs import parse_ksm_stat
+from ksmlab.errors import KsmSimError
 
 __all__ = [
     "POLICIES",
@@ -49,11 +50,11 @@ _CAP_SYS_ADMIN: Final = 21
 _KERNEL_HALF: Final = 1 << 63
 
 
-class SnapshotPermissionError(PermissionError):
+class SnapshotPermissionError(KsmSimError, PermissionError):
     """The caller may not read a target process; the message names the pid and the privilege."""
 
 
-class ProcessGoneError(ProcessLookupError):
+class ProcessGoneError(KsmSimError, ProcessLookupError):
     """The process exited (or was never there); ESRCH."""
 
 

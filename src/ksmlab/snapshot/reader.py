@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ksmlab.constants import PAGE_SIZE
+from ksmlab.errors import KsmSimError
 from ksmlab.snapshot.schema import FINGERPRINT_BYTES, METADATA_KEY, SCHEMA, SCHEMA_ID
 
 __all__ = ["PageColumns", "ProcessInfo", "Snapshot", "SnapshotFormatError", "VmaInfo",
@@ -37,7 +38,7 @@ __all__ = ["PageColumns", "ProcessInfo", "Snapshot", "SnapshotFormatError", "Vma
 Bools = npt.NDArray[np.bool_]
 
 
-class SnapshotFormatError(ValueError):
+class SnapshotFormatError(KsmSimError, ValueError):
     """The file is not a readable ksmlab snapshot (the message names the file and why)."""
 
 
@@ -104,6 +105,24 @@ class PageColumns:
 
     def __len__(self) -> int:
         return int(self.addr.size)
+
+    @property
+    def candidates(self) -> Bools:
+        """The pages ksmd would scan: present anonymous pages with a fingerprint, not the
+        shared zero page (KSM pages already merged included)."""
+        return self.present & self.hashed & ~self.file & ~self.zero_page
+
+    def content_ids(self) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
+        """The distinct fingerprints, shape (k, 16) in byte order, and each row's index into
+        them (-1 where the row has no fingerprint): equal ids, equal contents."""
+        ids = np.full(len(self), -1, np.int64)
+        rows = np.flatnonzero(self.hashed)
+        keys = np.ascontiguousarray(self.fingerprint[rows]).view(
+            np.dtype((np.void, FINGERPRINT_BYTES))).ravel()
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        ids[rows] = inverse.ravel()
+        table = np.frombuffer(uniq.tobytes(), np.uint8).reshape(-1, FINGERPRINT_BYTES)
+        return table, ids
 
     @cached_property
     def groups(self) -> dict[int, slice]:
