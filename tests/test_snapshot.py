@@ -562,8 +562,8 @@ def test_snapshot_help_lists_every_option() -> None:
 @pytest.mark.linux
 def test_as_is_covers_madvised_areas_and_merged_pages_show_as_ksm(tmp_path: Path) -> None:
     """A helper's madvised area is captured under as-is, its other area not; once ksmd merged
-    the 8 identical pages they show ksm=True and one PFN, with the same fingerprints; the
-    knobs in the metadata are the host's at capture, and the capture changed none."""
+    the 8 identical pages they show ksm=True and one PFN, with the same fingerprints, and stay
+    merged; the knobs in the metadata are the host's at capture, and the capture changed none."""
     from ksmlab import MADV_MERGEABLE
     from linux_support import BOOT_KNOBS, read_knobs, session_at_boot_knobs, skip_unless_ksm_usable
 
@@ -591,8 +591,12 @@ def test_as_is_covers_madvised_areas_and_merged_pages_show_as_ksm(tmp_path: Path
         k.sysfs["run"] = "1"
         k.wait_full_scans(2)
         k.sysfs["run"] = "0"
+        merged = p.pfns(a, 8 * PAGE)
         out2 = tmp_path / "after.parquet"
         capture_snapshot(str(out2), Selection(pids=(p.pid,)))
+        # reading the KSM pages un-shared none of them (no pin, no COW)
+        assert p.pfns(a, 8 * PAGE) == merged and len(set(merged)) == 1
+        assert p.ksm_stat()["ksm_merging_pages"] == 8
         after = read_snapshot(out2)
         assert after.pages.ksm.tolist() == [True] * 8 + [False] * 8
         assert len(set(after.pages.pfn[:8].tolist())) == 1
