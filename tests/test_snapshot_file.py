@@ -276,3 +276,60 @@ def test_the_file_is_private_to_its_owner(tmp_path: Path) -> None:
     write_synthetic(f, 10)
     assert f.stat().st_mode & 0o777 == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["s.parquet"]  # no temporary file left
+
+
+# --- the race checks of one pass, on a scripted pagemap --------------------------------------
+
+class _FakeProcess:
+    """What read_pass uses of a ProcessHandle, over a regular file standing in for its memory."""
+
+    def __init__(self, mem_fd: int) -> None:
+        self.pid = 4242
+        self.pagemap = -1  # never read: the pagemap reads are scripted
+        self.mem = mem_fd
+        self.exited = False
+
+
+def test_pages_that_change_around_the_read_get_no_fingerprint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """8 present pages. Before the chunk is read, page 3 is gone: pages 0..2 are read, then
+    page 1 shows another PFN (copied on write meanwhile); page 3 is skipped, 4..7 read.
+    Pages 1 and 3 keep no fingerprint and count as raced."""
+    import hashlib
+
+    from ksmlab.snapshot import pages
+    from ksmlab.snapshot.procfs import Area
+
+    base = 0x10000
+    data = b"".join(bytes([i + 1]) * PAGE for i in range(8))
+    mem = tmp_path / "mem"
+    mem.write_bytes(bytes(base) + data)
+    present = np.uint64(1 << 63)
+    entries = np.array([int(present) | (1000 + i) for i in range(8)], np.uint64)
+
+    def scripted(fd: int, first_page: int, n: int) -> np.ndarray[Any, Any]:
+        i = first_page - base // PAGE
+        now = entries.copy()
+        calls.append((i, n))
+        if len(calls) >= 2:
+            now[3] = 0  # unmapped after the pass's first read
+        if len(calls) >= 3:
+            now[1] = int(present) | 5000  # copied on write while being read
+        return now[i:i + n]
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(pages, "_pread_pagemap", scripted)
+    fd = os.open(mem, os.O_RDONLY)
+    try:
+        area = Area(base, base + 8 * PAGE, "rw-p", 0, 0, "", ("rd", "wr", "mg"))
+        rows = pages.read_pass(_FakeProcess(fd), [area], page_size=PAGE,  # type: ignore[arg-type]
+                               show_pfn=True, kpageflags=None)
+    finally:
+        os.close(fd)
+    assert calls[:3] == [(0, 8), (0, 8), (0, 3)]  # first read, before, after
+    assert rows.hashed.tolist() == [True, False, True, False, True, True, True, True]
+    assert rows.raced == 2
+    for i in (0, 2, 4, 5, 6, 7):
+        assert bytes(rows.fingerprint[i]) == hashlib.blake2b(data[i * PAGE:(i + 1) * PAGE],
+                                                             digest_size=16).digest()
+    assert not rows.fingerprint[[1, 3]].any()

@@ -4,13 +4,14 @@ the fingerprints of the present ones, read through ``/proc/PID/mem``.
 Never faults a page in: memory is read only where ``pagemap`` said the page
 is present, never for a swapped, absent or page-cache page, and nothing is
 written.  A page can go away between the ``pagemap`` read and the memory
-read (unmapped, swapped out, copied on write, merged by ksmd): each chunk
-read is followed by a second ``pagemap`` read of the same pages, and a page
-whose presence or PFN changed meanwhile keeps no fingerprint (it is counted
-as *raced*).  The window left is the one between the first ``pagemap`` read
-and the memory read of a chunk (microseconds): a page swapped out exactly
-then is read back in by that read, as the process's own access would
-(docs/snapshot.md).
+read (unmapped, swapped out, copied on write, merged by ksmd): right before
+each chunk is read, ``pagemap`` is read again for its pages and only those
+still as the pass found them are read; right after, a third read checks them
+again, and a page whose presence or PFN changed meanwhile keeps no
+fingerprint (it is counted as *raced*).  The window left is the one between
+the second ``pagemap`` read and the memory read (microseconds): a page
+swapped out exactly then is read back in by that read, as the process's own
+access would (docs/snapshot.md).
 """
 
 from __future__ import annotations
@@ -204,12 +205,24 @@ def read_pass(handle: ProcessHandle, areas: Sequence[Area], *, page_size: int,
     buf = bytearray(READ_CHUNK * page_size)
     view = memoryview(buf)
     raced = bytes_read = 0
+    keep = PM_PRESENT | PM_PFN_MASK
     for s, e in _runs(addr, idx, page_size):
         pos = s
         while pos < e:
             k = min(READ_CHUNK, e - pos)
             rows = idx[pos:pos + k]
             start = int(addr[rows[0]])
+            # The pass's pagemap read may be seconds old: check the chunk's pages
+            # are still present, right before reading, and read only those.
+            now = _pread_pagemap(handle.pagemap, start >> shift, k)
+            still = (now & keep) == (entry[rows] & keep)
+            if not still.all():
+                k = int(np.argmin(still))
+                if k == 0:
+                    raced += 1  # gone, swapped out or replaced since the pass began
+                    pos += 1
+                    continue
+                rows = rows[:k]
             try:
                 got = os.preadv(handle.mem, [view[:k * page_size]], start)
             except OSError as err:
@@ -227,7 +240,6 @@ def read_pass(handle: ProcessHandle, areas: Sequence[Area], *, page_size: int,
                 fps[ok] = np.frombuffer(digests, np.uint8).reshape(done, FINGERPRINT_SIZE)
                 # The pages must still be the ones pagemap showed: same presence and PFN.
                 again = _pread_pagemap(handle.pagemap, start >> shift, done)
-                keep = PM_PRESENT | PM_PFN_MASK
                 same = (again & keep) == (entry[ok] & keep)
                 hashed[ok] = same
                 raced += int(done - same.sum())
