@@ -12,7 +12,9 @@ Subcommands (``ksmlab COMMAND --help`` for each; the reference is docs/cli.md):
   ``doctor``: this machine's KSM state, and repair of what a killed session
   left (both in :mod:`ksmlab.cli_host`);
 * ``check SCENARIO...``: validate scenario files without running them;
-* ``init [FILE]``: write the built-in scenario, as a starting point.
+* ``init [FILE]``: write the built-in scenario, as a starting point;
+* ``snapshot``: capture running processes' pages as KSM would see them
+  (:mod:`ksmlab.snapshot.command`).
 
 Exit codes: 0 success; 1 the run failed (a check failed, a full-scan
 checkpoint was not reached, a kernel call failed, an output could not be
@@ -516,6 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("file", nargs="?", metavar="FILE", help="where to write (default: stdout)")
     init.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     init.set_defaults(func=cmd_init)
+
+    from ksmlab.snapshot.command import add_snapshot_parser  # its own module: issue 10
+
+    add_snapshot_parser(sub, fmt, EXIT_CODES)
     return parser
 
 
