@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """``ksmlab snapshot`` on processes these tests build, and reading snapshot files.
 
-Expected fingerprints are BLAKE2b-128 of the bytes the workload wrote
-(``tests/snapshot_workload.py``), computed here with hashlib, not with
+Expected fingerprints are XXH3-128 of the bytes the workload wrote
+(``tests/snapshot_workload.py``), computed here with xxhash directly, not with
 ksmlab; page states (present, zero page, shared PFNs, THP) follow from what
 the workload did and are cross-checked against the kernel's own smaps and
 pagemap, read here independently of the code under test.
@@ -11,7 +11,6 @@ pagemap, read here independently of the code under test.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import xxhash
 
 from ksmlab.snapshot import (
     CaptureProgress,
@@ -43,8 +43,8 @@ HAVE_PAGEMAP = os.path.exists("/proc/self/pagemap")
 ROOT = os.geteuid() == 0
 
 def fp(data: bytes) -> bytes:
-    """The fingerprint the format documents: BLAKE2b with a 16-byte digest."""
-    return hashlib.blake2b(data, digest_size=16).digest()
+    """The fingerprint the format documents: XXH3-128, canonical digest."""
+    return xxhash.xxh3_128_digest(data)
 
 
 ZERO_FP = fp(bytes(PAGE))

@@ -34,7 +34,7 @@ DOCUMENTED_COLUMNS = [
 
 
 def _meta(processes: list[dict[str, Any]], page_size: int = PAGE) -> dict[str, Any]:
-    return {"schema": SCHEMA_ID, "fingerprint": "blake2b-128", "created": "2026-01-01T00:00:00+00:00",
+    return {"schema": SCHEMA_ID, "fingerprint": "xxh3-128", "created": "2026-01-01T00:00:00+00:00",
             "host": "test", "kernel": "6.18.0", "kernel_version": "#1", "machine": "x86_64",
             "page_size": page_size, "policy": "as-is", "samples": 1, "interval_s": 0.0,
             "selection": {"pids": [], "uids": [], "cgroups": [], "all": False},
@@ -208,6 +208,15 @@ def test_another_schema_version_is_refused(tmp_path: Path) -> None:
     assert "rows of pid 200, which its metadata does not list as captured" in _error(h)
 
 
+def test_another_fingerprint_is_refused(tmp_path: Path) -> None:
+    """Pages hashed another way would get content ids that merge the wrong pages."""
+    f = tmp_path / "s.parquet"
+    write_synthetic(f, 10)
+    g = tmp_path / "blake.parquet"
+    _rewrite_meta(f, g, {"fingerprint": "blake2b-128"})
+    assert "fingerprint 'blake2b-128', this ksmlab's pages are 'xxh3-128'" in _error(g)
+
+
 def test_a_snapshot_from_another_page_size_is_refused(tmp_path: Path) -> None:
     f = tmp_path / "arm64.parquet"
     write_synthetic(f, 10, page_size=16384)
@@ -295,7 +304,7 @@ def test_pages_that_change_around_the_read_get_no_fingerprint(
     """8 present pages. Before the chunk is read, page 3 is gone: pages 0..2 are read, then
     page 1 shows another PFN (copied on write meanwhile); page 3 is skipped, 4..7 read.
     Pages 1 and 3 keep no fingerprint and count as raced."""
-    import hashlib
+    import xxhash
 
     from ksmlab.snapshot import pages
     from ksmlab.snapshot.procfs import Area
@@ -330,6 +339,6 @@ def test_pages_that_change_around_the_read_get_no_fingerprint(
     assert rows.hashed.tolist() == [True, False, True, False, True, True, True, True]
     assert rows.raced == 2
     for i in (0, 2, 4, 5, 6, 7):
-        assert bytes(rows.fingerprint[i]) == hashlib.blake2b(data[i * PAGE:(i + 1) * PAGE],
-                                                             digest_size=16).digest()
+        assert bytes(rows.fingerprint[i]) == xxhash.xxh3_128_digest(
+            data[i * PAGE:(i + 1) * PAGE])
     assert not rows.fingerprint[[1, 3]].any()

@@ -176,7 +176,8 @@ def _report(s: CaptureSummary) -> str:
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     """``ksmlab snapshot``."""
-    from ksmlab.cli import EXIT_FAILED, EXIT_INVALID, EXIT_OK, CliError, _output_arg
+    from ksmlab.cli_common import EXIT_FAILED, EXIT_INVALID, EXIT_OK, CliError
+    from ksmlab.cli_output import output_arg
     from ksmlab.snapshot.capture import Selection, capture_snapshot
     from ksmlab.snapshot.procfs import ProcessGoneError, SnapshotPermissionError
 
@@ -191,7 +192,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     if not (sel.pids or sel.uids or sel.cgroups or sel.all):
         raise CliError("ksmlab snapshot: expected at least one of --pid, --cgroup, --uid or "
                        "--all (see ksmlab snapshot --help)", EXIT_INVALID)
-    out = _output_arg("--output", args.output)
+    out = output_arg("--output", args.output)
     assert out is not None
     interval_s = (args.interval or 0) / NS_PER_S
     progress = args.progress if args.progress is not None else sys.stderr.isatty()

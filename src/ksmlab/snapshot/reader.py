@@ -30,7 +30,13 @@ import pyarrow.parquet as pq
 
 from ksmlab.constants import PAGE_SIZE
 from ksmlab.errors import KsmSimError
-from ksmlab.snapshot.schema import FINGERPRINT_BYTES, METADATA_KEY, SCHEMA, SCHEMA_ID
+from ksmlab.snapshot.schema import (
+    FINGERPRINT_ALGORITHM,
+    FINGERPRINT_BYTES,
+    METADATA_KEY,
+    SCHEMA,
+    SCHEMA_ID,
+)
 
 __all__ = ["PageColumns", "ProcessInfo", "Snapshot", "SnapshotFormatError", "VmaInfo",
            "read_metadata", "read_snapshot"]
@@ -213,6 +219,9 @@ def read_metadata(path: str) -> dict[str, Any]:
         raise _bad(path, f"its {METADATA_KEY!r} metadata is not a JSON object")
     if meta.get("schema") != SCHEMA_ID:
         raise _bad(path, f"schema {meta.get('schema')!r}, this ksmlab reads {SCHEMA_ID!r}")
+    if meta.get("fingerprint") != FINGERPRINT_ALGORITHM:  # other ids would merge wrongly
+        raise _bad(path, f"fingerprint {meta.get('fingerprint')!r}, this ksmlab's pages are "
+                         f"{FINGERPRINT_ALGORITHM!r}")
     return meta
 
 

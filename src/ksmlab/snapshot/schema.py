@@ -24,7 +24,7 @@ SCHEMA_ID: Final = "ksmlab.snapshot/1"
 METADATA_KEY: Final = "ksmlab.snapshot"
 """Parquet key-value metadata key holding the metadata document (JSON)."""
 
-FINGERPRINT_ALGORITHM: Final = "blake2b-128"
+FINGERPRINT_ALGORITHM: Final = "xxh3-128"
 """What the ``fingerprint`` column holds: ``ksmlab.mm.page.fingerprint`` of the page's bytes."""
 
 FINGERPRINT_BYTES: Final = 16
