@@ -52,6 +52,8 @@ def ksmlab(*args: str, cwd: Path | None = None, timeout: float = 300,
     """Run the command; *user* runs it under that uid (root only)."""
     env = dict(os.environ, COLUMNS="200")
     env.pop("FORCE_COLOR", None)
+    # The pre-flight's memory figure, so that these tests do not read the host's /proc.
+    env.setdefault("KSMLAB_MEM_AVAILABLE", "16GiB")
     kwargs: dict[str, Any] = {}
     if user is not None:
         kwargs["user"] = user

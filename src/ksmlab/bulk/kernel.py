@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Sequence
-from typing import NoReturn, Self
+from typing import ClassVar, NoReturn, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +28,7 @@ from ksmlab.bulk.content import ZERO_CONTENT, ContentTable
 from ksmlab.bulk.engine import BulkKsm
 from ksmlab.bulk.mm import BulkMm, Segment
 from ksmlab.bulk.vector import VectorKsm
+from ksmlab.capabilities import Capability
 from ksmlab.constants import (
     MADV_MERGEABLE,
     MADV_UNMERGEABLE,
@@ -69,6 +70,15 @@ class BulkKernel:
         sysfs: /sys/kernel/mm/ksm: SimKernel's table, less :data:`UNMODELLED_FILES`.
         processes: live processes by pid.
     """
+
+    MODELS: ClassVar[frozenset[Capability]] = frozenset({
+        Capability.MMAP, Capability.WRITE, Capability.MADV_MERGEABLE,
+        Capability.MADV_UNMERGEABLE, Capability.FORK, Capability.EXIT, Capability.KSM_STAT,
+        Capability.RUN_UNMERGE,
+    })
+    """What this engine models (:mod:`ksmlab.capabilities`): add a capability here when
+    the engine implements it; everything else raises NotModelledError.  The scenario
+    pre-flight reads this, and tests/test_preflight.py holds it to what the engine does."""
 
     def __init__(self, *, vectorize: bool = True, seed: int = 0,
                  ksmd_batch_ns: int = DEFAULT_KSMD_BATCH_NS,
