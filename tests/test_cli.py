@@ -557,6 +557,7 @@ def test_linux_backend_unavailable_in_process(tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr(linux, "linux_ksm_unavailable_reason",
                         lambda: "/sys/kernel/mm/ksm does not exist (test).")
+    monkeypatch.setenv("KSMLAB_MEM_AVAILABLE", "16GiB")  # the pre-flight reads no /proc
     f = tmp_path / "s.toml"
     f.write_text(FORMULA)
     assert cli.main(["run", str(f), "--backend", "linux"]) == 3

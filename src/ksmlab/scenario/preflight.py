@@ -100,8 +100,9 @@ def _engine_class(backend: str) -> type:
 
 
 def cannot_run(sc: Scenario, backend: str) -> list[str]:
-    """What of *sc* the *backend*'s engine does not model, one line per capability
-    (``prctl(PR_SET_MEMORY_MERGE): process[0] 'server': merge_any = true``); [] if nothing."""
+    """What of *sc* the *backend*'s engine does not model, one line per capability and the
+    first place that needs it (``prctl(PR_SET_MEMORY_MERGE) (process[0] 'server': merge_any =
+    true)``); [] if nothing.  The engine's class says what it models (``MODELS``)."""
     models = declared(_engine_class(backend))
     first: dict[Capability, str] = {}
     for cap, where in needs(sc):
