@@ -624,7 +624,7 @@ def test_content_fingerprint_with_auto(files: Path) -> None:
     assert code == 0 and "chose sim (SimKernel in fingerprint mode)" in out
     code, _, err = invoke(["check", "--backend", "bulk", "--content", "fingerprint",
                            str(files / "db.toml")])
-    assert code == 2 and "--content fingerprint applies to --backend sim (or auto) only" in err
+    assert code == 2 and "--content fingerprint applies to --backend sim only (and to auto" in err
 
 
 # --- the costs are stated in docs/performance.md, and hold -----------------------------------

@@ -214,8 +214,8 @@ def _plan(sc: Scenario, backend: str, content: str) -> preflight.Plan:
     if content != "bytes" and backend not in ("sim", "auto"):
         why = ("the real kernel keeps real bytes" if backend == "linux"
                else "the bulk engine always keeps fingerprints")
-        raise CliError(f"ksmlab: --content {content} applies to --backend sim (or auto) only: "
-                       f"{why}", EXIT_INVALID)
+        raise CliError(f"ksmlab: --content {content} applies to --backend sim only (and to auto, "
+                       f"when it picks sim): {why}", EXIT_INVALID)
     try:
         available = preflight.mem_available()
         return preflight.plan(sc, backend, "fingerprint" if content == "fingerprint" else "bytes",
