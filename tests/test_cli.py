@@ -54,6 +54,8 @@ def ksmlab(*args: str, cwd: Path | None = None, timeout: float = 300,
     """Run the command; *user* runs it under that uid (root only)."""
     env = dict(os.environ, COLUMNS="200")
     env.pop("FORCE_COLOR", None)
+    # The pre-flight's memory figure, so that these tests do not read the host's /proc.
+    env.setdefault("KSMLAB_MEM_AVAILABLE", "16GiB")
     kwargs: dict[str, Any] = {}
     if user is not None:
         kwargs["user"] = user
@@ -64,8 +66,10 @@ def ksmlab(*args: str, cwd: Path | None = None, timeout: float = 300,
 
 
 def one_line_error(p: subprocess.CompletedProcess[str]) -> str:
-    """The error of a failed command, checked to be exactly one line on stderr."""
-    lines = p.stderr.strip("\n").split("\n")
+    """The error of a failed command, checked to be exactly one line on stderr (besides the
+    pre-flight's status line of a run that started: which engine, and why)."""
+    lines = [ln for ln in p.stderr.strip("\n").split("\n")
+             if not ln.startswith("ksmlab: --backend auto chose ")]
     assert len(lines) == 1, p.stderr
     return lines[0]
 
@@ -86,7 +90,8 @@ def test_readme_command_prints_the_table(tmp_path: Path) -> None:
     """`ksmlab run` (the README's command) runs the built-in scenario and prints the table."""
     p = ksmlab("run", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
-    assert p.stderr == ""
+    # stderr: the pre-flight's one line, saying which engine --backend auto chose and why
+    assert re.fullmatch(r"ksmlab: --backend auto chose sim \(SimKernel\): .*\n", p.stderr), p.stderr
     out = p.stdout
     assert "12 guests from one image" in out
     assert "pages_to_scan=100, sleep_millisecs=20" in out
@@ -905,6 +910,7 @@ def test_linux_backend_unavailable_in_process(tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr(linux, "linux_ksm_unavailable_reason",
                         lambda: "/sys/kernel/mm/ksm does not exist (test).")
+    monkeypatch.setenv("KSMLAB_MEM_AVAILABLE", "16GiB")  # the pre-flight reads no /proc
     f = tmp_path / "s.toml"
     f.write_text(FORMULA)
     assert cli.main(["run", str(f), "--backend", "linux"]) == 3

@@ -57,8 +57,10 @@ from ksmlab.cli_host import cmd_doctor, cmd_stat
 from ksmlab.cli_output import Outputs, output_arg, plot_arg, write_outputs
 from ksmlab.cli_stop import StopRequest, graceful_stop
 from ksmlab.constants import PAGE_SIZE
+from ksmlab.errors import NotModelledError
 from ksmlab.mm.page import CONTENT_MODES
 from ksmlab.report.counters import counters_epilog
+from ksmlab.scenario import preflight
 from ksmlab.scenario.backends import BACKENDS, BackendUnavailableError, open_backend
 from ksmlab.scenario.knobs import KNOBS, KnobValue, parse_cli_value
 from ksmlab.scenario.loader import (
@@ -196,19 +198,34 @@ def _progress(enabled: bool, sc: Scenario,
             bar.stop()
 
 
-def _execute(sc: Scenario, args: argparse.Namespace, stop: StopRequest | None = None) -> RunResult:
-    backend_name = args.backend
-    progress = _want_progress(args)
-    if args.content != "bytes" and backend_name != "sim":
-        why = ("the real kernel keeps real bytes" if backend_name == "linux"
+def _plan(sc: Scenario, backend: str, content: str) -> preflight.Plan:
+    """The pre-flight of *sc* on *backend*: CliError (exit 2) if it cannot or must not run."""
+    if content != "bytes" and backend not in ("sim", "auto"):
+        why = ("the real kernel keeps real bytes" if backend == "linux"
                else "the bulk engine always keeps fingerprints")
-        raise CliError(f"ksmlab: --content {args.content} applies to --backend sim only: "
-                       f"{why}", EXIT_INVALID)
+        raise CliError(f"ksmlab: --content {content} applies to --backend sim only (and to auto, "
+                       f"when it picks sim): {why}", EXIT_INVALID)
     try:
-        backend = open_backend(backend_name, args.content)
+        available = preflight.mem_available()
+        return preflight.plan(sc, backend, "fingerprint" if content == "fingerprint" else "bytes",
+                              available=available)
+    except (preflight.WontFitError, NotModelledError) as e:
+        raise CliError(str(e), EXIT_INVALID) from None
+    except ValueError as e:  # KSMLAB_MEM_AVAILABLE is not a size
+        raise CliError(f"ksmlab: {e}", EXIT_INVALID) from None
+
+
+def _execute(sc: Scenario, args: argparse.Namespace, stop: StopRequest | None = None) -> RunResult:
+    progress = _want_progress(args)
+    plan = _plan(sc, args.backend, args.content)
+    backend_name = plan.backend
+    try:
+        backend = open_backend(backend_name, plan.content)
     except BackendUnavailableError as e:
         raise CliError(f"ksmlab: the {backend_name} backend is unavailable: {e}",
                        EXIT_UNAVAILABLE) from None
+    # On stderr, as the run starts: stdout opens with the answer (or is the document alone).
+    print(f"ksmlab: {plan.describe()}", file=sys.stderr, flush=True)
     try:
         with _progress(progress, sc, backend_name) as update:
             return run_scenario(sc, backend, update, stop)
@@ -328,12 +345,19 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(str(e), file=sys.stderr)
             bad += 1
             continue
+        try:
+            plan = _plan(sc, args.backend, args.content)
+        except CliError as e:
+            print(str(e), file=sys.stderr)
+            bad += 1
+            continue
         nproc = sum(g.count for g in sc.processes)
         print(f"{path}: ok: {sc.name!r}: {_n(nproc, 'process', 'es')} in "
               f"{_n(len(sc.processes), 'group')}, {format_bytes(sc.total_pages() * PAGE_SIZE)} "
               f"mapped, {_n(len(sc.activities), 'activit', 'ies', 'y')}, "
               f"{_n(len(sc.events), 'event')}, {_n(len(sc.checkpoints), 'checkpoint')}, "
               f"planned end {format_duration(sc.planned_end_ns / NS_PER_S)}")
+        print(f"{path}: {plan.describe()}")
     return EXIT_INVALID if bad else EXIT_OK
 
 
@@ -355,16 +379,22 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 # --- parser ---------------------------------------------------------------------------------
 
-def _add_scenario_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=BACKENDS, default="sim",
-                   help="sim: the model, in virtual time (default); linux: this machine's "
+def _add_backend_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                   help="auto (default): sim where the run fits in half the memory available, "
+                        "else bulk (if it models every call of the scenario), saying which and "
+                        "why; sim: the model, in virtual time; linux: this machine's "
                         "kernel, in real time (root and CONFIG_KSM needed; see "
                         "docs/linux-backend.md for what it changes); bulk: the model's bulk "
-                        "engine, for hosts of many GiB (no advisor; see docs/bulk.md)")
+                        "engine, for hosts of many GiB (see docs/bulk.md for what it models)")
     p.add_argument("--content", choices=CONTENT_MODES, default="bytes",
                    help="how the model stores page contents: bytes (default) or fingerprint "
                         "(a 128-bit hash per page: about 7x less memory; the same results "
                         "until pages are rewritten while ksmd scans, see docs/cli.md)")
+
+
+def _add_scenario_options(p: argparse.ArgumentParser) -> None:
+    _add_backend_options(p)
     p.add_argument("--until", type=_duration_arg, metavar="TIME",
                    help="stop the run at TIME (e.g. 30s, 5min): later checkpoints and events "
                         "are dropped, and a checkpoint is added at TIME; a TIME past the "
@@ -504,10 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check", formatter_class=fmt, help="validate scenario files without running them",
         description="Validate each SCENARIO as `ksmlab run` would, print a one-line summary "
-                    "of each valid\none, and one error line (file: field: expected ..., got "
-                    "...) for each invalid one.",
+                    "of each valid\none and the pre-flight of its run on --backend (the "
+                    "engine, its peak memory and\nrough time), and one error line for each "
+                    "invalid one (file: field: expected ...,\ngot ...), each one the backend "
+                    "cannot run, and each one that would not fit in\nthe memory available.",
         epilog=EXIT_CODES)
     check.add_argument("scenarios", nargs="+", metavar="SCENARIO", help="scenario files")
+    _add_backend_options(check)
     check.set_defaults(func=cmd_check)
 
     init = sub.add_parser(

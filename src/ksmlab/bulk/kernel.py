@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Sequence
-from typing import NoReturn, Self
+from typing import ClassVar, NoReturn, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +30,7 @@ from ksmlab.bulk.content import ZERO_CONTENT, ContentTable
 from ksmlab.bulk.engine import BulkKsm
 from ksmlab.bulk.mm import BulkMm, Segment
 from ksmlab.bulk.vector import VectorKsm
+from ksmlab.capabilities import Capability
 from ksmlab.constants import (
     MADV_MERGEABLE,
     MADV_UNMERGEABLE,
@@ -71,6 +72,16 @@ class BulkKernel:
         processes: live processes by pid.
         numa_nodes: NUMA nodes (pages are placed with ``mmap(node=)``, as SimKernel's).
     """
+
+    MODELS: ClassVar[frozenset[Capability]] = frozenset({
+        Capability.MMAP, Capability.WRITE, Capability.MADV_MERGEABLE,
+        Capability.MADV_UNMERGEABLE, Capability.PR_SET_MEMORY_MERGE, Capability.FORK,
+        Capability.EXIT, Capability.EXEC, Capability.KSM_STAT, Capability.RUN_UNMERGE,
+        Capability.NUMA, Capability.ADVISOR,
+    })
+    """What this engine models (:mod:`ksmlab.capabilities`): add a capability here when
+    the engine implements it; everything else raises NotModelledError.  The scenario
+    pre-flight reads this, and tests/test_preflight.py holds it to what the engine does."""
 
     def __init__(self, *, vectorize: bool = True, seed: int = 0, numa_nodes: int = 1,
                  ksmd_batch_ns: int = DEFAULT_KSMD_BATCH_NS,
