@@ -4,8 +4,9 @@
 memory, with its state in numpy columns (about 30 bytes per simulated page
 instead of SimKernel's kilobytes) and a vectorised scan.  It offers the part
 of the :class:`ksmlab.api.Kernel` interface that such workloads use: spawn,
-mmap of anonymous private memory, whole-page writes (as bytes, or as content
-ids for speed), MADV_MERGEABLE / MADV_UNMERGEABLE, fork, exit, ksm_stat, the
+mmap of anonymous private memory, munmap, mprotect, whole-page writes (as
+bytes, or as content ids for speed), MADV_MERGEABLE / MADV_UNMERGEABLE, fork,
+exit, ksm_stat, the
 sysfs files of the knobs and counters it models, and ksmd on the same virtual
 clock and cost model as SimKernel.  Anything else raises NotModelledError
 naming the call; SimKernel remains the reference for the whole interface.
@@ -35,6 +36,7 @@ from ksmlab.constants import (
     MAP_PRIVATE,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
     TASK_SIZE,
@@ -45,7 +47,7 @@ from ksmlab.ksm.defaults import DEFAULT_KSMD_BATCH_NS, DEFAULT_KSMD_PAGE_NS
 from ksmlab.ksm.ksmd import Ksmd, KsmdCost
 from ksmlab.ksm.sysfs import ADVISOR_FILES, KsmSysfs
 from ksmlab.mm.madvise import UNMODELLED_ADVICE, madvise_behavior_valid, madvise_check
-from ksmlab.mm.mmap import page_align
+from ksmlab.mm.mmap import PROT_GROWSDOWN, mprotect_args, munmap_end, page_align
 from ksmlab.mm.page import fingerprint
 
 UNMODELLED_FILES = {name: "the scan-time advisor is not modelled by the bulk engine; use SimKernel"
@@ -182,7 +184,7 @@ class BulkKernel:
             return
         pages = self.ksm.pages
         if not any(bool((pages.state[s.row:s.row + s.pages] != ABSENT).any())
-                   for s in mm.segments):
+                   for s in mm.ranges()):
             self.ksm.unregister(mm)
         else:
             mm.list_del()
@@ -256,19 +258,77 @@ class BulkProcess:
         size = page_align(args.length)
         if size > TASK_SIZE:
             raise kernel_error(errno.ENOMEM, f"mmap length {args.length:#x}")
-        mm = self.mm
-        top = mm.segments[0].addr if mm.segments else mm.mmap_base
-        start = top - size
-        if start < 16 * PAGE_SIZE:  # get_unmapped_area's floor, as SimKernel's
-            raise kernel_error(errno.ENOMEM, "no room in the address space")
-        try:
-            row = self.kernel.ksm.pages.append(size >> PAGE_SHIFT)
-        except (MemoryError, ValueError):  # numpy could not allocate the rows: nothing changed
-            raise kernel_error(errno.ENOMEM, f"no memory for {size >> PAGE_SHIFT} page rows "
-                               f"in the bulk engine") from None
+        start = self.mm.unmapped_area(size)  # SimKernel's placement: gaps are reused
+        self.mm.map_area(start, size >> PAGE_SHIFT, self._new_rows)
         self.kernel.ksm.mutations += 1
-        mm.segments.insert(0, Segment(start, row, size >> PAGE_SHIFT))
         return start
+
+    def _new_rows(self, n: int) -> int:
+        """*n* fresh page rows (the first); OSError(ENOMEM), changing nothing, if numpy
+        cannot allocate them."""
+        try:
+            return self.kernel.ksm.pages.append(n)
+        except (MemoryError, ValueError):
+            raise kernel_error(errno.ENOMEM, f"no memory for {n} page rows "
+                               f"in the bulk engine") from None
+
+    def munmap(self, addr: int, length: int) -> None:
+        """munmap(2), with SimKernel's checks and errnos (``do_vmi_munmap``).
+
+        The pages go at once (frames' mapcounts drop, a KSM page mapped
+        nowhere else is freed, KSM zero pages stop counting); their
+        rmap_items stay, as on Linux, until ksmd's walk passes their
+        addresses (see :mod:`ksmlab.bulk.mm`).  Model choice:
+        ``vm.max_map_count`` is not modelled (the engine keeps no vmas), so
+        no split fails with ENOMEM.
+        """
+        addr, length = argcheck.ulong("addr", addr), argcheck.ulong("length", length)
+        self._check_alive()
+        end = munmap_end(addr, length)
+        gone = self.mm.unmap(addr, end)
+        if not gone:
+            return
+        ksm = self.kernel.ksm
+        ksm.mutations += 1
+        pages = ksm.pages
+        for seg in gone:
+            sl = slice(seg.row, seg.row + seg.pages)
+            ksm.unmap(pages.frame[sl])
+            pages.frame[sl] = NO_FRAME
+            pages.mergeable[sl] = False
+            if bool((pages.state[sl] != ABSENT).any()):
+                self.mm.add_ghost(seg)
+
+    def mprotect(self, addr: int, length: int, prot: int) -> None:
+        """mprotect(2), with SimKernel's checks and errnos (``do_mprotect_pkey``).
+
+        KSM sees no change (it never makes a KSM page writable, nor unmerges
+        one); a write to a page without PROT_WRITE is EFAULT unless forced.
+        As on Linux, over a hole the mapped part before it is changed, then
+        OSError(ENOMEM) is raised.  No mapping here grows down, so
+        PROT_GROWSDOWN and PROT_GROWSUP are EINVAL on a mapped start.
+        """
+        addr, length = argcheck.ulong("addr", addr), argcheck.ulong("length", length)
+        prot = argcheck.cint("prot", prot)
+        self._check_alive()
+        checked = mprotect_args(addr, length, prot)
+        if checked is None:
+            return
+        end, bits, grows = checked
+        mm = self.mm
+        pieces, _hole = mm.pieces(addr, end)
+        if not pieces:
+            raise kernel_error(errno.ENOMEM, f"{addr:#x} is not mapped")
+        if grows == PROT_GROWSDOWN:
+            raise kernel_error(errno.EINVAL, "PROT_GROWSDOWN on an area that does not grow")
+        if pieces[0][0] > addr:
+            raise kernel_error(errno.ENOMEM, f"{addr:#x} is not mapped")
+        if grows:
+            raise kernel_error(errno.EINVAL, "PROT_GROWSUP: x86-64 has no VM_GROWSUP area")
+        stop = mm.mapped_from(addr, end)
+        mm.protect(addr, stop, bits & (PROT_READ | PROT_WRITE | PROT_EXEC))
+        if stop < end:
+            raise kernel_error(errno.ENOMEM, f"{stop:#x} is not mapped")
 
     def _rows(self, addr: int, length: int) -> npt.NDArray[np.int64]:
         pieces = self.mm.rows(addr, length)
@@ -279,19 +339,22 @@ class BulkProcess:
 
     def _check_access(self, addr: int, length: int, force: bool) -> None:
         """OSError(EFAULT), or EIO when forced, unless [addr, addr+length) is all mapped
-        (every mapping of the engine is read-write), as SimKernel's write."""
-        _pieces, hole = self.mm.pieces(addr & ~(PAGE_SIZE - 1), page_align(addr + length))
-        if hole:
+        and writable, as SimKernel's write: a forced write (/proc/PID/mem) needs only
+        a private mapping, which every mapping here is."""
+        if not self.mm.all_have(addr & ~(PAGE_SIZE - 1), page_align(addr + length),
+                                0 if force else PROT_WRITE):
+            what = "mapped" if force else "mapped and writable"
             raise kernel_error(errno.EIO if force else errno.EFAULT,
-                               f"[{addr:#x}, {addr + length:#x}) is not all mapped")
+                               f"[{addr:#x}, {addr + length:#x}) is not all {what}")
 
     def write(self, addr: int, data: bytes, *, force: bool = False) -> None:
         """Store whole pages of *data* at *addr* (their content is fingerprinted).
 
         As SimKernel's write in fingerprint mode: a write of part of a page is
         NotModelledError; an unmapped page in the range is OSError(EFAULT), or
-        OSError(EIO) with ``force=True`` (otherwise the same write: every
-        mapping here is writable); nothing is written then.
+        OSError(EIO) with ``force=True``, and so is a page without PROT_WRITE
+        unless forced (/proc/PID/mem writes to any private mapping); nothing
+        is written then.
         """
         addr = argcheck.ulong("addr", addr)
         data = argcheck.buffer("data", data)
@@ -318,8 +381,8 @@ class BulkProcess:
 
         *addr* must be page aligned (ValueError) and *ids* a flat sequence or
         integer array (TypeError) of ids of this kernel's ContentTable
-        (ValueError).  An unmapped page in the range is OSError(EFAULT), and
-        nothing is written then.
+        (ValueError).  An unmapped page or one without PROT_WRITE in the range is
+        OSError(EFAULT), and nothing is written then.
         """
         addr = argcheck.ulong("addr", addr)
         cids = self._content_ids_arg(ids)
@@ -451,7 +514,7 @@ class BulkProcess:
             ksm.pages.mergeable[row:row + seg.pages] = ksm.pages.mergeable[seg.row:seg.row
                                                                            + seg.pages]
             np.add.at(ksm.frames.mapcount, src[src >= 0], 1)
-            child.mm.segments.append(Segment(seg.addr, row, seg.pages))
+            child.mm.segments.append(Segment(seg.addr, row, seg.pages, seg.prot))
         if self.mm.registered:
             k.ksm_enter(child.mm)
         return child
@@ -497,7 +560,7 @@ class BulkProcess:
         self._check_alive()
         ksm = self.kernel.ksm
         items = merging = zero = 0
-        for seg in self.mm.segments:
+        for seg in self.mm.ranges():
             sl = slice(seg.row, seg.row + seg.pages)
             state = ksm.pages.state[sl]
             items += int(np.count_nonzero(state))
@@ -513,19 +576,6 @@ class BulkProcess:
         return int(self.ksm_stat()["ksm_merging_pages"])
 
     # --- the calls the engine does not model: checked like SimKernel's, then NotModelledError ---
-    def munmap(self, addr: int, length: int) -> None:
-        """Not modelled: NotModelledError (after SimKernel's argument checks)."""
-        argcheck.ulong("addr", addr), argcheck.ulong("length", length)
-        self._check_alive()
-        self._unmodelled("munmap")
-
-    def mprotect(self, addr: int, length: int, prot: int) -> None:
-        """Not modelled: NotModelledError (after SimKernel's argument checks)."""
-        argcheck.ulong("addr", addr), argcheck.ulong("length", length)
-        argcheck.cint("prot", prot)
-        self._check_alive()
-        self._unmodelled("mprotect")
-
     def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0,
               arg5: int = 0) -> int:
         """Not modelled (PR_SET_MEMORY_MERGE and the rest): NotModelledError."""
