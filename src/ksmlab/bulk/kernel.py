@@ -6,9 +6,8 @@ instead of SimKernel's kilobytes) and a vectorised scan.  It offers the part
 of the :class:`ksmlab.api.Kernel` interface that such workloads use: spawn,
 mmap of anonymous private memory, munmap, mprotect, whole-page writes (as
 bytes, or as content ids for speed), MADV_MERGEABLE / MADV_UNMERGEABLE, fork,
-exit, ksm_stat, the
-sysfs files of the knobs and counters it models, and ksmd on the same virtual
-clock and cost model as SimKernel.  Anything else raises NotModelledError
+exit, ksm_stat, the sysfs files of the knobs and counters it models, and ksmd
+on the same virtual clock and cost model as SimKernel.  Anything else raises NotModelledError
 naming the call; SimKernel remains the reference for the whole interface.
 Arguments are checked as :mod:`ksmlab.argcheck` says, like SimKernel's.
 """
