@@ -17,12 +17,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bulk_programs import (
+    bulk,
     canonical,
     counters,
     execute,
     keep_tree_stable,
+    numa_program,
     page,
     program,
+    sim,
     unmap_program,
     unmerge_program,
     walk_insensitive,
@@ -109,8 +112,8 @@ SEEDS = range(120)
 def test_vector_path_equals_per_page_path(seed: int) -> None:
     """The whole state (nodes named by their KSM page) is identical after every step."""
     ops = program(random.Random(seed))
-    want = execute(BulkKernel(vectorize=False), ops, canonical)
-    got = execute(BulkKernel(vectorize=True), ops, canonical)
+    want = execute(bulk(ops, vectorize=False), ops, canonical)
+    got = execute(bulk(ops, vectorize=True), ops, canonical)
     assert len(got) == len(want)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g == w, f"log entry {i} ({g[0]}) of seed {seed}"
@@ -122,8 +125,8 @@ def test_vector_path_equals_per_page_path(seed: int) -> None:
 def test_vector_path_equals_per_page_path_hypothesis(r: random.Random, steps: int) -> None:
     """The same property on Hypothesis-chosen programs."""
     ops = program(r, steps)
-    assert (execute(BulkKernel(vectorize=True), ops, canonical)
-            == execute(BulkKernel(vectorize=False), ops, canonical))
+    assert (execute(bulk(ops, vectorize=True), ops, canonical)
+            == execute(bulk(ops, vectorize=False), ops, canonical))
 
 
 @pytest.mark.parametrize("content", ["bytes", "fingerprint"])
@@ -133,11 +136,14 @@ def test_random_programs_match_simkernel(seed: int, content: str) -> None:
 
     See bulk/engine.py: mutations of pages in the current unstable tree are
     left out, and the stable tree's stale nodes and chain collapses are
-    compared through what they leave (live nodes and their sharers).
+    compared through what they leave (live nodes and their sharers).  The
+    programs run on 1 to 3 NUMA nodes with merge_across_nodes changes, half
+    of them under the advisor: every knob (pages_to_scan as the advisor sets
+    it), ksmd's clock and CPU time and every page's node are compared too.
     """
     ops = keep_tree_stable(program(random.Random(seed)))
-    want = execute(SimKernel(trace=False, content=content), ops, walk_insensitive)
-    got = execute(BulkKernel(), ops, walk_insensitive)
+    want = execute(sim(ops, content), ops, walk_insensitive)
+    got = execute(bulk(ops), ops, walk_insensitive)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g == w, f"log entry {i} ({g[0]}) of seed {seed}"
 
@@ -146,8 +152,8 @@ def test_random_programs_match_simkernel(seed: int, content: str) -> None:
 def test_unmerge_programs_vector_equals_per_page(seed: int) -> None:
     """run=2 and max_page_sharing changes leave the same whole state on both paths."""
     ops = unmerge_program(random.Random(seed))
-    want = execute(BulkKernel(vectorize=False), ops, canonical)
-    got = execute(BulkKernel(vectorize=True), ops, canonical)
+    want = execute(bulk(ops, vectorize=False), ops, canonical)
+    got = execute(bulk(ops, vectorize=True), ops, canonical)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g == w, f"log entry {i} ({g[0]}) of seed {seed}"
 
@@ -155,10 +161,33 @@ def test_unmerge_programs_vector_equals_per_page(seed: int) -> None:
 @pytest.mark.parametrize("content", ["bytes", "fingerprint"])
 @pytest.mark.parametrize("seed", range(60))
 def test_unmerge_programs_match_simkernel(seed: int, content: str) -> None:
-    """run=2 and max_page_sharing changes (EBUSY or not) match SimKernel step by step."""
+    """run=2, max_page_sharing and merge_across_nodes changes (EBUSY or not) match SimKernel
+    step by step."""
     ops = keep_tree_stable(unmerge_program(random.Random(seed)))
-    want = execute(SimKernel(trace=False, content=content), ops, walk_insensitive)
-    got = execute(BulkKernel(), ops, walk_insensitive)
+    want = execute(sim(ops, content), ops, walk_insensitive)
+    got = execute(bulk(ops), ops, walk_insensitive)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g == w, f"log entry {i} ({g[0]}) of seed {seed}"
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_numa_programs_vector_equals_per_page(seed: int) -> None:
+    """merge_across_nodes flipped mid-scan leaves the same whole state on both paths."""
+    ops = numa_program(random.Random(seed))
+    want = execute(bulk(ops, vectorize=False), ops, canonical)
+    got = execute(bulk(ops, vectorize=True), ops, canonical)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g == w, f"log entry {i} ({g[0]}) of seed {seed}"
+
+
+@pytest.mark.parametrize("content", ["bytes", "fingerprint"])
+@pytest.mark.parametrize("seed", range(60))
+def test_numa_programs_match_simkernel(seed: int, content: str) -> None:
+    """merge_across_nodes flipped mid-scan (EBUSY or not; unstable trees holding pages of
+    other nodes, refused partners) matches SimKernel step by step, pages' nodes included."""
+    ops = keep_tree_stable(numa_program(random.Random(seed)))
+    want = execute(sim(ops, content), ops, walk_insensitive)
+    got = execute(bulk(ops), ops, walk_insensitive)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g == w, f"log entry {i} ({g[0]}) of seed {seed}"
 
@@ -168,8 +197,8 @@ def test_unmap_programs_vector_equals_per_page(seed: int) -> None:
     """munmap, remapping in the gaps, mprotect and forks of split address spaces leave the
     same whole state (address spaces, ghosts and every row) on both paths."""
     ops = unmap_program(random.Random(seed))
-    want = execute(BulkKernel(vectorize=False), ops, canonical)
-    got = execute(BulkKernel(vectorize=True), ops, canonical)
+    want = execute(bulk(ops, vectorize=False), ops, canonical)
+    got = execute(bulk(ops, vectorize=True), ops, canonical)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g == w, f"log entry {i} ({g[0]}) of seed {seed}"
 
@@ -180,8 +209,8 @@ def test_unmap_programs_match_simkernel(seed: int, content: str) -> None:
     """The same programs match SimKernel step by step: counters, ksm_stat, errnos, where
     each mmap goes and what every page holds."""
     ops = keep_tree_stable(unmap_program(random.Random(seed)))
-    want = execute(SimKernel(trace=False, content=content), ops, walk_insensitive)
-    got = execute(BulkKernel(), ops, walk_insensitive)
+    want = execute(sim(ops, content), ops, walk_insensitive)
+    got = execute(bulk(ops), ops, walk_insensitive)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g == w, f"log entry {i} ({g[0]}) of seed {seed}"
 
@@ -269,10 +298,6 @@ def test_unmodelled_calls_say_so() -> None:
     p = k.spawn()
     with pytest.raises(NotModelledError, match="anonymous"):
         p.mmap(PAGE_SIZE, PROT_READ, MAP_PRIVATE, path="/etc/hostname")
-    with pytest.raises(NotImplementedError, match="NUMA"):
-        k.sysfs["merge_across_nodes"] = "0"
-    with pytest.raises(NotImplementedError, match="advisor_mode"):  # NotModelledError
-        k.sysfs["advisor_mode"] = "scan-time"
 
 
 @pytest.mark.parametrize(("name", "value", "err"), [

@@ -773,6 +773,27 @@ def test_random_program_merge_any(seed: int) -> None:
     assert report.per_region_only
 
 
+@pytest.mark.parametrize("seed", range(60))
+def test_random_program_bulk_engine(seed: int) -> None:
+    """The same random programs, limited to what the bulk engine models, on the bulk engine
+    against the real kernel: calls, counters (cow_ksm included), ksm_stat and layouts."""
+    program = random_program(seed, engine="bulk")
+    report = differential(program, engine="bulk")
+    if not report.ok:
+        pytest.fail(f"{program}\n\n{report}", pytrace=False)
+    assert report.kernel.detail and not report.model.detail
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_program_bulk_engine_merge_any(seed: int) -> None:
+    """The same under prctl merge-any on the bulk engine, per region."""
+    program = random_program(seed, engine="bulk", merge_any=True)
+    report = differential(program, engine="bulk")
+    if not report.ok:
+        pytest.fail(f"{program}\n\n{report}", pytrace=False)
+    assert report.per_region_only
+
+
 # --- the runner itself ---------------------------------------------------------------------------
 
 

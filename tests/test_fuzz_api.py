@@ -440,7 +440,7 @@ CONSTRUCTOR_KINDS = {
     "max_map_count": "count", "trace": "flag", "content": "content", "vectorize": "flag",
     "seed": "count",
 }
-SIM_ONLY = {"config_ksm", "numa_nodes", "max_frames", "slab_limit", "max_map_count", "trace",
+SIM_ONLY = {"config_ksm", "max_frames", "slab_limit", "max_map_count", "trace",
             "content"}
 
 
@@ -586,12 +586,12 @@ MISUSES = (
            oserr(errno.EINVAL)),
     Misuse("mprotect float prot", lambda w: w.p.mprotect(w.a, P, 1.0), TYPE),
     # prctl
-    Misuse("prctl unknown option", lambda w: w.p.prctl(12345), oserr(errno.EINVAL), NO_BULK),
-    Misuse("prctl option -1", lambda w: w.p.prctl(-1), oserr(errno.EINVAL), NO_BULK),
+    Misuse("prctl unknown option", lambda w: w.p.prctl(12345), oserr(errno.EINVAL)),
+    Misuse("prctl option -1", lambda w: w.p.prctl(-1), oserr(errno.EINVAL)),
     Misuse("prctl PR_SET_MEMORY_MERGE with arg3", lambda w: w.p.prctl(PR_SET_MEMORY_MERGE, 1, 1),
-           oserr(errno.EINVAL), NO_BULK),
+           oserr(errno.EINVAL)),
     Misuse("prctl PR_GET_MEMORY_MERGE with arg2 2**63",
-           lambda w: w.p.prctl(PR_GET_MEMORY_MERGE, 2 ** 63), oserr(errno.EINVAL), NO_BULK),
+           lambda w: w.p.prctl(PR_GET_MEMORY_MERGE, 2 ** 63), oserr(errno.EINVAL)),
     Misuse("prctl option 2**31", lambda w: w.p.prctl(2 ** 31), VALUE),
     Misuse("prctl negative arg2", lambda w: w.p.prctl(PR_SET_MEMORY_MERGE, -1), VALUE),
     Misuse("prctl str option", lambda w: w.p.prctl("67"), TYPE),
@@ -629,7 +629,7 @@ MISUSES = (
     Misuse("exited: exit", lambda w: w.gone.exit(), EXITED),
     # what the bulk engine does not model
     Misuse("read", lambda w: w.p.read(w.a, 10), OK, BYTES_ONLY),
-    Misuse("exec", lambda w: w.child.exec(), OK, NO_BULK),
+    Misuse("exec", lambda w: w.child.exec(), OK),
     Misuse("smaps", lambda w: w.p.smaps(), OK, NO_BULK),
     Misuse("mmap MAP_SHARED", lambda w: w.p.mmap(P, flags=MAP_SHARED | MAP_ANONYMOUS), OK, NO_BULK),
 )

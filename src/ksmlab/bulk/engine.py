@@ -1,8 +1,9 @@
 """ksmd's algorithm over the bulk engine's columns (``mm/ksm.c``, as in :mod:`ksmlab.ksm.ksm`).
 
-This module is the bulk engine's *per-page path*: every function here does
-for one page what the same-named method of :class:`ksmlab.ksm.ksm.KsmCore`
-does for one rmap_item, on numpy rows instead of objects.  The vectorised
+This module is the bulk engine's *per-page path*: every function here (and in
+:mod:`ksmlab.bulk.trees`, the trees) does for one page what the same-named
+method of :class:`ksmlab.ksm.ksm.KsmCore` does for one rmap_item, on numpy
+rows instead of objects.  The vectorised
 batch path (:mod:`ksmlab.bulk.vector`) does the same for many pages at once
 and falls back to these functions for anything unusual; tests run both
 against SimKernel.
@@ -22,15 +23,16 @@ shares), each because there is no content-ordered tree to walk:
   passed them.  Counters can therefore drop at a different moment within a
   scan; the set of merges does not change.
 * Only what the bulk API can do is modelled: anonymous private memory, whole-
-  page writes, munmap, mprotect, fork, exit, MADV_(UN)MERGEABLE and run=2;
-  one NUMA node.
+  page writes, munmap, mprotect, fork, exit, MADV_(UN)MERGEABLE, run=2, NUMA
+  nodes with ``merge_across_nodes`` 0 or 1 (no page migration, as in
+  SimKernel) and the scan-time advisor (:mod:`ksmlab.ksm.advisor`, SimKernel's
+  own).
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import numpy as np
 
@@ -39,7 +41,6 @@ from ksmlab.bulk.columns import (
     KSM_ZERO,
     NONE,
     STABLE,
-    STABLE_CHAIN,
     STABLE_NONE,
     UNSTABLE,
     ChainCols,
@@ -51,36 +52,17 @@ from ksmlab.bulk.columns import (
 from ksmlab.bulk.content import ZERO_CONTENT, ContentTable
 from ksmlab.bulk.invariants import check_bulk
 from ksmlab.bulk.mm import BulkMm, Ghost
+from ksmlab.bulk.trees import StableTrees, TreeIndex
 from ksmlab.constants import KSM_RUN_MERGE, KSM_RUN_UNMERGE, PAGE_SHIFT
-from ksmlab.errors import NotModelledError, kernel_error
+from ksmlab.errors import kernel_error
+from ksmlab.ksm import advisor as ksm_advisor
 from ksmlab.ksm import counters
-from ksmlab.ksm.defaults import (
-    AGE_MAX,
-    SEQNR_MASK,
-)
+from ksmlab.ksm.defaults import AGE_MAX
 from ksmlab.ksm.scan import skip_age
 from ksmlab.ksm.tunables import KsmTunables
 
 
-@dataclass(slots=True)
-class Chain:
-    """A stable node chain: KSM pages with one content (``ksm_stable_node`` chain).
-
-    Attributes:
-        id: its row in ``BulkKsm.chain_cols``, which mirrors it for vector code
-            and holds its prune time.
-        dups: its dups (node indices); index 0 is the hlist head.
-    """
-
-    id: int
-    dups: list[int] = field(default_factory=list)
-    open: set[int] = field(default_factory=set)
-    """Dups that may have room or a freed page: a superset of those, kept so that
-    a walk of a long chain looks only at them (the others are full and alive and
-    cannot change the walk's result).  Closed again lazily when seen full."""
-
-
-class BulkKsm(KsmTunables):
+class BulkKsm(StableTrees, KsmTunables):
     """KSM state for a bulk machine: knobs, columns, chains, ksmd's cursor.
 
     Counters that SimKernel keeps incrementally (pages_shared, rmap_items...)
@@ -91,31 +73,48 @@ class BulkKsm(KsmTunables):
 
     Args:
         contents: the machine's content ids.
-        now_ms: the virtual clock in ms (ksmd's), read by chain pruning.
+        now_ms: the virtual clock in ms (ksmd's), read by chain pruning and the advisor.
+        cpu_ns: ksmd's CPU time (ksmd's), read by the advisor.
+        numa_nodes: NUMA nodes of the machine (pages and frames carry their
+            node only when there are several).
     """
 
+    # Slots for the state the scan reads per page: CPython 3.11 specialises an
+    # instance attribute read well only while the instance dict has fewer than
+    # 30 keys (measured: 10% slower per-page path past it).  The knobs stay in
+    # the dict (KsmTunables); an attribute a subclass adds goes there too.
+    __slots__ = ("address", "chain_cols", "chains", "contents", "cpu_ns", "ctab", "cursor",
+                 "frames", "full_scans", "head", "mutations", "nodes", "now_ms", "numa_nodes",
+                 "pages", "pages_scanned", "pages_skipped", "read_counters", "tree_of_node",
+                 "trees", "wake_ksmd", "zero_checksum")
+
     def __init__(self, contents: ContentTable, *,
-                 now_ms: Callable[[], float] = lambda: 0.0) -> None:
+                 now_ms: Callable[[], float] = lambda: 0.0,
+                 cpu_ns: Callable[[], int] = lambda: 0, numa_nodes: int = 1) -> None:
         self.contents = contents
-        self.pages = PageCols()
-        self.frames = FrameCols()
+        self.numa_nodes = numa_nodes
+        self.pages = PageCols(numa=numa_nodes > 1)
+        self.frames = FrameCols(numa=numa_nodes > 1)
         self.ctab = ContentCols()
         self.nodes = NodeCols()
-        self.chains: dict[int, Chain] = {}
-        """Chains by content."""
+        self.chains = {}
+        """Node 0's chains, by content (another node's: ``trees``)."""
+        self.trees = [TreeIndex(0, self.ctab, self.chains)]
+        self.tree_of_node = {0: self.trees[0]}
         self.chain_cols = ChainCols()
-        # The knobs, at their boot values.  merge_across_nodes stays 1 (one NUMA
-        # node is modelled) and advisor_scan_time False (the advisor is not).
-        super().__init__()
+        super().__init__()  # the knobs and the advisor's state, at their boot values
         # --- incremental counters ---
         self.full_scans = 0
         self.pages_scanned = 0
         self.pages_skipped = 0
+        self.cow_ksm = 0
+        """vmstat ``cow_ksm``: COW and unshare faults on KSM pages (not on the zero page)."""
         # --- ksmd's list and cursor ---
         self.head = BulkMm(-1)
         self.cursor: BulkMm = self.head
         self.address = 0
         self.now_ms = now_ms
+        self.cpu_ns = cpu_ns
         self.zero_checksum = int(contents.checksum[ZERO_CONTENT])
         self.wake_ksmd: Callable[[], None] = lambda: None
         """Set by the kernel to its ksmd's ``wake_up``: ksmd runs its next batch now."""
@@ -127,17 +126,21 @@ class BulkKsm(KsmTunables):
 
     # --- content and frames ---------------------------------------------------------------
     def sync_contents(self) -> None:
-        """Give every content id of the table a row (after the table grew)."""
-        extra = len(self.contents) - self.ctab.n
-        if extra > 0:
-            self.ctab.append(extra)
+        """Give every content id of the table a row in each tree index (after the table grew)."""
+        for ix in self.trees:
+            extra = len(self.contents) - ix.ctab.n
+            if extra > 0:
+                ix.ctab.append(extra)
 
-    def new_frames(self, contents: np.ndarray) -> np.ndarray:
-        """Allocate one frame per content id, each mapped once; return their indices."""
+    def new_frames(self, contents: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Allocate one frame per content id for the pages at *rows* (on their mappings'
+        node), each mapped once; return their indices."""
         first = self.frames.append(len(contents))
         idx = np.arange(first, first + len(contents), dtype=np.int32)
         self.frames.content[idx] = contents
         self.frames.mapcount[idx] = 1
+        if self.numa_nodes > 1:
+            self.frames.nid[idx] = self.pages.nid[rows]
         return idx
 
     def unmap(self, frames: np.ndarray) -> None:
@@ -149,187 +152,6 @@ class BulkKsm(KsmTunables):
         if bool(freed.any()):  # each node once: a munmap or exit may free thousands of mappings
             self.reopen(np.unique(knode[freed]).tolist())
 
-    def reopen(self, nodes: Iterable[int]) -> None:
-        """Put dups whose count dropped or whose page was freed back in their chain's open set."""
-        if not self.chains:
-            return
-        for d in nodes:
-            c = int(self.nodes.content[d])
-            chain = self.chains.get(c)
-            if chain is not None and self.nodes.alive[d] and self.ctab.stable[c] != d:
-                chain.open.add(d)
-                self.sync_chain(chain)
-
-    # --- the stable tree -------------------------------------------------------------------
-    def stale(self, d: int) -> bool:
-        """The node's KSM page was freed (``ksm_get_folio`` fails)."""
-        return int(self.frames.mapcount[self.nodes.kframe[d]]) == 0
-
-    def is_candidate(self, d: int, offset: int = 0) -> bool:
-        """``__is_page_sharing_candidate``."""
-        n = int(self.nodes.count[d])
-        return n > 0 and n + offset < self.max_page_sharing
-
-    def remove_node(self, d: int) -> None:
-        """Drop a stale node with all its items (``remove_node_from_stable_tree``)."""
-        self.nodes.alive[d] = False
-        c = int(self.nodes.content[d])
-        if self.ctab.stable[c] == d:
-            self.ctab.stable[c] = STABLE_NONE
-        else:
-            chain = self.chains[c]
-            chain.dups.remove(d)
-            chain.open.discard(d)
-            self.sync_chain(chain)
-
-    def new_chain(self, c: int, dup: int) -> Chain:
-        """A chain for content *c* in place of its regular node *dup* (``alloc_stable_node_chain``)."""
-        chain = Chain(self.chain_cols.append(1), [dup], {dup})
-        self.chain_cols.prune_time[chain.id] = int(self.now_ms())
-        self.chains[c] = chain
-        self.ctab.stable[c] = STABLE_CHAIN - chain.id
-        self.sync_chain(chain)
-        return chain
-
-    def drop_chain(self, c: int, node: int) -> None:
-        """Free content *c*'s chain; *node* (a dup or STABLE_NONE) takes its place."""
-        chain = self.chains.pop(c)
-        chain.dups.clear()
-        self.sync_chain(chain)
-        self.ctab.stable[c] = node
-
-    def sync_chain(self, chain: Chain) -> None:
-        """Copy *chain*'s head, length and open set's size to ``chain_cols``."""
-        cols = self.chain_cols
-        head = chain.dups[0] if chain.dups else -1
-        cols.head[chain.id] = head
-        cols.ndups[chain.id] = len(chain.dups)
-        cols.others_open[chain.id] = len(chain.open) - (head in chain.open)
-
-    def stable_node_dup(self, c: int, prune: bool) -> int:
-        """Best dup of content *c*'s chain, collapsing or freeing the chain (``stable_node_dup``).
-
-        Returns the dup, or -1 if every dup was stale (the chain is gone).
-        The kernel looks at every dup up to the first one with room (all of
-        them when pruning); dups not in ``chain.open`` are full with their page
-        alive, so they can only be the answer when they come first, and the
-        walk stops once it has seen every open dup.
-        """
-        chain = self.chains[c]
-        now = int(self.now_ms())
-        prune_time = self.chain_cols.prune_time
-        if not prune or now < prune_time[chain.id] + self.stable_node_chains_prune_millisecs:
-            prune = False
-        else:
-            prune_time[chain.id] = now
-        count = self.nodes.count
-        found, found_len = -1, 0
-        dups, open_dups = chain.dups, chain.open
-        todo = len(open_dups)
-        i = 0
-        while i < len(dups) and (todo or found < 0):
-            d = dups[i]
-            if d not in open_dups:
-                if found < 0:
-                    found, found_len = d, int(count[d])
-                i += 1
-                continue
-            todo -= 1
-            if self.stale(d):
-                self.remove_node(d)  # out of dups: i now names the next one
-                continue
-            candidate = self.is_candidate(d)
-            if count[d] >= self.max_page_sharing:
-                open_dups.discard(d)  # full and alive
-            if found < 0 or (candidate and (
-                    not self.is_candidate(found) or int(count[d]) > found_len)):
-                found, found_len = d, int(count[d])
-                if not prune and candidate:
-                    break
-            i += 1
-        if found < 0:
-            self.drop_chain(c, STABLE_NONE)
-            return -1
-        if len(chain.dups) == 1:
-            self.drop_chain(c, found)
-            return found
-        if chain.dups[0] != found and self.is_candidate(found, 1):
-            chain.dups.remove(found)
-            chain.dups.insert(0, found)
-        self.sync_chain(chain)
-        return found
-
-    def stable_tree_search(self, c: int) -> int:
-        """A KSM page of content *c* with room for one more mapping, or -1 (``stable_tree_search``)."""
-        while True:
-            s = int(self.ctab.stable[c])
-            if s == STABLE_NONE:
-                return -1
-            if s <= STABLE_CHAIN:
-                d = self.stable_node_dup(c, True)
-                if d < 0:
-                    continue
-            else:
-                d = s
-                if self.stale(d):
-                    self.remove_node(d)
-                    continue
-            return d if self.is_candidate(d) else -1
-
-    def stable_tree_insert(self, c: int, kframe: int) -> int:
-        """File KSM page *kframe* of content *c*, forming a chain if needed (``stable_tree_insert``)."""
-        while True:
-            s = int(self.ctab.stable[c])
-            if s <= STABLE_CHAIN:
-                if self.stable_node_dup(c, False) < 0:
-                    continue
-                s = int(self.ctab.stable[c])
-            elif s != STABLE_NONE and self.stale(s):
-                self.remove_node(s)
-                continue
-            break
-        d = self.nodes.append(1)
-        self.nodes.kframe[d] = kframe
-        self.nodes.content[d] = c
-        self.nodes.alive[d] = True
-        self.frames.knode[kframe] = d
-        if s == STABLE_NONE:
-            self.ctab.stable[c] = d
-        else:
-            chain = self.chains[c] if s <= STABLE_CHAIN else self.new_chain(c, s)
-            chain.dups.insert(0, d)
-            chain.open.add(d)
-            self.sync_chain(chain)
-        return d
-
-    def stable_tree_append(self, g: int, d: int) -> None:
-        """Hang page *g*'s item off node *d* (``stable_tree_append``)."""
-        self.pages.head[g] = d
-        self.pages.state[g] = STABLE
-        self.nodes.count[d] += 1
-
-    def remove_rmap_item_from_tree(self, g: int) -> None:
-        """Take page *g*'s item out of its tree (``remove_rmap_item_from_tree``)."""
-        state = int(self.pages.state[g])
-        if state == STABLE:
-            d = int(self.pages.head[g])
-            self.pages.state[g] = NONE
-            self.pages.head[g] = -1
-            if not self.nodes.alive[d]:
-                return
-            if self.stale(d):
-                self.remove_node(d)
-                return
-            self.nodes.count[d] -= 1
-            self.reopen((d,))
-        elif state == UNSTABLE:
-            self.pages.state[g] = NONE
-
-    def free_rmap_item(self, g: int) -> None:
-        """Free page *g*'s item, out of its tree first (``remove_rmap_item_from_tree`` + free)."""
-        self.remove_rmap_item_from_tree(g)
-        self.pages.state[g] = ABSENT
-
     # --- merging -------------------------------------------------------------------------
     def replace_page(self, g: int, kframe: int) -> None:
         """Map *kframe* at page *g* instead of its frame (``replace_page``)."""
@@ -339,34 +161,12 @@ class BulkKsm(KsmTunables):
         if kframe >= 0:
             self.frames.mapcount[kframe] += 1
 
-    def cur_seqnr(self) -> int:
-        """``ksm_scan.seqnr & SEQNR_MASK``."""
-        return self.full_scans & SEQNR_MASK
-
-    def unstable_tree_search_insert(self, g: int, f: int, c: int) -> int:
-        """The page to merge *g* with, or -1 after inserting *g* or giving up.
-
-        Models ``unstable_tree_search_insert``.
-        """
-        pages = self.pages
-        y = int(self.ctab.uindex[c])
-        if y >= 0 and pages.state[y] == UNSTABLE and pages.seqnr[y] == self.cur_seqnr():
-            fy = int(pages.frame[y])
-            if fy < 0 or not pages.mergeable[y] or fy == f:
-                return -1  # get_mergeable_page failed, or the same (forked) page
-            if self.frames.content[fy] == c:
-                return y
-            # Model choice: a tree page whose content changed is not found.
-        pages.state[g] = UNSTABLE
-        pages.seqnr[g] = self.cur_seqnr()
-        self.ctab.uindex[c] = g
-        return -1
-
-    def merge_two(self, g: int, f: int, y: int, c: int) -> None:
-        """Make *f* a KSM page, map it at *y* too, and file it (``try_to_merge_two_pages`` + insert)."""
+    def merge_two(self, ix: TreeIndex, g: int, f: int, y: int, c: int) -> None:
+        """Make *f* a KSM page, map it at *y* too, and file it in *ix* (``try_to_merge_two_pages``
+        + ``stable_tree_insert``)."""
         self.replace_page(y, f)
         self.remove_rmap_item_from_tree(y)
-        d = self.stable_tree_insert(c, f)
+        d = self.stable_tree_insert(ix, c, f)
         self.stable_tree_append(y, d)
         self.stable_tree_append(g, d)
 
@@ -393,15 +193,17 @@ class BulkKsm(KsmTunables):
         self.merge_unchanged(g, f, c)
 
     def merge_unchanged(self, g: int, f: int, c: int) -> None:
-        """The rest of ``cmp_and_merge_page`` for an ordinary page whose checksum held."""
-        d = self.stable_tree_search(c)
+        """The rest of ``cmp_and_merge_page`` for an ordinary page whose checksum held,
+        in the trees of its frame's node (``get_kpfn_nid``)."""
+        ix = self.trees[0] if self.merge_across_nodes or self.numa_nodes == 1 else self.tree_of(f)
+        d = self.stable_tree_search(ix, c)
         if d >= 0:
             self.replace_page(g, int(self.nodes.kframe[d]))
             self.stable_tree_append(g, d)
             return
-        y = self.unstable_tree_search_insert(g, f, c)
+        y = self.unstable_tree_search_insert(ix, g, f, c)
         if y >= 0:
-            self.merge_two(g, f, y, c)
+            self.merge_two(ix, g, f, y, c)
 
     # --- the scanner ---------------------------------------------------------------------
     def should_skip(self, g: int, f: int) -> bool:
@@ -533,6 +335,8 @@ class BulkKsm(KsmTunables):
             if self.cursor is self.head:
                 if self.list_empty():
                     break
+                # A full scan starts (every unstable tree is emptied by the seqnr).
+                ksm_advisor.advisor_start_scan(self, self.now_ms())
                 self.cursor, self.address = self.head.next, 0
             mm = self.cursor
             if mm.exiting:
@@ -554,6 +358,7 @@ class BulkKsm(KsmTunables):
                 self.unregister(mm)
             self.cursor, self.address = nxt, 0
             if nxt is self.head:
+                ksm_advisor.advisor_stop_scan(self, self.now_ms(), self.cpu_ns())
                 self.full_scans += 1
                 break
         self.pages_scanned += done
@@ -584,11 +389,17 @@ class BulkKsm(KsmTunables):
         """
         if knob == self.max_page_sharing:
             return
+        self.check_no_ksm_pages()
+        self.max_page_sharing = knob
+
+    def check_no_ksm_pages(self) -> None:
+        """What ``max_page_sharing_store`` and ``merge_across_nodes_store`` check first:
+        EBUSY at once while a stable node has sharers (``ksm_pages_shared``), else the
+        nodes of pages no longer mapped are removed, and EBUSY if a KSM page is mapped."""
         n = self.nodes.n
         if bool((self.nodes.count[:n][self.nodes.alive[:n]] > 0).any()) \
                 or self.remove_all_stable_nodes():
             raise kernel_error(errno.EBUSY, "KSM pages exist")
-        self.max_page_sharing = knob
 
     # --- whole-tree operations of the sysfs stores -------------------------------------------
     def break_ksm(self, rows: np.ndarray) -> None:
@@ -599,9 +410,10 @@ class BulkKsm(KsmTunables):
         ok = frames >= 0
         ksm_page[ok] = self.frames.knode[frames[ok]] >= 0
         old = frames[ksm_page]
+        self.cow_ksm += int(np.count_nonzero(old >= 0))
         contents = np.where(old >= 0, self.frames.content[np.maximum(old, 0)], ZERO_CONTENT)
         self.unmap(old)
-        self.pages.frame[rows[ksm_page]] = self.new_frames(contents)
+        self.pages.frame[rows[ksm_page]] = self.new_frames(contents, rows[ksm_page])
 
     def remove_all_stable_nodes(self) -> int:
         """Remove every stable node whose KSM page is no longer mapped; EBUSY if one still is.
@@ -613,23 +425,24 @@ class BulkKsm(KsmTunables):
         """
         self.mutations += 1
         err = 0
-        stable = self.ctab.stable[:self.ctab.n]
-        for c in np.flatnonzero(stable != STABLE_NONE).tolist():
-            s = int(stable[c])
-            if s > STABLE_NONE:
-                if self.stale(s):
-                    self.remove_node(s)
-                else:
-                    err = errno.EBUSY
-                continue
-            chain = self.chains[c]
-            for d in list(chain.dups):
-                if self.stale(d):
-                    self.remove_node(d)
-                else:
-                    err = errno.EBUSY
-            if not chain.dups:
-                self.drop_chain(c, STABLE_NONE)
+        for ix in self.trees:
+            stable = ix.ctab.stable[:ix.ctab.n]
+            for c in np.flatnonzero(stable != STABLE_NONE).tolist():
+                s = int(stable[c])
+                if s > STABLE_NONE:
+                    if self.stale(s):
+                        self.remove_node(s)
+                    else:
+                        err = errno.EBUSY
+                    continue
+                chain = ix.chains[c]
+                for d in list(chain.dups):
+                    if self.stale(d):
+                        self.remove_node(d)
+                    else:
+                        err = errno.EBUSY
+                if not chain.dups:
+                    self.drop_chain(ix, c, STABLE_NONE)
         return err
 
     def unmerge_and_remove_all_rmap_items(self) -> int:
@@ -654,15 +467,17 @@ class BulkKsm(KsmTunables):
         return 0
 
     def set_merge_across_nodes(self, knob: int) -> None:
-        """``merge_across_nodes_store`` after parsing: only the value it has (1) is modelled."""
-        if knob != self.merge_across_nodes:
-            raise NotModelledError("the bulk engine models one NUMA node "
-                                   "(merge_across_nodes=1 only)")
+        """``merge_across_nodes_store`` after parsing; EBUSY while KSM pages exist, as for
+        ``max_page_sharing``.  Pages then go to their node's trees (0) or to node 0's (1);
+        unstable trees keep what they hold until the next full scan empties them."""
+        if knob == self.merge_across_nodes:
+            return
+        self.check_no_ksm_pages()
+        self.merge_across_nodes = knob
 
     def set_advisor_mode(self, scan_time: bool) -> None:
-        """Not modelled (the kernel's sysfs view hides the advisor's files)."""
-        raise NotModelledError("advisor_mode: the scan-time advisor is not modelled by the "
-                               "bulk engine; use SimKernel")
+        """``advisor_mode_store`` after parsing (:func:`ksmlab.ksm.advisor.set_advisor_mode`)."""
+        ksm_advisor.set_advisor_mode(self, scan_time)
 
     # --- counters --------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
@@ -682,8 +497,9 @@ class BulkKsm(KsmTunables):
             "pages_volatile": counters.pages_volatile(rmap_items, shared, sharing, unshared),
             "pages_scanned": self.pages_scanned, "pages_skipped": self.pages_skipped,
             "full_scans": self.full_scans,
-            "stable_node_chains": len(self.chains),
-            "stable_node_dups": sum(len(ch.dups) for ch in self.chains.values()),
+            "stable_node_chains": sum(len(ix.chains) for ix in self.trees),
+            "stable_node_dups": sum(len(ch.dups) for ix in self.trees
+                                    for ch in ix.chains.values()),
             "ksm_zero_pages": zero,
             "general_profit": counters.general_profit(sharing, zero, rmap_items),
             "rmap_items": rmap_items,

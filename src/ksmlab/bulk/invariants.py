@@ -18,11 +18,13 @@ from ksmlab.errors import vm_bug_on
 if TYPE_CHECKING:
     from ksmlab.bulk.engine import BulkKsm
     from ksmlab.bulk.mm import BulkMm
+    from ksmlab.bulk.trees import TreeIndex
 
 
 def check_bulk(ksm: BulkKsm) -> None:
-    """Node counts against the items, chains against their columns and open sets, and
-    every registered address space (O(pages))."""
+    """Node counts against the items, every live node filed once in its node's tree,
+    chains against their columns and open sets, and every registered address space
+    (O(pages))."""
     pages, nodes = ksm.pages, ksm.nodes
     st = pages.state[:pages.n] == STABLE
     heads = pages.head[:pages.n][st]
@@ -30,13 +32,24 @@ def check_bulk(ksm: BulkKsm) -> None:
     want = np.bincount(live, minlength=nodes.n)[:nodes.n]
     have = np.where(nodes.alive[:nodes.n], nodes.count[:nodes.n], 0)
     vm_bug_on(bool((want != have).any()), "bulk: node counts disagree with the items")
-    for c, chain in ksm.chains.items():
+    # Every live node is filed once, in the tree of its KSM page's node.
+    filed: dict[int, TreeIndex] = {}
+    for ix in ksm.trees:
+        stable = ix.ctab.stable[:ix.ctab.n]
+        for d in [*stable[stable >= 0].tolist(),
+                  *(d for ch in ix.chains.values() for d in ch.dups)]:
+            vm_bug_on(d in filed or ksm.node_tree(d) is not ix,
+                      f"bulk: node {d} filed twice or in node {ix.nid}'s tree")
+            filed[d] = ix
+    vm_bug_on(filed.keys() != set(np.flatnonzero(nodes.alive[:nodes.n]).tolist()),
+              "bulk: the live nodes are not those filed in the trees")
+    for c, chain in ((c, ch) for ix in ksm.trees for c, ch in ix.chains.items()):
         vm_bug_on(not chain.open <= set(chain.dups), f"bulk: chain {c} opens a stranger")
         for d in chain.dups:
             full_alive = nodes.count[d] >= ksm.max_page_sharing and not ksm.stale(d)
             vm_bug_on(not full_alive and d not in chain.open,
                       f"bulk: dup {d} of chain {c} has room or a freed page but is closed")
-        head = chain.dups[0] if chain.dups else -1  # an emptied chain lingers (spec 6)
+        head = chain.dups[0] if chain.dups else -1  # emptied by exits: kept until searched
         vm_bug_on(ksm.chain_cols.head[chain.id] != head
                   or ksm.chain_cols.ndups[chain.id] != len(chain.dups)
                   or ksm.chain_cols.others_open[chain.id] != len(chain.open - {head}),

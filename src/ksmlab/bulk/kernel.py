@@ -1,14 +1,16 @@
 """BulkKernel: the bulk engine behind the same calls as SimKernel, for big hosts.
 
 :class:`BulkKernel` models what ksmd does to many processes' anonymous
-memory, with its state in numpy columns (about 30 bytes per simulated page
+memory, with its state in numpy columns (about 40 bytes per simulated page
 instead of SimKernel's kilobytes) and a vectorised scan.  It offers the part
 of the :class:`ksmlab.api.Kernel` interface that such workloads use: spawn,
-mmap of anonymous private memory, munmap, mprotect, whole-page writes (as
-bytes, or as content ids for speed), MADV_MERGEABLE / MADV_UNMERGEABLE, fork,
-exit, ksm_stat, the sysfs files of the knobs and counters it models, and ksmd
-on the same virtual clock and cost model as SimKernel.  Anything else raises NotModelledError
-naming the call; SimKernel remains the reference for the whole interface.
+mmap of anonymous private memory (on a chosen NUMA node), munmap, mprotect,
+whole-page writes (as bytes, or as content ids for speed), MADV_MERGEABLE /
+MADV_UNMERGEABLE, prctl(PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE), fork,
+exec, exit, ksm_stat, every file of /sys/kernel/mm/ksm (the scan-time advisor
+and ``merge_across_nodes`` included), and ksmd on the same virtual clock and
+cost model as SimKernel.  Anything else raises NotModelledError naming the
+call; SimKernel remains the reference for the whole interface.
 Arguments are checked as :mod:`ksmlab.argcheck` says, like SimKernel's.
 """
 
@@ -26,6 +28,7 @@ from ksmlab.api import SmapsEntry
 from ksmlab.bulk.columns import ABSENT, KSM_ZERO, NO_FRAME, STABLE
 from ksmlab.bulk.content import ZERO_CONTENT, ContentTable
 from ksmlab.bulk.engine import BulkKsm
+from ksmlab.bulk.hooks import KsmHooks
 from ksmlab.bulk.mm import BulkMm, Segment
 from ksmlab.bulk.vector import VectorKsm
 from ksmlab.constants import (
@@ -35,32 +38,31 @@ from ksmlab.constants import (
     MAP_PRIVATE,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PR_GET_MEMORY_MERGE,
+    PR_SET_MEMORY_MERGE,
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
     TASK_SIZE,
 )
 from ksmlab.errors import NotModelledError, ProcessExitedError, kernel_error
+from ksmlab.kernel import MAX_NUMNODES
 from ksmlab.ksm.counters import ksm_process_profit
 from ksmlab.ksm.defaults import DEFAULT_KSMD_BATCH_NS, DEFAULT_KSMD_PAGE_NS
 from ksmlab.ksm.ksmd import Ksmd, KsmdCost
-from ksmlab.ksm.sysfs import ADVISOR_FILES, KsmSysfs
+from ksmlab.ksm.sysfs import KsmSysfs
 from ksmlab.mm.madvise import UNMODELLED_ADVICE, madvise_behavior_valid, madvise_check
 from ksmlab.mm.mmap import PROT_GROWSDOWN, mprotect_args, munmap_end, page_align
 from ksmlab.mm.page import fingerprint
 
-UNMODELLED_FILES = {name: "the scan-time advisor is not modelled by the bulk engine; use SimKernel"
-                    for name in ADVISOR_FILES}
-"""The files of the kernel's /sys/kernel/mm/ksm the bulk engine does not model, and why.
-
-Reading or writing one raises NotModelledError; the others answer as
-SimKernel's, from the same attribute table (:class:`ksmlab.ksm.sysfs.KsmSysfs`).
-The engine also refuses with NotModelledError the values it cannot take
-(``merge_across_nodes=0``: see :class:`~ksmlab.bulk.engine.BulkKsm`).
+UNMODELLED_FILES: dict[str, str] = {}
+"""The files of the kernel's /sys/kernel/mm/ksm the bulk engine does not model, and why:
+none now.  Reading or writing one would raise NotModelledError; every file answers
+as SimKernel's, from the same attribute table (:class:`ksmlab.ksm.sysfs.KsmSysfs`).
 """
 
 
-class BulkKernel:
+class BulkKernel(KsmHooks):
     """A machine simulated by the bulk engine (see the module doc).
 
     Attributes:
@@ -69,17 +71,21 @@ class BulkKernel:
         contents: content ids of this machine's pages.
         sysfs: /sys/kernel/mm/ksm: SimKernel's table, less :data:`UNMODELLED_FILES`.
         processes: live processes by pid.
+        numa_nodes: NUMA nodes (pages are placed with ``mmap(node=)``, as SimKernel's).
     """
 
-    def __init__(self, *, vectorize: bool = True, seed: int = 0,
+    def __init__(self, *, vectorize: bool = True, seed: int = 0, numa_nodes: int = 1,
                  ksmd_batch_ns: int = DEFAULT_KSMD_BATCH_NS,
                  ksmd_page_ns: int = DEFAULT_KSMD_PAGE_NS) -> None:
         vectorize = argcheck.flag("vectorize", vectorize)
         seed = argcheck.count("seed", seed)
+        numa_nodes = argcheck.count("numa_nodes", numa_nodes, minimum=1, maximum=MAX_NUMNODES)
         cost = KsmdCost.checked(ksmd_batch_ns, ksmd_page_ns)
+        self.numa_nodes = numa_nodes
         self.contents = ContentTable(seed)
         engine = VectorKsm if vectorize else BulkKsm
-        self.ksm: BulkKsm = engine(self.contents, now_ms=lambda: self.ksmd.now_ms())
+        self.ksm: BulkKsm = engine(self.contents, now_ms=lambda: self.ksmd.now_ms(),
+                                   cpu_ns=lambda: self.ksmd.cpu_ns, numa_nodes=numa_nodes)
         self.ksm.sync_contents()
         self.ksmd = Ksmd(self.ksm, cost)
         self.ksm.wake_ksmd = self.ksmd.wake_up
@@ -107,6 +113,11 @@ class BulkKernel:
     def ksmd_cpu_ns(self) -> int:
         """CPU time ksmd has used, by the cost model (the same as SimKernel's)."""
         return self.ksmd.cpu_ns
+
+    @property
+    def cow_ksm(self) -> int:
+        """vmstat ``cow_ksm``: COW and unshare faults on KSM pages (as SimKernel's)."""
+        return self.ksm.cow_ksm
 
     @property
     def batches(self) -> int:
@@ -144,7 +155,7 @@ class BulkKernel:
     def memory_bytes(self) -> int:
         """Bytes held by the engine's arrays (their capacity)."""
         ksm = self.ksm
-        return (ksm.pages.nbytes() + ksm.frames.nbytes() + ksm.ctab.nbytes()
+        return (ksm.pages.nbytes() + ksm.frames.nbytes() + sum(ix.ctab.nbytes() for ix in ksm.trees)
                 + ksm.nodes.nbytes() + int(self.contents.checksum.nbytes))
 
     def spawn(self) -> BulkProcess:
@@ -167,27 +178,6 @@ class BulkKernel:
     def wait_full_scans(self, n: int = 1, *, timeout: float | None = None) -> None:
         """Advance virtual time until ``full_scans`` has grown by *n* (see SimKernel)."""
         self.ksmd.wait_full_scans(n, timeout=timeout)
-
-    # --- KSM entry points --------------------------------------------------------------------
-    def ksm_enter(self, mm: BulkMm) -> None:
-        """Register *mm* just behind ksmd's cursor (``__ksm_enter``)."""
-        needs_wakeup = self.ksm.list_empty()
-        mm.list_add_before(self.ksm.cursor)
-        mm.registered = True
-        if needs_wakeup:
-            self.ksmd.wake_up()
-
-    def ksm_exit(self, mm: BulkMm) -> None:
-        """``__ksm_exit``: unregister at once if ksmd holds nothing of *mm*, else leave it to ksmd."""
-        if not mm.registered or self.ksm.cursor is mm:
-            return
-        pages = self.ksm.pages
-        if not any(bool((pages.state[s.row:s.row + s.pages] != ABSENT).any())
-                   for s in mm.ranges()):
-            self.ksm.unregister(mm)
-        else:
-            mm.list_del()
-            mm.list_add_after(self.ksm.cursor)
 
 
 def _int_array(values: Sequence[object]) -> npt.NDArray[np.int64] | None:
@@ -236,12 +226,14 @@ class BulkProcess:
         """Map *length* bytes of anonymous private memory, top-down like SimKernel.
 
         Only read-write anonymous private mappings placed by the kernel
-        (``addr=0``) are modelled, on the one NUMA node (``node`` None or 0);
+        (``addr=0``) are modelled; their pages are allocated on NUMA node
+        *node* (None: node 0), which must exist (ValueError, as SimKernel);
         ``offset`` is checked and ignored, as Linux does for them.  Anything
         else is NotModelledError; errnos are SimKernel's.
         """
+        k = self.kernel
         args = argcheck.mmap_args(length, prot, flags, addr, node, path, offset, vm_flags,
-                                  lambda: range(1))
+                                  lambda: range(k.numa_nodes))
         self._check_alive()
         if (args.prot != PROT_READ | PROT_WRITE or args.flags != MAP_PRIVATE | MAP_ANONYMOUS
                 or args.addr or args.path is not None or args.vm_flags):
@@ -258,8 +250,15 @@ class BulkProcess:
         if size > TASK_SIZE:
             raise kernel_error(errno.ENOMEM, f"mmap length {args.length:#x}")
         start = self.mm.unmapped_area(size)  # SimKernel's placement: gaps are reused
-        self.mm.map_area(start, size >> PAGE_SHIFT, self._new_rows)
+        new = self.mm.map_area(start, size >> PAGE_SHIFT, self._new_rows)
         self.kernel.ksm.mutations += 1
+        pages = self.kernel.ksm.pages
+        mergeable = self.kernel.ksm_vma_flags(self.mm)
+        for row, n in new:  # fresh rows and rows taken over from ghosts alike
+            sl = slice(row, row + n)
+            pages.mergeable[sl] = mergeable
+            if self.kernel.numa_nodes > 1:
+                pages.nid[sl] = args.node or 0
         return start
 
     def _new_rows(self, n: int) -> int:
@@ -439,8 +438,9 @@ class BulkProcess:
         in_place[ok] = (ksm.frames.knode[frames[ok]] < 0) & (ksm.frames.mapcount[frames[ok]] == 1)
         ksm.frames.content[frames[in_place]] = cids[in_place]
         copy = ~in_place
+        ksm.cow_ksm += int(np.count_nonzero(ksm.frames.knode[frames[ok]] >= 0))
         ksm.unmap(frames[copy])
-        ksm.pages.frame[rows[copy]] = ksm.new_frames(cids[copy])
+        ksm.pages.frame[rows[copy]] = ksm.new_frames(cids[copy], rows[copy])
 
     def _write_one(self, row: int, cid: int) -> None:
         """_store for one page, without array overheads (a COW storm is many of these)."""
@@ -453,11 +453,15 @@ class BulkProcess:
                 frames.content[f] = cid  # an exclusive ordinary page is written in place
                 return
             frames.mapcount[f] -= 1
-            if knode >= 0 and frames.mapcount[f] == 0:
-                ksm.reopen([knode])
+            if knode >= 0:
+                ksm.cow_ksm += 1
+                if frames.mapcount[f] == 0:
+                    ksm.reopen([knode])
         new = frames.append(1)
         frames.content[new] = cid
         frames.mapcount[new] = 1
+        if ksm.numa_nodes > 1:
+            frames.nid[new] = ksm.pages.nid[row]  # the mapping's node, as a fault allocates
         ksm.pages.frame[row] = new
 
     def madvise(self, addr: int, length: int, advice: int) -> None:
@@ -498,39 +502,68 @@ class BulkProcess:
         ksm.break_ksm(rows)
         ksm.pages.mergeable[rows] = False
 
+    def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0,
+              arg5: int = 0) -> int:
+        """prctl(2) for PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE, with SimKernel's checks
+        and errnos: a non-zero unused argument is EINVAL, other options too."""
+        option = argcheck.cint("option", option)
+        arg2, arg3, arg4, arg5 = (argcheck.ulong(name, v) for name, v in
+                                  (("arg2", arg2), ("arg3", arg3), ("arg4", arg4),
+                                   ("arg5", arg5)))
+        self._check_alive()
+        if option not in (PR_SET_MEMORY_MERGE, PR_GET_MEMORY_MERGE):
+            raise kernel_error(errno.EINVAL, f"prctl option {option}")
+        if option == PR_SET_MEMORY_MERGE:
+            if arg3 or arg4 or arg5:
+                raise kernel_error(errno.EINVAL, "PR_SET_MEMORY_MERGE takes one argument")
+            k = self.kernel
+            (k.ksm_enable_merge_any if arg2 else k.ksm_disable_merge_any)(self.mm)
+            return 0
+        if arg2 or arg3 or arg4 or arg5:
+            raise kernel_error(errno.EINVAL, "PR_GET_MEMORY_MERGE takes no argument")
+        return int(self.mm.merge_any)
+
     # --- process lifecycle ----------------------------------------------------------------------
     def fork(self) -> BulkProcess:
-        """fork(2): the child shares every page copy-on-write and is registered if the parent is."""
+        """fork(2): the child shares every page copy-on-write, keeps merge-any and each
+        mapping's mergeable mark, and is registered if the parent is."""
         self._check_alive()
         self.kernel.ksm.mutations += 1
         k, ksm = self.kernel, self.kernel.ksm
         child = k.spawn()
         child.mm.mmap_base = self.mm.mmap_base
+        child.mm.merge_any = self.mm.merge_any  # MMF_INIT_MASK
         for seg in self.mm.segments:
             row = ksm.pages.append(seg.pages)
             src = ksm.pages.frame[seg.row:seg.row + seg.pages]
             ksm.pages.frame[row:row + seg.pages] = src
             ksm.pages.mergeable[row:row + seg.pages] = ksm.pages.mergeable[seg.row:seg.row
                                                                            + seg.pages]
+            if ksm.numa_nodes > 1:  # the child's mapping keeps the parent's policy
+                ksm.pages.nid[row:row + seg.pages] = ksm.pages.nid[seg.row:seg.row + seg.pages]
             np.add.at(ksm.frames.mapcount, src[src >= 0], 1)
             child.mm.segments.append(Segment(seg.addr, row, seg.pages, seg.prot))
         if self.mm.registered:
             k.ksm_enter(child.mm)
         return child
 
+    def exec(self) -> None:
+        """execve(2): a fresh, empty address space that keeps merge-any (and is registered
+        with ksmd if it is on, ``ksm_execve``); the old one goes as at exit."""
+        self._check_alive()
+        k, old = self.kernel, self.mm
+        new = BulkMm(self.pid)
+        new.merge_any = old.merge_any  # MMF_INIT_MASK
+        k.ksm_execve(new)
+        self.mm = new
+        k.mmput(old)
+
     def exit(self) -> None:
         """exit(2): KSM's exit hook, then the address space goes."""
         self._check_alive()
-        self.kernel.ksm.mutations += 1
         self.alive = False
-        k, mm = self.kernel, self.mm
-        mm.exiting = True
-        k.ksm_exit(mm)
-        for seg in mm.segments:
-            sl = slice(seg.row, seg.row + seg.pages)
-            k.ksm.unmap(k.ksm.pages.frame[sl])
-            k.ksm.pages.frame[sl] = NO_FRAME
-        del k.processes[self.pid]
+        self.kernel.mmput(self.mm)
+        del self.kernel.processes[self.pid]
 
     # --- views ------------------------------------------------------------------------------------
     def content_ids(self, addr: int, length: int) -> list[int | None]:
@@ -568,21 +601,13 @@ class BulkProcess:
             zero += int(np.count_nonzero(ksm.pages.frame[sl] == KSM_ZERO))
         return {"ksm_rmap_items": items, "ksm_zero_pages": zero, "ksm_merging_pages": merging,
                 "ksm_process_profit": ksm_process_profit(merging, zero, items),
-                "ksm_merge_any": False, "ksm_mergeable": ksm.has_mergeable(self.mm)}
+                "ksm_merge_any": self.mm.merge_any, "ksm_mergeable": ksm.has_mergeable(self.mm)}
 
     def ksm_merging_pages(self) -> int:
         """``/proc/PID/ksm_merging_pages``."""
         return int(self.ksm_stat()["ksm_merging_pages"])
 
     # --- the calls the engine does not model: checked like SimKernel's, then NotModelledError ---
-    def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0,
-              arg5: int = 0) -> int:
-        """Not modelled (PR_SET_MEMORY_MERGE and the rest): NotModelledError."""
-        argcheck.cint("option", option)
-        for name, value in (("arg2", arg2), ("arg3", arg3), ("arg4", arg4), ("arg5", arg5)):
-            argcheck.ulong(name, value)
-        self._check_alive()
-        self._unmodelled("prctl")
 
     def read(self, addr: int, length: int, *, force: bool = False) -> bytes:
         """Not modelled (no page bytes are kept): NotModelledError; see :meth:`content_ids`."""
@@ -590,11 +615,6 @@ class BulkProcess:
         argcheck.flag("force", force)
         self._check_alive()
         self._unmodelled("read", "it keeps no page bytes; see content_ids()")
-
-    def exec(self) -> None:
-        """Not modelled: NotModelledError."""
-        self._check_alive()
-        self._unmodelled("exec")
 
     def smaps(self) -> list[SmapsEntry]:
         """Not modelled (the engine keeps no vmas): NotModelledError."""

@@ -96,11 +96,13 @@ class BulkMm(ListHead):
             disjoint from the segments (see the module doc).
         exiting: the process exited (``ksm_test_exit``); ksmd reaps the slot.
         registered: MMF_VM_MERGEABLE: the mm is on ksmd's list.
+        merge_any: MMF_VM_MERGE_ANY: prctl(PR_SET_MEMORY_MERGE) is in effect (fork and
+            exec keep it; ksmd dropping the slot does not clear it, as in 6.18).
         prev, next: neighbours on the list (the list head is a BulkMm with id -1).
         mmap_base: mappings are placed top-down below this address, as SimKernel does.
     """
 
-    __slots__ = ("exiting", "ghosts", "id", "mmap_base", "registered", "segments")
+    __slots__ = ("exiting", "ghosts", "id", "merge_any", "mmap_base", "registered", "segments")
     prev: BulkMm
     next: BulkMm
 
@@ -111,6 +113,7 @@ class BulkMm(ListHead):
         self.ghosts: list[Ghost] = []
         self.exiting = False
         self.registered = False
+        self.merge_any = False
         self.mmap_base = 0x7F0000000000
 
     def ranges(self) -> list[Segment]:
@@ -133,13 +136,17 @@ class BulkMm(ListHead):
         return unmapped_area_topdown(((s.addr, s.end) for s in reversed(self.segments)),
                                      self.mmap_base, size)
 
-    def map_area(self, start: int, pages: int, alloc: Callable[[int], int]) -> list[Segment]:
-        """Map *pages* pages at the unmapped *start*; return its new segments.
+    def map_area(self, start: int, pages: int,
+                 alloc: Callable[[int], int]) -> list[tuple[int, int]]:
+        """Map *pages* pages at the unmapped *start*; return its rows as (first row, count)
+        runs, for the caller to give them the new mapping's attributes.
 
         Ghost rows there are taken over, items and all (munmap left them
         mapping nothing and not mergeable, as a new mapping's rows are); the
         other pages get fresh rows, from one ``alloc(count)`` call (it returns
-        the first row; it may raise, before anything has changed).
+        the first row; it may raise, before anything has changed).  The runs
+        are taken before the new segments are joined to their neighbours,
+        whose rows they may continue.
         """
         end = start + (pages << PAGE_SHIFT)
         ghosts = self.ghosts
@@ -161,10 +168,11 @@ class BulkMm(ListHead):
             if g is not None:
                 new.append(Segment(g.addr, g.row, g.pages))
                 pos = g.end
+        runs = [(seg.row, seg.pages) for seg in new]
         k = _first_ending_after(self.segments, start)
         self.segments[k:k] = new
         self._coalesce(k - 1, k + len(new) + 1)
-        return new
+        return runs
 
     def unmap(self, start: int, end: int) -> list[Segment]:
         """Take the mapped parts of [start, end) out of the segments and return them."""

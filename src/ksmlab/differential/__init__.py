@@ -48,7 +48,8 @@ The package's modules:
 * :mod:`~ksmlab.differential.records`: the records, :func:`compare` and :class:`DiffReport`;
 * :mod:`~ksmlab.differential.proxies`: the kernel, processes and sysfs the program sees;
 * :mod:`~ksmlab.differential.drivers`: each backend's side, and the real kernel's quiescence;
-* :mod:`~ksmlab.differential.runner`: :func:`run_on_model`, :func:`run_on_kernel`, :func:`differential`;
+* :mod:`~ksmlab.differential.runner`: :func:`run_on_model`, :func:`run_on_bulk`,
+  :func:`run_on_kernel`, :func:`differential`;
 * :mod:`~ksmlab.differential.random_programs`: :func:`random_program`.
 """
 
@@ -71,7 +72,7 @@ from ksmlab.differential.records import (
 )
 from ksmlab.differential.records import DELTA_COUNTERS as DELTA_COUNTERS
 from ksmlab.differential.records import VM_FLAGS as VM_FLAGS
-from ksmlab.differential.runner import differential, run_on_kernel, run_on_model
+from ksmlab.differential.runner import differential, run_on_bulk, run_on_kernel, run_on_model
 
 __all__ = [
     "COUNTERS",
@@ -88,6 +89,7 @@ __all__ = [
     "compare",
     "differential",
     "random_program",
+    "run_on_bulk",
     "run_on_kernel",
     "run_on_model",
 ]

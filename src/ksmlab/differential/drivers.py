@@ -3,6 +3,7 @@
 
 A driver gives the runner knob access, exact ``wait_full_scans`` and
 ``cow_ksm`` on one backend: :class:`_SimDriver` on the model,
+:class:`_BulkDriver` on the bulk engine,
 :class:`_LinuxDriver` on the real kernel, where ksmd is run only inside
 ``wait_full_scans`` and for exactly the number of full scans asked, so that
 every point of a program is quiescent (:class:`QuiescenceError` if ksmd
@@ -24,6 +25,7 @@ from ksmlab.ksm.sysfs import ParseError, kstrtouint, store_text
 if TYPE_CHECKING:
     from ksmlab.api import Kernel
     from ksmlab.backends.linux import LinuxKernel
+    from ksmlab.bulk import BulkKernel
 
 __all__ = ["DEFAULT_GAP_MS", "QuiescenceError"]
 
@@ -59,6 +61,35 @@ class _SimDriver:
 
     @property
     def kernel(self) -> SimKernel:
+        return self._k
+
+    def read(self, name: str) -> str:
+        return self._k.sysfs[name]
+
+    def write(self, name: str, value: str) -> None:
+        self._k.sysfs[name] = value
+
+    def wait(self, n: int, index: int) -> int:
+        before = self._k.ksm.full_scans
+        with contextlib.suppress(ScanStalledError):
+            self._k.wait_full_scans(n)
+        return self._k.ksm.full_scans - before
+
+    def cow_ksm(self) -> int:
+        return self._k.cow_ksm
+
+    def check_quiet(self) -> None:
+        pass
+
+
+class _BulkDriver:
+    """The bulk engine: as the model (ksmd runs only when waited for)."""
+
+    def __init__(self, k: BulkKernel) -> None:
+        self._k = k
+
+    @property
+    def kernel(self) -> BulkKernel:
         return self._k
 
     def read(self, name: str) -> str:
@@ -205,6 +236,7 @@ def _current(text: str) -> str:
 
 
 if TYPE_CHECKING:
-    def _conforms(d1: _SimDriver, d2: _LinuxDriver) -> tuple[_Driver, _Driver]:
+    def _conforms(d1: _SimDriver, d2: _LinuxDriver, d3: _BulkDriver
+                  ) -> tuple[_Driver, _Driver, _Driver]:
         """Never called: makes mypy check that the drivers satisfy the _Driver Protocol."""
-        return d1, d2
+        return d1, d2, d3

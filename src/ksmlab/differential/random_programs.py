@@ -30,13 +30,25 @@ from ksmlab.differential.records import Checkpoint, Program
 if TYPE_CHECKING:
     from ksmlab.api import Kernel, Process
 
-__all__ = ["PATTERNS", "random_program"]
+__all__ = ["BULK_OPS", "PATTERNS", "random_program"]
 
 P = PAGE_SIZE
 
 
 PATTERNS: tuple[bytes, ...] = (b"A" * P, b"B" * P, b"C" * P, bytes(P))
 """The page contents random programs write (the last one is a zero-filled page)."""
+
+ALL_OPS = frozenset({"knob", "spawn", "wait", "cp", "mmap", "madvise", "write", "poke", "read",
+                     "mprotect", "munmap", "prctl", "fork", "exec", "exit"})
+"""Every step a random program can take."""
+
+BULK_OPS = frozenset({"knob", "spawn", "wait", "cp", "mmap", "madvise", "write", "mprotect",
+                      "munmap", "prctl", "fork", "exec", "exit"})
+"""The steps the bulk engine models (docs/bulk.md): with ``engine="bulk"`` a
+program also maps only private memory and advises only MADV_(UN)MERGEABLE.
+Its records have no vmas and no page frames (the engine keeps neither), so
+munmap and mprotect are compared through the calls' results, the counters,
+``ksm_stat`` and the layouts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +123,7 @@ class _RandomProgram:
 
 
 def random_program(seed: int, *, steps: int = 50, max_procs: int = 4, max_pages: int = 8,
-                   merge_any: bool = False) -> Program:
+                   merge_any: bool = False, engine: str = "sim") -> Program:
     """A seeded random program: a few processes, small areas, pages from :data:`PATTERNS`.
 
     The steps are drawn in advance from ``random.Random(seed)`` against an
@@ -127,7 +139,15 @@ def random_program(seed: int, *, steps: int = 50, max_procs: int = 4, max_pages:
             children inherit it); only per-region figures are compared then,
             and no zero-filled page is written (the helper's own zero pages
             would be partners the model does not have).
+        engine: ``"sim"`` (every step) or ``"bulk"``: only what the bulk
+            engine models (:data:`BULK_OPS`); a step it does not model is
+            drawn and dropped, so the rest of the program is what it would be.
     """
+    if engine not in ("sim", "bulk"):
+        raise ValueError(f"engine must be 'sim' or 'bulk', got {engine!r}")
+    ops = ALL_OPS if engine == "sim" else BULK_OPS
+    if merge_any and "prctl" not in ops:
+        raise ValueError(f"merge_any needs prctl, which engine {engine!r} does not model")
     rng = random.Random(seed)
     out: list[_Step] = []
     procs: dict[str, dict[str, int]] = {}  # live process -> {region: pages}
@@ -141,7 +161,8 @@ def random_program(seed: int, *, steps: int = 50, max_procs: int = 4, max_pages:
         return label
 
     def add(op: str, *args: object) -> None:
-        out.append(_Step(op, args))
+        if op in ops:
+            out.append(_Step(op, args))
 
     def spawn() -> str:
         label = new("P")
@@ -151,7 +172,7 @@ def random_program(seed: int, *, steps: int = 50, max_procs: int = 4, max_pages:
 
     def mmap(pl: str) -> None:
         r, n = new("r"), rng.randint(1, max_pages)
-        is_shared = rng.random() < 0.08
+        is_shared = rng.random() < 0.08 and engine == "sim"
         procs[pl][r] = n
         if is_shared:
             shared.add(r)
@@ -166,7 +187,10 @@ def random_program(seed: int, *, steps: int = 50, max_procs: int = 4, max_pages:
     # Under merge-any the helper's own pages are searched in the stable tree
     # too, and every descent may reorder the dups of a chain it passes: only
     # compare chains without them.
-    add("knob", "max_page_sharing", "256" if merge_any else rng.choice(("256", "256", "2", "3")))
+    # The bulk engine finds a chain's stale dups at other moments than the
+    # kernel's tree walk (docs/bulk.md): its programs keep to one dup per content.
+    mps = rng.choice(("256", "256", "2", "3"))
+    add("knob", "max_page_sharing", "256" if merge_any or engine == "bulk" else mps)
     add("knob", "run", "1")
     first = spawn()
     if merge_any:
@@ -194,6 +218,8 @@ def random_program(seed: int, *, steps: int = 50, max_procs: int = 4, max_pages:
         elif roll < 0.56:
             advice = rng.choice((MADV_MERGEABLE, MADV_MERGEABLE, MADV_UNMERGEABLE,
                                  MADV_DONTNEED))
+            if advice == MADV_DONTNEED and engine != "sim":
+                continue
             add("madvise", pl, r, lo, cnt, advice)
         elif roll < 0.72:
             add("wait", rng.choice((1, 1, 2, 3)))
@@ -205,10 +231,11 @@ def random_program(seed: int, *, steps: int = 50, max_procs: int = 4, max_pages:
             del procs[pl]
             add("exit", pl)
         elif roll < 0.82:
-            procs[pl].clear()
+            if "exec" in ops:
+                procs[pl].clear()
             add("exec", pl)
         elif roll < 0.85:
-            if lo == 0 and cnt == n:
+            if lo == 0 and cnt == n and "munmap" in ops:
                 del procs[pl][r]
             add("munmap", pl, r, lo, cnt)
         elif roll < 0.90:
@@ -225,13 +252,15 @@ def random_program(seed: int, *, steps: int = 50, max_procs: int = 4, max_pages:
         elif roll < 0.985:
             knobs = [("use_zero_pages", "0"), ("use_zero_pages", "1"), ("smart_scan", "0"),
                      ("smart_scan", "1")]
-            if not merge_any:  # refused (EBUSY) while the helper's own pages are merged
+            if not merge_any and engine == "sim":  # EBUSY while the helper's pages are merged
                 knobs += [("max_page_sharing", "2"), ("max_page_sharing", "256")]
             add("knob", *rng.choice(knobs))
         else:
             add("knob", "run", "2")
             add("knob", "run", "1")
     add("wait", 2)
-    name = f"random_program({seed}{', merge_any=True' if merge_any else ''})"
+    extra = (", merge_any=True" if merge_any else "") + (f", engine={engine!r}"
+                                                         if engine != "sim" else "")
+    name = f"random_program({seed}{extra})"
     return _RandomProgram(name, out)
 

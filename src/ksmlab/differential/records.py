@@ -153,7 +153,7 @@ class RunRecord:
     """Everything observed while one program ran on one backend.
 
     Attributes:
-        backend: ``model`` or ``kernel``.
+        backend: ``model``, ``bulk`` or ``kernel``.
         calls: every call, in order.
         checkpoints: every checkpoint, in order (the last one, ``(end)``, is
             taken after the program returns).
@@ -161,6 +161,9 @@ class RunRecord:
             per-region figures are comparable then.
         error: the exception the program raised (other than OSError), if any.
         stalls: for each ``wait_full_scans``, whether it stalled.
+        detail: vmas and physical pages were recorded (False on the bulk
+            engine, which keeps neither vmas nor frame numbers: only calls,
+            counters, ``ksm_stat`` and layouts are compared then).
     """
 
     backend: str
@@ -169,6 +172,7 @@ class RunRecord:
     merge_any: bool
     error: str | None
     stalls: tuple[bool, ...]
+    detail: bool = True
 
     def __str__(self) -> str:
         lines = [f"run on the {self.backend}: {len(self.calls)} calls, "
@@ -281,9 +285,12 @@ def compare(model: RunRecord, kernel: RunRecord, scenario: str = "program") -> D
     """Compare two records of the same program, field by field.
 
     Under prctl merge-any (in either run) only per-region figures are
-    compared: calls, vmas, shared pages and ``ksm_merge_any``.
+    compared: calls, vmas, shared pages and ``ksm_merge_any``.  When either
+    run has no detail (:attr:`RunRecord.detail`), vmas and pages are not
+    compared.
     """
     per_region = model.merge_any or kernel.merge_any
+    detail = model.detail and kernel.detail
     diffs: list[Difference] = []
     add = diffs.append
     for i in range(max(len(model.calls), len(kernel.calls))):
@@ -310,12 +317,12 @@ def compare(model: RunRecord, kernel: RunRecord, scenario: str = "program") -> D
             for c in COUNTERS:
                 if mcp.counters.get(c) != kcp.counters.get(c):
                     add(Difference(where, c, mcp.counters.get(c), kcp.counters.get(c)))
-        _compare_procs(where, mcp.processes, kcp.processes, per_region, add)
+        _compare_procs(where, mcp.processes, kcp.processes, per_region, detail, add)
     return DiffReport(scenario, tuple(diffs), model, kernel, per_region)
 
 
 def _compare_procs(where: str, mps: tuple[ProcessRecord, ...], kps: tuple[ProcessRecord, ...],
-                   per_region: bool, add: Callable[[Difference], None]) -> None:
+                   per_region: bool, detail: bool, add: Callable[[Difference], None]) -> None:
     if [p.label for p in mps] != [p.label for p in kps]:
         add(Difference(where, "live processes", [p.label for p in mps], [p.label for p in kps]))
         return
@@ -327,6 +334,8 @@ def _compare_procs(where: str, mps: tuple[ProcessRecord, ...], kps: tuple[Proces
                                kp.ksm_stat.get(key)))
         if mp.layout != kp.layout:
             add(Difference(where, f"{mp.label}.layout", mp.layout, kp.layout))
+        if not detail:
+            continue
         if len(mp.vmas) != len(kp.vmas) or any(
                 (a.start, a.end) != (b.start, b.end)
                 for a, b in zip(mp.vmas, kp.vmas, strict=False)):

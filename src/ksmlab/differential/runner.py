@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from ksmlab.differential.drivers import (
     DEFAULT_GAP_MS,
     QuiescenceError,
+    _BulkDriver,
     _Driver,
     _LinuxDriver,
     _SimDriver,
@@ -37,13 +38,14 @@ from ksmlab.kernel import SimKernel
 if TYPE_CHECKING:
     from ksmlab.backends.linux import LinuxKernel
 
-__all__ = ["differential", "run_on_kernel", "run_on_model"]
+__all__ = ["differential", "run_on_bulk", "run_on_kernel", "run_on_model"]
 
 # --------------------------------------------------------------------------------------
 # Running a program
 
 
-def _snapshot(run: _Run, driver: _Driver, name: str, base: dict[str, int]) -> CheckpointRecord:
+def _snapshot(run: _Run, driver: _Driver, name: str, base: dict[str, int],
+              detail: bool) -> CheckpointRecord:
     driver.check_quiet()
     counters: dict[str, int] = {}
     for c in COUNTERS:
@@ -60,10 +62,10 @@ def _snapshot(run: _Run, driver: _Driver, name: str, base: dict[str, int]) -> Ch
             VmaRecord(_where(regions, e.start), _where(regions, e.end, end=True), e.perms,
                       e.mergeable, " ".join(f for f in VM_FLAGS if f in e.vm_flags), e.rss,
                       e.anonymous, e.ksm)
-            for e in inner.smaps()
+            for e in (inner.smaps() if detail else ())
             if any(e.start < r.end and r.start < e.end for r in regions))
         pages = []
-        for r in sorted(regions, key=lambda r: int(r.label[1:])):
+        for r in sorted(regions, key=lambda r: int(r.label[1:])) if detail else ():
             row = tuple(None if pfn is None else ids.setdefault(pfn, len(ids))
                         for pfn in inner.pfns(r.start, r.end - r.start))
             pages.append((r.label, row))
@@ -78,14 +80,14 @@ def _snapshot(run: _Run, driver: _Driver, name: str, base: dict[str, int]) -> Ch
     return CheckpointRecord(name, len(run.calls), counters, tuple(procs))
 
 
-def _run(program: Program, driver: _Driver, backend: str) -> RunRecord:
+def _run(program: Program, driver: _Driver, backend: str, *, detail: bool = True) -> RunRecord:
     run = _Run(backend)
     base = {c: (driver.cow_ksm() if c == "cow_ksm" else int(driver.read(c)))
             for c in DELTA_COUNTERS}
     kproxy = _KernelProxy(run, driver)
 
     def cp(name: str) -> None:
-        run.checkpoints.append(_snapshot(run, driver, name, base))
+        run.checkpoints.append(_snapshot(run, driver, name, base, detail))
 
     error = None
     try:
@@ -99,13 +101,26 @@ def _run(program: Program, driver: _Driver, backend: str) -> RunRecord:
     else:
         cp("(end)")
     return RunRecord(backend, tuple(run.calls), tuple(run.checkpoints), run.merge_any, error,
-                     tuple(run.stalls))
+                     tuple(run.stalls), detail)
 
 
 def run_on_model(program: Program) -> RunRecord:
     """Run *program* on a fresh :class:`~ksmlab.SimKernel` and record it."""
     with SimKernel() as k:
         return _run(program, _SimDriver(k), "model")
+
+
+def run_on_bulk(program: Program) -> RunRecord:
+    """Run *program* on a fresh :class:`~ksmlab.bulk.BulkKernel` and record it.
+
+    The bulk engine keeps no vmas and no frame numbers, so the record has
+    no detail (:attr:`RunRecord.detail`): calls, counters, ``ksm_stat`` and
+    layouts.  Random programs for it come from
+    ``random_program(seed, engine="bulk")``.
+    """
+    from ksmlab.bulk import BulkKernel
+    with BulkKernel() as k:
+        return _run(program, _BulkDriver(k), "bulk", detail=False)
 
 
 def run_on_kernel(program: Program, *, stall_hints: Sequence[bool] = (),
@@ -131,14 +146,20 @@ def run_on_kernel(program: Program, *, stall_hints: Sequence[bool] = (),
 
 def differential(program: Program, *, name: str | None = None, retries: int = 2,
                  gap_ms: int = DEFAULT_GAP_MS,
-                 kernel_factory: Callable[[], LinuxKernel] | None = None) -> DiffReport:
+                 kernel_factory: Callable[[], LinuxKernel] | None = None,
+                 engine: str = "sim") -> DiffReport:
     """Run *program* on the model, then on the real kernel, and compare.
+
+    *engine* is the model: ``"sim"`` (SimKernel, every field compared) or
+    ``"bulk"`` (the bulk engine: :func:`run_on_bulk`).
 
     A kernel run whose ksmd overshot the scans asked (:class:`QuiescenceError`)
     is repeated up to *retries* times, each time with twice the gap.
     """
+    if engine not in ("sim", "bulk"):
+        raise ValueError(f"engine must be 'sim' or 'bulk', got {engine!r}")
     scenario = name or str(getattr(program, "__name__", "program"))
-    model = run_on_model(program)
+    model = run_on_model(program) if engine == "sim" else run_on_bulk(program)
     for attempt in range(retries + 1):
         try:
             kernel = run_on_kernel(program, stall_hints=model.stalls, gap_ms=gap_ms << attempt,
