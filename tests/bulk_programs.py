@@ -1,14 +1,16 @@
 """Random programs for the bulk engine's equivalence tests.
 
 A program is a list of operations within what :class:`ksmlab.bulk.BulkKernel`
-models (mmap on a NUMA node, whole-page writes, MADV_(UN)MERGEABLE, prctl
-PR_SET/GET_MEMORY_MERGE (and refused prctls), fork, exec, exit, knobs including
-max_page_sharing and merge_across_nodes changes, run=2, the scan-time advisor
-and its knobs, ksmd batches), on a machine of 1 to 3 NUMA nodes (its first
-operation, ``("machine", nodes)``; :func:`sim` and :func:`bulk` make the
-kernels).  :func:`execute` runs one on any kernel and records a snapshot after
-every operation and every ksmd batch, so two kernels can be compared step by
-step.
+models (mmap on a NUMA node, munmap, mprotect, whole-page writes (forced or
+not), MADV_(UN)MERGEABLE, prctl PR_SET/GET_MEMORY_MERGE (and refused prctls),
+fork, exec, exit, knobs including max_page_sharing and merge_across_nodes
+changes, run=2, the scan-time advisor and its knobs, ksmd batches), on a
+machine of 1 to 3 NUMA nodes (its first operation, ``("machine", nodes)``;
+:func:`sim` and :func:`bulk` make the kernels).  munmap and mprotect ranges
+may run past a mapping, over holes and into the next mappings, and some calls
+are refused (their errnos are compared).  :func:`execute` runs one on any
+kernel and records a snapshot after every operation and every ksmd batch, so
+two kernels can be compared step by step.
 """
 
 from __future__ import annotations
@@ -24,8 +26,16 @@ from helpers import COUNTERS
 from ksmlab import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE, SimKernel
 from ksmlab.bulk import BulkKernel
 from ksmlab.bulk.columns import STABLE, UNSTABLE
-from ksmlab.constants import PR_GET_MEMORY_MERGE, PR_SET_MEMORY_MERGE
+from ksmlab.constants import (
+    PR_GET_MEMORY_MERGE,
+    PR_SET_MEMORY_MERGE,
+    PROT_EXEC,
+    PROT_NONE,
+    PROT_READ,
+    PROT_WRITE,
+)
 from ksmlab.ksm.types import NodeKind
+from ksmlab.mm.page import fingerprint
 
 Op = tuple[Any, ...]
 Kernel = SimKernel | BulkKernel
@@ -49,6 +59,52 @@ and three EINVAL cases (an extra argument to each option, an unknown option)."""
 def page(tag: int) -> bytes:
     """Page content number *tag*; tag 0 is the zero page."""
     return bytes(PAGE_SIZE) if tag == 0 else tag.to_bytes(8, "little") * (PAGE_SIZE // 8)
+
+
+TAGS = 6
+"""Contents the programs write: page(0) .. page(TAGS - 1)."""
+TAG_OF = {key: t for t in range(8) for key in (page(t), fingerprint(page(t)))}
+"""A page's tag from its bytes or its fingerprint (numa_program writes tags up to 6)."""
+PROTS = (PROT_READ, PROT_NONE, PROT_READ | PROT_WRITE, PROT_READ | PROT_EXEC,
+         PROT_READ | PROT_WRITE | PROT_EXEC, PROT_WRITE, 0x8 | PROT_READ)
+"""mprotect's protections (0x8 is PROT_SEM, allowed and ignored)."""
+BAD_PROTS = (0x10, 0x01000000 | PROT_READ, 0x02000000, 0x03000000)
+"""mprotect's refused protections: an unknown bit, PROT_GROWSDOWN/UP on an area that does
+not grow, both (EINVAL)."""
+
+
+def _span(r: random.Random, sizes: dict[int, int],
+          dead: set[tuple[int, int]]) -> tuple[int, int, int]:
+    """(mapping, first page, end page) of a range, mostly of pages not unmapped."""
+    m = r.choice(list(sizes))
+    live = [i for i in range(sizes[m]) if (m, i) not in dead]
+    if live and r.random() < 0.85:
+        i = r.choice(live)
+        j = i + 1
+        while j < sizes[m] and (m, j) not in dead and r.random() < 0.85:
+            j += 1
+        return m, i, j
+    i = r.randrange(sizes[m])
+    return m, i, r.randint(i + 1, sizes[m])
+
+
+def _unmap_op(r: random.Random, p: int, sizes: dict[int, int],
+              dead: set[tuple[int, int]]) -> Op:
+    """A munmap or mprotect of a range that may run past its mapping (over holes, into the
+    next mappings up), now and then refused (unaligned, empty, bad protection)."""
+    m, i, j = _span(r, sizes, dead)
+    if r.random() < 0.3:
+        j += r.randint(1, 16)  # beyond the mapping: holes, other mappings, or nothing
+    length = (j - i) * PAGE_SIZE - r.choice([0, 0, 0, 100, PAGE_SIZE - 1])
+    shift = r.choice([0] * 30 + [1, PAGE_SIZE // 2])
+    if r.random() < 0.03:
+        length = 0
+    if r.random() < 0.5:
+        if not shift and length:
+            dead |= {(m, k) for k in range(i, min(j, sizes[m]))}
+        return ("munmap", p, m, i, shift, length)
+    prot = r.choice(PROTS) if r.random() < 0.93 else r.choice(BAD_PROTS)
+    return ("mprotect", p, m, i, shift, length, prot)
 
 
 ADVISOR_KNOBS = {
@@ -94,6 +150,7 @@ def program(r: random.Random, steps: int = 60) -> list[Op]:
     # Mappings are named by the number of the mmap in the program, so an operation still
     # names the same one when keep_tree_stable drops an exec (which empties the map).
     live, sizes, nprocs, nmaps = [0], {0: dict[int, int]()}, 1, 0
+    dead: dict[int, set[tuple[int, int]]] = {0: set()}  # (mapping, page) unmapped, roughly
     for _ in range(steps):
         x = r.random()
         mapped = [p for p in live if sizes[p]]
@@ -105,11 +162,10 @@ def program(r: random.Random, steps: int = 60) -> list[Op]:
             nmaps += 1
         elif x < 0.50 and mapped:
             p = r.choice(mapped)
-            m = r.choice(list(sizes[p]))
-            i = r.randrange(sizes[p][m])
-            j = r.randint(i + 1, sizes[p][m])
+            m, i, j = _span(r, sizes[p], dead[p])
             if x < 0.40:
-                ops.append(("write", p, m, i, [r.randrange(6) for _ in range(j - i)]))
+                ops.append(("write", p, m, i, [r.randrange(TAGS) for _ in range(j - i)],
+                            r.random() < 0.1))
             else:
                 ops.append(("madvise", p, m, i, j, r.random() < 0.75))
         elif x < 0.55 and len(live) < 6:
@@ -117,6 +173,7 @@ def program(r: random.Random, steps: int = 60) -> list[Op]:
             ops.append(("fork", p))
             live.append(nprocs)
             sizes[nprocs] = dict(sizes[p])
+            dead[nprocs] = set(dead[p])
             nprocs += 1
         elif x < 0.58 and len(live) > 1:
             p = r.choice(live)
@@ -135,7 +192,20 @@ def program(r: random.Random, steps: int = 60) -> list[Op]:
         elif x < 0.76:
             p = r.choice(live)
             ops.append(("exec", p))
-            sizes[p] = {}
+            sizes[p], dead[p] = {}, set()
+        elif x < 0.84 and mapped:
+            p = r.choice(mapped)
+            op = _unmap_op(r, p, sizes[p], dead[p])
+            ops.append(op)
+            if op[0] == "munmap" and r.random() < 0.5:
+                # Map again at once, on any node: the gap is reused, and its pages find
+                # the items the old ones left (if ksmd has not passed them yet).
+                n = r.randint(1, max(1, op[5] // PAGE_SIZE))
+                ops += [("mmap", p, n, r.choice([None, *range(nodes)])),
+                        ("write", p, nmaps, 0, [r.randrange(TAGS) for _ in range(n)], False),
+                        ("madvise", p, nmaps, 0, n, True)]
+                sizes[p][nmaps] = n
+                nmaps += 1
         else:
             ops.append(("batches", r.randint(1, 4)))
     ops += [("run", "1"), ("batches", 40)]
@@ -229,6 +299,67 @@ def bulk(ops: list[Op], *, vectorize: bool = True) -> BulkKernel:
     return BulkKernel(vectorize=vectorize, numa_nodes=machine_nodes(ops))
 
 
+def unmap_program(r: random.Random, steps: int = 30) -> list[Op]:
+    """A random program that merges, then unmaps and protects merged memory: munmap
+    (whole mappings, parts, several at once, over holes) while ksmd is mid-scan or
+    stopped, mappings made again in the gaps, on any node (whose pages find the items
+    the old ones left) and written with the old contents or new ones, mprotect with
+    writes refused or forced, forks of the split address spaces, and more scans in
+    between; merge-any, exec and NUMA nodes come from :func:`program`."""
+    ops = program(r, steps)
+    ops += [("run", "1"), ("batches", r.randint(2, 12))]
+    maps: dict[int, list[int]] = {}  # each process's mappings, named as step() names them
+    live: list[int] = []
+    nmaps = 0
+    for op in ops:
+        if op[0] in ("spawn", "fork"):
+            maps[len(maps)] = list(maps[op[1]]) if op[0] == "fork" else []
+            live.append(len(maps) - 1)
+        elif op[0] == "mmap":
+            maps[op[1]].append(nmaps)
+            nmaps += 1
+        elif op[0] == "exec":
+            maps[op[1]] = []
+        elif op[0] == "exit":
+            live.remove(op[1])
+    return ops + _unmap_rounds(r, live, maps, nmaps, machine_nodes(ops))
+
+
+def _unmap_rounds(r: random.Random, live: list[int], maps: dict[int, list[int]], nmaps: int,
+                  nodes: int) -> list[Op]:
+    """The rounds of :func:`unmap_program` over the live processes' mappings (*nmaps*
+    made so far, on a machine of *nodes* NUMA nodes)."""
+    ops: list[Op] = []
+    for _ in range(r.randint(3, 8)):
+        procs = [p for p in live if maps[p]]
+        if not procs:
+            break
+        p = r.choice(procs)
+        m = r.choice(maps[p])
+        i, n = r.randrange(4), r.randint(1, 16)
+        x = r.random()
+        if x < 0.5:
+            ops.append(("munmap", p, m, i, 0, n * PAGE_SIZE))
+            if r.random() < 0.7:
+                k = r.randint(1, n)
+                ops += [("mmap", p, k, r.choice([None, *range(nodes)])),
+                        ("write", p, nmaps, 0, [r.randrange(TAGS) for _ in range(k)], False),
+                        ("madvise", p, nmaps, 0, k, r.random() < 0.8)]
+                maps[p].append(nmaps)
+                nmaps += 1
+        elif x < 0.8:
+            ops.append(("mprotect", p, m, i, 0, n * PAGE_SIZE, r.choice(PROTS)))
+            ops.append(("write", p, m, i, [r.randrange(TAGS)], r.random() < 0.5))
+        else:
+            ops.append(("fork", p))
+            maps[len(maps)] = list(maps[p])
+            live.append(len(maps) - 1)
+        if r.random() < 0.3:
+            ops.append(("run", r.choice("01")))
+        ops.append(("batches", r.randint(0, 6)))
+    return [*ops, ("run", "1"), ("batches", 40)]
+
+
 @dataclass
 class Run:
     """State of a program being executed on one kernel."""
@@ -240,6 +371,13 @@ class Run:
     nmaps: int = 0
 
 
+def _mapped_rows(proc: Any, addr: int, length: int) -> np.ndarray:
+    """Bulk page rows mapped in [addr, addr + length) (page aligned)."""
+    pieces, _hole = proc.mm.pieces(addr, addr + length)
+    return np.concatenate([np.arange(r, r + n) for _a, r, n in pieces]
+                          or [np.zeros(0, np.int64)])
+
+
 def _rows(run: Run, op: Op) -> np.ndarray | None:
     """Bulk page rows a mutating operation touches (None for other operations)."""
     kind = op[0]
@@ -247,10 +385,14 @@ def _rows(run: Run, op: Op) -> np.ndarray | None:
     if proc is None or not proc.alive:
         return None
     if kind == "write":
-        return proc._rows(run.maps[op[1]][op[2]] + op[3] * PAGE_SIZE, len(op[4]) * PAGE_SIZE)
+        return _mapped_rows(proc, run.maps[op[1]][op[2]] + op[3] * PAGE_SIZE,
+                            len(op[4]) * PAGE_SIZE)
     if kind == "madvise":
-        return proc._rows(run.maps[op[1]][op[2]] + op[3] * PAGE_SIZE,
-                          (op[4] - op[3]) * PAGE_SIZE)
+        return _mapped_rows(proc, run.maps[op[1]][op[2]] + op[3] * PAGE_SIZE,
+                            (op[4] - op[3]) * PAGE_SIZE)
+    if kind == "munmap" and not op[4] and op[5]:
+        start = run.maps[op[1]][op[2]] + op[3] * PAGE_SIZE
+        return _mapped_rows(proc, start, -(-op[5] // PAGE_SIZE) * PAGE_SIZE)
     if kind in ("exit", "exec") or (op[2:] == (PR_SET_MEMORY_MERGE, 0)
                                     and proc.mm.merge_any):  # every page goes or unmerges
         return np.concatenate([np.arange(s.row, s.row + s.pages) for s in proc.mm.segments]
@@ -283,7 +425,7 @@ def keep_tree_stable(ops: list[Op]) -> list[Op]:
     """*ops* without the mutations of pages in the current unstable tree.
 
     The kernel's unstable tree is ordered by the pages' current bytes, so a
-    write, unmerge or exit that changes a page it holds makes later searches
+    write, unmerge, munmap or exit that changes a page it holds makes later searches
     depend on the tree's shape; the bulk engine's exact index does not (a
     documented model choice).  Such operations are dropped (decided on a
     bulk run, which both kernels then execute alike), and so are
@@ -320,10 +462,20 @@ def step(run: Run, op: Op, snap: Callable[[Kernel], Any], log: list[Any]) -> Non
         elif kind == "mmap":
             run.nmaps += 1
             node = op[3] if len(op) > 3 else None
-            maps[op[1]][run.nmaps - 1] = procs[op[1]].mmap(op[2] * PAGE_SIZE, node=node)
+            addr = procs[op[1]].mmap(op[2] * PAGE_SIZE, node=node)
+            maps[op[1]][run.nmaps - 1] = addr
+            log.append((op, snap(k), addr))  # where it went (gaps are reused)
+            return
         elif kind == "write":
-            _, p, m, i, tags = op
-            procs[p].write(maps[p][m] + i * PAGE_SIZE, b"".join(page(t) for t in tags))
+            _, p, m, i, tags, *force = op
+            procs[p].write(maps[p][m] + i * PAGE_SIZE, b"".join(page(t) for t in tags),
+                           force=bool(force and force[0]))
+        elif kind == "munmap":
+            _, p, m, i, shift, length = op
+            procs[p].munmap(maps[p][m] + i * PAGE_SIZE + shift, length)
+        elif kind == "mprotect":
+            _, p, m, i, shift, length, prot = op
+            procs[p].mprotect(maps[p][m] + i * PAGE_SIZE + shift, length, prot)
         elif kind == "madvise":
             _, p, m, i, j, mergeable = op
             procs[p].madvise(maps[p][m] + i * PAGE_SIZE, (j - i) * PAGE_SIZE,
@@ -397,6 +549,23 @@ def live_nodes(k: Kernel) -> list[int]:
     return sorted(out)
 
 
+def contents(k: Kernel) -> dict[int, tuple[int, list[int | None]]]:
+    """Each live process's pages, from its lowest mapping to the top of the mmap area: the
+    tag of what each holds (content ids or fingerprints, see TAG_OF), None where no page is."""
+    out: dict[int, tuple[int, list[int | None]]] = {}
+    for pid, proc in sorted(k.processes.items()):
+        if isinstance(k, BulkKernel):
+            by_id = {cid: fp for fp, cid in k.contents._by_fp.items()}
+            lo = min((s.addr for s in proc.mm.segments), default=proc.mm.mmap_base)
+            ids = proc.content_ids(lo, proc.mm.mmap_base - lo)
+            out[pid] = (lo, [None if c is None else TAG_OF[by_id[c]] for c in ids])
+        else:
+            lo = min((v.start for v in proc.mm.vmas), default=proc.mm.mmap_base)
+            frames = proc._frames_in(lo, proc.mm.mmap_base - lo)  # no hashing of bytes
+            out[pid] = (lo, [None if f is None else TAG_OF[f.data] for f in frames])
+    return out
+
+
 KNOBS = ("pages_to_scan", "sleep_millisecs", "max_page_sharing", "merge_across_nodes",
          "advisor_mode", "advisor_max_cpu", "advisor_min_pages_to_scan",
          "advisor_max_pages_to_scan", "advisor_target_scan_time")
@@ -425,13 +594,14 @@ def page_nodes(k: Kernel) -> list[tuple[int, list[tuple[int, int]]]]:
 def walk_insensitive(k: Kernel) -> Any:
     """Everything observable that does not depend on tree-walk timing (see TREE_WALK): the
     counters, the knobs (pages_to_scan as the advisor sets it), ksmd's clock and CPU time,
-    the live stable nodes, ksm_stat, and the node of every mapped page."""
+    the live stable nodes, ksm_stat, the node of every mapped page and what every page
+    holds."""
     procs = k.processes.values()
     stats = sorted((p.pid, p.ksm_stat()["ksm_rmap_items"], p.ksm_stat()["ksm_zero_pages"],
                     p.ksm_stat()["ksm_mergeable"], p.ksm_stat()["ksm_merge_any"])
                    for p in procs)
     return (counters(k, tuple(c for c in COUNTERS if c not in TREE_WALK)), live_nodes(k), stats,
-            counters(k, KNOBS), k.now_ns, k.ksmd_cpu_ns, page_nodes(k))
+            counters(k, KNOBS), k.now_ns, k.ksmd_cpu_ns, page_nodes(k), contents(k))
 
 
 def canonical(k: BulkKernel) -> Any:
@@ -471,10 +641,14 @@ def canonical(k: BulkKernel) -> Any:
     counts = {int(ksm.nodes.kframe[d]): int(ksm.nodes.count[d])
               for d in range(ksm.nodes.n) if ksm.nodes.alive[d]}
     slots, mm = [], ksm.head.next  # ksmd's list in order (an exec'd mm's old one included)
-    while mm is not ksm.head:
-        slots.append((mm.id, mm.exiting, mm.merge_any))
+    while mm is not ksm.head:  # with the ghosts of each (an exited mm's too)
+        slots.append((mm.id, mm.exiting, mm.merge_any,
+                      [(g.addr, g.row, g.pages) for g in mm.ghosts]))
         mm = mm.next
-    procs = sorted((p.pid, p.mm.merge_any, p.mm.registered) for p in k.processes.values())
+    procs = sorted((p.pid, p.mm.merge_any, p.mm.registered,
+                    [(s.addr, s.row, s.pages, s.prot) for s in p.mm.segments],
+                    [(g.addr, g.row, g.pages) for g in p.mm.ghosts])
+                   for p in k.processes.values())
     nids = ((pg.nid[:n].tolist(), np.where(in_tree, pg.unid[:n], -1).tolist(),
              ksm.frames.nid[:nf].tolist()) if k.numa_nodes > 1 else None)
     return (counters(k), counters(k, KNOBS), k.now_ns, pg.frame[:n].tolist(),

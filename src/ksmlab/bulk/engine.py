@@ -23,9 +23,10 @@ shares), each because there is no content-ordered tree to walk:
   passed them.  Counters can therefore drop at a different moment within a
   scan; the set of merges does not change.
 * Only what the bulk API can do is modelled: anonymous private memory, whole-
-  page writes, fork, exit, MADV_(UN)MERGEABLE, run=2, NUMA nodes with
-  ``merge_across_nodes`` 0 or 1 (no page migration, as in SimKernel) and the
-  scan-time advisor (:mod:`ksmlab.ksm.advisor`, SimKernel's own).
+  page writes, munmap, mprotect, fork, exit, MADV_(UN)MERGEABLE, run=2, NUMA
+  nodes with ``merge_across_nodes`` 0 or 1 (no page migration, as in
+  SimKernel) and the scan-time advisor (:mod:`ksmlab.ksm.advisor`, SimKernel's
+  own).
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ from ksmlab.bulk.columns import (
     PageCols,
 )
 from ksmlab.bulk.content import ZERO_CONTENT, ContentTable
-from ksmlab.bulk.mm import BulkMm
+from ksmlab.bulk.invariants import check_bulk
+from ksmlab.bulk.mm import BulkMm, Ghost
 from ksmlab.bulk.trees import StableTrees, TreeIndex
 from ksmlab.constants import KSM_RUN_MERGE, KSM_RUN_UNMERGE, PAGE_SHIFT
-from ksmlab.errors import kernel_error, vm_bug_on
+from ksmlab.errors import kernel_error
 from ksmlab.ksm import advisor as ksm_advisor
 from ksmlab.ksm import counters
 from ksmlab.ksm.defaults import AGE_MAX
@@ -147,8 +149,8 @@ class BulkKsm(StableTrees, KsmTunables):
         np.subtract.at(self.frames.mapcount, f, 1)
         knode = self.frames.knode[f]
         freed = (knode >= 0) & (self.frames.mapcount[f] == 0)
-        if bool(freed.any()):
-            self.reopen(knode[freed].tolist())
+        if bool(freed.any()):  # each node once: a munmap or exit may free thousands of mappings
+            self.reopen(np.unique(knode[freed]).tolist())
 
     # --- merging -------------------------------------------------------------------------
     def replace_page(self, g: int, kframe: int) -> None:
@@ -240,15 +242,21 @@ class BulkKsm(StableTrees, KsmTunables):
 
         Returns (pages visited, whether the end of the mm was reached).  Items
         of pages passed over are freed on the way, as get_next_rmap_item and
-        remove_trailing_rmap_items free them.
+        remove_trailing_rmap_items free them; so are those of unmapped pages
+        (ghosts), which the walk passes in address order too.
         """
         done = 0
-        for seg in mm.segments:
+        for seg in mm.in_address_order():
             if seg.end <= self.address:
                 continue
             if self.address < seg.addr:
                 self.address = seg.addr
             i = (self.address - seg.addr) >> PAGE_SHIFT
+            if isinstance(seg, Ghost):
+                self.address = seg.end
+                self.free_items(seg.row + i, seg.pages - i)
+                seg.pages = i  # what lies below the cursor waits for the next pass
+                continue
             while i < seg.pages:
                 want = budget - done
                 visited, used = self.scan_window(seg.row + i, self.window(want, seg.pages - i),
@@ -257,7 +265,9 @@ class BulkKsm(StableTrees, KsmTunables):
                 i += used
                 self.address = seg.addr + (i << PAGE_SHIFT)
                 if done == budget:
+                    mm.drop_passed_ghosts()
                     return done, False
+        mm.drop_passed_ghosts()
         return done, True
 
     def window(self, want: int, rest: int) -> int:
@@ -301,12 +311,17 @@ class BulkKsm(StableTrees, KsmTunables):
         """Whether some mapping of *mm* carries VM_MERGEABLE."""
         return any(bool(self.pages.mergeable[s.row:s.row + s.pages].any()) for s in mm.segments)
 
+    def free_items(self, first: int, count: int) -> None:
+        """Free the items of rows [first, first + count), in order (what a walk passing
+        them does when they map nothing)."""
+        for g in np.flatnonzero(self.pages.state[first:first + count] != ABSENT).tolist():
+            self.free_rmap_item(first + g)
+
     def remove_all_items(self, mm: BulkMm) -> None:
         """Free every item of *mm* (``remove_trailing_rmap_items`` from the start)."""
-        for seg in mm.segments:
-            rows = np.flatnonzero(self.pages.state[seg.row:seg.row + seg.pages] != ABSENT)
-            for g in rows + seg.row:
-                self.free_rmap_item(int(g))
+        for seg in mm.ranges():
+            self.free_items(seg.row, seg.pages)
+        mm.ghosts.clear()
 
     def unregister(self, mm: BulkMm) -> None:
         """Take *mm* off ksmd's list (MMF_VM_MERGEABLE cleared)."""
@@ -491,33 +506,5 @@ class BulkKsm(StableTrees, KsmTunables):
         }
 
     def check(self) -> None:
-        """Recompute node counts from the items and compare (invariant check, O(pages))."""
-        pages, nodes = self.pages, self.nodes
-        st = pages.state[:pages.n] == STABLE
-        heads = pages.head[:pages.n][st]
-        live = heads[nodes.alive[heads]]
-        want = np.bincount(live, minlength=nodes.n)[:nodes.n]
-        have = np.where(nodes.alive[:nodes.n], nodes.count[:nodes.n], 0)
-        vm_bug_on(bool((want != have).any()), "bulk: node counts disagree with the items")
-        # Every live node is filed once, in the tree of its KSM page's node.
-        filed: dict[int, TreeIndex] = {}
-        for ix in self.trees:
-            stable = ix.ctab.stable[:ix.ctab.n]
-            for d in [*stable[stable >= 0].tolist(),
-                      *(d for ch in ix.chains.values() for d in ch.dups)]:
-                vm_bug_on(d in filed or self.node_tree(d) is not ix,
-                          f"bulk: node {d} filed twice or in node {ix.nid}'s tree")
-                filed[d] = ix
-        vm_bug_on(filed.keys() != set(np.flatnonzero(nodes.alive[:nodes.n]).tolist()),
-                  "bulk: the live nodes are not those filed in the trees")
-        for c, chain in ((c, ch) for ix in self.trees for c, ch in ix.chains.items()):
-            vm_bug_on(not chain.open <= set(chain.dups), f"bulk: chain {c} opens a stranger")
-            for d in chain.dups:
-                full_alive = nodes.count[d] >= self.max_page_sharing and not self.stale(d)
-                vm_bug_on(not full_alive and d not in chain.open,
-                          f"bulk: dup {d} of chain {c} has room or a freed page but is closed")
-            head = chain.dups[0] if chain.dups else -1  # emptied by exits: kept until searched
-            vm_bug_on(self.chain_cols.head[chain.id] != head
-                      or self.chain_cols.ndups[chain.id] != len(chain.dups)
-                      or self.chain_cols.others_open[chain.id] != len(chain.open - {head}),
-                      f"bulk: chain {c} and its columns disagree")
+        """The invariant check (:func:`ksmlab.bulk.invariants.check_bulk`, O(pages))."""
+        check_bulk(self)

@@ -121,6 +121,31 @@ class VectorKsm(BulkKsm):
             self._regular(first + start, first + cut, visit[start:], skip[start:], elig[start:])
         return visited, cut
 
+    def free_items(self, first: int, count: int) -> None:
+        """BulkKsm.free_items with array operations (a munmap of a terabyte leaves that many
+        items for ksmd to free).
+
+        Freeing items of one node commutes with freeing another's: a stale
+        node is removed once (its other items find it dead), a live node loses
+        one sharer per item and is reopened in its chain.
+        """
+        sl = slice(first, first + count)
+        state = self.pages.state[sl]
+        stable = state == STABLE
+        if bool(stable.any()):
+            heads = self.pages.head[sl]
+            live = heads[stable][self.nodes.alive[heads[stable]]]
+            if len(live):
+                nodes, items = np.unique(live, return_counts=True)
+                stale = self.frames.mapcount[self.nodes.kframe[nodes]] == 0
+                for d in nodes[stale].tolist():
+                    self.remove_node(d)
+                keep = nodes[~stale]
+                self.nodes.count[keep] -= items[~stale].astype(np.int32)
+                self.reopen(keep.tolist())
+            heads[stable] = -1
+        state[state != ABSENT] = ABSENT
+
     def _regular(self, lo: int, hi: int, visit: npt.NDArray[np.bool_],
                  skip: npt.NDArray[np.bool_], elig: npt.NDArray[np.bool_]) -> None:
         """Handle rows [lo, hi), none of them irregular, with array operations."""
