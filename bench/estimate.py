@@ -176,7 +176,7 @@ def other_ksm_users(pids: set[int]) -> list[int]:
     return out
 
 
-def run_workload(w: Workload, tmp: str) -> dict[str, Any]:
+def run_workload(w: Workload, tmp: str, keep: str | None = None) -> dict[str, Any]:
     """Steps 1-6 of the module doc for *w*."""
     load = os.getloadavg()
     with LinuxKernel(lock_timeout=3600) as k:
@@ -196,7 +196,7 @@ def run_workload(w: Workload, tmp: str) -> dict[str, Any]:
                 pids += json.loads(line)["pids"]
             time.sleep(2.0)  # let the programs settle (the rewriters reach their rates)
             others = other_ksm_users(set(pids))
-            path = os.path.join(tmp, f"{w.name}.parquet")
+            path = os.path.join(keep or tmp, f"{w.name}.parquet")
             t = time.monotonic()
             summary = capture_snapshot(path, Selection(pids=tuple(pids)), policy="as-is",
                                        samples=w.samples, interval_s=w.interval_s)
@@ -233,6 +233,38 @@ def run_workload(w: Workload, tmp: str) -> dict[str, Any]:
         "timeline_predicted": [list(r) for r in e.result.timeline],
         "timeline_real": [list(r) for r in real],
     }
+
+
+def replay(recorded: str, snapshots: str | None, only: list[str] | None) -> int:
+    """Estimate the kept snapshots again and compare with the recorded real runs."""
+    if not snapshots:
+        print("bench/estimate.py: --replay needs --keep DIR (where the snapshots were kept)",
+              file=sys.stderr)
+        return 2
+    with open(recorded, encoding="utf-8") as f:
+        runs = json.load(f)
+    results = []
+    for r in runs:
+        if only and r["name"] not in only:
+            continue
+        e = run_estimate(read_snapshot(os.path.join(snapshots, f"{r['name']}.parquet")),
+                         until_ns=int(r["seconds"] * 1e9), sample_ns=int(SAMPLE_S * 1e9))
+        pred = _figures(e.result.timeline)
+        errors = {k: _error(pred[f], r["real"][f]) for k, f in
+                  (("saved", "saved_pages"), ("t50", "t50_s"), ("t90", "t90_s"),
+                   ("cpu", "ksmd_cpu_s"))}
+        results.append(r | {"predicted": pred, "errors": errors,
+                            "timeline_predicted": [list(x) for x in e.result.timeline]})
+    print_table(results)
+    return 0
+
+
+def _thin(r: dict[str, Any]) -> dict[str, Any]:
+    """*r* with its timelines at half a second, rounded (the file stays small)."""
+    def rows(tl: list[list[float]]) -> list[list[float]]:
+        return [[round(v, 4) for v in row] for row in tl[::5]] + ([tl[-1]] if len(tl) % 5 != 1 else [])
+    return r | {"columns": list(TIMELINE_COLUMNS), "timeline_predicted": rows(r["timeline_predicted"]),
+                "timeline_real": rows(r["timeline_real"])}
 
 
 def _fmt(x: float | None, unit: str = "") -> str:
@@ -294,7 +326,13 @@ def main() -> int:
     ap.add_argument("--data-mib", type=int, default=64, help="size of the data set (MiB)")
     ap.add_argument("--out", help="write the results as JSON")
     ap.add_argument("--plot", help="draw predicted and real curves (PNG)")
+    ap.add_argument("--keep", metavar="DIR", help="keep the snapshots in DIR (for --replay)")
+    ap.add_argument("--replay", metavar="JSON",
+                    help="no kernel: estimate the snapshots kept in --keep DIR again and compare "
+                         "with the real runs recorded in JSON (a model change, same workloads)")
     args = ap.parse_args()
+    if args.replay:
+        return replay(args.replay, args.keep, args.only)
     reason = linux_ksm_unavailable_reason()
     if reason:
         print(f"bench/estimate.py: {reason}", file=sys.stderr)
@@ -307,7 +345,7 @@ def main() -> int:
             if args.only and w.name not in args.only:
                 continue
             print(f"== {w.name}: {w.description}", flush=True)
-            r = run_workload(w, tmp)
+            r = run_workload(w, tmp, args.keep)
             results.append(r)
             p, a = r["predicted"], r["real"]
             print(f"   load {r['load_before'][0]:.1f}; {r['processes']} processes, "
@@ -319,7 +357,7 @@ def main() -> int:
     print_table(results)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
+            json.dump([_thin(r) for r in results], f, indent=1)
     if args.plot and results:
         plot(results, args.plot)
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -185,14 +186,19 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     plot = plot_arg("--plot", args.plot)
     html = output_arg("--html", args.html)
     csv = output_arg("--timeline", args.timeline)
+    if os.path.isdir(args.file):
+        raise CliError(f"ksmlab estimate: {args.file}: expected a snapshot file, got a "
+                       f"directory", EXIT_INVALID)
     try:
         snap = read_snapshot(args.file)
     except FileNotFoundError:
         raise CliError(f"ksmlab estimate: {args.file}: expected a snapshot file, got no such "
                        f"file", EXIT_INVALID) from None
-    except IsADirectoryError:
-        raise CliError(f"ksmlab estimate: {args.file}: expected a snapshot file, got a "
-                       f"directory", EXIT_INVALID) from None
+    except PermissionError:
+        raise CliError(f"ksmlab estimate: {args.file}: permission denied: a snapshot is "
+                       f"readable by its owner only (mode 0600, it describes another "
+                       f"process's memory); run ksmlab estimate as the user who took it (e.g. "
+                       f"with sudo), or give the file to this user", EXIT_INVALID) from None
     except (SnapshotFormatError, OSError) as e:
         raise CliError(f"ksmlab estimate: {e}", EXIT_INVALID) from None
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
