@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from ksmlab.estimate.exposure import Exposure, exposure
 from ksmlab.estimate.load import ENGINES, Machine, choose_engine, load_machine
@@ -166,7 +165,3 @@ def run_estimate(snap: Snapshot, *, knobs: Mapping[str, KnobValue] | None = None
     return Estimate(result, plan, sources, static, by, groups, expo, procs, outcome.settled,
                     outcome.rewrites)
 
-
-def knob_table(e: Estimate) -> list[tuple[str, Any, str]]:
-    """(knob, value, where it came from) for reports."""
-    return [(n, v, e.knob_sources.get(n, "model")) for n, v in e.result.knobs.items()]

@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ksmlab.api import Process
-from ksmlab.constants import MADV_MERGEABLE, PAGE_SIZE, PR_SET_MEMORY_MERGE
+from ksmlab.constants import MADV_MERGEABLE, PAGE_SHIFT, PAGE_SIZE, PR_SET_MEMORY_MERGE
 from ksmlab.estimate.plan import LoadPlan
 from ksmlab.kernel import SimKernel, SimProcess
 from ksmlab.mm.page import fingerprint
@@ -173,8 +173,8 @@ class Machine:
             src = self.procs[int(self.proc_of[o])]
             dst = self.procs[int(self.proc_of[i])]
             assert isinstance(src, SimProcess) and isinstance(dst, SimProcess)
-            frame = src.mm.ptes[int(self.addr[o]) >> 12]
-            vpn = int(self.addr[i]) >> 12
+            frame = src.mm.ptes[int(self.addr[o]) >> PAGE_SHIFT]
+            vpn = int(self.addr[i]) >> PAGE_SHIFT
             vma = dst.mm.find_vma(int(self.addr[i]))
             assert vma is not None and vpn not in dst.mm.ptes and not frame.zero
             k.memory.anon_vma_prepare(dst.mm, vma)  # anon_vma_fork gives the child's area one

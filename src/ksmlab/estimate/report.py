@@ -24,9 +24,9 @@ from ksmlab.constants import PAGE_SIZE
 from ksmlab.estimate.core import Estimate
 from ksmlab.estimate.static import GroupBound
 from ksmlab.scenario.result import TIMELINE_COLUMNS
-from ksmlab.scenario.units import format_bytes, format_duration
+from ksmlab.scenario.units import format_bytes
 
-__all__ = ["SCHEMA", "GrossFigures", "answer_lines", "describe_end", "estimate_document",
+__all__ = ["SCHEMA", "GrossFigures", "answer_lines", "estimate_document",
            "gross_figures", "plot_references", "render_terminal", "static_html"]
 
 SCHEMA = "ksmlab.estimate/1"
@@ -271,11 +271,3 @@ def estimate_document(e: Estimate) -> dict[str, Any]:
         "timeline": run["timeline"],
     }
 
-
-def describe_end(e: Estimate) -> str:
-    """Why the run ended, one phrase."""
-    if e.result.interrupted is not None:
-        return f"interrupted by {e.result.interrupted}"
-    if e.settled is None:
-        return f"at --until {format_duration(e.result.end_s)}"
-    return "once the saving settled" if e.settled else "at the cap (the saving still moved)"
