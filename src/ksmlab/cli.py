@@ -14,7 +14,8 @@ Subcommands (``ksmlab COMMAND --help`` for each; the reference is docs/cli.md):
 * ``check SCENARIO...``: validate scenario files without running them;
 * ``init [FILE]``: write the built-in scenario, as a starting point;
 * ``snapshot``: capture running processes' pages as KSM would see them
-  (:mod:`ksmlab.snapshot.command`).
+  (:mod:`ksmlab.snapshot.command`), and ``estimate``: predict from one what KSM
+  would save, how fast and at what CPU cost (:mod:`ksmlab.estimate.command`).
 
 Exit codes: 0 success; 1 the run failed (a check failed, a full-scan
 checkpoint was not reached, a kernel call failed, an output could not be
@@ -552,9 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     init.set_defaults(func=cmd_init)
 
+    from ksmlab.estimate.command import add_estimate_parser
     from ksmlab.snapshot.command import add_snapshot_parser  # its own module: issue 10
 
     add_snapshot_parser(sub, fmt, EXIT_CODES)
+    add_estimate_parser(sub, fmt, EXIT_CODES)
     return parser
 
 

@@ -66,8 +66,9 @@ def _counter_list() -> str:
 
 
 
-def render_html(r: RunResult, png: bytes | None = None) -> str:
-    """The report of *r*; *png* is the plot if already rendered (else it is drawn now)."""
+def render_html(r: RunResult, png: bytes | None = None, extra: str = "") -> str:
+    """The report of *r*; *png* is the plot if already rendered (else it is drawn now);
+    *extra* is HTML placed right after the plot (``ksmlab estimate``'s static bound)."""
     png = plot_png(r) if png is None else png
     data = base64.b64encode(png).decode("ascii")
     s = r.scenario
@@ -136,6 +137,7 @@ def render_html(r: RunResult, png: bytes | None = None) -> str:
 <img id="plot" class="plot" width="{WIDTH}" height="{HEIGHT}"
  alt="KSM memory saved, pages by state and ksmd CPU over time for {escape(s.name)}"
  src="data:image/png;base64,{data}">
+{extra}
 <h2>Checkpoints</h2>
 {cp_table}
 {failures}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import math
 import textwrap
+from collections.abc import Sequence
 from pathlib import PurePath
 
 from matplotlib import rc_context
@@ -92,8 +93,9 @@ def _cpu_percent(times: list[float], cpu: list[float]) -> tuple[list[float], lis
     return xs, ys
 
 
-def render_figure(r: RunResult) -> Figure:
-    """The figure of *r* (not yet saved)."""
+def render_figure(r: RunResult, references: Sequence[tuple[str, float]] = ()) -> Figure:
+    """The figure of *r* (not yet saved); *references* are (label, bytes) levels drawn as
+    horizontal lines on the memory panel (``ksmlab estimate``'s static bound)."""
     fig = Figure(figsize=(WIDTH / DPI, HEIGHT / DPI), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     ax_mem, ax_pages, ax_cpu = fig.subplots(3, 1, sharex=True, height_ratios=(3, 2.2, 1.4))
@@ -117,7 +119,10 @@ def render_figure(r: RunResult) -> Figure:
     mapped = r.scenario.total_pages * PAGE_SIZE
     ax_mem.text(0, 1.02, f"Memory saved ({format_bytes(mapped)} mapped at the start)",
                 transform=ax_mem.transAxes, fontsize=11)
-    top = max([*profit, *gross, 0.0])
+    for (label, level), color in zip(references, ("tab:red", "tab:purple", "tab:olive"),
+                                     strict=False):
+        ax_mem.axhline(level / MIB, color=color, linestyle="-.", linewidth=1.4, label=label)
+    top = max([*profit, *gross, *(level / MIB for _, level in references), 0.0])
     bottom = min([*profit, 0.0])
     ax_mem.set_ylim(bottom - 0.05 * (top - bottom or 1), top + 0.25 * (top - bottom or 1))
     _mark_checkpoints(ax_mem, r, scale, max(x, default=0.0))
@@ -154,7 +159,7 @@ def render_figure(r: RunResult) -> Figure:
     for ax in (ax_mem, ax_pages, ax_cpu):
         ax.grid(True, alpha=0.3)
         ax.set_xlim(left=0, right=max(x, default=1.0) or 1.0)
-    ax_mem.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=2, fontsize=9,
+    ax_mem.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=2 + len(references), fontsize=9,
                   frameon=False, borderaxespad=0.1)
     return fig
 
@@ -178,12 +183,13 @@ def plot_png(r: RunResult) -> bytes:
     return plot_image(r, "png")
 
 
-def plot_image(r: RunResult, fmt: str) -> bytes:
-    """*r*'s timeline as a file of format *fmt*, one of :data:`PLOT_FORMATS`."""
+def plot_image(r: RunResult, fmt: str, references: Sequence[tuple[str, float]] = ()) -> bytes:
+    """*r*'s timeline as a file of format *fmt*, one of :data:`PLOT_FORMATS` (*references*:
+    see :func:`render_figure`)."""
     if fmt not in PLOT_FORMATS:
         msg = f"fmt: expected one of {', '.join(PLOT_FORMATS)}, got {fmt!r}"
         raise ValueError(msg)
-    fig = render_figure(r)
+    fig = render_figure(r, references)
     buf = io.BytesIO()
     # No creation date (and, for SVG, fixed element ids): the same run gives the same bytes.
     metadata = {"png": {}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}[fmt]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from rich.console import Console, Group, RenderableType
 from rich.constrain import Constrain
 from rich.measure import Measurement
@@ -99,23 +101,26 @@ def transposed_table(r: RunResult) -> Table:
     return table
 
 
-def answer_grid(r: RunResult) -> Table:
-    """The answer (saving, time to merge, ksmd's cost) as a two-column grid."""
+def answer_grid(r: RunResult, more: Sequence[tuple[str, str]] = ()) -> Table:
+    """The answer (saving, time to merge, ksmd's cost) as a two-column grid, then the
+    (label, sentence) lines *more* (``ksmlab estimate``'s static bound)."""
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
-    for label, text in headline_lines(r):
+    for label, text in [*headline_lines(r), *more]:
         grid.add_row(Text(label, style="bold red" if label == "Interrupted" else "bold"), text)
     return grid
 
 
-def summary(r: RunResult, width: int | None = None) -> RenderableType:
-    """The answer, the table (sideways if wider than *width* columns), then one line per failure."""
+def summary(r: RunResult, width: int | None = None,
+            more: Sequence[tuple[str, str]] = ()) -> RenderableType:
+    """The answer (and the lines *more*), the table (sideways if wider than *width* columns),
+    then one line per failure."""
     table = summary_table(r)
     wide = Console(width=10_000)  # measure unclamped
     if width is not None and Measurement.get(wide, wide.options, table).maximum > width:
         table = transposed_table(r)
-    parts: list[RenderableType] = [answer_grid(r), Text("")]
+    parts: list[RenderableType] = [answer_grid(r, more), Text("")]
     if r.checkpoints:
         # The legend wraps at the table's width, or 80 columns for a narrow table.
         legend_width = max(80, Measurement.get(wide, wide.options, table).maximum)

@@ -1,0 +1,283 @@
+"""Loading a snapshot's pages into a model engine: processes, areas, frames, the KSM pages of the capture.
+
+:func:`load_machine` builds, from a :class:`~ksmlab.estimate.plan.LoadPlan`,
+a machine of either engine with the same calls on both, so that both give
+the same answer:
+
+1. the knobs are written (all but ``run``, in the kernel's safe order);
+2. each process is spawned in pid order (the order ksmd's list gets them),
+   made mergeable as the snapshot's policy says: ``merge-any``: every area
+   by ``prctl(PR_SET_MEMORY_MERGE)``; ``as-is``: ``MADV_MERGEABLE`` on each
+   area that was ``mg`` at capture.  An area is mapped with exactly its
+   loaded pages, in address order (see :mod:`ksmlab.estimate.plan`);
+3. the pages that were KSM pages at capture are written and merged again:
+   ksmd runs with no sleep and a batch covering them all until they are
+   (three full scans: checksum, merge, settle), then stops.  The clock, CPU
+   time and full scans the estimate reports start after this;
+4. the other pages are written, each frame once, by its first mapping;
+5. the other mappings of a frame (a page a fork parent and child still
+   share) are mapped to it, as ``fork`` shares a page: one physical page,
+   mapped twice, copy-on-write.  ksmd then sees it as the kernel does: it
+   never merges a page with itself, and once it merges the page with another
+   copy, every mapping counts in ``pages_sharing``.
+
+Contents: on SimKernel (fingerprint mode) a page holds its fingerprint; on
+the bulk engine each distinct content gets one fresh id (equal pages, equal
+ids), the zero-filled content the engine's zero id.  A page of unknown
+content (raced at capture) gets a content of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from ksmlab.api import Process
+from ksmlab.constants import MADV_MERGEABLE, PAGE_SHIFT, PAGE_SIZE, PR_SET_MEMORY_MERGE
+from ksmlab.estimate.plan import LoadPlan
+from ksmlab.kernel import SimKernel, SimProcess
+from ksmlab.mm.page import fingerprint
+from ksmlab.scenario.knobs import WRITE_ORDER, read_knob
+
+if TYPE_CHECKING:
+    from ksmlab.bulk import BulkKernel
+
+__all__ = ["ENGINES", "SIM_MAX_PAGES", "EngineName", "Machine", "choose_engine", "load_machine"]
+
+EngineName = Literal["sim", "bulk"]
+ENGINES: tuple[str, ...] = ("auto", "sim", "bulk")
+
+SIM_MAX_PAGES = 50_000
+"""``--engine auto`` loads up to this many pages into SimKernel (about 0.7 KB each in
+fingerprint mode), more into the bulk engine (about 40 bytes each)."""
+
+PREMERGE_SCANS = 3
+"""Full scans that merge the capture's KSM pages again: the first records checksums,
+the second merges, the third finds nothing more to do."""
+
+Ints = npt.NDArray[np.int64]
+Progress = Callable[[int, int], None]
+"""Called with (pages loaded, pages to load) while loading."""
+
+
+def choose_engine(name: str, pages: int) -> EngineName:
+    """The engine ``--engine NAME`` means for a snapshot of *pages* loaded pages."""
+    if name == "auto":
+        return "sim" if pages <= SIM_MAX_PAGES else "bulk"
+    if name in ("sim", "bulk"):
+        return "sim" if name == "sim" else "bulk"
+    msg = f"engine: expected one of {', '.join(ENGINES)}, got {name!r}"
+    raise ValueError(msg)
+
+
+@dataclass
+class Machine:
+    """A model engine holding a snapshot's pages (built by :func:`load_machine`)."""
+
+    kernel: SimKernel | BulkKernel
+    engine: EngineName
+    plan: LoadPlan
+    procs: list[Process]
+    proc_of: npt.NDArray[np.int32]
+    """Each page's process (index into :attr:`procs`)."""
+    addr: npt.NDArray[np.uint64]
+    """Each page's address in the model."""
+    engine_row: Ints | None = None
+    """Bulk engine only: each page's row in the engine's page table."""
+    bulk_ids: Ints | None = None
+    """Bulk engine only: the engine's content id of each plan content."""
+    rewrites: int = 0
+    knob_notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """The engine's name, for reports."""
+        if self.engine == "sim":
+            return "SimKernel (model, fingerprint content)"
+        return "BulkKernel (model, bulk engine)"
+
+    # --- page contents ---------------------------------------------------------------
+    def _fingerprints(self, contents: Ints) -> list[bytes]:
+        table = self.plan.fingerprints
+        out: list[bytes] = []
+        for c in contents.tolist():
+            if c < len(table):
+                out.append(table[c].tobytes())
+            else:  # read raced at capture: a content of its own
+                out.append(fingerprint(b"ksmlab estimate: unread page" + c.to_bytes(8, "little")))
+        return out
+
+    def _write_runs(self, idx: Ints, contents: Ints | list[bytes]) -> None:
+        """Write *contents* to the plan pages *idx* (ascending), one call per run of
+        consecutive pages of one process."""
+        if not idx.size:
+            return
+        addr = self.addr[idx]
+        proc = self.proc_of[idx]
+        brk = np.flatnonzero((np.diff(addr.astype(np.int64)) != PAGE_SIZE)
+                             | (np.diff(proc) != 0)) + 1
+        starts = np.r_[0, brk].tolist()
+        ends = np.r_[brk, idx.size].tolist()
+        for s, e in zip(starts, ends, strict=True):
+            p = self.procs[int(proc[s])]
+            if isinstance(contents, list):
+                assert isinstance(p, SimProcess)
+                p.write_fingerprints(int(addr[s]), contents[s:e])
+            else:
+                p.write_contents(int(addr[s]), contents[s:e])  # type: ignore[attr-defined]
+
+    def write_pages(self, idx: Ints) -> None:
+        """Write the plan's content into the pages *idx* (ascending)."""
+        c = self.plan.content[idx]
+        if self.engine == "sim":
+            self._write_runs(idx, self._fingerprints(c))
+        else:
+            assert self.bulk_ids is not None
+            self._write_runs(idx, self.bulk_ids[c])
+
+    def rewrite(self, idx: Ints) -> None:
+        """Give each of the pages *idx* (ascending, distinct) new content of its own, as a
+        program rewriting them would (a copy-on-write fault where the page is shared)."""
+        if not idx.size:
+            return
+        n0 = self.rewrites
+        self.rewrites += idx.size
+        if self.engine == "sim":
+            fps = [fingerprint(b"ksmlab estimate: rewrite" + i.to_bytes(8, "little"))
+                   for i in range(n0, n0 + idx.size)]
+            self._write_runs(idx, fps)
+        else:
+            k = self.kernel
+            assert not isinstance(k, SimKernel)
+            self._write_runs(idx, k.contents.fresh(int(idx.size)))
+
+    # --- frames shared by several mappings ------------------------------------------------
+    def share_frames(self, idx: Ints) -> None:
+        """Map each page of *idx* to its owner's frame (as fork's copy_page_range shares a
+        page: one more mapping, copy-on-write); the pages must not be mapped yet."""
+        if not idx.size:
+            return
+        owners = self.plan.owner[idx]
+        if self.engine == "sim":
+            self._share_sim(idx, owners)
+        else:
+            self._share_bulk(idx, owners)
+
+    def _share_sim(self, idx: Ints, owners: Ints) -> None:
+        k = self.kernel
+        assert isinstance(k, SimKernel)
+        for i, o in zip(idx.tolist(), owners.tolist(), strict=True):
+            src = self.procs[int(self.proc_of[o])]
+            dst = self.procs[int(self.proc_of[i])]
+            assert isinstance(src, SimProcess) and isinstance(dst, SimProcess)
+            frame = src.mm.ptes[int(self.addr[o]) >> PAGE_SHIFT]
+            vpn = int(self.addr[i]) >> PAGE_SHIFT
+            vma = dst.mm.find_vma(int(self.addr[i]))
+            assert vma is not None and vpn not in dst.mm.ptes and not frame.zero
+            k.memory.anon_vma_prepare(dst.mm, vma)  # anon_vma_fork gives the child's area one
+            frame.mapcount += 1
+            dst.mm.ptes[vpn] = frame
+
+    def _share_bulk(self, idx: Ints, owners: Ints) -> None:
+        from ksmlab.bulk.columns import NO_FRAME
+
+        k = self.kernel
+        assert not isinstance(k, SimKernel) and self.engine_row is not None
+        ksm = k.ksm
+        src = self.engine_row[owners]
+        dst = self.engine_row[idx]
+        frames = ksm.pages.frame[src]
+        assert bool((ksm.pages.frame[dst] == NO_FRAME).all()) and bool((frames >= 0).all())
+        ksm.pages.frame[dst] = frames
+        np.add.at(ksm.frames.mapcount, frames, 1)
+        ksm.mutations += 1
+
+
+def write_knobs(k: SimKernel | BulkKernel, knobs: dict[str, str]) -> None:
+    """Write *knobs* (all but ``run``) in the kernel's safe order, skipping equal values."""
+    sysfs = k.sysfs
+    for name in WRITE_ORDER:
+        if name == "run" or name not in knobs or name not in sysfs:
+            continue
+        if name == "pages_to_scan" and read_knob(sysfs["advisor_mode"]) == "scan-time":
+            continue  # the advisor sets it (a write is refused, EINVAL)
+        if read_knob(sysfs[name]) != read_knob(knobs[name]):
+            sysfs[name] = knobs[name]
+
+
+def _premerge(m: Machine) -> None:
+    """Merge the capture's KSM pages again, with ksmd at full speed, then stop it."""
+    k = m.kernel
+    idx = np.flatnonzero(m.plan.ksm).astype(np.int64)
+    m.write_pages(idx)
+    sysfs = k.sysfs
+    saved = {n: str(read_knob(sysfs[n])) for n in ("advisor_mode", "pages_to_scan",
+                                                     "sleep_millisecs")}
+    sysfs["advisor_mode"] = "none"
+    sysfs["pages_to_scan"] = str(max(100, int(idx.size)))
+    sysfs["sleep_millisecs"] = "0"
+    sysfs["run"] = "1"
+    k.wait_full_scans(PREMERGE_SCANS)
+    sysfs["run"] = "0"
+    write_knobs(k, saved)
+
+
+def load_machine(plan: LoadPlan, engine: EngineName, knobs: dict[str, str], *,
+                 seed: int = 0, progress: Progress | None = None) -> Machine:
+    """A machine of *engine* holding *plan*'s pages, ksmd stopped, *knobs* written (see the
+    module doc).  Raises OSError if the engine refuses a knob (the caller checked them)."""
+    n = len(plan)
+    if engine == "sim":
+        kernel: SimKernel | BulkKernel = SimKernel(trace=False, content="fingerprint")
+    else:
+        from ksmlab.bulk import BulkKernel
+        from ksmlab.bulk.content import ZERO_CONTENT
+
+        kernel = BulkKernel(seed=seed)
+        kernel.reserve(pages=n, frames=n, contents=plan.n_contents + 1)
+    write_knobs(kernel, knobs)
+    m = Machine(kernel, engine, plan, [], np.zeros(n, np.int32), np.zeros(n, np.uint64))
+    if engine == "bulk":
+        m.engine_row = np.zeros(n, np.int64)
+        assert not isinstance(kernel, SimKernel)
+        ids = kernel.contents.fresh(plan.n_contents)
+        ids[np.unique(plan.content[plan.zero])] = ZERO_CONTENT  # the engine's zero-filled page
+        m.bulk_ids = ids
+    merge_any = plan.snapshot.policy == "merge-any"
+    for pi, pp in enumerate(plan.processes):
+        p = kernel.spawn()
+        m.procs.append(p)
+        if merge_any:
+            p.prctl(PR_SET_MEMORY_MERGE, 1)
+        # Mappings go top-down: map the highest area first so addresses keep their order.
+        for area in reversed(pp.areas):
+            if not area.pages:
+                continue
+            a = p.mmap(area.pages * PAGE_SIZE)
+            sl = slice(area.start, area.start + area.pages)
+            m.proc_of[sl] = pi
+            m.addr[sl] = np.uint64(a) + np.arange(area.pages, dtype=np.uint64) * np.uint64(PAGE_SIZE)
+            if m.engine_row is not None:
+                from ksmlab.bulk import BulkProcess
+
+                assert isinstance(p, BulkProcess)
+                seg = next(s for s in p.mm.segments if s.addr == a)
+                m.engine_row[sl] = seg.row + np.arange(area.pages, dtype=np.int64)
+            if not merge_any and area.mergeable:
+                p.madvise(a, area.pages * PAGE_SIZE, MADV_MERGEABLE)
+    if bool(plan.ksm.any()):
+        _premerge(m)
+    own = np.flatnonzero(~plan.ksm & ~plan.shared).astype(np.int64)
+    step = 1 << 16
+    for s in range(0, own.size, step):
+        m.write_pages(own[s:s + step])
+        if progress is not None:
+            progress(min(s + step, own.size), n)
+    m.share_frames(np.flatnonzero(plan.shared).astype(np.int64))
+    if progress is not None:
+        progress(n, n)
+    return m
+
