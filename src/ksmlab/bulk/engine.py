@@ -49,9 +49,9 @@ from ksmlab.bulk.columns import (
 )
 from ksmlab.bulk.content import ZERO_CONTENT, ContentTable
 from ksmlab.bulk.mm import BulkMm
+from ksmlab.bulk.tally import Tally, count_columns, sysfs_counters
 from ksmlab.constants import KSM_RUN_MERGE, KSM_RUN_UNMERGE, PAGE_SHIFT
 from ksmlab.errors import NotModelledError, kernel_error, vm_bug_on
-from ksmlab.ksm import counters
 from ksmlab.ksm.defaults import (
     AGE_MAX,
     SEQNR_MASK,
@@ -82,7 +82,9 @@ class BulkKsm(KsmTunables):
     """KSM state for a bulk machine: knobs, columns, chains, ksmd's cursor.
 
     Counters that SimKernel keeps incrementally (pages_shared, rmap_items...)
-    are computed from the columns when read (:meth:`counters`).  It is the
+    are kept the same way, in :attr:`tally` (:mod:`ksmlab.bulk.tally`): every
+    change of an item's state goes through ``tally.restate``, of a node's
+    sharers through ``tally.join``/``leave_one``.  It is the
     engine the virtual ksmd (:class:`ksmlab.ksm.ksmd.Ksmd`) and the sysfs
     table (:class:`ksmlab.ksm.sysfs.KsmSysfs`) work on, as SimKernel's
     :class:`~ksmlab.ksm.interface.Ksm` is.
@@ -106,6 +108,7 @@ class BulkKsm(KsmTunables):
         # node is modelled) and advisor_scan_time False (the advisor is not).
         super().__init__()
         # --- incremental counters ---
+        self.tally = Tally()
         self.full_scans = 0
         self.pages_scanned = 0
         self.pages_skipped = 0
@@ -119,10 +122,8 @@ class BulkKsm(KsmTunables):
         self.zero_checksum = int(contents.checksum[ZERO_CONTENT])
         self.wake_ksmd: Callable[[], None] = lambda: None
         """Set by the kernel to its ksmd's ``wake_up``: ksmd runs its next batch now."""
-        self.read_counters: Callable[[], dict[str, int]] = self.counters
-        """What :meth:`counter` reads; the kernel sets its cached :meth:`counters`."""
         self.mutations = 0
-        """Bumped by every call that can change the counters outside ksmd's batches (the
+        """Bumped by every call that changes the state outside ksmd's batches (the
         process calls of :class:`~ksmlab.bulk.kernel.BulkProcess` and the sysfs stores)."""
 
     # --- content and frames ---------------------------------------------------------------
@@ -172,6 +173,7 @@ class BulkKsm(KsmTunables):
 
     def remove_node(self, d: int) -> None:
         """Drop a stale node with all its items (``remove_node_from_stable_tree``)."""
+        self.tally.drop_node(int(self.nodes.count[d]))
         self.nodes.alive[d] = False
         c = int(self.nodes.content[d])
         if self.ctab.stable[c] == d:
@@ -305,30 +307,30 @@ class BulkKsm(KsmTunables):
     def stable_tree_append(self, g: int, d: int) -> None:
         """Hang page *g*'s item off node *d* (``stable_tree_append``)."""
         self.pages.head[g] = d
-        self.pages.state[g] = STABLE
-        self.nodes.count[d] += 1
+        self.tally.restate_one(self.pages.state, g, STABLE)
+        self.tally.join_one(self.nodes.count, d)
 
     def remove_rmap_item_from_tree(self, g: int) -> None:
         """Take page *g*'s item out of its tree (``remove_rmap_item_from_tree``)."""
         state = int(self.pages.state[g])
         if state == STABLE:
             d = int(self.pages.head[g])
-            self.pages.state[g] = NONE
+            self.tally.restate_one(self.pages.state, g, NONE)
             self.pages.head[g] = -1
             if not self.nodes.alive[d]:
                 return
             if self.stale(d):
                 self.remove_node(d)
                 return
-            self.nodes.count[d] -= 1
+            self.tally.leave_one(self.nodes.count, d)
             self.reopen((d,))
         elif state == UNSTABLE:
-            self.pages.state[g] = NONE
+            self.tally.restate_one(self.pages.state, g, NONE)
 
     def free_rmap_item(self, g: int) -> None:
         """Free page *g*'s item, out of its tree first (``remove_rmap_item_from_tree`` + free)."""
         self.remove_rmap_item_from_tree(g)
-        self.pages.state[g] = ABSENT
+        self.tally.restate_one(self.pages.state, g, ABSENT)
 
     # --- merging -------------------------------------------------------------------------
     def replace_page(self, g: int, kframe: int) -> None:
@@ -338,6 +340,8 @@ class BulkKsm(KsmTunables):
         self.pages.frame[g] = kframe
         if kframe >= 0:
             self.frames.mapcount[kframe] += 1
+        else:
+            self.tally.zero_pages += 1  # KSM_ZERO (old is an ordinary frame)
 
     def cur_seqnr(self) -> int:
         """``ksm_scan.seqnr & SEQNR_MASK``."""
@@ -357,7 +361,7 @@ class BulkKsm(KsmTunables):
             if self.frames.content[fy] == c:
                 return y
             # Model choice: a tree page whose content changed is not found.
-        pages.state[g] = UNSTABLE
+        self.tally.restate_one(pages.state, g, UNSTABLE)
         pages.seqnr[g] = self.cur_seqnr()
         self.ctab.uindex[c] = g
         return -1
@@ -425,7 +429,7 @@ class BulkKsm(KsmTunables):
     def new_item(self, g: int) -> None:
         """``alloc_rmap_item`` for page *g*."""
         pages = self.pages
-        pages.state[g] = NONE
+        self.tally.restate_one(pages.state, g, NONE)
         pages.oldsum[g] = 0
         pages.age[g] = 0
         pages.skips[g] = 0
@@ -548,8 +552,8 @@ class BulkKsm(KsmTunables):
 
     # --- the sysfs stores (ksmlab.ksm.sysfs's table calls them, as SimKernel's) -----------
     def counter(self, name: str) -> int:
-        """The value of counter file *name* (see :attr:`read_counters`)."""
-        return self.read_counters()[name]
+        """The value of counter file *name*."""
+        return self.counters()[name]
 
     def set_run(self, flags: int) -> None:
         """``run_store`` after parsing: start, stop, or unmerge everything (run=2)."""
@@ -587,6 +591,7 @@ class BulkKsm(KsmTunables):
         ksm_page[ok] = self.frames.knode[frames[ok]] >= 0
         old = frames[ksm_page]
         self.cow_ksm += int(np.count_nonzero(old >= 0))
+        self.tally.zero_mapped(old, -1)
         contents = np.where(old >= 0, self.frames.content[np.maximum(old, 0)], ZERO_CONTENT)
         self.unmap(old)
         self.pages.frame[rows[ksm_page]] = self.new_frames(contents)
@@ -654,28 +659,8 @@ class BulkKsm(KsmTunables):
 
     # --- counters --------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
-        """The sysfs counters, computed from the columns."""
-        pages, nodes = self.pages, self.nodes
-        state = pages.state[:pages.n]
-        n = nodes.n
-        alive = nodes.alive[:n]
-        counts = nodes.count[:n][alive]
-        shared = int(np.count_nonzero(counts))
-        sharing = int(counts.sum()) - shared
-        rmap_items = int(np.count_nonzero(state))
-        unshared = int(np.count_nonzero(state == UNSTABLE))
-        zero = int(np.count_nonzero(pages.frame[:pages.n] == KSM_ZERO))
-        return {
-            "pages_shared": shared, "pages_sharing": sharing, "pages_unshared": unshared,
-            "pages_volatile": counters.pages_volatile(rmap_items, shared, sharing, unshared),
-            "pages_scanned": self.pages_scanned, "pages_skipped": self.pages_skipped,
-            "full_scans": self.full_scans,
-            "stable_node_chains": len(self.chains),
-            "stable_node_dups": sum(len(ch.dups) for ch in self.chains.values()),
-            "ksm_zero_pages": zero,
-            "general_profit": counters.general_profit(sharing, zero, rmap_items),
-            "rmap_items": rmap_items,
-        }
+        """The sysfs counters, from :attr:`tally` (kept as the state changes)."""
+        return sysfs_counters(self)
 
     def check(self) -> None:
         """Recompute node counts from the items and compare (invariant check, O(pages))."""
@@ -686,6 +671,9 @@ class BulkKsm(KsmTunables):
         want = np.bincount(live, minlength=nodes.n)[:nodes.n]
         have = np.where(nodes.alive[:nodes.n], nodes.count[:nodes.n], 0)
         vm_bug_on(bool((want != have).any()), "bulk: node counts disagree with the items")
+        vm_bug_on(self.tally.as_tuple() != count_columns(self),
+                  f"bulk: counters kept {self.tally.as_tuple()} disagree with the columns "
+                  f"{count_columns(self)}")
         for c, chain in self.chains.items():
             vm_bug_on(not chain.open <= set(chain.dups), f"bulk: chain {c} opens a stranger")
             for d in chain.dups:

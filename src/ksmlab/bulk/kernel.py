@@ -85,11 +85,9 @@ class BulkKernel:
         self.ksm.sync_contents()
         self.ksmd = Ksmd(self.ksm, cost)
         self.ksm.wake_ksmd = self.ksmd.wake_up
-        self.ksm.read_counters = self.counters
         self._next_pid = 1000  # SimKernel's first pid
         self.processes: dict[int, BulkProcess] = {}
         self.sysfs = KsmSysfs(self.ksm, unmodelled=UNMODELLED_FILES)
-        self._counters: tuple[tuple[int, int], dict[str, int]] | None = None
 
     def __enter__(self) -> Self:
         return self
@@ -121,11 +119,8 @@ class BulkKernel:
         return self.ksmd.batches
 
     def counters(self) -> dict[str, int]:
-        """The sysfs counters, counted once per state (a report reads many at a time)."""
-        key = (self.ksmd.batches, self.ksm.mutations)
-        if self._counters is None or self._counters[0] != key:
-            self._counters = (key, self.ksm.counters())
-        return self._counters[1]
+        """The sysfs counters (kept as the state changes: reading them is cheap)."""
+        return self.ksm.counters()
 
     def reserve(self, *, pages: int = 0, frames: int = 0, contents: int = 0) -> None:
         """Allocate room for this many pages, frames and contents up front.
@@ -244,6 +239,7 @@ class BulkKernel:
         for seg in mm.segments:
             sl = slice(seg.row, seg.row + seg.pages)
             self.ksm.unmap(self.ksm.pages.frame[sl])
+            self.ksm.tally.zero_mapped(self.ksm.pages.frame[sl], -1)
             self.ksm.pages.frame[sl] = NO_FRAME
 
 
@@ -444,6 +440,7 @@ class BulkProcess:
         ksm.frames.content[frames[in_place]] = cids[in_place]
         copy = ~in_place
         ksm.cow_ksm += int(np.count_nonzero(ksm.frames.knode[frames[ok]] >= 0))
+        ksm.tally.zero_mapped(frames, -1)
         ksm.unmap(frames[copy])
         ksm.pages.frame[rows[copy]] = ksm.new_frames(cids[copy])
 
@@ -462,6 +459,8 @@ class BulkProcess:
                 ksm.cow_ksm += 1
                 if frames.mapcount[f] == 0:
                     ksm.reopen([knode])
+        elif f == KSM_ZERO:
+            ksm.tally.zero_pages -= 1
         new = frames.append(1)
         frames.content[new] = cid
         frames.mapcount[new] = 1
@@ -543,6 +542,7 @@ class BulkProcess:
             ksm.pages.mergeable[row:row + seg.pages] = ksm.pages.mergeable[seg.row:seg.row
                                                                            + seg.pages]
             np.add.at(ksm.frames.mapcount, src[src >= 0], 1)
+            ksm.tally.zero_mapped(src)
             child.mm.segments.append(Segment(seg.addr, row, seg.pages))
         if self.mm.registered:
             k.ksm_enter(child.mm)
