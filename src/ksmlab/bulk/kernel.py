@@ -29,6 +29,7 @@ from ksmlab.bulk.content import ZERO_CONTENT, ContentTable
 from ksmlab.bulk.engine import BulkKsm
 from ksmlab.bulk.mm import BulkMm, Segment
 from ksmlab.bulk.vector import VectorKsm
+from ksmlab.bulk.writes import checked_writes, store_pages
 from ksmlab.constants import (
     MADV_MERGEABLE,
     MADV_UNMERGEABLE,
@@ -142,6 +143,24 @@ class BulkKernel:
                 grow(rows)
             except (MemoryError, ValueError) as e:  # numpy: too big to allocate or to describe
                 raise MemoryError(f"cannot reserve {name}={argcheck.describe(rows)}: {e}") from None
+
+    def write_pages(self, pids: Sequence[int] | npt.NDArray[np.int64],
+                    addrs: Sequence[int] | npt.NDArray[np.int64],
+                    cids: Sequence[int] | npt.NDArray[np.int64]) -> None:
+        """Whole-page writes in many processes as one array step: the page at ``addrs[i]``
+        of process ``pids[i]`` gets content ``cids[i]``, for each i in order.
+
+        The state afterwards is the one ``processes[pid].write_contents(addr, [cid])``
+        for each in turn leaves, faults and copy-on-write included
+        (:mod:`ksmlab.bulk.writes`).  The three are flat sequences or arrays of ints
+        of one length (TypeError, ValueError); every pid is a live process's, every
+        address page aligned and every id one of :attr:`contents` (ValueError); a page
+        not mapped is OSError(EFAULT).  Nothing is written unless all of it can be.
+        """
+        rows, ids = checked_writes(self, pids, addrs, cids)
+        if len(rows):
+            self.ksm.mutations += 1
+            store_pages(self.ksm, rows, ids)
 
     def memory_bytes(self) -> int:
         """Bytes held by the engine's arrays (their capacity)."""

@@ -1,0 +1,139 @@
+"""Churn at scale: many page writes applied as one array step (``BulkKernel.write_pages``)
+leave the state that writing them one by one leaves.
+
+The one-by-one path is ``BulkProcess.write_contents`` of one page, itself
+checked against SimKernel by tests/test_bulk.py; the whole state is compared
+with ``canonical`` (which also runs the engine's invariant check, counters
+included), plus each page's content.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+
+import numpy as np
+import pytest
+
+from bulk_programs import canonical
+from ksmlab import MADV_MERGEABLE, PAGE_SIZE
+from ksmlab.bulk import BulkKernel
+
+Write = tuple[int, int, int]
+"""(process number, page index, content tag) of one write."""
+
+
+def machine(r: random.Random, seed: int) -> tuple[BulkKernel, list[int], list[int], int]:
+    """A machine with merged pages, KSM zero pages and forked (shared) pages.
+
+    Returns the kernel, the pids, each process's mapping address, and its pages.
+    """
+    k = BulkKernel(seed=seed)
+    k.sysfs["pages_to_scan"] = "1000"
+    k.sysfs["sleep_millisecs"] = "0"
+    k.sysfs["max_page_sharing"] = r.choice(["2", "3", "256"])
+    k.sysfs["use_zero_pages"] = r.choice("01")
+    n = r.randint(4, 40)
+    base = k.contents.fresh(4)
+    tags = np.concatenate([base, [0]])  # a few contents and the zero page: many duplicates
+    parent = k.spawn()
+    a = parent.mmap(n * PAGE_SIZE)
+    parent.write_contents(a, [int(r.choice(tags)) for _ in range(n)])
+    parent.madvise(a, n * PAGE_SIZE, MADV_MERGEABLE)
+    other = k.spawn()
+    b = other.mmap(n * PAGE_SIZE)
+    other.write_contents(b, [int(r.choice(tags)) for _ in range(n)])
+    other.madvise(b, n * PAGE_SIZE, MADV_MERGEABLE)
+    k.sysfs["run"] = "1"
+    k.wait_full_scans(r.choice([0, 1, 2, 3]))
+    child = parent.fork()  # ordinary frames mapped twice, KSM pages mapped by one more
+    if r.random() < 0.5:
+        child.fork()  # and three times
+    procs = list(k.processes.values())
+    return k, [p.pid for p in procs], [a if p is not other else b for p in procs], n
+
+
+def writes(r: random.Random, nprocs: int, pages: int, count: int) -> list[Write]:
+    """Random writes, often to the same few pages (repeats, both sides of a fork)."""
+    hot = [(r.randrange(nprocs), r.randrange(pages)) for _ in range(3)]
+    out = []
+    for _ in range(count):
+        p, i = r.choice(hot) if r.random() < 0.4 else (r.randrange(nprocs), r.randrange(pages))
+        out.append((p, i, r.randrange(-1, 3)))  # -1: a new content; 0: zero; 1, 2: shared
+    return out
+
+
+def snapshot(k: BulkKernel) -> object:
+    contents = sorted((p.pid, tuple(x if x is not None else -1
+                                    for x in p.content_ids(p.mm.segments[0].addr,
+                                                           p.mm.segments[0].pages * PAGE_SIZE)))
+                      for p in k.processes.values())
+    return canonical(k), contents, k.cow_ksm
+
+
+@pytest.mark.parametrize("seed", range(80))
+def test_write_pages_equals_writes_one_by_one(seed: int) -> None:
+    """The same writes, one by one and as one step, leave identical machines; and ksmd's
+    next scans find identical machines too."""
+    one, vec = (machine(random.Random(seed), seed) for _ in range(2))
+    k1, pids, addrs, pages = one
+    k2 = vec[0]
+    assert snapshot(k1) == snapshot(k2)
+    r = random.Random(1000 + seed)
+    for _ in range(3):
+        ws = writes(r, len(pids), pages, r.randint(1, 60))
+        new = k1.contents.fresh(sum(t < 0 for _p, _i, t in ws)).tolist()
+        assert k2.contents.fresh(len(new)).tolist() == new
+        extra = iter(new)
+        cids = [next(extra) if t < 0 else (0 if t == 0 else t) for _p, _i, t in ws]
+        for (p, i, _t), cid in zip(ws, cids, strict=True):
+            k1.processes[pids[p]].write_contents(addrs[p] + i * PAGE_SIZE, [cid])
+        k2.write_pages([pids[p] for p, _i, _t in ws],
+                       np.array([addrs[p] + i * PAGE_SIZE for p, i, _t in ws]), cids)
+        assert snapshot(k1) == snapshot(k2)
+        for k in (k1, k2):
+            k.ksmd.batch()
+        assert snapshot(k1) == snapshot(k2)
+
+
+def test_fork_shared_frame_is_copied_then_written_in_place() -> None:
+    """A page mapped by parent, child and grandchild (mapcount 3), written by all three in
+    one step: the first two writers get copies, the third writes the frame in place, as
+    three single writes would (2 new frames, the old one kept by the last writer)."""
+    k = BulkKernel()
+    p = k.spawn()
+    a = p.mmap(PAGE_SIZE)
+    p.write_contents(a, [0])
+    c = p.fork()
+    g = c.fork()
+    frame = int(k.ksm.pages.frame[p.mm.segments[0].row])
+    before = k.ksm.frames.n
+    new = k.contents.fresh(3).tolist()
+    k.write_pages([g.pid, p.pid, c.pid], [a, a, a], new)
+    assert k.ksm.frames.n == before + 2
+    assert int(k.ksm.pages.frame[c.mm.segments[0].row]) == frame  # the last writer's, in place
+    assert [x.content_ids(a, PAGE_SIZE) for x in (g, p, c)] == [[new[0]], [new[1]], [new[2]]]
+    assert int(k.ksm.frames.mapcount[frame]) == 1
+
+
+def test_write_pages_checks_before_writing() -> None:
+    k = BulkKernel()
+    p = k.spawn()
+    a = p.mmap(2 * PAGE_SIZE)
+    p.write_contents(a, [0, 0])
+    before = canonical(k)
+    cases: list[tuple[object, object, object, type[Exception], str]] = [
+        ([p.pid], [a], ["x"], TypeError, "cids"),
+        ([p.pid], [a, a], [0], ValueError, "one length"),
+        ([p.pid], [a + 1], [0], ValueError, "page-aligned"),
+        ([p.pid + 7], [a], [0], ValueError, "live processes"),
+        ([p.pid], [a], [len(k.contents)], ValueError, "content ids"),
+        (np.zeros((1, 1), np.int64), [a], [0], TypeError, "pids"),
+    ]
+    for pids, addrs, cids, exc, text in cases:
+        with pytest.raises(exc, match=text):
+            k.write_pages(pids, addrs, cids)  # type: ignore[arg-type]
+    with pytest.raises(OSError) as info:
+        k.write_pages([p.pid, p.pid], [a, a + 2 * PAGE_SIZE], [0, 0])
+    assert info.value.errno == errno.EFAULT
+    assert canonical(k) == before
