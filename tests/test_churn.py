@@ -18,6 +18,7 @@ import pytest
 from bulk_programs import canonical
 from ksmlab import MADV_MERGEABLE, PAGE_SIZE
 from ksmlab.bulk import BulkKernel
+from ksmlab.bulk.content import NEW_CONTENT
 
 Write = tuple[int, int, int]
 """(process number, page index, content tag) of one write."""
@@ -59,7 +60,9 @@ def writes(r: random.Random, nprocs: int, pages: int, count: int) -> list[Write]
     out = []
     for _ in range(count):
         p, i = r.choice(hot) if r.random() < 0.4 else (r.randrange(nprocs), r.randrange(pages))
-        out.append((p, i, r.randrange(-1, 3)))  # -1: a new content; 0: zero; 1, 2: shared
+        # -1: new random data; 0: zero; 1, 2: shared contents; 3: a fresh id; 4: the content
+        # another page holds (unique ones too)
+        out.append((p, i, r.choice([-1, -1, -1, 0, 1, 2, 3, 4])))
     return out
 
 
@@ -68,13 +71,16 @@ def snapshot(k: BulkKernel) -> object:
                                     for x in p.content_ids(p.mm.segments[0].addr,
                                                            p.mm.segments[0].pages * PAGE_SIZE)))
                       for p in k.processes.values())
-    return canonical(k), contents, k.cow_ksm
+    n = len(k.contents)
+    table = (n, k.contents.checksum[:n].tolist(), k.contents.unique[:n].tolist())
+    return canonical(k), contents, k.cow_ksm, table
 
 
 @pytest.mark.parametrize("seed", range(80))
 def test_write_pages_equals_writes_one_by_one(seed: int) -> None:
-    """The same writes, one by one and as one step, leave identical machines; and ksmd's
-    next scans find identical machines too."""
+    """The same writes, one by one and as one step, leave identical machines (contents,
+    their checksums and which are unique included); and ksmd's next scans find identical
+    machines too."""
     one, vec = (machine(random.Random(seed), seed) for _ in range(2))
     k1, pids, addrs, pages = one
     k2 = vec[0]
@@ -82,10 +88,18 @@ def test_write_pages_equals_writes_one_by_one(seed: int) -> None:
     r = random.Random(1000 + seed)
     for _ in range(3):
         ws = writes(r, len(pids), pages, r.randint(1, 60))
-        new = k1.contents.fresh(sum(t < 0 for _p, _i, t in ws)).tolist()
-        assert k2.contents.fresh(len(new)).tolist() == new
-        extra = iter(new)
-        cids = [next(extra) if t < 0 else (0 if t == 0 else t) for _p, _i, t in ws]
+        cids = []
+        for _p, _i, t in ws:
+            if t == 3:
+                cid = int(k1.contents.fresh(1)[0])
+                assert cid == int(k2.contents.fresh(1)[0])
+            elif t == 4:  # before the writes: both machines hold the same ids there
+                q = k1.processes[pids[r.randrange(len(pids))]]
+                cid = q.content_ids(q.mm.segments[0].addr + r.randrange(pages) * PAGE_SIZE,
+                                    PAGE_SIZE)[0] or 0
+            else:
+                cid = NEW_CONTENT if t < 0 else t
+            cids.append(cid)
         for (p, i, _t), cid in zip(ws, cids, strict=True):
             k1.processes[pids[p]].write_contents(addrs[p] + i * PAGE_SIZE, [cid])
         k2.write_pages([pids[p] for p, _i, _t in ws],
@@ -137,3 +151,31 @@ def test_write_pages_checks_before_writing() -> None:
         k.write_pages([p.pid, p.pid], [a, a + 2 * PAGE_SIZE], [0, 0])
     assert info.value.errno == errno.EFAULT
     assert canonical(k) == before
+
+
+def test_new_random_data_keeps_a_pages_own_content_id() -> None:
+    """A page rewritten with new random data again and again keeps one content id (its
+    checksum changes each time, as a new content's would); a page that shares its frame
+    (fork) gets a fresh one; an id written to a second page is no longer reused."""
+    k = BulkKernel()
+    p = k.spawn()
+    a = p.mmap(2 * PAGE_SIZE)
+    p.write_contents(a, [0, 0])
+    n = len(k.contents)
+    p.write_contents(a, [NEW_CONTENT])
+    x = p.content_ids(a, PAGE_SIZE)[0]
+    assert x == n and len(k.contents) == n + 1  # the first: a fresh content
+    sums = {int(k.contents.checksum[x])}
+    for _ in range(20):
+        k.write_pages([p.pid] * 5, [a] * 5, [NEW_CONTENT] * 5)
+        sums.add(int(k.contents.checksum[x]))
+    assert p.content_ids(a, PAGE_SIZE) == [x] and len(k.contents) == n + 1
+    assert len(sums) == 21  # 21 draws of 32 bits: equal ones have odds of about 2**-24
+    c = p.fork()  # the frame is mapped twice: the parent's write copies it
+    p.write_contents(a, [NEW_CONTENT])
+    assert p.content_ids(a, PAGE_SIZE) == [n + 1] and c.content_ids(a, PAGE_SIZE) == [x]
+    c.write_contents(a, [NEW_CONTENT])  # the child's frame is its own now: x changes in place
+    assert c.content_ids(a, PAGE_SIZE) == [x] and len(k.contents) == n + 2
+    p.write_contents(a + PAGE_SIZE, [x])  # x is held by two frames from now on
+    c.write_contents(a, [NEW_CONTENT])
+    assert c.content_ids(a, PAGE_SIZE) == [n + 2] and p.content_ids(a + PAGE_SIZE, PAGE_SIZE) == [x]

@@ -25,7 +25,7 @@ import numpy.typing as npt
 from ksmlab import argcheck
 from ksmlab.api import SmapsEntry
 from ksmlab.bulk.columns import ABSENT, KSM_ZERO, NO_FRAME, STABLE
-from ksmlab.bulk.content import ZERO_CONTENT, ContentTable
+from ksmlab.bulk.content import NEW_CONTENT, ZERO_CONTENT, ContentTable
 from ksmlab.bulk.engine import BulkKsm
 from ksmlab.bulk.mm import BulkMm, Segment
 from ksmlab.bulk.vector import VectorKsm
@@ -398,9 +398,10 @@ class BulkProcess:
         """Store pages of the given content ids at *addr*, with the faults and COW of a write.
 
         *addr* must be page aligned (ValueError) and *ids* a flat sequence or
-        integer array (TypeError) of ids of this kernel's ContentTable
-        (ValueError).  An unmapped page in the range is OSError(EFAULT), and
-        nothing is written then.
+        integer array (TypeError) of ids of this kernel's ContentTable, or
+        :data:`~ksmlab.bulk.content.NEW_CONTENT` for new random data
+        (ValueError otherwise).  An unmapped page in the range is
+        OSError(EFAULT), and nothing is written then.
         """
         addr = argcheck.ulong("addr", addr)
         cids = self._content_ids_arg(ids)
@@ -439,14 +440,18 @@ class BulkProcess:
         n = len(self.kernel.contents)
         lo, hi = ((int(arr.min()), int(arr.max())) if isinstance(arr, np.ndarray)
                   else (min(arr), max(arr))) if len(arr) else (0, 0)
-        if lo < 0 or hi >= n:
+        if lo < NEW_CONTENT or hi >= n:
             raise ValueError(f"ids must be content ids of this kernel's ContentTable (0 <= id < {n}), "
-                             f"got {argcheck.describe(ids)}")
+                             f"or NEW_CONTENT ({NEW_CONTENT}), got {argcheck.describe(ids)}")
         return np.asarray(arr, dtype=np.int64)
 
     def _store(self, addr: int, cids: npt.NDArray[np.int64]) -> None:
         """Write pages of content *cids* at *addr* (checked: aligned, mapped, known ids)."""
         ksm = self.kernel.ksm
+        if bool((cids < 0).any()):  # NEW_CONTENT: named as it is written
+            store_pages(ksm, self._rows(addr, len(cids) * PAGE_SIZE), cids)
+            return
+        ksm.contents.unique[cids] = False  # held by these pages now too
         ksm.sync_contents()
         if len(cids) == 1:
             self._write_one(int(self._rows(addr, PAGE_SIZE)[0]), int(cids[0]))
@@ -467,6 +472,7 @@ class BulkProcess:
         """_store for one page, without array overheads (a COW storm is many of these)."""
         ksm = self.kernel.ksm
         frames = ksm.frames
+        ksm.contents.unique[cid] = False  # held by this page now too
         f = int(ksm.pages.frame[row])
         if f >= 0:
             knode = int(frames.knode[f])

@@ -30,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ksmlab import argcheck
+from ksmlab.bulk.content import NEW_CONTENT
 from ksmlab.constants import PAGE_SHIFT, PAGE_SIZE
 from ksmlab.errors import kernel_error
 
@@ -43,23 +44,31 @@ Ints = npt.NDArray[np.int64]
 def store_pages(ksm: BulkKsm, rows: Ints, cids: Ints) -> None:
     """Write content ``cids[i]`` to page row ``rows[i]``, for each i in order (rows may
     repeat), with the faults and copy-on-write of each write (see the module doc).
+    ``NEW_CONTENT`` (-1) is new random data (see :data:`ksmlab.bulk.content.NEW_CONTENT`).
 
-    The caller has checked the rows (mapped pages) and the ids (known contents).
+    The caller has checked the rows (mapped pages) and the ids (known contents, or -1).
     """
     if not len(rows):
         return
-    ksm.sync_contents()
+    explicit = cids[cids >= 0]
+    if bool(ksm.contents.unique[explicit].any()):
+        # A unique content written to another page: it is unique no more, from that write
+        # on, which the step below cannot order.  (Nothing in ksmlab writes such ids.)
+        for r, c in zip(rows.tolist(), cids.tolist(), strict=True):
+            if c >= 0:
+                ksm.contents.unique[c] = False
+            store_pages(ksm, np.array([r]), np.array([c]))
+        return
     pages, frames = ksm.pages, ksm.frames
-    # Each distinct row: where its first write is, and the content of its last.
+    # Each distinct row: where its first write is, and its writes grouped in order.
     order = np.argsort(rows, kind="stable")
     by_row = rows[order]
     starts = np.r_[True, by_row[1:] != by_row[:-1]]
     ends = np.r_[by_row[1:] != by_row[:-1], True]
     first = order[starts]
-    final = cids[order[ends]]
     # The distinct rows in the order of their first write.
     seq = np.argsort(first, kind="stable")
-    urows, final = by_row[starts][seq], final[seq]
+    urows = by_row[starts][seq]
     f = pages.frame[urows]
     mapped = f >= 0
     fm = np.where(mapped, f, 0)
@@ -76,6 +85,16 @@ def store_pages(ksm: BulkKsm, rows: Ints, cids: Ints) -> None:
         pos = np.arange(len(sf)) - np.repeat(group_start, np.diff(np.r_[group_start, len(sf)]))
         rank[idx[o]] = pos + 1
     in_place = ordinary & (rank == frames.mapcount[fm])
+    if bool((cids < 0).any()):
+        # in_place and the old content, by row in the grouped order.
+        back = np.empty(len(urows), np.int64)
+        back[seq] = np.arange(len(urows))
+        row_of = np.cumsum(starts) - 1  # each grouped write's distinct row (grouped order)
+        g_in_place = in_place[back][row_of]
+        g_old = frames.content[fm][back][row_of].astype(np.int64)
+        cids = _name_new(ksm, order, starts, cids, g_in_place, g_old)
+    final = cids[order[ends]][seq]
+    ksm.sync_contents()
     copy = ~in_place
     # In-place writes: the frame takes the last content written.
     frames.content[f[in_place]] = final[in_place]
@@ -90,6 +109,53 @@ def store_pages(ksm: BulkKsm, rows: Ints, cids: Ints) -> None:
         if bool(gone.any()):
             ksm.reopen(np.unique(knode[kcopy][gone]).tolist())
     pages.frame[urows[copy]] = ksm.new_frames(final[copy])
+
+
+def _name_new(ksm: BulkKsm, order: Ints, starts: npt.NDArray[np.bool_], cids: Ints,
+              in_place: npt.NDArray[np.bool_], old: Ints) -> Ints:
+    """*cids* with each NEW_CONTENT named as writing them in turn would name it.
+
+    A NEW write to a page whose frame is its own and holds a unique content
+    changes that content in place (a new checksum); any other gets a fresh
+    unique content.  Each NEW write draws one checksum, in write order, as one
+    by one.  *order* groups the writes by row (each row's in write order),
+    *starts* marks each row's first write there, *in_place* and *old* say, per
+    grouped write, whether its row's first write is in place and the frame's
+    content before it.
+    """
+    table = ksm.contents
+    c = cids[order]
+    new = c < 0
+    prev_new = np.r_[False, new[:-1]]
+    # A row's first write: its frame's content, if the frame is its own and it is unique;
+    # a later one: the content the previous write left, unique if that write was NEW.
+    reuse = new & np.where(starts, in_place & table.unique[np.maximum(old, 0)], prev_new)
+    fresh = new & ~reuse
+    # Checksums drawn in write order, one per NEW write; fresh ids numbered in write order.
+    is_new = cids < 0
+    rank = np.cumsum(is_new) - 1  # per write (write order): its draw
+    draws = table.draw(int(np.count_nonzero(is_new)))
+    fresh_w = np.zeros(len(cids), np.bool_)
+    fresh_w[order[fresh]] = True
+    ids = table.add(draws[rank[fresh_w]], unique=True)
+    named = cids.copy()
+    named[fresh_w] = ids
+    # A reused content is the one the row held: carry it forward within each row.
+    g = named[order]
+    g[reuse & starts] = old[reuse & starts]
+    have = np.where(g >= 0, np.arange(len(g)), 0)
+    g = g[np.maximum.accumulate(have)]
+    named[order] = g
+    # A reused content's checksum: the draw of the last NEW write that named it (one row
+    # names it, so in the grouped order its writes are in write order).
+    again = order[reuse]
+    if len(again):
+        ids_a, rank_a = named[again], rank[again]
+        o = np.argsort(ids_a, kind="stable")
+        ids_a, rank_a = ids_a[o], rank_a[o]
+        last = np.r_[ids_a[1:] != ids_a[:-1], True]
+        table.checksum[ids_a[last]] = draws[rank_a[last]]
+    return named
 
 
 def rows_of(segments: list[tuple[int, int, int]], addrs: Ints) -> Ints:
@@ -140,9 +206,10 @@ def checked_writes(k: BulkKernel, pids: object, addrs: object, cids: object) -> 
     if not len(p) == len(a) == len(c):
         raise ValueError(f"pids, addrs and cids must have one length, got {len(p)}, {len(a)} "
                          f"and {len(c)}")
-    if len(c) and (int(c.min()) < 0 or int(c.max()) >= len(k.contents)):
+    if len(c) and (int(c.min()) < NEW_CONTENT or int(c.max()) >= len(k.contents)):
         raise ValueError(f"cids must be content ids of this kernel's ContentTable "
-                         f"(0 <= id < {len(k.contents)}), got {argcheck.describe(cids)}")
+                         f"(0 <= id < {len(k.contents)}), or NEW_CONTENT ({NEW_CONTENT}), "
+                         f"got {argcheck.describe(cids)}")
     bad = a[(a % PAGE_SIZE != 0) | (a < 0)]
     if len(bad):
         raise ValueError(f"addrs must be page-aligned addresses, got {int(bad[0]):#x}")

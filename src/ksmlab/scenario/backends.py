@@ -12,6 +12,7 @@ from ``/proc/<pid of ksmd>/stat``.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from ksmlab.api import Kernel, Process
@@ -22,7 +23,14 @@ from ksmlab.ksm.ksmd import ksmd_should_run
 from ksmlab.mm.page import ZERO_FINGERPRINT, ContentMode, fingerprint
 from ksmlab.scenario import host
 from ksmlab.scenario.churn import WriteBatch
-from ksmlab.scenario.content import ZERO_PAGE, ContentSource
+from ksmlab.scenario.content import (
+    BYTES_CHUNK,
+    ID_CHUNK,
+    NEW_CONTENT,
+    ZERO_PAGE,
+    ContentSource,
+    Fill,
+)
 from ksmlab.scenario.model import Content
 
 if TYPE_CHECKING:
@@ -55,8 +63,9 @@ class Backend(Protocol):
         """ksmd's CPU time since :meth:`start_clock`, or None if it cannot be read."""
 
     def fill(self, proc: Process, addr: int, source: ContentSource, content: Content,
-             pages: int, instance: str) -> None:
-        """Store a new mapping's content (*pages* pages of *content* for *instance*)."""
+             pages: int, instance: str) -> Iterator[int]:
+        """Store a new mapping's content (*pages* pages of *content* for *instance*) a
+        chunk at a time, yielding the pages stored by each chunk."""
 
     def write_into(self, proc: Process, addr: int, off: int, chunk: bytes | None) -> None:
         """Write *chunk* at offset *off* of the page at *addr* (a write activity's write);
@@ -81,8 +90,11 @@ class Backend(Protocol):
 
 
 def _fill_bytes(proc: Process, addr: int, source: ContentSource, content: Content,
-                pages: int, instance: str) -> None:
-    proc.write(addr, source.build(content, pages, instance))
+                pages: int, instance: str) -> Iterator[int]:
+    fill = Fill(source, content, pages, instance)
+    for ch in fill.chunks(BYTES_CHUNK):
+        proc.write(addr + ch.start * PAGE_SIZE, fill.page_bytes(ch))
+        yield len(ch)
 
 
 def _write_bytes(proc: Process, addr: int, off: int, chunk: bytes | None) -> None:
@@ -178,8 +190,21 @@ class SimBackend(_VirtualBackend):
         self.kernel: Kernel = self.sim
         super().__init__(self.sim)
 
-    fill = staticmethod(_fill_bytes)  # in fingerprint mode SimKernel hashes each page
     wants_bytes = staticmethod(_wants_bytes)
+
+    def fill(self, proc: Process, addr: int, source: ContentSource, content: Content,
+             pages: int, instance: str) -> Iterator[int]:
+        """Page bytes; in fingerprint mode their fingerprints (no image page is built
+        twice)."""
+        if self.sim.content != "fingerprint":
+            yield from _fill_bytes(proc, addr, source, content, pages, instance)
+            return
+        assert isinstance(proc, SimProcess)
+        fill = Fill(source, content, pages, instance)
+        for ch in fill.chunks(BYTES_CHUNK):
+            fps = [fp for fp in fill.page_fingerprints(ch) if fp is not None]  # all are
+            proc.write_fingerprints(addr + ch.start * PAGE_SIZE, fps)
+            yield len(ch)
 
     def write_batch(self, batch: WriteBatch) -> None:
         """Write by write (SimKernel has no faster path)."""
@@ -222,16 +247,17 @@ class BulkBackend(_VirtualBackend):
         super().__init__(self.bulk)
 
     def fill(self, proc: Process, addr: int, source: ContentSource, content: Content,
-             pages: int, instance: str) -> None:
-        """Fill from fingerprints, never page bytes; a page of the instance's own is fresh."""
+             pages: int, instance: str) -> Iterator[int]:
+        """Fill with content ids computed as arrays (never page bytes): a page of the
+        instance's own, and each image page, is a fresh content."""
         from ksmlab.bulk import BulkProcess
 
         assert isinstance(proc, BulkProcess)
-        table = self.bulk.contents
-        fps = source.fingerprints(content, pages, instance)
-        fresh = iter(table.fresh(sum(fp is None for fp in fps)).tolist())
-        proc.write_contents(addr, [next(fresh) if fp is None else table.intern(fp)
-                                   for fp in fps])
+        fill = Fill(source, content, pages, instance)
+        for ch in fill.chunks(ID_CHUNK):
+            proc.write_contents(addr + ch.start * PAGE_SIZE,
+                                fill.content_ids(ch, self.bulk.contents))
+            yield len(ch)
 
     @staticmethod
     def wants_bytes(nbytes: int) -> bool:
@@ -246,7 +272,7 @@ class BulkBackend(_VirtualBackend):
 
         assert isinstance(proc, BulkProcess)
         if chunk is None or len(chunk) >= FRESH_BYTES:
-            proc.write_contents(addr, self.bulk.contents.fresh(1))
+            proc.write_contents(addr, [NEW_CONTENT])
             return
         old = proc.content_ids(addr, PAGE_SIZE)[0] or ZERO_CONTENT
         name = derived_name(old.to_bytes(8, "little"), off, chunk)
@@ -264,9 +290,8 @@ class BulkBackend(_VirtualBackend):
             return
         pids = np.array([t.proc.pid if t.proc is not None else -1 for t in targets])[batch.which]
         base = np.array([t.addr for t in targets], dtype=np.int64)[batch.which]
-        fresh = np.array([t.data == "random" for t in targets])[batch.which]
-        cids = np.zeros(len(batch), np.int64)  # ZERO_CONTENT for a zeroing write
-        cids[fresh] = self.bulk.contents.fresh(int(np.count_nonzero(fresh)))
+        new = np.array([t.data == "random" for t in targets])[batch.which]
+        cids = np.where(new, NEW_CONTENT, 0)  # 0: ZERO_CONTENT, for a zeroing write
         self.bulk.write_pages(pids, base + batch.page * PAGE_SIZE, cids)
 
     def describe(self) -> str:

@@ -106,6 +106,10 @@ class ProgressInfo:
         full_scans: full scans completed since the start.
         checkpoints_done: checkpoints recorded so far.
         checkpoints_total: checkpoints in the scenario.
+        setting_up: the processes present at time 0 are being created and
+            filled (the clock has not started).
+        pages_filled: pages of theirs filled so far.
+        pages_to_fill: their pages in all.
     """
 
     now_s: float
@@ -113,6 +117,9 @@ class ProgressInfo:
     full_scans: int
     checkpoints_done: int
     checkpoints_total: int
+    setting_up: bool = False
+    pages_filled: int = 0
+    pages_to_fill: int = 0
 
 
 @dataclass(slots=True)
@@ -139,6 +146,10 @@ class Runner:
         self.churn = Churn(sc.seed, backend.wants_bytes)
         self._targets: list[WriteTarget] = []
         self._shown = 0.0  # wall clock of the last progress report
+        self._setting_up = False
+        self._filled = 0
+        self._to_fill = sum(g.count * m.pages for g in sc.processes if g.start_ns == 0
+                            for m in g.mappings)
         self._heap: list[tuple[int, int, int, object]] = []
         self._seq = itertools.count()
         self._base: dict[str, int] = {}
@@ -179,11 +190,15 @@ class Runner:
         for name, value in sc.knobs:
             if name != "run":
                 self._write_knob(name, value, "[ksm]")
+        self._setting_up = True
+        self._report_progress(force=True)
         for g in sc.processes:
             if g.start_ns == 0:
                 self._start_group(g)
             else:
                 self._push(g.start_ns, _Kind.START, g)
+        self._setting_up = False
+        self._report_progress(force=True)
         self._write_knob("run", dict(sc.knobs).get("run", "1"), "[ksm]")
         self.backend.start_clock()
         self.knobs = {n: read_knob(sysfs[n]) for n in WRITE_ORDER if n in sysfs}
@@ -280,10 +295,11 @@ class Runner:
         if not force and wall - self._shown < 0.05:
             return
         self._shown = wall
-        self.progress(ProgressInfo(self.backend.now_ns() / NS_PER_S,
+        self.progress(ProgressInfo(self.backend.now_ns() / NS_PER_S if self._base else 0.0,
                                    self.sc.planned_end_ns / NS_PER_S,
                                    self._peek("full_scans"), len(self.checkpoints),
-                                   len(self.sc.checkpoints)))
+                                   len(self.sc.checkpoints), self._setting_up, self._filled,
+                                   self._to_fill))
 
     def _apply(self, t_ns: int, kind: _Kind, item: object) -> None:
         if kind == _Kind.START:
@@ -345,7 +361,10 @@ class Runner:
                 addr = proc.mmap(length)
                 inst.addrs[m.name] = addr
                 content, where = self.sc.contents[m.content], f"{g.name}[{i}].{m.name}"
-                self.backend.fill(proc, addr, self.content, content, m.pages, where)
+                for n in self.backend.fill(proc, addr, self.content, content, m.pages, where):
+                    if self._setting_up:
+                        self._filled += n
+                        self._report_progress()
                 if m.mergeable:
                     proc.madvise(addr, length, MADV_MERGEABLE)
             instances.append(inst)
