@@ -174,32 +174,46 @@ def _load(args: argparse.Namespace) -> Scenario:
 @contextmanager
 def _progress(enabled: bool, sc: Scenario,
               backend: str) -> Iterator[Callable[[ProgressInfo], None] | None]:
-    """A progress callback that shows a bar on stderr once the run has taken a second."""
+    """A progress callback that shows a bar on stderr once the run has taken a second:
+    the memory filled while the processes are set up, then the time reached, each with
+    the time it should take to finish (from the pace so far)."""
     if not enabled:
         yield None
         return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     console = Console(stderr=True, force_terminal=True)
     unit = "real" if backend == "linux" else "virtual"
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                   TextColumn("{task.fields[when]}"), TextColumn("full scans: {task.fields[scans]}"),
-                   TextColumn("checkpoints: {task.fields[cps]}"), TimeElapsedColumn(),
-                   console=console, transient=True)
+                   TextColumn("{task.fields[when]}"), TextColumn("{task.fields[more]}"),
+                   TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+                   console=console, transient=True, refresh_per_second=4)
     started = time.monotonic()
     shown = False
-    task = bar.add_task(f"running {sc.name}", total=max(sc.planned_end_ns / NS_PER_S, 1e-9),
-                        when="", scans=0, cps="")
+    phase = ""
+    task = bar.add_task(f"running {sc.name}", total=None, when="", more="")
 
     def update(p: ProgressInfo) -> None:
-        nonlocal shown
+        nonlocal shown, phase
         if not shown and time.monotonic() - started >= PROGRESS_AFTER_S:
             bar.start()
             shown = True
+        if p.setting_up:
+            if phase != "setup":  # each phase's estimate from its own pace
+                phase = "setup"
+                bar.reset(task, total=max(p.pages_to_fill, 1), description=f"setting up {sc.name}")
+            bar.update(task, completed=p.pages_filled,
+                       when=f"{format_bytes(p.pages_filled * PAGE_SIZE)} / "
+                            f"{format_bytes(p.pages_to_fill * PAGE_SIZE)} filled", more="")
+            return
+        if phase != "run":
+            phase = "run"
+            bar.reset(task, total=max(p.planned_end_s, 1e-9), description=f"running {sc.name}")
         bar.update(task, completed=min(p.now_s, p.planned_end_s) if p.planned_end_s else 0,
                    when=f"{unit} time {format_duration(p.now_s)} / "
                         f"{format_duration(p.planned_end_s)}",
-                   scans=p.full_scans, cps=f"{p.checkpoints_done}/{p.checkpoints_total}")
+                   more=f"full scans: {p.full_scans}  checkpoints: "
+                        f"{p.checkpoints_done}/{p.checkpoints_total}")
 
     try:
         yield update

@@ -29,7 +29,7 @@ from ksmlab.bulk.content import NEW_CONTENT, ZERO_CONTENT, ContentTable
 from ksmlab.bulk.engine import BulkKsm
 from ksmlab.bulk.mm import BulkMm, Segment
 from ksmlab.bulk.vector import VectorKsm
-from ksmlab.bulk.writes import checked_writes, store_pages
+from ksmlab.bulk.writes import checked_writes, name_new_distinct, store_pages
 from ksmlab.constants import (
     MADV_MERGEABLE,
     MADV_UNMERGEABLE,
@@ -448,10 +448,11 @@ class BulkProcess:
     def _store(self, addr: int, cids: npt.NDArray[np.int64]) -> None:
         """Write pages of content *cids* at *addr* (checked: aligned, mapped, known ids)."""
         ksm = self.kernel.ksm
-        if bool((cids < 0).any()):  # NEW_CONTENT: named as it is written
+        new = cids < 0  # NEW_CONTENT: named as it is written
+        if bool(new.any()) and (len(cids) == 1 or bool(ksm.contents.unique[cids[~new]].any())):
             store_pages(ksm, self._rows(addr, len(cids) * PAGE_SIZE), cids)
             return
-        ksm.contents.unique[cids] = False  # held by these pages now too
+        ksm.contents.unique[cids[~new]] = False  # held by these pages now too
         ksm.sync_contents()
         if len(cids) == 1:
             self._write_one(int(self._rows(addr, PAGE_SIZE)[0]), int(cids[0]))
@@ -461,6 +462,7 @@ class BulkProcess:
         ok = frames >= 0
         in_place = np.zeros(len(rows), bool)
         in_place[ok] = (ksm.frames.knode[frames[ok]] < 0) & (ksm.frames.mapcount[frames[ok]] == 1)
+        cids = name_new_distinct(ksm, frames.astype(np.int64), in_place, cids)
         ksm.frames.content[frames[in_place]] = cids[in_place]
         copy = ~in_place
         ksm.cow_ksm += int(np.count_nonzero(ksm.frames.knode[frames[ok]] >= 0))

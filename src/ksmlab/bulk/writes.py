@@ -31,7 +31,7 @@ import numpy.typing as npt
 
 from ksmlab import argcheck
 from ksmlab.bulk.content import NEW_CONTENT
-from ksmlab.constants import PAGE_SHIFT, PAGE_SIZE
+from ksmlab.constants import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE
 from ksmlab.errors import kernel_error
 
 if TYPE_CHECKING:
@@ -60,6 +60,13 @@ def store_pages(ksm: BulkKsm, rows: Ints, cids: Ints) -> None:
             store_pages(ksm, np.array([r]), np.array([c]))
         return
     pages, frames = ksm.pages, ksm.frames
+    f = pages.frame[rows].astype(np.int64)
+    fm = np.maximum(f, 0)
+    if bool(((f >= 0) & (frames.knode[fm] < 0) & (frames.mapcount[fm] == 1)).all()):
+        srt = np.sort(rows)
+        if not bool((srt[1:] == srt[:-1]).any()):
+            _write_own_frames(ksm, f, cids)  # the common case of churn
+            return
     # Each distinct row: where its first write is, and its writes grouped in order.
     order = np.argsort(rows, kind="stable")
     by_row = rows[order]
@@ -69,7 +76,7 @@ def store_pages(ksm: BulkKsm, rows: Ints, cids: Ints) -> None:
     # The distinct rows in the order of their first write.
     seq = np.argsort(first, kind="stable")
     urows = by_row[starts][seq]
-    f = pages.frame[urows]
+    f = pages.frame[urows].astype(np.int64)
     mapped = f >= 0
     fm = np.where(mapped, f, 0)
     knode = np.where(mapped, frames.knode[fm], -1)
@@ -109,6 +116,34 @@ def store_pages(ksm: BulkKsm, rows: Ints, cids: Ints) -> None:
         if bool(gone.any()):
             ksm.reopen(np.unique(knode[kcopy][gone]).tolist())
     pages.frame[urows[copy]] = ksm.new_frames(final[copy])
+
+
+def _write_own_frames(ksm: BulkKsm, f: Ints, cids: Ints) -> None:
+    """store_pages when every row is written once and its frame is its own (mapped once,
+    not a KSM page): every write is in place, and a NEW one to a frame holding a unique
+    content changes that content (see :func:`_name_new`)."""
+    ksm.frames.content[f] = name_new_distinct(ksm, f, np.ones(len(f), np.bool_), cids)
+
+
+def name_new_distinct(ksm: BulkKsm, f: Ints, in_place: npt.NDArray[np.bool_], cids: Ints) -> Ints:
+    """*cids* with each NEW_CONTENT named, for writes to distinct rows whose frames are *f*
+    (*in_place*: the write finds the frame its own): in place on a unique content, that
+    content (with a new checksum), else a fresh unique one; one checksum drawn per NEW
+    write, in write order, as writing them one by one does (see :func:`_name_new`)."""
+    new = cids < 0
+    if not bool(new.any()):
+        return cids
+    table = ksm.contents
+    old = ksm.frames.content[np.maximum(f[new], 0)].astype(np.int64)
+    reuse = in_place[new] & table.unique[old]
+    draws = table.draw(len(old))
+    named = old.copy()
+    named[~reuse] = table.add(draws[~reuse], unique=True)
+    table.checksum[old[reuse]] = draws[reuse]  # distinct frames: distinct contents
+    out = cids.copy()
+    out[new] = named
+    ksm.sync_contents()
+    return out
 
 
 def _name_new(ksm: BulkKsm, order: Ints, starts: npt.NDArray[np.bool_], cids: Ints,
@@ -158,18 +193,23 @@ def _name_new(ksm: BulkKsm, order: Ints, starts: npt.NDArray[np.bool_], cids: In
     return named
 
 
-def rows_of(segments: list[tuple[int, int, int]], addrs: Ints) -> Ints:
-    """Page rows of the page addresses *addrs* in an address space of *segments*
-    ``(addr, first row, pages)`` sorted by address; -1 where nothing is mapped."""
-    if not segments:
+def rows_of(spaces: list[list[tuple[int, int, int]]], which: Ints, addrs: Ints) -> Ints:
+    """Page rows of the page addresses *addrs*, each in address space ``spaces[which[i]]``
+    (its segments ``(addr, first row, pages)`` sorted by address); -1 where nothing is
+    mapped.  One search for all: segments are keyed by (space, address)."""
+    segs = [(i, *seg) for i, space in enumerate(spaces) for seg in space]
+    if not segs:
         return np.full(len(addrs), -1, np.int64)
-    seg = np.array(segments, dtype=np.int64)
-    i = np.searchsorted(seg[:, 0], addrs, side="right") - 1
-    ok = i >= 0
-    ic = np.maximum(i, 0)
-    page = (addrs - seg[ic, 0]) >> PAGE_SHIFT
-    ok &= page < seg[ic, 2]
-    return np.where(ok, seg[ic, 1] + page, -1)
+    seg = np.array(segs, dtype=np.int64)
+    key = (seg[:, 0] << _SPACE_SHIFT) | seg[:, 1]  # addresses are below 2**47
+    j = np.searchsorted(key, (which << _SPACE_SHIFT) | addrs, side="right") - 1
+    jc = np.maximum(j, 0)
+    page = (addrs - seg[jc, 1]) >> PAGE_SHIFT
+    ok = (j >= 0) & (seg[jc, 0] == which) & (page >= 0) & (page < seg[jc, 3])
+    return np.where(ok, seg[jc, 2] + page, -1)
+
+
+_SPACE_SHIFT = 48
 
 
 def int_vector(name: str, values: object) -> Ints:
@@ -183,7 +223,7 @@ def int_vector(name: str, values: object) -> Ints:
             raise bad(f"a {values.ndim}-dimensional array of {values.dtype}")
         if values.dtype == np.uint64 and values.size and int(values.max()) > np.iinfo(np.int64).max:
             raise ValueError(f"{name} holds an int past 2**63 - 1: {argcheck.describe(values)}")
-        return values.astype(np.int64)
+        return values.astype(np.int64, copy=False)
     if isinstance(values, str | bytes | bytearray | memoryview) or not isinstance(values, list
                                                                                    | tuple):
         raise bad(type(values).__name__)
@@ -210,16 +250,17 @@ def checked_writes(k: BulkKernel, pids: object, addrs: object, cids: object) -> 
         raise ValueError(f"cids must be content ids of this kernel's ContentTable "
                          f"(0 <= id < {len(k.contents)}), or NEW_CONTENT ({NEW_CONTENT}), "
                          f"got {argcheck.describe(cids)}")
-    bad = a[(a % PAGE_SIZE != 0) | (a < 0)]
+    bad = a[(a & (PAGE_SIZE - 1) != 0) | (a < 0) | (a >= TASK_SIZE)]
     if len(bad):
-        raise ValueError(f"addrs must be page-aligned addresses, got {int(bad[0]):#x}")
-    rows = np.full(len(a), -1, np.int64)
-    for pid in np.unique(p).tolist():
+        raise ValueError(f"addrs must be page-aligned user addresses, got {int(bad[0]):#x}")
+    distinct, which = np.unique(p, return_inverse=True)
+    spaces = []
+    for pid in distinct.tolist():
         proc = k.processes.get(pid)
         if proc is None:
             raise ValueError(f"pids must be live processes of this kernel, got {pid}")
-        mine = p == pid
-        rows[mine] = rows_of([(s.addr, s.row, s.pages) for s in proc.mm.segments], a[mine])
+        spaces.append([(s.addr, s.row, s.pages) for s in proc.mm.segments])
+    rows = rows_of(spaces, which.astype(np.int64), a)
     hole = np.flatnonzero(rows < 0)
     if len(hole):
         i = int(hole[0])
@@ -228,4 +269,4 @@ def checked_writes(k: BulkKernel, pids: object, addrs: object, cids: object) -> 
     return rows, c
 
 
-__all__ = ["checked_writes", "int_vector", "rows_of", "store_pages"]
+__all__ = ["checked_writes", "int_vector", "name_new_distinct", "rows_of", "store_pages"]

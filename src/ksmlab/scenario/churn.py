@@ -170,26 +170,36 @@ class _Stream:
         self.drawn += n
         self.last = int(t[-1]) if t[-1] != NEVER else NEVER
 
+    def _more(self) -> bool:
+        """Whether writes are left in the block, drawing the next block if need be."""
+        if self.pos < len(self.t):
+            return True
+        if self.last >= self.end_ns or self.last == NEVER:
+            return False
+        self._draw()
+        return True
+
     def next_ns(self) -> int | None:
         """When the next write is due; None when the stream has ended."""
-        if self.target.proc is None:
+        if self.target.proc is None or not self._more():
             return None
-        if self.pos == len(self.t):
-            if self.last >= self.end_ns or self.last == NEVER:
-                return None
-            self._draw()
         t = int(self.t[self.pos])
         return None if t >= self.end_ns else t
 
-    def take(self, limit_ns: int) -> Iterator[tuple[Ints, Ints, Ints, Bytes2D | None]]:
+    def take(self, limit_ns: int) -> list[tuple[Ints, Ints, Ints, Bytes2D | None]]:
         """The writes due before *limit_ns*, as (times, pages, offsets, bytes) pieces."""
         stop = min(limit_ns, self.end_ns)
-        while (t := self.next_ns()) is not None and t < stop:
-            end = int(np.searchsorted(self.t, stop, side="left"))
-            sl = slice(self.pos, end)
-            yield (self.t[sl], self.page[sl], self.off[sl],
-                   None if self.chunks is None else self.chunks[sl])
-            self.pos = end
+        out = []
+        while self._more():
+            end = max(self.pos, int(np.searchsorted(self.t, stop, side="left")))
+            if end > self.pos:
+                sl = slice(self.pos, end)
+                out.append((self.t[sl], self.page[sl], self.off[sl],
+                            None if self.chunks is None else self.chunks[sl]))
+                self.pos = end
+            if end < len(self.t):
+                break  # the next write is due at or after stop
+        return out
 
 
 class Churn:
@@ -237,24 +247,29 @@ class Churn:
             _, order, s = heapq.heappop(self._heap)
             if s.target.proc is not None:
                 taken.append((order, s))
+        taken.sort(key=lambda x: x[0])
         targets: list[WriteTarget] = []
-        cols: list[tuple[Ints, Ints, Ints, Ints, Ints]] = []
         chunks: list[Bytes2D | None] = []
-        for i, (order, s) in enumerate(sorted(taken, key=lambda x: x[0])):
-            pieces = list(s.take(limit_ns))
-            t = np.concatenate([p[0] for p in pieces])
-            cols.append((t, np.full(len(t), i, np.int64), np.concatenate([p[1] for p in pieces]),
-                         np.concatenate([p[2] for p in pieces]), np.arange(len(t), dtype=np.int64)))
-            chunks.append(None if pieces[0][3] is None
-                          else np.concatenate([p[3] for p in pieces if p[3] is not None]))
+        pieces: list[tuple[Ints, Ints, Ints, Bytes2D | None]] = []
+        counts: list[int] = []
+        for order, s in taken:
+            mine = s.take(limit_ns)
+            pieces += mine
+            counts.append(sum(len(p[0]) for p in mine))
+            chunks.append(None if mine[0][3] is None else
+                          mine[0][3] if len(mine) == 1 else
+                          np.concatenate([p[3] for p in mine if p[3] is not None]))
             targets.append(s.target)
             nt = s.next_ns()
             if nt is not None:
                 heapq.heappush(self._heap, (nt, order, s))
-        if not cols:
+        if not pieces:
             empty = np.zeros(0, np.int64)
             return WriteBatch([], empty, empty, empty, empty, [])
-        t, which, page, off, nth = (np.concatenate([c[j] for c in cols]) for j in range(5))
+        t, page, off = (np.concatenate([p[j] for p in pieces]) for j in range(3))
+        n = np.array(counts, np.int64)
+        which = np.repeat(np.arange(len(n), dtype=np.int64), n)
+        nth = np.arange(len(t), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
         order_ = np.lexsort((which, t))  # by time, then by stream
         self.writes += len(t)
         return WriteBatch(targets, which[order_], page[order_], off[order_], nth[order_], chunks)
