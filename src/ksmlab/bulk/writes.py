@@ -81,17 +81,20 @@ def store_pages(ksm: BulkKsm, rows: Ints, cids: Ints) -> None:
     fm = np.where(mapped, f, 0)
     knode = np.where(mapped, frames.knode[fm], -1)
     ordinary = mapped & (knode < 0)
-    # Rank of each writer among the writers of its frame, in first-write order (1-based).
-    rank = np.zeros(len(urows), np.int64)
-    if bool(ordinary.any()):
-        idx = np.flatnonzero(ordinary)
+    # Rank of each writer among the writers of its frame, in first-write order (1-based):
+    # only frames that several pages map (fork) can have more than one.
+    mapcount = frames.mapcount[fm]
+    rank = np.ones(len(urows), np.int64)
+    shared = ordinary & (mapcount > 1)
+    if bool(shared.any()):
+        idx = np.flatnonzero(shared)
         fo = f[idx]
         o = np.argsort(fo, kind="stable")
         sf = fo[o]
         group_start = np.flatnonzero(np.r_[True, sf[1:] != sf[:-1]])
         pos = np.arange(len(sf)) - np.repeat(group_start, np.diff(np.r_[group_start, len(sf)]))
         rank[idx[o]] = pos + 1
-    in_place = ordinary & (rank == frames.mapcount[fm])
+    in_place = ordinary & (rank == mapcount)
     if bool((cids < 0).any()):
         # in_place and the old content, by row in the grouped order.
         back = np.empty(len(urows), np.int64)
@@ -239,6 +242,21 @@ def int_vector(name: str, values: object) -> Ints:
         raise ValueError(f"{name} holds an int outside int64: {argcheck.describe(values)}") from None
 
 
+def _distinct(values: Ints) -> tuple[Ints, Ints]:
+    """``np.unique(values, return_inverse=True)``, without a sort when the values are
+    close together (pids are)."""
+    if not len(values):
+        return values, values
+    lo, hi = int(values.min()), int(values.max())
+    if hi - lo > 1 << 16:
+        distinct, inverse = np.unique(values, return_inverse=True)
+        return distinct, inverse.astype(np.int64)
+    present = np.flatnonzero(np.bincount(values - lo)) + lo
+    lut = np.zeros(hi - lo + 1, np.int64)
+    lut[present - lo] = np.arange(len(present))
+    return present, lut[values - lo]
+
+
 def checked_writes(k: BulkKernel, pids: object, addrs: object, cids: object) -> tuple[Ints, Ints]:
     """The page rows and content ids of ``BulkKernel.write_pages``'s arguments, checked
     in its order (see there); nothing is changed."""
@@ -253,7 +271,7 @@ def checked_writes(k: BulkKernel, pids: object, addrs: object, cids: object) -> 
     bad = a[(a & (PAGE_SIZE - 1) != 0) | (a < 0) | (a >= TASK_SIZE)]
     if len(bad):
         raise ValueError(f"addrs must be page-aligned user addresses, got {int(bad[0]):#x}")
-    distinct, which = np.unique(p, return_inverse=True)
+    distinct, which = _distinct(p)
     spaces = []
     for pid in distinct.tolist():
         proc = k.processes.get(pid)

@@ -21,8 +21,6 @@ and the other draws stay the same.
 from __future__ import annotations
 
 import hashlib
-import heapq
-import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +41,9 @@ NEVER = np.iinfo(np.int64).max
 
 _TIME_LIMIT = float(1 << 62)
 """Times at or past this (146 years) are NEVER: no run gets there, and int64 sums stay exact."""
+
+SPAN_NS = NS_PER_S
+"""How far ahead of what is asked the streams' writes are merged at a time."""
 
 EVENT_PIECE = 1 << 16
 """A write event's pages are drawn (and applied) this many at a time."""
@@ -92,25 +93,27 @@ class WriteBatch:
         which: the target of each write.
         page: the page of the target's mapping each write hits.
         off: where its random bytes go in the page (0 for a zeroing write).
-        nth: the write's row in its target's *chunks*.
-        chunks: per target, the random bytes of its writes (one row per write, in
-            order), or None (zeroing writes, or bytes not drawn: see :class:`Churn`).
+        at: where the write's random bytes start in *blob* (``targets[w].nbytes`` of
+            them), or -1 (a zeroing write, or bytes not drawn: see :class:`Churn`).
+        blob: the random bytes.
     """
 
     targets: list[WriteTarget]
     which: Ints
     page: Ints
     off: Ints
-    nth: Ints
-    chunks: list[Bytes2D | None]
+    at: Ints
+    blob: npt.NDArray[np.uint8]
 
     def __len__(self) -> int:
         return len(self.which)
 
     def chunk(self, j: int) -> bytes | None:
         """The random bytes of write *j*, if drawn."""
-        rows = self.chunks[int(self.which[j])]
-        return None if rows is None else rows[int(self.nth[j])].tobytes()
+        at = int(self.at[j])
+        if at < 0:
+            return None
+        return self.blob[at:at + self.targets[int(self.which[j])].nbytes].tobytes()
 
 
 class _Stream:
@@ -186,24 +189,36 @@ class _Stream:
         t = int(self.t[self.pos])
         return None if t >= self.end_ns else t
 
-    def take(self, limit_ns: int) -> list[tuple[Ints, Ints, Ints, Bytes2D | None]]:
-        """The writes due before *limit_ns*, as (times, pages, offsets, bytes) pieces."""
-        stop = min(limit_ns, self.end_ns)
-        out = []
+    def give(self, before_ns: int) -> tuple[Ints, Ints, Ints, npt.NDArray[np.uint8] | None]:
+        """Its writes due before *before_ns* (and before its end) not given yet:
+        (times, pages, offsets, their random bytes one row each or None)."""
+        stop = min(before_ns, self.end_ns)
+        parts = []
         while self._more():
             end = max(self.pos, int(np.searchsorted(self.t, stop, side="left")))
             if end > self.pos:
                 sl = slice(self.pos, end)
-                out.append((self.t[sl], self.page[sl], self.off[sl],
-                            None if self.chunks is None else self.chunks[sl]))
+                parts.append((self.t[sl], self.page[sl], self.off[sl],
+                              None if self.chunks is None else self.chunks[sl]))
                 self.pos = end
             if end < len(self.t):
                 break  # the next write is due at or after stop
-        return out
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            empty = np.zeros(0, np.int64)
+            return empty, empty, empty, None if self.chunks is None else self.chunks[:0]
+        chunks = [p[3] for p in parts if p[3] is not None]
+        return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                np.concatenate([p[2] for p in parts]), np.concatenate(chunks) if chunks else None)
 
 
 class Churn:
-    """Every running write stream of a run; hands out the writes due, as batches.
+    """Every write stream of a run; hands out the writes due, as batches.
+
+    The writes of all streams up to some time ahead (:data:`SPAN_NS` past what
+    was asked) are merged once into arrays in time order (ties: the order the
+    streams started), so taking a batch is a search and a slice.
 
     Args:
         seed: the scenario's seed.
@@ -214,65 +229,110 @@ class Churn:
     def __init__(self, seed: int, want_bytes: Callable[[int], bool]) -> None:
         self.seed = seed
         self.want_bytes = want_bytes
-        self._heap: list[tuple[int, int, _Stream]] = []
-        self._order = itertools.count()
+        self.streams: list[_Stream] = []
+        self.targets: list[WriteTarget] = []
         self.writes = 0
         """Writes handed out so far."""
+        self._until = 0  # every stream's writes before this are in the buffer
+        empty = np.zeros(0, np.int64)
+        self._t, self._s, self._page, self._off, self._at = empty, empty, empty, empty, empty
+        self._blob = np.zeros(0, np.uint8)
+        self._pos = 0
+        self._alive = np.zeros(0, np.bool_)
 
     def start(self, a: WriteActivity, group: str, index: int, target: WriteTarget,
               first: int, pages: int, end_ns: int | None) -> None:
         """Start the writes of activity *a* in process *index* of *group* (now: ``a.start_ns``)."""
         s = _Stream(a, target, (self.seed, "activity", a.index, group, index), first, pages,
                     a.start_ns, end_ns, self.want_bytes(a.nbytes))
-        self._push(s)
+        self.streams.append(s)
+        self.targets.append(target)
+        self._alive = np.r_[self._alive, True]
+        # The buffer holds every write due before _until: this stream's too, in their place.
+        self._merge(self._until, [len(self.streams) - 1])
+        order = np.lexsort((self._s[self._pos:], self._t[self._pos:])) + self._pos
+        for name in ("_t", "_s", "_page", "_off", "_at"):
+            setattr(self, name, getattr(self, name)[order])
+        self._pos = 0
 
-    def _push(self, s: _Stream) -> None:
-        t = s.next_ns()
-        if t is not None:
-            heapq.heappush(self._heap, (t, next(self._order), s))
+    def forget(self, proc: Process) -> None:
+        """*proc* has exited: its writes stop."""
+        for i, s in enumerate(self.streams):
+            if s.target.proc is proc:
+                s.target.proc = None
+                self._alive[i] = False
+
+    def _live(self) -> list[_Stream]:
+        return [s for s in self.streams if s.target.proc is not None]
+
+    def _merge(self, until_ns: int, which: list[int] | None = None) -> None:
+        """Merge the writes due before *until_ns* of every live stream (or of streams
+        *which*) into the buffer."""
+        parts = [(i, self.streams[i].give(until_ns))
+                 for i in (range(len(self.streams)) if which is None else which)
+                 if self.streams[i].target.proc is not None]
+        self._until = until_ns
+        parts = [(i, p) for i, p in parts if len(p[0])]
+        if not parts:
+            return
+        t = np.concatenate([p[0] for _i, p in parts])
+        sid = np.repeat(np.array([i for i, _p in parts], np.int64), [len(p[0]) for _i, p in parts])
+        page = np.concatenate([p[1] for _i, p in parts])
+        off = np.concatenate([p[2] for _i, p in parts])
+        # Random bytes: what the buffer still needs of the old blob, then the new ones.
+        old_at = self._at[self._pos:]
+        held = old_at >= 0
+        start = int(old_at[held].min()) if bool(held.any()) else len(self._blob)
+        blobs = [self._blob[start:]]
+        at = np.full(len(t), -1, np.int64)
+        size, row = len(blobs[0]), 0
+        for _i, p in parts:
+            n = len(p[0])
+            if p[3] is not None:
+                width = p[3].shape[1]
+                at[row:row + n] = size + np.arange(n, dtype=np.int64) * width
+                blobs.append(p[3].reshape(-1))
+                size += n * width
+            row += n
+        order = np.argsort(t, kind="stable")  # sorted runs, ties in stream order
+        self._t = np.concatenate([self._t[self._pos:], t[order]])
+        self._s = np.concatenate([self._s[self._pos:], sid[order]])
+        self._page = np.concatenate([self._page[self._pos:], page[order]])
+        self._off = np.concatenate([self._off[self._pos:], off[order]])
+        self._at = np.concatenate([np.where(held, old_at - start, -1), at[order]])
+        self._blob = np.concatenate(blobs) if len(blobs) > 1 else blobs[0]
+        self._pos = 0
+
+    def _skip_dead(self) -> None:
+        while self._pos < len(self._t) and not self._alive[int(self._s[self._pos])]:
+            self._pos += 1
 
     def next_ns(self) -> int | None:
         """When the next write of any stream is due; None if none will come."""
-        while self._heap:
-            t, _, s = self._heap[0]
-            if s.target.proc is not None:
-                return t
-            heapq.heappop(self._heap)  # its process exited
-        return None
+        self._skip_dead()
+        while self._pos == len(self._t):
+            nexts = [t for s in self._live() if (t := s.next_ns()) is not None]
+            if not nexts:
+                return None
+            self._merge(max(self._until, min(nexts)) + SPAN_NS)
+            self._skip_dead()
+        return int(self._t[self._pos])
 
     def take(self, limit_ns: int) -> WriteBatch:
         """Every write due before *limit_ns*, in time order (ties: the order streams started)."""
-        taken: list[tuple[int, _Stream]] = []
-        while self._heap and self._heap[0][0] < limit_ns:
-            _, order, s = heapq.heappop(self._heap)
-            if s.target.proc is not None:
-                taken.append((order, s))
-        taken.sort(key=lambda x: x[0])
-        targets: list[WriteTarget] = []
-        chunks: list[Bytes2D | None] = []
-        pieces: list[tuple[Ints, Ints, Ints, Bytes2D | None]] = []
-        counts: list[int] = []
-        for order, s in taken:
-            mine = s.take(limit_ns)
-            pieces += mine
-            counts.append(sum(len(p[0]) for p in mine))
-            chunks.append(None if mine[0][3] is None else
-                          mine[0][3] if len(mine) == 1 else
-                          np.concatenate([p[3] for p in mine if p[3] is not None]))
-            targets.append(s.target)
-            nt = s.next_ns()
-            if nt is not None:
-                heapq.heappush(self._heap, (nt, order, s))
-        if not pieces:
-            empty = np.zeros(0, np.int64)
-            return WriteBatch([], empty, empty, empty, empty, [])
-        t, page, off = (np.concatenate([p[j] for p in pieces]) for j in range(3))
-        n = np.array(counts, np.int64)
-        which = np.repeat(np.arange(len(n), dtype=np.int64), n)
-        nth = np.arange(len(t), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
-        order_ = np.lexsort((which, t))  # by time, then by stream
-        self.writes += len(t)
-        return WriteBatch(targets, which[order_], page[order_], off[order_], nth[order_], chunks)
+        if limit_ns > self._until and self._live():
+            self._merge(limit_ns + SPAN_NS)
+        end = self._pos + int(np.searchsorted(self._t[self._pos:], limit_ns, side="left"))
+        sl = slice(self._pos, end)
+        self._pos = end
+        which = self._s[sl]
+        keep = self._alive[which]
+        if not bool(keep.all()):
+            sl = np.flatnonzero(keep) + sl.start  # type: ignore[assignment]
+            which = self._s[sl]
+        self.writes += len(which)
+        return WriteBatch(self.targets, which, self._page[sl], self._off[sl], self._at[sl],
+                          self._blob)
 
 
 def event_batches(seed: int, e: WriteEvent, targets: list[WriteTarget], first: int, pages: int,
@@ -286,12 +346,12 @@ def event_batches(seed: int, e: WriteEvent, targets: list[WriteTarget], first: i
             n = min(EVENT_PIECE, first + pages - lo)
             off = (picks.integers(0, PAGE_SIZE - e.nbytes + 1, n) if e.data == "random"
                    else np.zeros(n, np.int64))
-            chunk = (np.frombuffer(data.bytes(n * e.nbytes), np.uint8).reshape(n, e.nbytes)
-                     if want else None)
+            blob = (np.frombuffer(data.bytes(n * e.nbytes), np.uint8) if want
+                    else np.zeros(0, np.uint8))
+            at = np.arange(n, dtype=np.int64) * e.nbytes if want else np.full(n, -1, np.int64)
             yield WriteBatch([target], np.zeros(n, np.int64),
-                             np.arange(lo, lo + n, dtype=np.int64), off.astype(np.int64),
-                             np.arange(n, dtype=np.int64), [chunk])
+                             np.arange(lo, lo + n, dtype=np.int64), off.astype(np.int64), at, blob)
 
 
-__all__ = ["NEVER", "Churn", "WriteBatch", "WriteTarget", "block_size", "event_batches",
-           "generators"]
+__all__ = ["NEVER", "SPAN_NS", "Churn", "WriteBatch", "WriteTarget", "block_size",
+           "event_batches", "generators"]

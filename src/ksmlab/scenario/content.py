@@ -238,6 +238,8 @@ class Fill:
             yield Chunk(start, kind, i)
 
     def _own_bytes(self, n: int) -> npt.NDArray[np.uint8]:
+        if not n:  # Generator.bytes(0) would still draw
+            return np.zeros((0, PAGE_SIZE), np.uint8)
         return np.frombuffer(self._own.bytes(n * PAGE_SIZE), np.uint8).reshape(n, PAGE_SIZE)
 
     def page_bytes(self, ch: Chunk) -> bytes:

@@ -144,7 +144,6 @@ class Runner:
         self.pages: dict[str, dict[str, int]] = {}
         self.content = ContentSource()
         self.churn = Churn(sc.seed, backend.wants_bytes)
-        self._targets: list[WriteTarget] = []
         self._shown = 0.0  # wall clock of the last progress report
         self._setting_up = False
         self._filled = 0
@@ -408,9 +407,7 @@ class Runner:
             for inst in self._select(e.process):
                 assert inst.proc is not None
                 inst.proc.exit()
-                for target in self._targets:  # its writes stop
-                    if target.proc is inst.proc:
-                        target.proc = None
+                self.churn.forget(inst.proc)  # its writes stop
                 inst.proc = None
         elif isinstance(e, ForkEvent):
             children: list[_Instance] = []
@@ -435,7 +432,6 @@ class Runner:
                 continue
             target = WriteTarget(inst.proc, inst.addrs[a.mapping], a.data, a.nbytes,
                                  f"write activity[{a.index}]")
-            self._targets.append(target)
             self.churn.start(a, a.process.group, i, target, first, n, end)
 
     # --- observation ---------------------------------------------------------------------
