@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import errno
 import random
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +21,10 @@ from bulk_programs import canonical
 from ksmlab import MADV_MERGEABLE, PAGE_SIZE
 from ksmlab.bulk import BulkKernel
 from ksmlab.bulk.content import NEW_CONTENT
+from ksmlab.report.document import to_document
+from ksmlab.scenario.backends import BulkBackend, SimBackend
+from ksmlab.scenario.loader import ScenarioError, parse_scenario
+from ksmlab.scenario.runner import Runner, run_scenario
 
 Write = tuple[int, int, int]
 """(process number, page index, content tag) of one write."""
@@ -193,3 +199,257 @@ def test_new_random_data_keeps_a_pages_own_content_id() -> None:
     p.write_contents(a + PAGE_SIZE, [x])  # x is held by two frames from now on
     c.write_contents(a, [NEW_CONTENT])
     assert c.content_ids(a, PAGE_SIZE) == [n + 2] and p.content_ids(a + PAGE_SIZE, PAGE_SIZE) == [x]
+
+
+# --- write activities in a scenario ---------------------------------------------------------
+
+CHURN = """
+[scenario]
+name = "churn"
+seed = 7
+duration = "6s"
+[ksm]
+pages_to_scan = 300
+sleep_millisecs = 10
+use_zero_pages = true
+[content.img]
+kind = "image"
+pages = 96
+zero_fraction = 0.2
+private_fraction = 0.2
+[[process]]
+name = "p"
+count = 3
+[[process.mapping]]
+name = "m"
+pages = 128
+content = "img"
+[[event]]
+at = "1s"
+action = "fork"
+process = "p[0:2]"
+child = "c"
+[[activity]]
+process = "p"
+mapping = "m"
+rate = "40%/s"
+arrivals = "poisson"
+[[activity]]
+process = "c"
+mapping = "m"
+region = { first_page = 0, pages = 32 }
+rate = 50
+pick = "sequential"
+data = "zero"
+start = "1s"
+[[activity]]
+process = "p[2]"
+mapping = "m"
+rate = "5%/s"
+bytes = 200
+start = "2s"
+stop = "5s"
+[[event]]
+at = "3s"
+action = "write"
+process = "c"
+mapping = "m"
+region = { first_page = 64, pages = 16 }
+[[event]]
+at = "4s"
+action = "exit"
+process = "c[0]"
+[[checkpoint]]
+at = "2s"
+[[checkpoint]]
+at = "6s"
+[timeline]
+interval = "100ms"
+"""
+"""Writes of random data and zeroes, to pages of their own, to pages shared by fork and to
+KSM pages (and the KSM zero page), even and Poisson arrivals, random and sequential pages,
+rates per second and as a share of the region, a write event and an exit mid-churn."""
+
+
+class OneAtATime(Runner):
+    """The runner, but writes due at different times are applied one time at a time, each
+    after everything ksmd does before it: what the runner did before batches."""
+
+    def _churn(self, limit_ns: int) -> None:
+        nt = self.churn.next_ns()
+        assert nt is not None
+        self._write_batch(self.churn.take(min(limit_ns, nt + 1)))
+
+
+def churn_doc(runner: type[Runner], backend: SimBackend | BulkBackend,
+              text: str = CHURN) -> tuple[dict[str, Any], Any]:
+    sc = parse_scenario(text, source="<test>", base_dir=Path("."))
+    doc = to_document(runner(sc, backend).run())
+    assert isinstance(doc, dict)
+    state = canonical(backend.bulk) if isinstance(backend, BulkBackend) else None
+    return doc, state
+
+
+@pytest.mark.parametrize("backend", ["sim", "fingerprint", "bulk"])
+def test_batches_of_writes_equal_writes_at_their_times(backend: str) -> None:
+    """Writes taken in batches (up to ksmd's next batch) give the same run as writes
+    applied at their own times, one time after another."""
+    def make() -> SimBackend | BulkBackend:
+        return BulkBackend() if backend == "bulk" else SimBackend(
+            "bytes" if backend == "sim" else "fingerprint")
+    got, got_state = churn_doc(Runner, make())
+    want, want_state = churn_doc(OneAtATime, make())
+    assert got == want
+    assert got_state == want_state
+    assert len(got["timeline"]["rows"]) > 50
+
+
+@pytest.mark.parametrize("text", [CHURN, CHURN.replace("bytes = 200", "bytes = 3")],
+                         ids=["fresh", "named by their bytes"])
+def test_bulk_writes_in_one_step_equal_one_by_one(text: str) -> None:
+    """On the bulk engine, each batch as one array step and write by write give the same
+    run and the same machine at the end (whole state); with writes of fewer than 8 bytes
+    (named by their bytes) both go write by write."""
+    got, got_state = churn_doc(Runner, BulkBackend(), text)
+    want, want_state = churn_doc(Runner, BulkBackend(vectorize_writes=False), text)
+    assert got == want
+    assert got_state == want_state
+
+
+EQUAL_TO_SIM = """
+[scenario]
+name = "churn that SimKernel's tree walk cannot tell apart"
+seed = 5
+duration = "10s"
+[ksm]
+pages_to_scan = 100
+sleep_millisecs = 10
+smart_scan = false
+[content.img]
+kind = "image"
+pages = 64
+[[process]]
+name = "p"
+count = 4
+[[process.mapping]]
+name = "m"
+pages = 64
+content = "img"
+[[activity]]
+process = "p[0]"
+mapping = "m"
+rate = "50%/s"
+pick = "sequential"
+start = "2s"
+stop = "4s"
+[[activity]]
+process = "p[1]"
+mapping = "m"
+rate = "100%/s"
+arrivals = "poisson"
+start = "2s"
+stop = "6s"
+[[checkpoint]]
+name = "merged"
+at = "1.9s"
+expect = { pages_shared = 64, pages_sharing = 192, pages_unshared = 0 }
+[[checkpoint]]
+name = "end"
+at = "10s"
+expect = { pages_shared = 64, pages_volatile = 0, pages_unshared = { min = 64 } }
+expect_process = { "p[0]" = { ksm_merging_pages = 0 }, "p[2:4]" = { ksm_merging_pages = 128 } }
+"""
+"""4 x 64 pages of one image: 64 KSM pages of 4 mappings by 1.9 s (a full scan is 256
+pages, 3 batches of 100 every 10 ms).  p[0] then rewrites its 64 pages in turn (50%/s:
+32 writes/s for 2 s, 64 writes) and p[1] random ones of its pages (64/s for 4 s): all
+become unique.  p[2] and p[3] never write, so each KSM page keeps 2 mappings (64 shared
+at the end, none stale) and every unique page is alone in the trees: the kernel's
+unstable tree, which p[1]'s rewrites disorder, can only answer "no match", as the bulk
+engine's index does.  At the end (4 s after the last write; smart scan off, so no page
+unchanged for long is skipped, and counted volatile) nothing is volatile, p[0]'s 64
+pages are unshared, and 256 - 64 shared = sharing + unshared."""
+
+
+def _model_doc(sc: Any, backend: SimBackend | BulkBackend) -> dict[str, Any]:
+    """The run's document without what names the machine (and the advisor's knobs, which
+    the bulk engine does not have)."""
+    doc = to_document(run_scenario(sc, backend))
+    assert isinstance(doc, dict)
+    doc.pop("backend")
+    doc.pop("machine")
+    doc["knobs"] = {k: v for k, v in doc["knobs"].items() if not k.startswith("advisor")}
+    return doc
+
+
+@pytest.mark.parametrize("smart_scan", ["false", "true"])
+def test_churn_equals_simkernel_in_both_content_modes(smart_scan: str) -> None:
+    """Every checkpoint and sample equal SimKernel's; with smart scan off the counters are
+    those the arithmetic above gives (on, pages unchanged for long are skipped and count
+    as volatile: the runs still agree)."""
+    text = EQUAL_TO_SIM.replace("smart_scan = false", f"smart_scan = {smart_scan}")
+    sc = parse_scenario(text, source="<test>", base_dir=Path("."))
+    bulk = _model_doc(sc, BulkBackend())
+    assert bulk == _model_doc(sc, SimBackend("bytes"))
+    assert bulk == _model_doc(sc, SimBackend("fingerprint"))
+    if smart_scan == "false":
+        assert bulk["ok"], bulk["failures"]
+        end = bulk["checkpoints"][-1]["counters"]
+        assert end["pages_sharing"] + end["pages_unshared"] == 256 - 64
+
+
+# --- rates as a share of the region ---------------------------------------------------------
+
+RATE = """
+[content.c]
+kind = "image"
+[[process]]
+name = "p"
+[[process.mapping]]
+name = "m"
+pages = 512
+content = "c"
+[[activity]]
+process = "p"
+mapping = "m"
+REGION
+rate = RATE
+[[checkpoint]]
+at = "1s"
+"""
+
+
+def rate_scenario(rate: str, region: str = "") -> Any:
+    text = RATE.replace("RATE", rate).replace("REGION", region)
+    return parse_scenario(text, source="r.toml", base_dir=Path("."))
+
+
+@pytest.mark.parametrize(("rate", "region", "per_s", "share"), [
+    ('"10%/s"', "", 51.2, 0.1),  # 10% of 512 pages
+    ('"10%/s"', "region = { first_page = 12, pages = 100 }", 10.0, 0.1),  # of the region
+    ('"30 %/min"', "", 512 * 0.3 / 60, 0.3 / 60),
+    ('"3.6%/h"', "", 512 * 0.036 / 3600, 0.036 / 3600),
+    ("7.5", "", 7.5, None),
+])
+def test_rate_as_a_share_of_the_region(rate: str, region: str, per_s: float,
+                                       share: float | None) -> None:
+    a = rate_scenario(rate, region).activities[0]
+    assert a.rate == pytest.approx(per_s)
+    assert a.share == (None if share is None else pytest.approx(share))
+
+
+@pytest.mark.parametrize(("rate", "message"), [
+    ('"10%"', 'r.toml: activity[0].rate: expected a share of the region per second such as '
+              '"10%/s" (or "%/min", "%/h"), or a number of writes per second, got "10%"'),
+    ('"ten %/s"', 'expected a share of the region per second such as "10%/s"'),
+    ('"0%/s"', 'expected a finite share > 0 of the region per second such as "10%/s"'),
+    ('"1e400%/s"', 'expected a finite share > 0 of the region'),
+    ('"1e9%/s"', "r.toml: activity[0].rate: expected a rate from 1e-09 to 1e+09 writes per "
+                 "second (the clock counts nanoseconds), got \"1e9%/s\" of 512 pages, "
+                 "5.12e+09 writes per second"),
+    ('"1e-10%/h"', "expected a rate from 1e-09 to 1e+09 writes per second"),
+    ("0", "r.toml: activity[0].rate: expected a number > 0, got 0"),
+])
+def test_bad_rates_are_refused_naming_the_field(rate: str, message: str) -> None:
+    with pytest.raises(ScenarioError) as info:
+        rate_scenario(rate)
+    assert message in str(info.value)
