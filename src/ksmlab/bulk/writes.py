@@ -60,21 +60,27 @@ def store_pages(ksm: BulkKsm, rows: Ints, cids: Ints) -> None:
             store_pages(ksm, np.array([r]), np.array([c]))
         return
     pages, frames = ksm.pages, ksm.frames
-    f = pages.frame[rows].astype(np.int64)
-    fm = np.maximum(f, 0)
-    if bool(((f >= 0) & (frames.knode[fm] < 0) & (frames.mapcount[fm] == 1)).all()):
-        srt = np.sort(rows)
-        if not bool((srt[1:] == srt[:-1]).any()):
+    # The writes grouped by row, each row's in write order: one sort of (row, index) keys.
+    n = len(rows)
+    if int(rows.max()) < 1 << 31 and n < 1 << 32:
+        keys = np.sort((rows << 32) | np.arange(n, dtype=np.int64))
+        order, by_row = keys & 0xFFFFFFFF, keys >> 32
+    else:  # a machine of more than 8 TiB of pages
+        order = np.argsort(rows, kind="stable")
+        by_row = rows[order]
+    starts = np.r_[True, by_row[1:] != by_row[:-1]]
+    if bool(starts.all()):
+        f = pages.frame[rows].astype(np.int64)
+        fm = np.maximum(f, 0)
+        if bool(((f >= 0) & (frames.knode[fm] < 0) & (frames.mapcount[fm] == 1)).all()):
             _write_own_frames(ksm, f, cids)  # the common case of churn
             return
-    # Each distinct row: where its first write is, and its writes grouped in order.
-    order = np.argsort(rows, kind="stable")
-    by_row = rows[order]
-    starts = np.r_[True, by_row[1:] != by_row[:-1]]
-    ends = np.r_[by_row[1:] != by_row[:-1], True]
+    ends = np.r_[starts[1:], True]
     first = order[starts]
-    # The distinct rows in the order of their first write.
-    seq = np.argsort(first, kind="stable")
+    # The distinct rows in the order of their first write (first positions are distinct).
+    slot = np.full(n, -1, np.int64)
+    slot[first] = np.arange(len(first))
+    seq = slot[slot >= 0]
     urows = by_row[starts][seq]
     f = pages.frame[urows].astype(np.int64)
     mapped = f >= 0
@@ -184,15 +190,12 @@ def _name_new(ksm: BulkKsm, order: Ints, starts: npt.NDArray[np.bool_], cids: In
     have = np.where(g >= 0, np.arange(len(g)), 0)
     g = g[np.maximum.accumulate(have)]
     named[order] = g
-    # A reused content's checksum: the draw of the last NEW write that named it (one row
-    # names it, so in the grouped order its writes are in write order).
-    again = order[reuse]
-    if len(again):
-        ids_a, rank_a = named[again], rank[again]
-        o = np.argsort(ids_a, kind="stable")
-        ids_a, rank_a = ids_a[o], rank_a[o]
-        last = np.r_[ids_a[1:] != ids_a[:-1], True]
-        table.checksum[ids_a[last]] = draws[rank_a[last]]
+    # A reused content's checksum: the draw of the last NEW write that named it.  One row
+    # names it, in a run of consecutive writes there (in the grouped order): the run's end.
+    run_end = np.r_[(g[1:] != g[:-1]) | starts[1:], True]
+    last = reuse & run_end
+    if bool(last.any()):
+        table.checksum[g[last]] = draws[rank[order[last]]]
     return named
 
 
