@@ -453,3 +453,84 @@ def test_bad_rates_are_refused_naming_the_field(rate: str, message: str) -> None
     with pytest.raises(ScenarioError) as info:
         rate_scenario(rate)
     assert message in str(info.value)
+
+
+ON_LINUX = """
+[scenario]
+name = "churn on the real kernel"
+seed = 3
+duration = "4s"
+[ksm]
+pages_to_scan = 1000
+sleep_millisecs = 10
+[content.img]
+kind = "image"
+pages = 32
+[[process]]
+name = "p"
+count = 2
+[[process.mapping]]
+name = "m"
+pages = 64
+content = "img"
+[[activity]]
+process = "p[0]"
+mapping = "m"
+region = { first_page = 0, pages = 32 }
+rate = "100%/s"
+pick = "sequential"
+start = "2s"
+stop = "3s"
+[[event]]
+at = "2.5s"
+action = "write"
+process = "p[1]"
+mapping = "m"
+region = { first_page = 48, pages = 16 }
+data = "zero"
+[[checkpoint]]
+name = "merged"
+at = "1.9s"
+expect_process = { p = { ksm_merging_pages = 128 } }
+[[checkpoint]]
+name = "written"
+at = "4s"
+expect_process = { "p[0]" = { ksm_merging_pages = 32 }, "p[1]" = { ksm_merging_pages = 64 } }
+"""
+"""Two processes of 64 pages, pages i and i + 32 both image page i: 32 KSM pages of 4
+mappings, 128 merging pages, by 1.9 s.  p[0] then rewrites its pages 0..31 with random
+bytes (32 writes a second for one second, in turn: every one of them), which unmerges
+them; p[1]'s pages 48..63 are zeroed (once, at 2.5 s).  Every image page keeps at least
+2 mappings (p[0]'s page i + 32 and p[1]'s page i), so by 4 s p[0] has its 32 pages
+32..63 merged, and p[1] its 48 pages 0..47 plus its 16 zero pages, merged into one KSM
+page (use_zero_pages is off): 64."""
+
+
+@pytest.mark.linux
+def test_churn_on_the_real_kernel() -> None:
+    """The same writes reach the real kernel at their times: the per-process counts are
+    the kernel's own (ksm_merging_pages; other KSM users do not change them)."""
+    from ksmlab.backends.linux import helper_unavailable_reason, linux_ksm_unavailable_reason
+    from ksmlab.scenario.backends import open_backend
+
+    reason = linux_ksm_unavailable_reason() or helper_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    sc = parse_scenario(ON_LINUX, source="<test>", base_dir=Path("."))
+    backend = open_backend("linux")
+    try:
+        result = run_scenario(sc, backend)
+    finally:
+        backend.close()
+    merged, written = result.checkpoints
+    assert merged.processes["p"]["ksm_merging_pages"] == 128
+    assert written.processes["p"]["ksm_merging_pages"] == 32 + 48 + 16
+    assert not result.failures, result.failures
+
+
+@pytest.mark.parametrize("backend", ["sim", "bulk"])
+def test_churn_on_the_real_kernel_holds_on_the_models(backend: str) -> None:
+    """The expectations of the real kernel's scenario above hold on the model engines."""
+    sc = parse_scenario(ON_LINUX, source="<test>", base_dir=Path("."))
+    result = run_scenario(sc, SimBackend() if backend == "sim" else BulkBackend())
+    assert not result.failures, result.failures
