@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ import pytest
 from PIL import Image
 
 from ksmlab.backends.linux import linux_ksm_unavailable_reason
+from ksmlab.cli_stop import graceful_stop
 from ksmlab.constants import PAGE_SIZE
 from ksmlab.scenario.loader import builtin_scenario_text
 
@@ -52,6 +54,8 @@ def ksmlab(*args: str, cwd: Path | None = None, timeout: float = 300,
     """Run the command; *user* runs it under that uid (root only)."""
     env = dict(os.environ, COLUMNS="200")
     env.pop("FORCE_COLOR", None)
+    # The pre-flight's memory figure, so that these tests do not read the host's /proc.
+    env.setdefault("KSMLAB_MEM_AVAILABLE", "16GiB")
     kwargs: dict[str, Any] = {}
     if user is not None:
         kwargs["user"] = user
@@ -62,8 +66,10 @@ def ksmlab(*args: str, cwd: Path | None = None, timeout: float = 300,
 
 
 def one_line_error(p: subprocess.CompletedProcess[str]) -> str:
-    """The error of a failed command, checked to be exactly one line on stderr."""
-    lines = p.stderr.strip("\n").split("\n")
+    """The error of a failed command, checked to be exactly one line on stderr (besides the
+    pre-flight's status line of a run that started: which engine, and why)."""
+    lines = [ln for ln in p.stderr.strip("\n").split("\n")
+             if not ln.startswith("ksmlab: --backend auto chose ")]
     assert len(lines) == 1, p.stderr
     return lines[0]
 
@@ -84,7 +90,8 @@ def test_readme_command_prints_the_table(tmp_path: Path) -> None:
     """`ksmlab run` (the README's command) runs the built-in scenario and prints the table."""
     p = ksmlab("run", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
-    assert p.stderr == ""
+    # stderr: the pre-flight's one line, saying which engine --backend auto chose and why
+    assert re.fullmatch(r"ksmlab: --backend auto chose sim \(SimKernel\): .*\n", p.stderr), p.stderr
     out = p.stdout
     assert "12 guests from one image" in out
     assert "pages_to_scan=100, sleep_millisecs=20" in out
@@ -93,6 +100,16 @@ def test_readme_command_prints_the_table(tmp_path: Path) -> None:
         assert header in out
     rows = [ln for ln in out.splitlines() if re.match(r"^│ (1 s|10 s|1 min) ", ln)]
     assert len(rows) == 3, out
+    # The answer comes first: the saving as a size and a share of the 12 x 8 MiB made
+    # mergeable, the time to 50 % and 90 % of it (virtual time), ksmd's cost.
+    lines = out.splitlines()
+    assert re.match(r"^Memory saved +\d+\.\d MiB at 1 min, \d+% of the 96\.0 MiB made mergeable "
+                    r"\(general_profit\)", lines[0]), out
+    assert re.match(r"^Time to merge +50% of that saving by [\d.]+ s, 90% by [\d.]+ s \(virtual "
+                    r"time, to within the 300 ms between samples\)", lines[1]), out
+    assert re.match(r"^ksmd's cost +\d+ ms of CPU in 1 min, 1\.5% of one CPU; [\d.]+ "
+                    r"CPU-seconds per GiB saved", lines[2]), out
+    assert out.index("Memory saved") < out.index("┏")
     assert "MiB" in rows[-1]  # the profit, in human units
     assert re.search(r"\d+ ms \(\d+\.\d%\)", rows[-1])  # ksmd's CPU time and share
     assert list(tmp_path.iterdir()) == []  # writes nothing unless asked
@@ -115,13 +132,20 @@ def _check_types(obj: Any, schema: dict[str, Any], where: str) -> None:
             assert isinstance(obj[key], kind), f"{where}.{key}: {obj[key]!r}"
 
 
+NUMBER_OR_NULL = (int, float, type(None))
 RUN_SCHEMA = {
     "schema": str, "ksmlab_version": str, "backend": str, "machine": str, "ok": bool,
+    "partial": bool, "interrupted": (str, type(None)),
     "failures": list, "knobs": dict, "end_s": (int, float), "checkpoints": list,
     "timeline": {"columns": list, "rows": list},
     "scenario": {"name": str, "description": str, "source": str, "seed": int,
-                 "planned_end_s": (int, float), "total_pages": int, "processes": list,
-                 "activities": list, "events": list},
+                 "planned_end_s": (int, float), "sample_interval_s": NUMBER_OR_NULL,
+                 "total_pages": int, "processes": list, "activities": list, "events": list},
+    "summary": {"at_s": (int, float), "saved_bytes": (int, type(None)), "mergeable_bytes": int,
+                "saved_percent_of_mergeable": NUMBER_OR_NULL,
+                "time_to_50_percent_s": NUMBER_OR_NULL, "time_to_90_percent_s": NUMBER_OR_NULL,
+                "sample_interval_s": NUMBER_OR_NULL, "ksmd_cpu_s": NUMBER_OR_NULL,
+                "ksmd_cpu_percent": NUMBER_OR_NULL, "ksmd_cpu_s_per_gib_saved": NUMBER_OR_NULL},
 }
 CHECKPOINT_SCHEMA = {"name": str, "time_s": (int, float), "reached": bool,
                      "ksmd_cpu_s": (int, float, type(None)), "counters": dict, "processes": dict,
@@ -134,6 +158,7 @@ def test_json_schema(default_run: dict[str, Any]) -> None:
     _check_types(doc, RUN_SCHEMA, "doc")
     assert doc["schema"] == "ksmlab.run/1"
     assert (doc["backend"], doc["ok"], doc["failures"]) == ("sim", True, [])
+    assert (doc["partial"], doc["interrupted"]) == (False, None)
     assert doc["scenario"]["source"] == "<built-in>"
     assert doc["scenario"]["total_pages"] == 12 * 8 * 2**20 // PAGE_SIZE
     knobs = doc["knobs"]
@@ -165,6 +190,32 @@ def test_json_schema(default_run: dict[str, Any]) -> None:
     # At 1 s ksmd has visited 100 pages per 20 ms batch, 50 batches: all new, all volatile.
     assert (first["pages_shared"], first["pages_volatile"]) == (0, 5000)
     assert ten["pages_sharing"] > 10_000 and ten["general_profit"] > 40 * 2**20
+
+
+def test_json_summary_is_the_answer(default_run: dict[str, Any]) -> None:
+    """The JSON summary: saving, share of mergeable memory, times to merge, ksmd's cost."""
+    doc = default_run["doc"]
+    s = doc["summary"]
+    cols, rows = doc["timeline"]["columns"], doc["timeline"]["rows"]
+    t, profit = cols.index("time_s"), cols.index("general_profit")
+    last = doc["checkpoints"][-1]  # the checkpoint at 1 min is the end of the run
+    assert s["at_s"] == last["time_s"] == doc["end_s"] == 60.0
+    assert s["saved_bytes"] == last["counters"]["general_profit"] == rows[-1][profit]
+    # Every mapping of the 12 guests (8 MiB each) is madvised mergeable.
+    assert s["mergeable_bytes"] == 12 * 8 * 2**20
+    assert s["saved_percent_of_mergeable"] == pytest.approx(100 * s["saved_bytes"] / (96 * 2**20))
+    # Sampled every 60 s / 200 = 300 ms.  A full scan takes about 4.9 s and new pages only
+    # merge in the second one (spec 3.5), so half and 90 % of the saving come between
+    # 4.9 s and the end of the second scan, before the 10 s checkpoint that shows it merged.
+    assert s["sample_interval_s"] == 0.3
+    assert 4.9 < s["time_to_50_percent_s"] <= s["time_to_90_percent_s"] <= 10.0
+    for key, share in (("time_to_50_percent_s", 0.5), ("time_to_90_percent_s", 0.9)):
+        reached = [r[t] for r in rows if r[profit] >= share * s["saved_bytes"]]
+        assert s[key] == reached[0]
+    cpu = last["ksmd_cpu_s"]
+    assert s["ksmd_cpu_s"] == cpu
+    assert s["ksmd_cpu_percent"] == pytest.approx(100 * cpu / 60)
+    assert s["ksmd_cpu_s_per_gib_saved"] == pytest.approx(cpu / (s["saved_bytes"] / 2**30))
 
 
 def test_timeline_csv(default_run: dict[str, Any]) -> None:
@@ -295,6 +346,238 @@ def test_timeout_of_full_scan_checkpoint_exits_1(tmp_path: Path) -> None:
                                         "full_scans reached 0, not 2, by its timeout at 3 s")
 
 
+ONE_SECOND = '[scenario]\nduration = "1s"\n' + FORMULA
+
+
+def test_sample_sets_the_timeline_interval(tmp_path: Path) -> None:
+    """--sample 100ms: a sample every 100 ms, so the time to merge is resolved to it."""
+    f = tmp_path / "s.toml"
+    f.write_text(ONE_SECOND)
+    p = ksmlab("run", str(f), "--json", "--sample", "100ms", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    times = [round(row[0], 6) for row in doc["timeline"]["rows"]]
+    # Batches at 0 and 10 ms, one full scan each: the 4 identical pages merge in the second
+    # (spec 3.5), and the checkpoint is recorded as that batch ends, before the third at 20 ms.
+    (merged,) = doc["checkpoints"]
+    assert 0.01 <= merged["time_s"] < 0.02
+    # A sample every 100 ms from 0 to 1 s, and one at the checkpoint.
+    assert times == sorted({round(i * 0.1, 6) for i in range(11)} | {round(merged["time_s"], 6)})
+    s = doc["summary"]
+    assert (s["sample_interval_s"], s["time_to_50_percent_s"], s["time_to_90_percent_s"]) == \
+        (0.1, merged["time_s"], merged["time_s"])
+    # 1 KSM page + 3 sharing: 3 x 4096 - 4 rmap items x 64 = 12032 bytes of 4 x 4096 mergeable.
+    assert (s["saved_bytes"], s["mergeable_bytes"]) == (12032, 16384)
+    assert s["saved_percent_of_mergeable"] == 73.4375
+
+
+def test_until_past_the_end_needs_extend(tmp_path: Path) -> None:
+    """--until past the scenario's end: refused naming both times, or run on with --extend."""
+    f = tmp_path / "s.toml"
+    f.write_text(ONE_SECOND)
+    p = ksmlab("run", str(f), "--until", "3s", cwd=tmp_path)
+    assert p.returncode == 2
+    assert one_line_error(p) == ("ksmlab: --until: expected a time within the scenario, which ends "
+                                 "at 1 s (add --extend to run it on past its end), got 3 s")
+    p = ksmlab("run", str(f), "--until", "3s", "--extend", "--json", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert (doc["end_s"], doc["scenario"]["planned_end_s"]) == (3.0, 3.0)
+    assert [c["name"] for c in doc["checkpoints"]] == ["merged", "--until 3 s"]
+
+
+def test_plot_in_the_format_of_its_extension(tmp_path: Path) -> None:
+    """--plot p.svg writes SVG, plot -o x.pdf writes PDF; the HTML still embeds a PNG."""
+    f = tmp_path / "s.toml"
+    f.write_text(ONE_SECOND)
+    p = ksmlab("run", str(f), "--json", "--plot", "p.svg", "--html", "r.html", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "p.svg").read_bytes().startswith(b"<?xml")
+    assert b"<svg" in (tmp_path / "p.svg").read_bytes()[:500]
+    assert 'src="data:image/png;base64,' in (tmp_path / "r.html").read_text()
+    (tmp_path / "r.json").write_text(p.stdout)
+    p = ksmlab("plot", "r.json", "-o", "again.PDF", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "wrote again.PDF and again.html"
+    assert (tmp_path / "again.PDF").read_bytes().startswith(b"%PDF-")
+
+
+# --- Ctrl-C and SIGTERM: stop at a safe point, keep what was reached ------------------------------
+
+CUE = """
+import sys
+from ksmlab.cli import main
+from ksmlab.scenario import runner
+
+checkpoint = runner.Runner._checkpoint
+
+
+def announce(self, *args, **kwargs):  # one line per checkpoint: the test's cue to signal
+    checkpoint(self, *args, **kwargs)
+    print(f"test: checkpoint {self.checkpoints[-1].name}", file=sys.stderr, flush=True)
+
+
+runner.Runner._checkpoint = announce
+sys.exit(main(sys.argv[1:]))
+"""
+
+LONG_RUN = """
+[scenario]
+name = "a long run"
+duration = "1h"
+[ksm]
+pages_to_scan = 1000
+sleep_millisecs = 20
+[content.img]
+kind = "image"
+[[process]]
+name = "p"
+count = 4
+[[process.mapping]]
+size = "4MiB"
+content = "img"
+[[checkpoint]]
+at = "1s"
+[[checkpoint]]
+at = "2s"
+[[checkpoint]]
+at = "1h"
+"""
+"""An hour of 4 x 1024 pages at 50,000 page visits per virtual second: many minutes of wall
+time after the checkpoint at 2 s, so a signal sent then arrives long before the end."""
+
+
+def interrupt_after(args: list[str], cwd: Path, checkpoints: int, sig: signal.Signals,
+                    timeout: float = 120) -> tuple[int, str, list[str]]:
+    """Run ``ksmlab ARGS`` (announcing checkpoints), send *sig* after *checkpoints* of them.
+
+    Returns the exit code, stdout and the lines of stderr.
+    """
+    import ksmlab
+
+    src = str(Path(ksmlab.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+               COLUMNS="200")
+    proc = subprocess.Popen([sys.executable, "-c", CUE, *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    err: list[str] = []
+    try:
+        while sum(ln.startswith("test: checkpoint") for ln in err) < checkpoints:
+            line = proc.stderr.readline()
+            assert line, f"ended before {checkpoints} checkpoints: {err}"
+            err.append(line.rstrip("\n"))
+        proc.send_signal(sig)
+        out, rest = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out, err + rest.splitlines()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_run_keeps_the_checkpoints_reached(tmp_path: Path, sig: signal.Signals) -> None:
+    """Ctrl-C (or a kill) after two checkpoints: every output is written with those two, exit 130."""
+    f = tmp_path / "long.toml"
+    f.write_text(LONG_RUN)
+    code, out, err = interrupt_after(["run", str(f), "--json", "--timeline", "t.csv", "--plot",
+                                      "p.png", "--html", "r.html"], tmp_path, 2, sig)
+    assert code == 130, err
+    doc = json.loads(out)
+    assert (doc["partial"], doc["interrupted"], doc["ok"]) == (True, sig.name, False)
+    assert [c["name"] for c in doc["checkpoints"]] == ["1 s", "2 s"]
+    end = doc["end_s"]
+    assert 2.0 <= end < 3600.0
+    rows = doc["timeline"]["rows"]
+    assert rows[-1][0] == end and all(r[0] <= end for r in rows)
+    assert doc["summary"]["at_s"] == end
+    csv_rows = list(csv.reader(io.StringIO((tmp_path / "t.csv").read_text())))
+    assert len(csv_rows) == 1 + len(rows)
+    with Image.open(tmp_path / "p.png") as img:
+        assert img.size == (1200, 800)
+    assert f"partial result: interrupted by {sig.name}" in (tmp_path / "r.html").read_text()
+    assert err[-2] == (f"ksmlab: {sig.name}: stopping at the next safe point to save what was "
+                       f"reached (Ctrl-C again to abort)")
+    assert re.fullmatch(rf"ksmlab: interrupted by {sig.name} at [\d.]+ (s|min)( \d+ s)? \(virtual "
+                        r"time\): partial result, 2 of 3 checkpoints reached", err[-1]), err
+
+
+def test_interrupted_table_says_partial_first(tmp_path: Path) -> None:
+    """Without --json the answer opens with the interruption, then the table of what was reached."""
+    f = tmp_path / "long.toml"
+    f.write_text(LONG_RUN)
+    code, out, _err = interrupt_after(["run", str(f)], tmp_path, 1, signal.SIGINT)
+    assert code == 130
+    assert re.match(r"^Interrupted +by SIGINT at [\d.]+ s \(virtual time\): a partial result, "
+                    r"1 checkpoint reached", out), out
+    assert re.search(r"^│ 1 s ", out, re.MULTILINE) and not re.search(r"^│ 2 s ", out, re.MULTILINE)
+
+
+def test_first_signal_asks_to_stop_and_the_second_aborts() -> None:
+    """graceful_stop: SIGINT or SIGTERM becomes a stop request, a second one KeyboardInterrupt."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with graceful_stop() as stop:
+        assert stop() is None
+        signal.raise_signal(signal.SIGTERM)
+        assert stop() == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_linux_session_lets_the_graceful_handler_decide() -> None:
+    """Under a LinuxSession's handlers the first signal is still a stop request (so the run ends
+    at a safe point and the session restores the host); the second aborts, and the session holds
+    every later one until it has restored the knobs."""
+    from ksmlab.backends.linux_signals import SessionSignals
+
+    with graceful_stop() as stop:
+        session = SessionSignals()
+        session.install()
+        try:
+            signal.raise_signal(signal.SIGINT)
+            assert stop() == "SIGINT"
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGTERM)  # held, not raised
+            assert session.take_held() == [signal.SIGTERM]
+        finally:
+            session.uninstall()
+
+
+# --- installation -------------------------------------------------------------------------------
+
+def test_runtime_install_pulls_no_test_tools() -> None:
+    """`pip install .` brings the runtime dependencies only: the test tools are the `test` extra,
+    and every third-party module the package imports is a runtime dependency (or an optional
+    extra's, imported on demand)."""
+    import ast
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(reqs: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in reqs}
+
+    runtime = names(project["dependencies"])
+    extras = project["optional-dependencies"]
+    tools = {"pytest", "hypothesis", "ruff", "mypy"}
+    assert tools <= names(extras["test"])
+    assert not runtime & tools
+    optional = set().union(*(names(v) for k, v in extras.items() if k != "test"))
+    imported = set()
+    for path in (ROOT / "src" / "ksmlab").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m != "ksmlab"}
+    assert third_party <= runtime | optional, third_party - runtime - optional
+    assert not third_party & tools
+
+
 # --- invalid input: one line, exit 2, nothing runs ----------------------------------------------
 
 INVALID_FILES = {
@@ -318,6 +601,11 @@ INVALID_FILES = {
     "checkpoint.toml": (FORMULA.replace("pages_shared = 1", "pages_shard = 1"),
                         'checkpoint[0].expect.pages_shard: expected a counter'),
     "empty.toml": ("", "content: expected at least one content model ([content.NAME]), got nothing"),
+    "units.toml": (FORMULA.replace("pages = 1\n", 'size = "4 KB"\n'),
+                   'process[0].mapping[0].size: expected a size such as 4096, "64KiB", "8MiB" or '
+                   '"1GiB" (units B, K or KiB, M or MiB, G or GiB, T or TiB, P or PiB, E or EiB, '
+                   'each 1024 times the one before, as the kernel\'s memparse() reads them; "KB" '
+                   'is refused as ambiguous: decimal or binary, bits or bytes?), got "4 KB"'),
 }
 
 
@@ -363,14 +651,27 @@ def test_invalid_file_runs_nothing(tmp_path: Path, backend: str) -> None:
     (["run", "--plot", "no/such/dir/p.png"], "ksmlab: --plot: expected a file in an existing "
                                              "writable directory, got 'no/such/dir/p.png'"),
     (["plot", "nothing.json"], "nothing.json: (file): expected an existing result file"),
+    (["run", "--plot", "p.jpg"], "ksmlab: --plot: expected a file name ending in .png, .svg or "
+                                 ".pdf (the format it is written in), got 'p.jpg'"),
+    (["plot", "-o", "p.gif"], "ksmlab: --output: expected a file name ending in .png, .svg or "
+                              ".pdf (the format it is written in), got 'p.gif'"),
+    (["run", "--until", "1h"], "ksmlab: --until: expected a time within the scenario, which "
+                               "ends at 1 min (add --extend to run it on past its end), got 1 h"),
+    (["run", "--extend"], "ksmlab: --extend: expected --until TIME too (how far to run the "
+                          "scenario on past its end), got no --until"),
+    # The built-in scenario runs 1 min: at most 1,000,000 samples is one per 60 µs.
+    (["run", "--sample", "0"], "--sample: interval: expected an interval of at least 60 µs (at "
+                               "most 1,000,000 samples over the 1 min run), got 0 ns"),
     ([], "ksmlab: the following arguments are required: COMMAND (see ksmlab --help)"),
     (["stat", "--interval", "0"], "ksmlab stat: --interval: expected a number of seconds > 0"),
 ])
 def test_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
-    """Bad command lines: exit 2 and one line saying what was expected."""
+    """Bad command lines: exit 2 and one line saying what was expected; nothing runs or is written."""
     p = ksmlab(*args, cwd=tmp_path)
     assert p.returncode == 2
     assert one_line_error(p).startswith(message), p.stderr
+    assert p.stdout == ""
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_plot_rejects_a_json_that_is_no_result(tmp_path: Path) -> None:
@@ -543,6 +844,60 @@ def test_linux_backend_runs_the_same_file(tmp_path: Path) -> None:
     assert cp["processes"]["p"]["ksm_merging_pages"] == 1024
 
 
+LINUX_LONG_RUN = """
+[scenario]
+name = "interrupted on the kernel"
+duration = "60s"
+[ksm]
+pages_to_scan = 1000
+sleep_millisecs = 10
+[content.same]
+kind = "fill"
+byte = 7
+[[process]]
+name = "p"
+count = 2
+[[process.mapping]]
+pages = 64
+content = "same"
+[[checkpoint]]
+at = "500ms"
+[[checkpoint]]
+at = "1s"
+[[checkpoint]]
+at = "50s"
+"""
+
+
+@pytest.mark.linux
+def test_interrupted_linux_run_keeps_checkpoints_and_restores_the_host(tmp_path: Path) -> None:
+    """Ctrl-C on --backend linux: the partial result with the two checkpoints reached, exit 130,
+    and the session puts every knob back as it found it."""
+    from linux_support import after_session, ksmlab_lock, read_knobs, read_knobs_locked
+
+    reason = linux_ksm_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    before = read_knobs_locked()
+    f = tmp_path / "lin.toml"
+    f.write_text(LINUX_LONG_RUN)
+    code, out, err = interrupt_after(["run", str(f), "--backend", "linux", "--json"], tmp_path, 2,
+                                     signal.SIGINT, timeout=120)
+    assert code == 130, err
+    doc = json.loads(out)
+    assert (doc["backend"], doc["partial"], doc["interrupted"]) == ("linux", True, "SIGINT")
+    assert [c["name"] for c in doc["checkpoints"]] == ["500 ms", "1 s"]
+    assert 1.0 <= doc["end_s"] < 50.0
+    # 2 x 64 pages of one content, ksmd scanning 1000 pages every 10 ms: merged within a few
+    # batches, so by 1 s all 128 pages are KSM pages (ksm_stat counts them per process, whatever
+    # else runs on the machine).
+    assert doc["checkpoints"][1]["processes"]["p"]["ksm_merging_pages"] == 128
+    assert err[-1].startswith("ksmlab: interrupted by SIGINT at ") and err[-1].endswith(
+        "(real time): partial result, 2 of 3 checkpoints reached"), err
+    with ksmlab_lock():
+        assert read_knobs() == after_session(before, merged=True)
+
+
 def test_linux_backend_unavailable_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     """Where KSM cannot be driven, --backend linux exits 3 with the reason.
@@ -555,6 +910,7 @@ def test_linux_backend_unavailable_in_process(tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr(linux, "linux_ksm_unavailable_reason",
                         lambda: "/sys/kernel/mm/ksm does not exist (test).")
+    monkeypatch.setenv("KSMLAB_MEM_AVAILABLE", "16GiB")  # the pre-flight reads no /proc
     f = tmp_path / "s.toml"
     f.write_text(FORMULA)
     assert cli.main(["run", str(f), "--backend", "linux"]) == 3

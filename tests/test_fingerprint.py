@@ -361,11 +361,13 @@ def test_default_is_byte_mode() -> None:
 
 
 def test_contract_functions() -> None:
-    """fingerprint is BLAKE2b-128 of the page; its checksum is its first 4 bytes, little endian."""
-    import hashlib
+    """fingerprint is XXH3-128 of the page (canonical digest); its checksum is its first 4
+    bytes, little endian."""
+    import xxhash
 
     page = POOL[2]
-    assert fingerprint(page) == hashlib.blake2b(page, digest_size=16).digest()
+    assert fingerprint(page) == xxhash.xxh3_128(page).digest()
+    assert len(fingerprint(page)) == 16
     assert fingerprint_checksum(b"\x01\x02\x03\x04" + bytes(12)) == 0x04030201
     assert fingerprint(bytes(P)) == ZERO_FINGERPRINT
     k = SimKernel(content="fingerprint")

@@ -161,9 +161,10 @@ def snapshot(w: World) -> dict[str, object]:
         out |= {"clock": (k.now_ns, k.ksmd_cpu_ns), "next_pid": k._next_pid,
                 "contents": len(k.contents), "pids": sorted(k.processes)}
         for pid, proc in sorted(k.processes.items()):
-            segments = [(s.addr, s.pages) for s in proc.mm.segments]
+            segments = [(s.addr, s.pages, s.prot) for s in proc.mm.segments]
             out[f"pid {pid}"] = (segments, proc.ksm_stat(), proc.ksm_merging_pages(),
-                                 [proc.content_ids(a, n * P) for a, n in segments if n <= 4096])
+                                 [proc.content_ids(a, n * P) for a, n, _ in segments
+                                  if n <= 4096])
     else:  # LinuxKernel: the set-up's own areas (the helper's own pages are not ours)
         for name in ("p", "child"):
             proc = getattr(w, name)
@@ -439,7 +440,7 @@ CONSTRUCTOR_KINDS = {
     "max_map_count": "count", "trace": "flag", "content": "content", "vectorize": "flag",
     "seed": "count",
 }
-SIM_ONLY = {"config_ksm", "numa_nodes", "max_frames", "slab_limit", "max_map_count", "trace",
+SIM_ONLY = {"config_ksm", "max_frames", "slab_limit", "max_map_count", "trace",
             "content"}
 
 
@@ -564,27 +565,25 @@ MISUSES = (
     Misuse("mmap bytes path", lambda w: w.p.mmap(P, PROT_READ, MAP_PRIVATE, path=FILE.encode()),
            TYPE),
     # munmap / mprotect
-    Misuse("munmap unaligned", lambda w: w.p.munmap(w.a + 1, P), oserr(errno.EINVAL), NO_BULK),
-    Misuse("munmap length 0", lambda w: w.p.munmap(w.a, 0), oserr(errno.EINVAL), NO_BULK),
-    Misuse("munmap at TASK_SIZE", lambda w: w.p.munmap(TASK_SIZE, P), oserr(errno.EINVAL),
-           NO_BULK),
-    Misuse("munmap unmapped", lambda w: w.p.munmap(UNMAPPED, P), OK, NO_BULK),
+    Misuse("munmap unaligned", lambda w: w.p.munmap(w.a + 1, P), oserr(errno.EINVAL)),
+    Misuse("munmap length 0", lambda w: w.p.munmap(w.a, 0), oserr(errno.EINVAL)),
+    Misuse("munmap at TASK_SIZE", lambda w: w.p.munmap(TASK_SIZE, P), oserr(errno.EINVAL)),
+    Misuse("munmap unmapped", lambda w: w.p.munmap(UNMAPPED, P), OK),
     Misuse("munmap negative", lambda w: w.p.munmap(-P, P), VALUE),
     Misuse("mprotect unmapped", lambda w: w.p.mprotect(UNMAPPED, P, PROT_READ),
-           oserr(errno.ENOMEM), NO_BULK),
+           oserr(errno.ENOMEM)),
     Misuse("mprotect unknown PROT bit", lambda w: w.p.mprotect(w.a, P, 0x10),
-           oserr(errno.EINVAL), NO_BULK),
+           oserr(errno.EINVAL)),
     Misuse("mprotect unknown PROT bit, unmapped", lambda w: w.p.mprotect(UNMAPPED, P, 0x80),
-           oserr(errno.EINVAL), NO_BULK),
-    Misuse("mprotect unknown PROT bit, length 0", lambda w: w.p.mprotect(w.a, 0, 0x80), OK,
-           NO_BULK),
+           oserr(errno.EINVAL)),
+    Misuse("mprotect unknown PROT bit, length 0", lambda w: w.p.mprotect(w.a, 0, 0x80), OK),
     Misuse("mprotect range wraps", lambda w: w.p.mprotect(w.a, 2 ** 64 - P, 0x80),
-           oserr(errno.ENOMEM), NO_BULK),
-    Misuse("mprotect PROT_SEM", lambda w: w.p.mprotect(w.a, P, 0x8 | RW), OK, NO_BULK),
+           oserr(errno.ENOMEM)),
+    Misuse("mprotect PROT_SEM", lambda w: w.p.mprotect(w.a, P, 0x8 | RW), OK),
     Misuse("mprotect PROT_GROWSDOWN, not a stack", lambda w: w.p.mprotect(w.a, P, 0x01000000 | RW),
-           oserr(errno.EINVAL), NO_BULK),
+           oserr(errno.EINVAL)),
     Misuse("mprotect both GROWS bits, length 0", lambda w: w.p.mprotect(w.a, 0, 0x03000000),
-           oserr(errno.EINVAL), NO_BULK),
+           oserr(errno.EINVAL)),
     Misuse("mprotect float prot", lambda w: w.p.mprotect(w.a, P, 1.0), TYPE),
     # prctl
     Misuse("prctl unknown option", lambda w: w.p.prctl(12345), oserr(errno.EINVAL)),

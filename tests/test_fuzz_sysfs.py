@@ -8,10 +8,9 @@
   the write or raise an OSError with an errno, and a refused write changes no
   file.  The outcome must also be what the kernel's documented parsing gives
   (``spec_write``: lib/kstrtox.c and mm/ksm.c semantics, on the UTF-8 bytes
-  the VFS passes).  BulkKernel must answer the same (errno and every file both
-  model), or raise NotModelledError before anything changes, only for what it
-  does not model: the advisor files (always) and ``run=2`` /
-  ``merge_across_nodes=0`` (only where SimKernel accepts them).
+  the VFS passes).  BulkKernel, which models every file (the advisor's and
+  ``merge_across_nodes`` included), must answer the same: the same errno and
+  every file the same afterwards.
 * Kernel (``linux``): for each drawn string, the real kernel's knobs are reset
   to the recorded defaults, the string is written to the real file and to a
   fresh SimKernel, and both must give the same errno (or both accept) and
@@ -48,7 +47,6 @@ from hypothesis.errors import InvalidArgument
 from ksmlab import SimKernel
 from ksmlab.backends.linux import LinuxKernel, linux_ksm_unavailable_reason
 from ksmlab.bulk import BulkKernel
-from ksmlab.errors import NotModelledError
 from sysfs_cases import DEFAULTS, MAX_WRITE_BYTES, READ_ONLY, READ_ONLY_WRITE_ERRNO
 from tools.probe_sysfs import ksm_locked, mergeable_pids
 
@@ -60,13 +58,6 @@ FILES = sorted(DEFAULTS)
 KNOBS = [n for n in FILES if n not in READ_ONLY]
 START = {n: text.removesuffix("\n") for n, text in DEFAULTS.items()}
 """Every file at the recorded defaults, as the API reads it (no trailing newline)."""
-
-ADVISOR_FILES = frozenset({"advisor_mode", "advisor_max_cpu", "advisor_min_pages_to_scan",
-                           "advisor_max_pages_to_scan", "advisor_target_scan_time"})
-"""The files BulkKernel does not model (docs/bulk.md): NotModelledError, read or write."""
-
-BULK_UNMODELLED_VALUES = {("run", "2"), ("merge_across_nodes", "0")}
-"""Knob values SimKernel accepts that BulkKernel refuses with NotModelledError."""
 
 # --- strings ------------------------------------------------------------------------
 
@@ -274,20 +265,10 @@ def check_model(name: str, text: str) -> tuple[str | None, dict[str, str]]:
     record(f"model: {'accepted' if err is None else err}")
 
     bulk = BulkKernel()
-    modelled = list(bulk.sysfs)
-    bulk_before = bulk.sysfs.snapshot()
-    assert bulk_before == {n: START[n] for n in modelled}
-    try:
-        bulk_err = outcome(bulk.sysfs, name, text)
-    except NotModelledError:
-        assert bulk.sysfs.snapshot() == bulk_before, f"NotModelledError after a change: {name}"
-        assert name in ADVISOR_FILES or (err is None and (name, after[name])
-                                         in BULK_UNMODELLED_VALUES), f"{name}={short(text)}"
-        record("bulk: not modelled")
-        return err, after
-    assert name not in ADVISOR_FILES
+    assert bulk.sysfs.snapshot() == START
+    bulk_err = outcome(bulk.sysfs, name, text)
     assert bulk_err == err, f"{name}={short(text)}: bulk {bulk_err}, SimKernel {err}"
-    assert bulk.sysfs.snapshot() == {n: after[n] for n in modelled}, f"{name}={short(text)}"
+    assert bulk.sysfs.snapshot() == after, f"{name}={short(text)}"
     return err, after
 
 
@@ -300,15 +281,10 @@ def test_model_write(name: str, text: str) -> None:
 
 
 def test_bulk_files() -> None:
-    """BulkKernel models every file but the advisor's, which raise NotModelledError."""
+    """BulkKernel models every file of the kernel's (recorded) /sys/kernel/mm/ksm."""
     bulk = BulkKernel()
-    assert set(bulk.sysfs) == set(FILES) - ADVISOR_FILES
-    for name in ADVISOR_FILES:
-        assert name not in bulk.sysfs
-        with pytest.raises(NotModelledError, match=name):
-            bulk.sysfs[name]
-        with pytest.raises(NotModelledError, match=name):
-            bulk.sysfs[name] = START[name]
+    assert set(bulk.sysfs) == set(FILES)
+    assert bulk.sysfs.snapshot() == START
 
 
 NON_TEXT = st.one_of(st.integers(), st.none(), st.binary(max_size=8), st.floats(),

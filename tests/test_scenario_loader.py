@@ -34,7 +34,9 @@ from ksmlab.scenario.model import (
     Scenario,
     WriteEvent,
 )
+from ksmlab.scenario.transform import MAX_SAMPLES, latest_end_ns, with_sample_interval
 from ksmlab.scenario.units import (
+    SIZE_UNITS_ACCEPTED,
     format_bytes,
     format_duration,
     parse_duration_ns,
@@ -73,11 +75,44 @@ def parse(text: str, tmp_path: Path | None = None) -> Scenario:
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("4096", 4096), ("4KiB", 4096), ("8 MiB", 8 << 20), ("1GiB", 1 << 30), ("2M", 2 << 20),
-    ("1.5KiB", 1536), ("0", 0),
+    ("1.5KiB", 1536), ("0", 0), ("4096B", 4096),
+    # memparse()'s letters, either case, each 1024 times the one before
+    ("3k", 3 << 10), ("3K", 3 << 10), ("2m", 2 << 20), ("2g", 2 << 30), ("2G", 2 << 30),
+    ("1t", 1 << 40), ("1T", 1 << 40), ("1P", 1 << 50), ("1PiB", 1 << 50), ("15E", 15 << 60),
+    ("15EiB", 15 << 60),
 ])
 def test_parse_size(text: str, expected: int) -> None:
     """Sizes take binary units, with or without a space."""
     assert expected == parse_size(text)
+
+
+@pytest.mark.parametrize("text", ["2 GB", "2GB", "2Gb", "2gb", "2gB", "1 KB", "1kb", "8MB", "1TB",
+                                  "1PB", "4096b", "1gib", "1GIB", "1Gib", "2 mib", "1KIB"])
+def test_parse_size_refuses_ambiguous_units(text: str) -> None:
+    """GB & co. (10**9 or 2**30? bits or bytes?) are refused, naming the units accepted."""
+    with pytest.raises(ValueError) as info:
+        parse_size(text)
+    unit = text.lstrip("0123456789 ")
+    message = str(info.value)
+    assert SIZE_UNITS_ACCEPTED in message
+    assert f'"{unit}" is refused as ambiguous: decimal or binary, bits or bytes?' in message
+
+
+def test_ambiguous_size_in_a_file_names_the_units() -> None:
+    """A mapping of "2 GB" and an expectation of "40 MB" are one-line errors naming the units."""
+    text = BASE.replace("pages = 16\ncontent", 'size = "2 GB"\ncontent')
+    with pytest.raises(ScenarioError) as info:
+        parse(text)
+    assert str(info.value) == (
+        's.toml: process[0].mapping[0].size: expected a size such as 4096, "64KiB", "8MiB" or '
+        f'"1GiB" (units {SIZE_UNITS_ACCEPTED}, each 1024 times the one before, as the kernel\'s '
+        'memparse() reads them; "GB" is refused as ambiguous: decimal or binary, bits or bytes?), '
+        'got "2 GB"')
+    text = BASE.replace('at = "1s"', 'at = "1s"\nexpect = { general_profit = { min = "40 MB" } }')
+    with pytest.raises(ScenarioError, match=r'^s\.toml: checkpoint\[0\]\.expect\.general_profit\.min: '
+                                            r'expected an integer or a size such as .*"MB" is refused '
+                                            r'as ambiguous.*, got "40 MB"$'):
+        parse(text)
 
 
 @pytest.mark.parametrize(("text", "expected_ns"), [
@@ -224,6 +259,37 @@ def test_seed_override_and_knob_override() -> None:
         apply_knob_overrides(sc, {"max_page_sharing": 1})
     with pytest.raises(ScenarioError, match=r"^--knob: nope: expected a KSM knob"):
         apply_knob_overrides(sc, {"nope": 1})
+
+
+def test_truncate_past_the_end_extends_the_scenario() -> None:
+    """--until past the end with --extend: the run goes on, open activities keep writing."""
+    sc = parse('[scenario]\nduration = "2s"\n' + BASE + '[[activity]]\nprocess = "vm"\n'
+               'mapping = "ram"\nrate = 5\n[[activity]]\nprocess = "vm[0]"\nmapping = "ram"\n'
+               'rate = 5\nstop = "1s"\n')
+    assert latest_end_ns(sc) == 2 * 10**9
+    longer = truncate(sc, 7 * 10**9)
+    assert longer.duration_ns == longer.planned_end_ns == 7 * 10**9
+    # The activity without a stop writes until the new end; the one with a stop keeps it.
+    assert [a.stop_ns for a in longer.activities] == [7 * 10**9, 10**9]
+    assert [c.at_ns for c in longer.checkpoints] == [10**9, 7 * 10**9]
+
+
+def test_latest_end_counts_full_scan_timeouts() -> None:
+    """Without a duration, a full-scan checkpoint may keep a run going until its timeout."""
+    sc = parse(BASE + '[[checkpoint]]\nfull_scans = 3\ntimeout = "45s"\n')
+    assert (sc.planned_end_ns, latest_end_ns(sc)) == (10**9, 45 * 10**9)
+
+
+def test_sample_interval_override() -> None:
+    """--sample sets the timeline period, but at most MAX_SAMPLES samples over the run."""
+    sc = parse('[scenario]\nduration = "100s"\n' + BASE)
+    assert with_sample_interval(sc, 10**6).sample_interval_ns == 10**6
+    least = 100 * 10**9 // MAX_SAMPLES  # 100 s over a million samples: 100 µs
+    assert with_sample_interval(sc, least).sample_interval_ns == least
+    with pytest.raises(ScenarioError, match=r"^--sample: interval: expected an interval of at "
+                                            r"least 100 µs \(at most 1,000,000 samples over the "
+                                            r"1 min 40 s run\), got 99 µs$"):
+        with_sample_interval(sc, least - 1000)
 
 
 def test_truncate_drops_later_items_and_adds_a_checkpoint() -> None:

@@ -508,6 +508,126 @@ at = "1s"
     assert (seen[-1].checkpoints_done, seen[-1].checkpoints_total) == (1, 1)
 
 
+# --- stopping early (Ctrl-C) -------------------------------------------------------------------
+
+STOPPABLE = FAST + """
+[scenario]
+duration = "1h"
+[content.img]
+kind = "image"
+[[process]]
+name = "p"
+count = 3
+[[process.mapping]]
+pages = 16
+content = "img"
+[[activity]]
+process = "p[0]"
+mapping = "mem"
+rate = 50
+[[checkpoint]]
+at = "1s"
+[[checkpoint]]
+at = "2s"
+[[checkpoint]]
+full_scans = 1000000
+[[checkpoint]]
+at = "1h"
+"""
+
+
+@pytest.mark.parametrize("engine", ["sim", "bulk"])
+def test_a_stop_check_that_never_fires_changes_nothing(engine: str) -> None:
+    """Asked at safe points, the clock advancing in steps: the same document as in one go."""
+    from ksmlab.scenario.backends import open_backend
+
+    sc = scenario(BUILTIN_LIKE)
+    docs = []
+    for stop in (None, lambda: None):
+        backend = open_backend(engine)
+        try:
+            docs.append(to_document(run_scenario(sc, backend, None, stop)))
+        finally:
+            backend.close()
+    assert docs[0] == docs[1]
+    assert docs[0]["partial"] is False
+
+
+BUILTIN_LIKE = """
+[scenario]
+seed = 5
+duration = "20s"
+[content.img]
+kind = "image"
+zero_fraction = 0.25
+private_fraction = 0.2
+[[process]]
+name = "guest"
+count = 4
+[[process.mapping]]
+name = "ram"
+pages = 512
+content = "img"
+[[activity]]
+process = "guest"
+mapping = "ram"
+region = { first_page = 0, pages = 64 }
+rate = 20
+[[checkpoint]]
+full_scans = 2
+[[checkpoint]]
+at = "20s"
+"""
+
+
+def test_stop_after_checkpoints_keeps_them_and_ends_there() -> None:
+    """A stop after the second checkpoint: the run ends at once, with those two, marked partial."""
+    sc = scenario(STOPPABLE)
+    backend = SimBackend()
+    runner = Runner(sc, backend, stop=lambda: "test" if len(runner.checkpoints) >= 2 else None)
+    try:
+        r = runner.run()
+    finally:
+        backend.close()
+    assert (r.interrupted, r.partial, r.ok) == ("test", True, False)
+    assert [c.name for c in r.checkpoints] == ["1 s", "2 s"]
+    # The stop is asked before the clock moves on from the checkpoint at 2 s.
+    assert r.end_s == 2.0
+    assert r.timeline[-1][0] == 2.0
+    assert all(row[0] <= 2.0 for row in r.timeline)
+    assert r.failures == ()  # the unreached full-scan checkpoint is not a failure
+
+
+def test_stop_while_setting_up_measures_nothing() -> None:
+    """A stop between the processes of a group: no clock, no checkpoint, no sample."""
+    sc = scenario(STOPPABLE)
+    backend = SimBackend()
+    try:
+        spawned = []
+        orig = backend.kernel.spawn
+
+        def spawn() -> object:
+            spawned.append(1)
+            return orig()
+        backend.kernel.spawn = spawn  # type: ignore[method-assign]
+        r = run_scenario(sc, backend, stop=lambda: "SIGTERM" if spawned else None)
+    finally:
+        backend.close()
+    assert len(spawned) == 1  # asked before the second process was spawned
+    assert (r.interrupted, r.checkpoints, r.timeline) == ("SIGTERM", (), ())
+
+
+def test_stop_before_the_start_builds_nothing() -> None:
+    """A stop already asked for when the run begins: no knob written, no process."""
+    backend = SimBackend()
+    try:
+        r = run_scenario(scenario(STOPPABLE), backend, stop=lambda: "SIGINT")
+        assert backend.sim.sysfs["pages_to_scan"] == "100"  # the boot value: [ksm] not written
+        assert r.knobs == {} and r.end_s == 0.0
+    finally:
+        backend.close()
+
+
 def test_kernel_error_stops_the_run() -> None:
     """A kernel call that fails ends the run with when and what."""
     sc = scenario(FAST + """

@@ -10,7 +10,12 @@
 >>> k.wait_full_scans(2)
 >>> k.sysfs["pages_shared"], k.sysfs["pages_sharing"]
 ('1', '9')
+
+Scenarios from Python (docs/python.md): ``ksmlab.load_scenario(path)``,
+``ksmlab.run(scenario, backend="auto")`` and the :class:`~ksmlab.notebook.Result`.
 """
+
+from typing import TYPE_CHECKING
 
 from ksmlab.api import Kernel, KsmStat, Process, SmapsEntry
 from ksmlab.constants import *  # noqa: F403  (every kernel constant, by design)
@@ -26,6 +31,12 @@ from ksmlab.errors import (
 from ksmlab.kernel import SimKernel, SimProcess
 from ksmlab.tracing import TraceEvent
 
+if TYPE_CHECKING:  # imported on first use (below): the scenario machinery is not needed otherwise
+    from ksmlab.notebook import Result, Sample, load_scenario, run
+    from ksmlab.scenario.preflight import WontFitError
+
+_NOTEBOOK = ("Result", "Sample", "load_scenario", "run")
+
 
 def __getattr__(name: str) -> object:
     # LinuxKernel is imported lazily: it is only needed to drive the real kernel.
@@ -33,6 +44,14 @@ def __getattr__(name: str) -> object:
         from ksmlab.backends import linux
 
         return getattr(linux, name)
+    if name in _NOTEBOOK:
+        from ksmlab import notebook
+
+        return getattr(notebook, name)
+    if name == "WontFitError":
+        from ksmlab.scenario import preflight
+
+        return preflight.WontFitError
     msg = f"module 'ksmlab' has no attribute {name!r}"
     raise AttributeError(msg)
 
@@ -50,10 +69,15 @@ __all__ = [
     "NotModelledError",
     "Process",
     "ProcessExitedError",
+    "Result",
+    "Sample",
     "ScanStalledError",
     "SimKernel",
     "SimProcess",
     "SmapsEntry",
     "TraceEvent",
+    "WontFitError",
+    "load_scenario",
+    "run",
 ]
 __all__ += [name for name in vars(_constants) if name.isupper()]

@@ -3,20 +3,26 @@
 Subcommands (``ksmlab COMMAND --help`` for each; the reference is docs/cli.md):
 
 * ``run [SCENARIO]``: run a scenario (default: the built-in one) and print
-  the checkpoint table, or ``--json``; write ``--timeline`` CSV, ``--plot``
-  PNG, ``--html`` report;
-* ``plot [SOURCE]``: the PNG and the HTML report of a scenario (run now) or
-  of a saved ``--json`` result;
-* ``stat``: the KSM counters of this machine, refreshed, with rates;
-* ``doctor``: this machine's KSM state, and repair of what a killed session left;
+  the answer (memory saved, time to merge, ksmd's cost) and the checkpoint
+  table, or ``--json``; write ``--timeline`` CSV, ``--plot`` PNG/SVG/PDF,
+  ``--html`` report;
+* ``plot [SOURCE]``: the picture and the HTML report of a scenario (run now)
+  or of a saved ``--json`` result;
+* ``stat``: the KSM counters of this machine, refreshed, with rates, and
+  ``doctor``: this machine's KSM state, and repair of what a killed session
+  left (both in :mod:`ksmlab.cli_host`);
 * ``check SCENARIO...``: validate scenario files without running them;
-* ``init [FILE]``: write the built-in scenario, as a starting point.
+* ``init [FILE]``: write the built-in scenario, as a starting point;
+* ``snapshot``: capture running processes' pages as KSM would see them
+  (:mod:`ksmlab.snapshot.command`).
 
 Exit codes: 0 success; 1 the run failed (a check failed, a full-scan
 checkpoint was not reached, a kernel call failed, an output could not be
 written); 2 invalid input (command line, scenario file, result file);
 3 the machine cannot do it (``--backend linux`` without root, KSM or a C
-compiler, or the KSM lock busy; ``stat`` without KSM); 130 interrupted.
+compiler, or the KSM lock busy; ``stat`` without KSM); 130 interrupted
+(Ctrl-C or SIGTERM: a run stops at the next safe point and its partial result
+is printed and written, :mod:`ksmlab.cli_stop`; a second signal aborts).
 Every error is one line on stderr.
 """
 
@@ -36,9 +42,25 @@ from typing import NoReturn
 from rich.console import Console
 
 from ksmlab import __version__
+from ksmlab.cli_common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_INVALID,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    TABLE_WIDTH,
+    CliError,
+    write_file,
+)
+from ksmlab.cli_common import console as _console
+from ksmlab.cli_host import cmd_doctor, cmd_stat
+from ksmlab.cli_output import Outputs, output_arg, plot_arg, write_outputs
+from ksmlab.cli_stop import StopRequest, graceful_stop
 from ksmlab.constants import PAGE_SIZE
-from ksmlab.errors import KsmSimError
+from ksmlab.errors import NotModelledError
 from ksmlab.mm.page import CONTENT_MODES
+from ksmlab.report.counters import counters_epilog
+from ksmlab.scenario import preflight
 from ksmlab.scenario.backends import BACKENDS, BackendUnavailableError, open_backend
 from ksmlab.scenario.knobs import KNOBS, KnobValue, parse_cli_value
 from ksmlab.scenario.loader import (
@@ -53,16 +75,11 @@ from ksmlab.scenario.loader import (
 from ksmlab.scenario.model import Scenario
 from ksmlab.scenario.result import RunResult
 from ksmlab.scenario.runner import ProgressInfo, RunError, run_scenario
+from ksmlab.scenario.transform import latest_end_ns, with_sample_interval
 from ksmlab.scenario.units import NS_PER_S, format_bytes, format_duration, parse_duration_ns
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_INVALID = 2
-EXIT_UNAVAILABLE = 3
-EXIT_INTERRUPTED = 130
-
-TABLE_WIDTH = 132
-"""Width of the table when stdout is a file or a pipe."""
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_INVALID", "EXIT_OK", "EXIT_UNAVAILABLE",
+           "TABLE_WIDTH", "CliError", "build_parser", "main"]
 
 PROGRESS_AFTER_S = 1.0
 """A progress bar appears once a run has taken this long (wall clock)."""
@@ -75,16 +92,10 @@ EXIT_CODES = """exit codes:
   3    this machine cannot do it (--backend linux without root, KSM or a C
        compiler, or the KSM lock held too long by another session; stat
        without /sys/kernel/mm/ksm)
-  130  interrupted (Ctrl-C)
+  130  interrupted (Ctrl-C or SIGTERM): run and plot stop at the next safe
+       point, then print and write what was reached, marked partial; a
+       second Ctrl-C aborts without saving
 Errors are one line on stderr."""
-
-
-class CliError(KsmSimError):
-    """An error to report in one line with an exit code."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class _Parser(argparse.ArgumentParser):
@@ -121,41 +132,8 @@ def _knob_arg(text: str) -> tuple[str, KnobValue]:
     return name.strip(), parse_cli_value(value)
 
 
-def _output_arg(option: str, path: str | None) -> Path | None:
-    """Check before running that *path* can be written (an existing, writable directory)."""
-    if path is None:
-        return None
-    p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
-    if p.is_dir():
-        raise CliError(f"ksmlab: {option}: expected a file name, got the directory {path!r}",
-                       EXIT_INVALID)
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise CliError(f"ksmlab: {option}: expected a file in an existing writable directory, "
-                       f"got {path!r}", EXIT_INVALID)
-    return p
-
-
-def _console() -> Console:
-    """The stdout console; when stdout is not a terminal, wide enough for the table."""
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console = Console(highlight=False, width=max(console.width, TABLE_WIDTH))
-    return console
-
-
-def _write(path: Path, data: str | bytes) -> None:
-    try:
-        if isinstance(data, bytes):
-            path.write_bytes(data)
-        else:
-            path.write_text(data, encoding="utf-8")
-    except OSError as e:
-        raise CliError(f"ksmlab: cannot write {path}: {e.strerror}", EXIT_FAILED) from None
-
-
 def _load(args: argparse.Namespace) -> Scenario:
-    """The scenario the arguments name, with --seed, --knob and --until applied."""
+    """The scenario the arguments name, with --seed, --knob, --until (--extend) and --sample applied."""
     try:
         sc = (load_scenario(args.scenario, seed=args.seed) if args.scenario
               else load_builtin(seed=args.seed))
@@ -165,7 +143,19 @@ def _load(args: argparse.Namespace) -> Scenario:
             if args.until <= 0:
                 raise ScenarioError("--until", "until", "a duration > 0",
                                     format_duration(args.until / NS_PER_S))
+            end = latest_end_ns(sc)
+            if args.until > end and not args.extend:
+                # A typo (1h for 1min) would silently run for an hour otherwise.
+                raise CliError(
+                    f"ksmlab: --until: expected a time within the scenario, which ends at "
+                    f"{format_duration(end / NS_PER_S)} (add --extend to run it on past its end), "
+                    f"got {format_duration(args.until / NS_PER_S)}", EXIT_INVALID)
             sc = truncate(sc, args.until)
+        elif args.extend:
+            raise CliError("ksmlab: --extend: expected --until TIME too (how far to run the "
+                           "scenario on past its end), got no --until", EXIT_INVALID)
+        if args.sample is not None:
+            sc = with_sample_interval(sc, args.sample)
     except ScenarioError as e:
         raise CliError(str(e), EXIT_INVALID) from None
     return sc
@@ -233,22 +223,37 @@ def _progress(enabled: bool, sc: Scenario,
             bar.stop()
 
 
-def _execute(sc: Scenario, args: argparse.Namespace) -> RunResult:
-    backend_name = args.backend
-    progress = _want_progress(args)
-    if args.content != "bytes" and backend_name != "sim":
-        why = ("the real kernel keeps real bytes" if backend_name == "linux"
+def _plan(sc: Scenario, backend: str, content: str) -> preflight.Plan:
+    """The pre-flight of *sc* on *backend*: CliError (exit 2) if it cannot or must not run."""
+    if content != "bytes" and backend not in ("sim", "auto"):
+        why = ("the real kernel keeps real bytes" if backend == "linux"
                else "the bulk engine always keeps fingerprints")
-        raise CliError(f"ksmlab: --content {args.content} applies to --backend sim only: "
-                       f"{why}", EXIT_INVALID)
+        raise CliError(f"ksmlab: --content {content} applies to --backend sim only (and to auto, "
+                       f"when it picks sim): {why}", EXIT_INVALID)
     try:
-        backend = open_backend(backend_name, args.content)
+        available = preflight.mem_available()
+        return preflight.plan(sc, backend, "fingerprint" if content == "fingerprint" else "bytes",
+                              available=available)
+    except (preflight.WontFitError, NotModelledError) as e:
+        raise CliError(str(e), EXIT_INVALID) from None
+    except ValueError as e:  # KSMLAB_MEM_AVAILABLE is not a size
+        raise CliError(f"ksmlab: {e}", EXIT_INVALID) from None
+
+
+def _execute(sc: Scenario, args: argparse.Namespace, stop: StopRequest | None = None) -> RunResult:
+    progress = _want_progress(args)
+    plan = _plan(sc, args.backend, args.content)
+    backend_name = plan.backend
+    try:
+        backend = open_backend(backend_name, plan.content)
     except BackendUnavailableError as e:
         raise CliError(f"ksmlab: the {backend_name} backend is unavailable: {e}",
                        EXIT_UNAVAILABLE) from None
+    # On stderr, as the run starts: stdout opens with the answer (or is the document alone).
+    print(f"ksmlab: {plan.describe()}", file=sys.stderr, flush=True)
     try:
         with _progress(progress, sc, backend_name) as update:
-            return run_scenario(sc, backend, update)
+            return run_scenario(sc, backend, update, stop)
     except RunError as e:
         raise CliError(f"ksmlab: run failed: {e}", EXIT_FAILED) from None
     finally:
@@ -266,48 +271,42 @@ def _failure_line(r: RunResult) -> str:
     return f"ksmlab: {n} check{'s' if n != 1 else ''} failed; first: {r.failures[0]}"
 
 
-# --- run ------------------------------------------------------------------------------------
-
-def cmd_run(args: argparse.Namespace) -> int:
-    """``ksmlab run``."""
-    timeline = _output_arg("--timeline", args.timeline)
-    plot = _output_arg("--plot", args.plot)
-    html = _output_arg("--html", args.html)
-    sc = _load(args)
-    result = _execute(sc, args)
-    if args.json:
-        from ksmlab.report.document import to_document
-
-        print(json.dumps(to_document(result), indent=2, allow_nan=False))
-    else:
-        from ksmlab.report.table import summary
-
-        console = _console()
-        console.print(summary(result, console.width))
-    _write_outputs(result, timeline, plot, html)
-    if not result.ok:
-        print(_failure_line(result), file=sys.stderr)
+def _exit_code(r: RunResult, sc: Scenario, stop: StopRequest) -> int:
+    """The exit code of a run whose result is out, with its one line on stderr."""
+    if stop() is not None:
+        clock = "real" if r.backend == "linux" else "virtual"
+        failed = f"; {len(r.failures)} check(s) failed" if r.failures else ""
+        what = (f"partial result, {len(r.checkpoints)} of {len(sc.checkpoints)} checkpoints "
+                f"reached" if r.partial else "the run had ended: the result is complete")
+        print(f"ksmlab: interrupted by {stop()} at {format_duration(r.end_s)} ({clock} time): "
+              f"{what}{failed}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if r.failures:
+        print(_failure_line(r), file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 
 
-def _write_outputs(r: RunResult, timeline: Path | None, plot: Path | None,
-                   html: Path | None) -> None:
-    if timeline is not None:
-        from ksmlab.report.timeline import timeline_csv
+# --- run ------------------------------------------------------------------------------------
 
-        _write(timeline, timeline_csv(r))
-    png = None
-    if plot is not None or html is not None:
-        from ksmlab.report.plot import plot_png
+def cmd_run(args: argparse.Namespace) -> int:
+    """``ksmlab run``."""
+    outputs = Outputs(output_arg("--timeline", args.timeline), plot_arg("--plot", args.plot),
+                      output_arg("--html", args.html))
+    sc = _load(args)
+    with graceful_stop() as stop:  # Ctrl-C: stop at a safe point, then save what was reached
+        result = _execute(sc, args, stop)
+        if args.json:
+            from ksmlab.report.document import to_document
 
-        png = plot_png(r)
-    if plot is not None and png is not None:
-        _write(plot, png)
-    if html is not None:
-        from ksmlab.report.html import render_html
+            print(json.dumps(to_document(result), indent=2, allow_nan=False), flush=True)
+        else:
+            from ksmlab.report.table import summary
 
-        _write(html, render_html(r, png))
+            console = _console()
+            console.print(summary(result, console.width))
+        write_outputs(result, outputs)
+    return _exit_code(result, sc, stop)
 
 
 # --- plot -----------------------------------------------------------------------------------
@@ -337,17 +336,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
         args.scenario = source
         sc = _load(args)
         name = sc.name
-    png_path = _output_arg("--output", args.output or f"ksmlab-{_slug(name)}.png")
-    assert png_path is not None
-    html_path = _output_arg("--html", args.html or str(png_path.with_suffix(".html")))
-    if result is None:
-        result = _execute(sc, args)
-    _write_outputs(result, None, png_path, html_path)
-    print(f"wrote {png_path} and {html_path}")
-    if not result.ok:
-        print(_failure_line(result), file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+    image = plot_arg("--output", args.output or f"ksmlab-{_slug(name)}.png")
+    assert image is not None
+    html_path = output_arg("--html", args.html or str(image.with_suffix(".html")))
+    if result is not None:  # a saved result: drawn as it is
+        write_outputs(result, Outputs(plot=image, html=html_path))
+        print(f"wrote {image} and {html_path}")
+        if result.failures:
+            print(_failure_line(result), file=sys.stderr)
+            return EXIT_FAILED
+        return EXIT_OK
+    with graceful_stop() as stop:
+        result = _execute(sc, args, stop)
+        write_outputs(result, Outputs(plot=image, html=html_path))
+        print(f"wrote {image} and {html_path}", flush=True)
+    return _exit_code(result, sc, stop)
 
 
 # --- check, init ----------------------------------------------------------------------------
@@ -367,12 +370,19 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(str(e), file=sys.stderr)
             bad += 1
             continue
+        try:
+            plan = _plan(sc, args.backend, args.content)
+        except CliError as e:
+            print(str(e), file=sys.stderr)
+            bad += 1
+            continue
         nproc = sum(g.count for g in sc.processes)
         print(f"{path}: ok: {sc.name!r}: {_n(nproc, 'process', 'es')} in "
               f"{_n(len(sc.processes), 'group')}, {format_bytes(sc.total_pages() * PAGE_SIZE)} "
               f"mapped, {_n(len(sc.activities), 'activit', 'ies', 'y')}, "
               f"{_n(len(sc.events), 'event')}, {_n(len(sc.checkpoints), 'checkpoint')}, "
               f"planned end {format_duration(sc.planned_end_ns / NS_PER_S)}")
+        print(f"{path}: {plan.describe()}")
     return EXIT_INVALID if bad else EXIT_OK
 
 
@@ -385,123 +395,42 @@ def cmd_init(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if path.exists() and not args.force:
         raise CliError(f"ksmlab init: {path} exists (use --force to overwrite)", EXIT_INVALID)
-    out = _output_arg("FILE", args.file)
+    out = output_arg("FILE", args.file)
     assert out is not None
-    _write(out, text)
+    write_file(out, text)
     print(f"wrote {out}")
     return EXIT_OK
 
 
-# --- stat -----------------------------------------------------------------------------------
-
-def cmd_stat(args: argparse.Namespace) -> int:
-    """``ksmlab stat``."""
-    from ksmlab.report import stat
-
-    if args.interval <= 0:
-        raise CliError("ksmlab stat: --interval: expected a number of seconds > 0, "
-                       f"got {args.interval}", EXIT_INVALID)
-    if args.count is not None and args.count < 1:
-        raise CliError(f"ksmlab stat: --count: expected an integer >= 1, got {args.count}",
-                       EXIT_INVALID)
-
-    def snap() -> stat.KsmSnapshot:
-        try:
-            return stat.take_snapshot(args.sysfs_dir)
-        except stat.KsmUnreadableError as e:
-            raise CliError(f"ksmlab stat: {e}", EXIT_UNAVAILABLE) from None
-
-    cur = snap()
-    title = f"KSM on this machine ({args.sysfs_dir})"
-    if args.once:
-        if args.json:
-            print(json.dumps(stat.snapshot_document(cur, None, args.sysfs_dir), indent=2))
-        else:
-            _console().print(stat.snapshot_table(cur, None, title))
-        return EXIT_OK
-    live = sys.stdout.isatty() and not args.json
-    n = 0
-    try:
-        if live:
-            from rich.live import Live
-
-            with Live(stat.snapshot_table(cur, None, title), auto_refresh=False) as view:
-                while args.count is None or n < args.count - 1:
-                    time.sleep(args.interval)
-                    prev, cur = cur, snap()
-                    n += 1
-                    view.update(stat.snapshot_table(cur, stat.rates(prev, cur),
-                                                    f"{title}, every {args.interval:g} s"),
-                                refresh=True)
-            return EXIT_OK
-        if not args.json:
-            print(stat.line_header(), flush=True)
-        last: stat.KsmSnapshot | None = None
-        while True:
-            r = stat.rates(last, cur) if last is not None else None
-            if args.json:
-                print(json.dumps(stat.snapshot_document(cur, r, args.sysfs_dir)), flush=True)
-            else:
-                print(stat.line(cur, r), flush=True)
-            n += 1
-            if args.count is not None and n >= args.count:
-                return EXIT_OK
-            time.sleep(args.interval)
-            last, cur = cur, snap()
-    except KeyboardInterrupt:
-        return EXIT_OK  # the usual way to stop a top-like view
-
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    """``ksmlab doctor``."""
-    from ksmlab.backends import linux_doctor
-    from ksmlab.report.doctor import doctor_document, doctor_report
-
-    if not os.path.isdir(args.sysfs_dir):
-        raise CliError(f"ksmlab doctor: {args.sysfs_dir} does not exist, so this kernel was "
-                       f"built without CONFIG_KSM", EXIT_UNAVAILABLE)
-    repaired = None
-    busy = None
-    if args.repair:
-        try:
-            repaired = linux_doctor.repair(lock_path=args.lock_file, sysfs_dir=args.sysfs_dir)
-        except linux_doctor.LockBusyError as e:
-            busy = f"ksmlab doctor: nothing to repair: {e}"
-        except PermissionError as e:
-            raise CliError(f"ksmlab doctor --repair: {e.filename or 'the KSM files'}: permission "
-                           f"denied; repairing writes the KSM knobs and the lock file, which "
-                           f"needs root", EXIT_UNAVAILABLE) from None
-    d = linux_doctor.diagnose(sysfs_dir=args.sysfs_dir, lock_path=args.lock_file)
-    failed = repaired is not None and bool(repaired.failures)
-    if args.json:
-        print(json.dumps(doctor_document(d, repaired), indent=2))
-    else:
-        console = _console()
-        if busy:
-            console.print(busy)
-        elif args.repair:
-            console.print(f"Repair: {repaired.message()}" if repaired is not None
-                          else "Repair: no dead ksmlab session left knobs to restore.")
-            console.print()
-        console.print(doctor_report(d))
-    return EXIT_FAILED if failed or d.needs_repair else EXIT_OK
-
-
 # --- parser ---------------------------------------------------------------------------------
 
-def _add_scenario_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=BACKENDS, default="sim",
-                   help="sim: the model, in virtual time (default); linux: this machine's "
+def _add_backend_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                   help="auto (default): sim where the run fits in half the memory available, "
+                        "else bulk (if it models every call of the scenario), saying which and "
+                        "why; sim: the model, in virtual time; linux: this machine's "
                         "kernel, in real time (root and CONFIG_KSM needed; see "
                         "docs/linux-backend.md for what it changes); bulk: the model's bulk "
-                        "engine, for hosts of many GiB (no advisor; see docs/bulk.md)")
+                        "engine, for hosts of many GiB (see docs/bulk.md for what it models)")
     p.add_argument("--content", choices=CONTENT_MODES, default="bytes",
                    help="how the model stores page contents: bytes (default) or fingerprint "
                         "(a 128-bit hash per page: about 7x less memory; the same results "
                         "until pages are rewritten while ksmd scans, see docs/cli.md)")
+
+
+def _add_scenario_options(p: argparse.ArgumentParser) -> None:
+    _add_backend_options(p)
     p.add_argument("--until", type=_duration_arg, metavar="TIME",
                    help="stop the run at TIME (e.g. 30s, 5min): later checkpoints and events "
-                        "are dropped, and a checkpoint is added at TIME")
+                        "are dropped, and a checkpoint is added at TIME; a TIME past the "
+                        "scenario's end is refused unless --extend")
+    p.add_argument("--extend", action="store_true",
+                   help="with --until past the scenario's end: run the scenario on until then "
+                        "(ksmd scans, activities without a stop keep writing)")
+    p.add_argument("--sample", type=_duration_arg, metavar="DUR",
+                   help="sample the timeline every DUR (e.g. 100ms) instead of the scenario's "
+                        "[timeline] interval (default 1/200 of the run): the time to 50%% and "
+                        "90%% of the saving is resolved to DUR")
     p.add_argument("--seed", type=_seed_arg, metavar="N",
                    help="replace the scenario's [scenario] seed (every random choice follows)")
     p.add_argument("--knob", type=_knob_arg, action="append", metavar="NAME=VALUE",
@@ -537,12 +466,15 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", formatter_class=fmt, help="run a scenario and print the counters at its checkpoints",
         description="Run SCENARIO (a TOML file; default: the built-in scenario, see `ksmlab "
-                    "init`)\nand print, per checkpoint: pages_shared, pages_sharing, "
-                    "pages_unshared,\npages_volatile, ksm_zero_pages, general_profit (memory "
-                    "saved, in binary units),\nfull scans, time and ksmd's CPU time. On the "
-                    "model (--backend sim or bulk) time\nis virtual and ksmd's CPU time is the "
-                    "model's estimate; with --backend linux\nboth are real.",
-        epilog=EXIT_CODES)
+                    "init`)\nand print the answer first: the memory saved (general_profit) as a "
+                    "size and as\na share of the memory made mergeable, the time to 50% and 90% "
+                    "of that saving,\nksmd's CPU share and CPU-seconds per GiB saved; then, per "
+                    "checkpoint, the\ncounters below, the time and ksmd's CPU time. On the model "
+                    "(--backend sim or\nbulk) time is virtual and ksmd's CPU time is the model's "
+                    "estimate; with\n--backend linux both are real. Ctrl-C stops the run at the "
+                    "next safe point,\nthen prints and writes what was reached, marked partial "
+                    "(exit code 130).",
+        epilog=counters_epilog(78) + "\n\n" + EXIT_CODES)
     run.add_argument("scenario", nargs="?", metavar="SCENARIO",
                      help="scenario file (TOML); omitted: the built-in scenario")
     run.add_argument("--json", action="store_true",
@@ -550,7 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "of the table")
     run.add_argument("--timeline", metavar="FILE",
                      help="write the counters sampled over time as CSV")
-    run.add_argument("--plot", metavar="FILE", help="draw the timeline as a PNG")
+    run.add_argument("--plot", metavar="FILE",
+                     help="draw the timeline in the format FILE's extension names: .png, .svg "
+                          "or .pdf")
     run.add_argument("--html", metavar="FILE",
                      help="write a self-contained HTML report (plot, tables, knobs)")
     _add_scenario_options(run)
@@ -567,8 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES)
     plot.add_argument("source", nargs="?", metavar="SOURCE",
                       help="scenario (.toml) or saved result (.json)")
-    plot.add_argument("-o", "--output", metavar="PNG",
-                      help="the PNG (default: ksmlab-<scenario name>.png)")
+    plot.add_argument("-o", "--output", metavar="FILE",
+                      help="the picture, in the format its extension names: .png, .svg or .pdf "
+                           "(default: ksmlab-<scenario name>.png)")
     plot.add_argument("--html", metavar="FILE",
                       help="the HTML report (default: the PNG's name with .html)")
     _add_scenario_options(plot)
@@ -624,10 +559,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check", formatter_class=fmt, help="validate scenario files without running them",
         description="Validate each SCENARIO as `ksmlab run` would, print a one-line summary "
-                    "of each valid\none, and one error line (file: field: expected ..., got "
-                    "...) for each invalid one.",
+                    "of each valid\none and the pre-flight of its run on --backend (the "
+                    "engine, its peak memory and\nrough time), and one error line for each "
+                    "invalid one (file: field: expected ...,\ngot ...), each one the backend "
+                    "cannot run, and each one that would not fit in\nthe memory available.",
         epilog=EXIT_CODES)
     check.add_argument("scenarios", nargs="+", metavar="SCENARIO", help="scenario files")
+    _add_backend_options(check)
     check.set_defaults(func=cmd_check)
 
     init = sub.add_parser(
@@ -638,6 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("file", nargs="?", metavar="FILE", help="where to write (default: stdout)")
     init.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     init.set_defaults(func=cmd_init)
+
+    from ksmlab.snapshot.command import add_snapshot_parser  # its own module: issue 10
+
+    add_snapshot_parser(sub, fmt, EXIT_CODES)
     return parser
 
 

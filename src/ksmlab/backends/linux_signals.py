@@ -6,6 +6,12 @@ through ``with``/``finally`` blocks and the knobs are restored.  From the
 moment the session starts closing (and after the first signal already became
 an exception) further signals are held, and delivered with the old handlers
 back in place once everything is restored.
+
+A handler installed before the session that only asks the program to stop
+(``ksmlab run``'s, marked by :func:`is_graceful`) is let decide instead: the
+first signal then becomes that request, the run ends at a safe point and the
+session closes as usual; if the handler raises (a second Ctrl-C), the
+exception unwinds as above.
 """
 
 from __future__ import annotations
@@ -15,10 +21,15 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 
-__all__ = ["SessionSignals"]
+__all__ = ["SessionSignals", "is_graceful"]
 
 _Handler = signal.Handlers | Callable[[int, FrameType | None], object] | int | None
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def is_graceful(handler: object) -> bool:
+    """Whether *handler* turns a signal into a stop request (attribute ``ksmlab_graceful``)."""
+    return callable(handler) and bool(getattr(handler, "ksmlab_graceful", False))
 
 
 class SessionSignals:
@@ -64,6 +75,14 @@ class SessionSignals:
             # exception, later ones are deferred too: raising again while the
             # first unwinds could skip close() altogether.
             self._deferred.append(signum)
+            return
+        old = self._old.get(signum)
+        if callable(old) and is_graceful(old):
+            try:
+                old(signum, frame)  # a stop request: the program ends the run itself
+            except BaseException:
+                self._signalled = True  # it chose to abort: hold the next ones, as below
+                raise
             return
         self._signalled = True
         if signum == signal.SIGINT:

@@ -3,7 +3,8 @@
 Every table is a set of same-length numpy arrays, one per field, that grow
 together by doubling.  A row index is the object's identity (a page, a frame,
 a stable node); rows are never reused, so an index stays valid for the life
-of the engine.
+of the engine.  Fields only a machine of several NUMA nodes needs (``nid``)
+exist only in its tables, so a one-node machine pays nothing for them.
 """
 
 from __future__ import annotations
@@ -28,19 +29,22 @@ STABLE_CHAIN = -2
 
 
 class _Table:
-    """Arrays of one length, growing together; subclasses declare ``FIELDS``."""
+    """Arrays of one length, growing together; subclasses declare ``FIELDS``, and
+    ``NUMA_FIELDS``, which only tables made with ``numa=True`` have."""
 
     FIELDS: ClassVar[dict[str, tuple[Any, int]]] = {}
+    NUMA_FIELDS: ClassVar[dict[str, tuple[Any, int]]] = {}
 
-    def __init__(self, capacity: int = 1024) -> None:
+    def __init__(self, capacity: int = 1024, *, numa: bool = False) -> None:
         self.n = 0
-        for name, (dtype, fill) in self.FIELDS.items():
+        self.fields = {**self.FIELDS, **self.NUMA_FIELDS} if numa else self.FIELDS
+        for name, (dtype, fill) in self.fields.items():
             setattr(self, name, np.full(capacity, fill, dtype))
 
     @property
     def capacity(self) -> int:
         """Rows the arrays can hold before they grow."""
-        return len(getattr(self, next(iter(self.FIELDS))))
+        return len(getattr(self, next(iter(self.fields))))
 
     def reserve(self, rows: int) -> None:
         """Make room for *rows* rows in all, at once (a big machine avoids regrowing)."""
@@ -48,10 +52,10 @@ class _Table:
             return
         # Every array first, then the swap: a MemoryError leaves the table as it was.
         # np.empty, then each part written once (np.full would write the copied part twice).
-        grown = {name: np.empty(rows, dtype) for name, (dtype, _fill) in self.FIELDS.items()}
+        grown = {name: np.empty(rows, dtype) for name, (dtype, _fill) in self.fields.items()}
         for name, new in grown.items():
             new[:self.n] = getattr(self, name)[:self.n]
-            new[self.n:] = self.FIELDS[name][1]
+            new[self.n:] = self.fields[name][1]
             setattr(self, name, new)
 
     def append(self, count: int) -> int:
@@ -68,7 +72,7 @@ class _Table:
 
     def nbytes(self) -> int:
         """Bytes held by the arrays (capacity, not only used rows)."""
-        return sum(int(getattr(self, name).nbytes) for name in self.FIELDS)
+        return sum(int(getattr(self, name).nbytes) for name in self.fields)
 
 
 class PageCols(_Table):
@@ -86,6 +90,10 @@ class PageCols(_Table):
         oldsum: checksum at the previous visit (``rmap_item->oldchecksum``).
         age, skips: smart scan's ``age`` and ``remaining_skips``.
         head: when STABLE, the stable node (dup) the item hangs off.
+        nid: (NUMA machines only) the node the page's mapping allocates on
+            (``mmap(node=)``, the vma's policy).
+        unid: (NUMA machines only) when UNSTABLE, the node whose unstable tree
+            the item went into (``rmap_item->nid``).
     """
 
     frame: npt.NDArray[np.int32]
@@ -101,6 +109,10 @@ class PageCols(_Table):
         "seqnr": (np.uint8, 0), "oldsum": (np.uint32, 0), "age": (np.uint8, 0),
         "skips": (np.uint8, 0), "head": (np.int32, -1),
     }
+    nid: npt.NDArray[np.int16]
+    unid: npt.NDArray[np.int16]
+    NUMA_FIELDS: ClassVar[dict[str, tuple[Any, int]]] = {"nid": (np.int16, 0),
+                                                          "unid": (np.int16, 0)}
 
 
 class FrameCols(_Table):
@@ -110,6 +122,7 @@ class FrameCols(_Table):
         content: content id (see :class:`ksmlab.bulk.content.ContentTable`).
         mapcount: page-table entries mapping the frame; 0 means freed.
         knode: stable node of a KSM page, -1 for an ordinary page.
+        nid: (NUMA machines only) the node the frame lives on.
     """
 
     content: npt.NDArray[np.int32]
@@ -117,10 +130,12 @@ class FrameCols(_Table):
     knode: npt.NDArray[np.int32]
     FIELDS: ClassVar[dict[str, tuple[Any, int]]] = {
         "content": (np.int32, 0), "mapcount": (np.int32, 0), "knode": (np.int32, -1)}
+    nid: npt.NDArray[np.int16]
+    NUMA_FIELDS: ClassVar[dict[str, tuple[Any, int]]] = {"nid": (np.int16, 0)}
 
 
 class ContentCols(_Table):
-    """One row per content id.
+    """One row per content id, for one NUMA node's pair of trees (see ``bulk/trees.py``).
 
     Attributes:
         uindex: page last inserted into the unstable tree with this content (or

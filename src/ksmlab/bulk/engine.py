@@ -1,8 +1,9 @@
 """ksmd's algorithm over the bulk engine's columns (``mm/ksm.c``, as in :mod:`ksmlab.ksm.ksm`).
 
-This module is the bulk engine's *per-page path*: every function here does
-for one page what the same-named method of :class:`ksmlab.ksm.ksm.KsmCore`
-does for one rmap_item, on numpy rows instead of objects.  The vectorised
+This module is the bulk engine's *per-page path*: every function here (and in
+:mod:`ksmlab.bulk.trees`, the trees) does for one page what the same-named
+method of :class:`ksmlab.ksm.ksm.KsmCore` does for one rmap_item, on numpy
+rows instead of objects.  The vectorised
 batch path (:mod:`ksmlab.bulk.vector`) does the same for many pages at once
 and falls back to these functions for anything unusual; tests run both
 against SimKernel.
@@ -22,14 +23,16 @@ shares), each because there is no content-ordered tree to walk:
   passed them.  Counters can therefore drop at a different moment within a
   scan; the set of merges does not change.
 * Only what the bulk API can do is modelled: anonymous private memory, whole-
-  page writes, fork, exit, MADV_(UN)MERGEABLE and run=2; one NUMA node.
+  page writes, munmap, mprotect, fork, exit, MADV_(UN)MERGEABLE, run=2, NUMA
+  nodes with ``merge_across_nodes`` 0 or 1 (no page migration, as in
+  SimKernel) and the scan-time advisor (:mod:`ksmlab.ksm.advisor`, SimKernel's
+  own).
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import numpy as np
 
@@ -38,9 +41,7 @@ from ksmlab.bulk.columns import (
     KSM_ZERO,
     NONE,
     STABLE,
-    STABLE_CHAIN,
     STABLE_NONE,
-    UNSTABLE,
     ChainCols,
     ContentCols,
     FrameCols,
@@ -48,37 +49,19 @@ from ksmlab.bulk.columns import (
     PageCols,
 )
 from ksmlab.bulk.content import ZERO_CONTENT, ContentTable
-from ksmlab.bulk.mm import BulkMm
+from ksmlab.bulk.invariants import check_bulk
+from ksmlab.bulk.mm import BulkMm, Ghost
 from ksmlab.bulk.tally import Tally, count_columns, sysfs_counters
+from ksmlab.bulk.trees import StableTrees, TreeIndex
 from ksmlab.constants import KSM_RUN_MERGE, KSM_RUN_UNMERGE, PAGE_SHIFT
-from ksmlab.errors import NotModelledError, kernel_error, vm_bug_on
-from ksmlab.ksm.defaults import (
-    AGE_MAX,
-    SEQNR_MASK,
-)
+from ksmlab.errors import kernel_error, vm_bug_on
+from ksmlab.ksm import advisor as ksm_advisor
+from ksmlab.ksm.defaults import AGE_MAX
 from ksmlab.ksm.scan import skip_age
 from ksmlab.ksm.tunables import KsmTunables
 
 
-@dataclass(slots=True)
-class Chain:
-    """A stable node chain: KSM pages with one content (``ksm_stable_node`` chain).
-
-    Attributes:
-        id: its row in ``BulkKsm.chain_cols``, which mirrors it for vector code
-            and holds its prune time.
-        dups: its dups (node indices); index 0 is the hlist head.
-    """
-
-    id: int
-    dups: list[int] = field(default_factory=list)
-    open: set[int] = field(default_factory=set)
-    """Dups that may have room or a freed page: a superset of those, kept so that
-    a walk of a long chain looks only at them (the others are full and alive and
-    cannot change the walk's result).  Closed again lazily when seen full."""
-
-
-class BulkKsm(KsmTunables):
+class BulkKsm(StableTrees, KsmTunables):
     """KSM state for a bulk machine: knobs, columns, chains, ksmd's cursor.
 
     Counters that SimKernel keeps incrementally (pages_shared, rmap_items...)
@@ -91,22 +74,36 @@ class BulkKsm(KsmTunables):
 
     Args:
         contents: the machine's content ids.
-        now_ms: the virtual clock in ms (ksmd's), read by chain pruning.
+        now_ms: the virtual clock in ms (ksmd's), read by chain pruning and the advisor.
+        cpu_ns: ksmd's CPU time (ksmd's), read by the advisor.
+        numa_nodes: NUMA nodes of the machine (pages and frames carry their
+            node only when there are several).
     """
 
+    # Slots for the state the scan reads per page: CPython 3.11 specialises an
+    # instance attribute read well only while the instance dict has fewer than
+    # 30 keys (measured: 10% slower per-page path past it).  The knobs stay in
+    # the dict (KsmTunables); an attribute a subclass adds goes there too.
+    __slots__ = ("address", "chain_cols", "chains", "contents", "cpu_ns", "ctab", "cursor",
+                 "frames", "full_scans", "head", "mutations", "nodes", "now_ms", "numa_nodes",
+                 "pages", "pages_scanned", "pages_skipped", "tally", "tree_of_node",
+                 "trees", "wake_ksmd", "zero_checksum")
+
     def __init__(self, contents: ContentTable, *,
-                 now_ms: Callable[[], float] = lambda: 0.0) -> None:
+                 now_ms: Callable[[], float] = lambda: 0.0,
+                 cpu_ns: Callable[[], int] = lambda: 0, numa_nodes: int = 1) -> None:
         self.contents = contents
-        self.pages = PageCols()
-        self.frames = FrameCols()
+        self.numa_nodes = numa_nodes
+        self.pages = PageCols(numa=numa_nodes > 1)
+        self.frames = FrameCols(numa=numa_nodes > 1)
         self.ctab = ContentCols()
         self.nodes = NodeCols()
-        self.chains: dict[int, Chain] = {}
-        """Chains by content."""
+        self.chains = {}
+        """Node 0's chains, by content (another node's: ``trees``)."""
+        self.trees = [TreeIndex(0, self.ctab, self.chains)]
+        self.tree_of_node = {0: self.trees[0]}
         self.chain_cols = ChainCols()
-        # The knobs, at their boot values.  merge_across_nodes stays 1 (one NUMA
-        # node is modelled) and advisor_scan_time False (the advisor is not).
-        super().__init__()
+        super().__init__()  # the knobs and the advisor's state, at their boot values
         # --- incremental counters ---
         self.tally = Tally()
         self.full_scans = 0
@@ -119,6 +116,7 @@ class BulkKsm(KsmTunables):
         self.cursor: BulkMm = self.head
         self.address = 0
         self.now_ms = now_ms
+        self.cpu_ns = cpu_ns
         self.zero_checksum = int(contents.checksum[ZERO_CONTENT])
         self.wake_ksmd: Callable[[], None] = lambda: None
         """Set by the kernel to its ksmd's ``wake_up``: ksmd runs its next batch now."""
@@ -128,17 +126,21 @@ class BulkKsm(KsmTunables):
 
     # --- content and frames ---------------------------------------------------------------
     def sync_contents(self) -> None:
-        """Give every content id of the table a row (after the table grew)."""
-        extra = len(self.contents) - self.ctab.n
-        if extra > 0:
-            self.ctab.append(extra)
+        """Give every content id of the table a row in each tree index (after the table grew)."""
+        for ix in self.trees:
+            extra = len(self.contents) - ix.ctab.n
+            if extra > 0:
+                ix.ctab.append(extra)
 
-    def new_frames(self, contents: np.ndarray) -> np.ndarray:
-        """Allocate one frame per content id, each mapped once; return their indices."""
+    def new_frames(self, contents: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Allocate one frame per content id for the pages at *rows* (on their mappings'
+        node), each mapped once; return their indices."""
         first = self.frames.append(len(contents))
         idx = np.arange(first, first + len(contents), dtype=np.int32)
         self.frames.content[idx] = contents
         self.frames.mapcount[idx] = 1
+        if self.numa_nodes > 1:
+            self.frames.nid[idx] = self.pages.nid[rows]
         return idx
 
     def unmap(self, frames: np.ndarray) -> None:
@@ -147,190 +149,8 @@ class BulkKsm(KsmTunables):
         np.subtract.at(self.frames.mapcount, f, 1)
         knode = self.frames.knode[f]
         freed = (knode >= 0) & (self.frames.mapcount[f] == 0)
-        if bool(freed.any()):
-            self.reopen(knode[freed].tolist())
-
-    def reopen(self, nodes: Iterable[int]) -> None:
-        """Put dups whose count dropped or whose page was freed back in their chain's open set."""
-        if not self.chains:
-            return
-        for d in nodes:
-            c = int(self.nodes.content[d])
-            chain = self.chains.get(c)
-            if chain is not None and self.nodes.alive[d] and self.ctab.stable[c] != d:
-                chain.open.add(d)
-                self.sync_chain(chain)
-
-    # --- the stable tree -------------------------------------------------------------------
-    def stale(self, d: int) -> bool:
-        """The node's KSM page was freed (``ksm_get_folio`` fails)."""
-        return int(self.frames.mapcount[self.nodes.kframe[d]]) == 0
-
-    def is_candidate(self, d: int, offset: int = 0) -> bool:
-        """``__is_page_sharing_candidate``."""
-        n = int(self.nodes.count[d])
-        return n > 0 and n + offset < self.max_page_sharing
-
-    def remove_node(self, d: int) -> None:
-        """Drop a stale node with all its items (``remove_node_from_stable_tree``)."""
-        self.tally.drop_node(int(self.nodes.count[d]))
-        self.nodes.alive[d] = False
-        c = int(self.nodes.content[d])
-        if self.ctab.stable[c] == d:
-            self.ctab.stable[c] = STABLE_NONE
-        else:
-            chain = self.chains[c]
-            chain.dups.remove(d)
-            chain.open.discard(d)
-            self.sync_chain(chain)
-
-    def new_chain(self, c: int, dup: int) -> Chain:
-        """A chain for content *c* in place of its regular node *dup* (``alloc_stable_node_chain``)."""
-        chain = Chain(self.chain_cols.append(1), [dup], {dup})
-        self.chain_cols.prune_time[chain.id] = int(self.now_ms())
-        self.chains[c] = chain
-        self.ctab.stable[c] = STABLE_CHAIN - chain.id
-        self.sync_chain(chain)
-        return chain
-
-    def drop_chain(self, c: int, node: int) -> None:
-        """Free content *c*'s chain; *node* (a dup or STABLE_NONE) takes its place."""
-        chain = self.chains.pop(c)
-        chain.dups.clear()
-        self.sync_chain(chain)
-        self.ctab.stable[c] = node
-
-    def sync_chain(self, chain: Chain) -> None:
-        """Copy *chain*'s head, length and open set's size to ``chain_cols``."""
-        cols = self.chain_cols
-        head = chain.dups[0] if chain.dups else -1
-        cols.head[chain.id] = head
-        cols.ndups[chain.id] = len(chain.dups)
-        cols.others_open[chain.id] = len(chain.open) - (head in chain.open)
-
-    def stable_node_dup(self, c: int, prune: bool) -> int:
-        """Best dup of content *c*'s chain, collapsing or freeing the chain (``stable_node_dup``).
-
-        Returns the dup, or -1 if every dup was stale (the chain is gone).
-        The kernel looks at every dup up to the first one with room (all of
-        them when pruning); dups not in ``chain.open`` are full with their page
-        alive, so they can only be the answer when they come first, and the
-        walk stops once it has seen every open dup.
-        """
-        chain = self.chains[c]
-        now = int(self.now_ms())
-        prune_time = self.chain_cols.prune_time
-        if not prune or now < prune_time[chain.id] + self.stable_node_chains_prune_millisecs:
-            prune = False
-        else:
-            prune_time[chain.id] = now
-        count = self.nodes.count
-        found, found_len = -1, 0
-        dups, open_dups = chain.dups, chain.open
-        todo = len(open_dups)
-        i = 0
-        while i < len(dups) and (todo or found < 0):
-            d = dups[i]
-            if d not in open_dups:
-                if found < 0:
-                    found, found_len = d, int(count[d])
-                i += 1
-                continue
-            todo -= 1
-            if self.stale(d):
-                self.remove_node(d)  # out of dups: i now names the next one
-                continue
-            candidate = self.is_candidate(d)
-            if count[d] >= self.max_page_sharing:
-                open_dups.discard(d)  # full and alive
-            if found < 0 or (candidate and (
-                    not self.is_candidate(found) or int(count[d]) > found_len)):
-                found, found_len = d, int(count[d])
-                if not prune and candidate:
-                    break
-            i += 1
-        if found < 0:
-            self.drop_chain(c, STABLE_NONE)
-            return -1
-        if len(chain.dups) == 1:
-            self.drop_chain(c, found)
-            return found
-        if chain.dups[0] != found and self.is_candidate(found, 1):
-            chain.dups.remove(found)
-            chain.dups.insert(0, found)
-        self.sync_chain(chain)
-        return found
-
-    def stable_tree_search(self, c: int) -> int:
-        """A KSM page of content *c* with room for one more mapping, or -1 (``stable_tree_search``)."""
-        while True:
-            s = int(self.ctab.stable[c])
-            if s == STABLE_NONE:
-                return -1
-            if s <= STABLE_CHAIN:
-                d = self.stable_node_dup(c, True)
-                if d < 0:
-                    continue
-            else:
-                d = s
-                if self.stale(d):
-                    self.remove_node(d)
-                    continue
-            return d if self.is_candidate(d) else -1
-
-    def stable_tree_insert(self, c: int, kframe: int) -> int:
-        """File KSM page *kframe* of content *c*, forming a chain if needed (``stable_tree_insert``)."""
-        while True:
-            s = int(self.ctab.stable[c])
-            if s <= STABLE_CHAIN:
-                if self.stable_node_dup(c, False) < 0:
-                    continue
-                s = int(self.ctab.stable[c])
-            elif s != STABLE_NONE and self.stale(s):
-                self.remove_node(s)
-                continue
-            break
-        d = self.nodes.append(1)
-        self.nodes.kframe[d] = kframe
-        self.nodes.content[d] = c
-        self.nodes.alive[d] = True
-        self.frames.knode[kframe] = d
-        if s == STABLE_NONE:
-            self.ctab.stable[c] = d
-        else:
-            chain = self.chains[c] if s <= STABLE_CHAIN else self.new_chain(c, s)
-            chain.dups.insert(0, d)
-            chain.open.add(d)
-            self.sync_chain(chain)
-        return d
-
-    def stable_tree_append(self, g: int, d: int) -> None:
-        """Hang page *g*'s item off node *d* (``stable_tree_append``)."""
-        self.pages.head[g] = d
-        self.tally.restate_one(self.pages.state, g, STABLE)
-        self.tally.join_one(self.nodes.count, d)
-
-    def remove_rmap_item_from_tree(self, g: int) -> None:
-        """Take page *g*'s item out of its tree (``remove_rmap_item_from_tree``)."""
-        state = int(self.pages.state[g])
-        if state == STABLE:
-            d = int(self.pages.head[g])
-            self.tally.restate_one(self.pages.state, g, NONE)
-            self.pages.head[g] = -1
-            if not self.nodes.alive[d]:
-                return
-            if self.stale(d):
-                self.remove_node(d)
-                return
-            self.tally.leave_one(self.nodes.count, d)
-            self.reopen((d,))
-        elif state == UNSTABLE:
-            self.tally.restate_one(self.pages.state, g, NONE)
-
-    def free_rmap_item(self, g: int) -> None:
-        """Free page *g*'s item, out of its tree first (``remove_rmap_item_from_tree`` + free)."""
-        self.remove_rmap_item_from_tree(g)
-        self.tally.restate_one(self.pages.state, g, ABSENT)
+        if bool(freed.any()):  # each node once: a munmap or exit may free thousands of mappings
+            self.reopen(np.unique(knode[freed]).tolist())
 
     # --- merging -------------------------------------------------------------------------
     def replace_page(self, g: int, kframe: int) -> None:
@@ -343,34 +163,12 @@ class BulkKsm(KsmTunables):
         else:
             self.tally.zero_pages += 1  # KSM_ZERO (old is an ordinary frame)
 
-    def cur_seqnr(self) -> int:
-        """``ksm_scan.seqnr & SEQNR_MASK``."""
-        return self.full_scans & SEQNR_MASK
-
-    def unstable_tree_search_insert(self, g: int, f: int, c: int) -> int:
-        """The page to merge *g* with, or -1 after inserting *g* or giving up.
-
-        Models ``unstable_tree_search_insert``.
-        """
-        pages = self.pages
-        y = int(self.ctab.uindex[c])
-        if y >= 0 and pages.state[y] == UNSTABLE and pages.seqnr[y] == self.cur_seqnr():
-            fy = int(pages.frame[y])
-            if fy < 0 or not pages.mergeable[y] or fy == f:
-                return -1  # get_mergeable_page failed, or the same (forked) page
-            if self.frames.content[fy] == c:
-                return y
-            # Model choice: a tree page whose content changed is not found.
-        self.tally.restate_one(pages.state, g, UNSTABLE)
-        pages.seqnr[g] = self.cur_seqnr()
-        self.ctab.uindex[c] = g
-        return -1
-
-    def merge_two(self, g: int, f: int, y: int, c: int) -> None:
-        """Make *f* a KSM page, map it at *y* too, and file it (``try_to_merge_two_pages`` + insert)."""
+    def merge_two(self, ix: TreeIndex, g: int, f: int, y: int, c: int) -> None:
+        """Make *f* a KSM page, map it at *y* too, and file it in *ix* (``try_to_merge_two_pages``
+        + ``stable_tree_insert``)."""
         self.replace_page(y, f)
         self.remove_rmap_item_from_tree(y)
-        d = self.stable_tree_insert(c, f)
+        d = self.stable_tree_insert(ix, c, f)
         self.stable_tree_append(y, d)
         self.stable_tree_append(g, d)
 
@@ -397,15 +195,17 @@ class BulkKsm(KsmTunables):
         self.merge_unchanged(g, f, c)
 
     def merge_unchanged(self, g: int, f: int, c: int) -> None:
-        """The rest of ``cmp_and_merge_page`` for an ordinary page whose checksum held."""
-        d = self.stable_tree_search(c)
+        """The rest of ``cmp_and_merge_page`` for an ordinary page whose checksum held,
+        in the trees of its frame's node (``get_kpfn_nid``)."""
+        ix = self.trees[0] if self.merge_across_nodes or self.numa_nodes == 1 else self.tree_of(f)
+        d = self.stable_tree_search(ix, c)
         if d >= 0:
             self.replace_page(g, int(self.nodes.kframe[d]))
             self.stable_tree_append(g, d)
             return
-        y = self.unstable_tree_search_insert(g, f, c)
+        y = self.unstable_tree_search_insert(ix, g, f, c)
         if y >= 0:
-            self.merge_two(g, f, y, c)
+            self.merge_two(ix, g, f, y, c)
 
     # --- the scanner ---------------------------------------------------------------------
     def should_skip(self, g: int, f: int) -> bool:
@@ -444,15 +244,21 @@ class BulkKsm(KsmTunables):
 
         Returns (pages visited, whether the end of the mm was reached).  Items
         of pages passed over are freed on the way, as get_next_rmap_item and
-        remove_trailing_rmap_items free them.
+        remove_trailing_rmap_items free them; so are those of unmapped pages
+        (ghosts), which the walk passes in address order too.
         """
         done = 0
-        for seg in mm.segments:
+        for seg in mm.in_address_order():
             if seg.end <= self.address:
                 continue
             if self.address < seg.addr:
                 self.address = seg.addr
             i = (self.address - seg.addr) >> PAGE_SHIFT
+            if isinstance(seg, Ghost):
+                self.address = seg.end
+                self.free_items(seg.row + i, seg.pages - i)
+                seg.pages = i  # what lies below the cursor waits for the next pass
+                continue
             while i < seg.pages:
                 want = budget - done
                 visited, used = self.scan_window(seg.row + i, self.window(want, seg.pages - i),
@@ -461,7 +267,9 @@ class BulkKsm(KsmTunables):
                 i += used
                 self.address = seg.addr + (i << PAGE_SHIFT)
                 if done == budget:
+                    mm.drop_passed_ghosts()
                     return done, False
+        mm.drop_passed_ghosts()
         return done, True
 
     def window(self, want: int, rest: int) -> int:
@@ -505,12 +313,17 @@ class BulkKsm(KsmTunables):
         """Whether some mapping of *mm* carries VM_MERGEABLE."""
         return any(bool(self.pages.mergeable[s.row:s.row + s.pages].any()) for s in mm.segments)
 
+    def free_items(self, first: int, count: int) -> None:
+        """Free the items of rows [first, first + count), in order (what a walk passing
+        them does when they map nothing)."""
+        for g in np.flatnonzero(self.pages.state[first:first + count] != ABSENT).tolist():
+            self.free_rmap_item(first + g)
+
     def remove_all_items(self, mm: BulkMm) -> None:
         """Free every item of *mm* (``remove_trailing_rmap_items`` from the start)."""
-        for seg in mm.segments:
-            rows = np.flatnonzero(self.pages.state[seg.row:seg.row + seg.pages] != ABSENT)
-            for g in rows + seg.row:
-                self.free_rmap_item(int(g))
+        for seg in mm.ranges():
+            self.free_items(seg.row, seg.pages)
+        mm.ghosts.clear()
 
     def unregister(self, mm: BulkMm) -> None:
         """Take *mm* off ksmd's list (MMF_VM_MERGEABLE cleared)."""
@@ -524,6 +337,8 @@ class BulkKsm(KsmTunables):
             if self.cursor is self.head:
                 if self.list_empty():
                     break
+                # A full scan starts (every unstable tree is emptied by the seqnr).
+                ksm_advisor.advisor_start_scan(self, self.now_ms())
                 self.cursor, self.address = self.head.next, 0
             mm = self.cursor
             if mm.exiting:
@@ -545,6 +360,7 @@ class BulkKsm(KsmTunables):
                 self.unregister(mm)
             self.cursor, self.address = nxt, 0
             if nxt is self.head:
+                ksm_advisor.advisor_stop_scan(self, self.now_ms(), self.cpu_ns())
                 self.full_scans += 1
                 break
         self.pages_scanned += done
@@ -575,11 +391,17 @@ class BulkKsm(KsmTunables):
         """
         if knob == self.max_page_sharing:
             return
+        self.check_no_ksm_pages()
+        self.max_page_sharing = knob
+
+    def check_no_ksm_pages(self) -> None:
+        """What ``max_page_sharing_store`` and ``merge_across_nodes_store`` check first:
+        EBUSY at once while a stable node has sharers (``ksm_pages_shared``), else the
+        nodes of pages no longer mapped are removed, and EBUSY if a KSM page is mapped."""
         n = self.nodes.n
         if bool((self.nodes.count[:n][self.nodes.alive[:n]] > 0).any()) \
                 or self.remove_all_stable_nodes():
             raise kernel_error(errno.EBUSY, "KSM pages exist")
-        self.max_page_sharing = knob
 
     # --- whole-tree operations of the sysfs stores -------------------------------------------
     def break_ksm(self, rows: np.ndarray) -> None:
@@ -594,7 +416,7 @@ class BulkKsm(KsmTunables):
         self.tally.zero_mapped(old, -1)
         contents = np.where(old >= 0, self.frames.content[np.maximum(old, 0)], ZERO_CONTENT)
         self.unmap(old)
-        self.pages.frame[rows[ksm_page]] = self.new_frames(contents)
+        self.pages.frame[rows[ksm_page]] = self.new_frames(contents, rows[ksm_page])
 
     def remove_all_stable_nodes(self) -> int:
         """Remove every stable node whose KSM page is no longer mapped; EBUSY if one still is.
@@ -606,23 +428,24 @@ class BulkKsm(KsmTunables):
         """
         self.mutations += 1
         err = 0
-        stable = self.ctab.stable[:self.ctab.n]
-        for c in np.flatnonzero(stable != STABLE_NONE).tolist():
-            s = int(stable[c])
-            if s > STABLE_NONE:
-                if self.stale(s):
-                    self.remove_node(s)
-                else:
-                    err = errno.EBUSY
-                continue
-            chain = self.chains[c]
-            for d in list(chain.dups):
-                if self.stale(d):
-                    self.remove_node(d)
-                else:
-                    err = errno.EBUSY
-            if not chain.dups:
-                self.drop_chain(c, STABLE_NONE)
+        for ix in self.trees:
+            stable = ix.ctab.stable[:ix.ctab.n]
+            for c in np.flatnonzero(stable != STABLE_NONE).tolist():
+                s = int(stable[c])
+                if s > STABLE_NONE:
+                    if self.stale(s):
+                        self.remove_node(s)
+                    else:
+                        err = errno.EBUSY
+                    continue
+                chain = ix.chains[c]
+                for d in list(chain.dups):
+                    if self.stale(d):
+                        self.remove_node(d)
+                    else:
+                        err = errno.EBUSY
+                if not chain.dups:
+                    self.drop_chain(ix, c, STABLE_NONE)
         return err
 
     def unmerge_and_remove_all_rmap_items(self) -> int:
@@ -647,15 +470,17 @@ class BulkKsm(KsmTunables):
         return 0
 
     def set_merge_across_nodes(self, knob: int) -> None:
-        """``merge_across_nodes_store`` after parsing: only the value it has (1) is modelled."""
-        if knob != self.merge_across_nodes:
-            raise NotModelledError("the bulk engine models one NUMA node "
-                                   "(merge_across_nodes=1 only)")
+        """``merge_across_nodes_store`` after parsing; EBUSY while KSM pages exist, as for
+        ``max_page_sharing``.  Pages then go to their node's trees (0) or to node 0's (1);
+        unstable trees keep what they hold until the next full scan empties them."""
+        if knob == self.merge_across_nodes:
+            return
+        self.check_no_ksm_pages()
+        self.merge_across_nodes = knob
 
     def set_advisor_mode(self, scan_time: bool) -> None:
-        """Not modelled (the kernel's sysfs view hides the advisor's files)."""
-        raise NotModelledError("advisor_mode: the scan-time advisor is not modelled by the "
-                               "bulk engine; use SimKernel")
+        """``advisor_mode_store`` after parsing (:func:`ksmlab.ksm.advisor.set_advisor_mode`)."""
+        ksm_advisor.set_advisor_mode(self, scan_time)
 
     # --- counters --------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
@@ -663,25 +488,9 @@ class BulkKsm(KsmTunables):
         return sysfs_counters(self)
 
     def check(self) -> None:
-        """Recompute node counts from the items and compare (invariant check, O(pages))."""
-        pages, nodes = self.pages, self.nodes
-        st = pages.state[:pages.n] == STABLE
-        heads = pages.head[:pages.n][st]
-        live = heads[nodes.alive[heads]]
-        want = np.bincount(live, minlength=nodes.n)[:nodes.n]
-        have = np.where(nodes.alive[:nodes.n], nodes.count[:nodes.n], 0)
-        vm_bug_on(bool((want != have).any()), "bulk: node counts disagree with the items")
+        """The invariant check (:func:`ksmlab.bulk.invariants.check_bulk`, O(pages)), and
+        the counters kept against a count from scratch."""
+        check_bulk(self)
         vm_bug_on(self.tally.as_tuple() != count_columns(self),
                   f"bulk: counters kept {self.tally.as_tuple()} disagree with the columns "
                   f"{count_columns(self)}")
-        for c, chain in self.chains.items():
-            vm_bug_on(not chain.open <= set(chain.dups), f"bulk: chain {c} opens a stranger")
-            for d in chain.dups:
-                full_alive = nodes.count[d] >= self.max_page_sharing and not self.stale(d)
-                vm_bug_on(not full_alive and d not in chain.open,
-                          f"bulk: dup {d} of chain {c} has room or a freed page but is closed")
-            head = chain.dups[0] if chain.dups else -1  # emptied by exits: kept until searched
-            vm_bug_on(self.chain_cols.head[chain.id] != head
-                      or self.chain_cols.ndups[chain.id] != len(chain.dups)
-                      or self.chain_cols.others_open[chain.id] != len(chain.open - {head}),
-                      f"bulk: chain {c} and its columns disagree")

@@ -1,15 +1,16 @@
 """BulkKernel: the bulk engine behind the same calls as SimKernel, for big hosts.
 
 :class:`BulkKernel` models what ksmd does to many processes' anonymous
-memory, with its state in numpy columns (about 30 bytes per simulated page
+memory, with its state in numpy columns (about 40 bytes per simulated page
 instead of SimKernel's kilobytes) and a vectorised scan.  It offers the part
 of the :class:`ksmlab.api.Kernel` interface that such workloads use: spawn,
-mmap of anonymous private memory, whole-page writes (as bytes, or as content
-ids for speed), MADV_MERGEABLE / MADV_UNMERGEABLE, prctl(PR_SET_MEMORY_MERGE /
-PR_GET_MEMORY_MERGE), fork, exec, exit, ksm_stat, the sysfs files of the
-knobs and counters it models, and ksmd on the same virtual clock and cost
-model as SimKernel.  Anything else raises NotModelledError naming the call;
-SimKernel remains the reference for the whole interface.
+mmap of anonymous private memory (on a chosen NUMA node), munmap, mprotect,
+whole-page writes (as bytes, or as content ids for speed), MADV_MERGEABLE /
+MADV_UNMERGEABLE, prctl(PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE), fork,
+exec, exit, ksm_stat, every file of /sys/kernel/mm/ksm (the scan-time advisor
+and ``merge_across_nodes`` included), and ksmd on the same virtual clock and
+cost model as SimKernel.  Anything else raises NotModelledError naming the
+call; SimKernel remains the reference for the whole interface.
 Arguments are checked as :mod:`ksmlab.argcheck` says, like SimKernel's.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Sequence
-from typing import NoReturn, Self
+from typing import ClassVar, NoReturn, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -27,9 +28,11 @@ from ksmlab.api import SmapsEntry
 from ksmlab.bulk.columns import ABSENT, KSM_ZERO, NO_FRAME, STABLE
 from ksmlab.bulk.content import NEW_CONTENT, ZERO_CONTENT, ContentTable
 from ksmlab.bulk.engine import BulkKsm
+from ksmlab.bulk.hooks import KsmHooks
 from ksmlab.bulk.mm import BulkMm, Segment
 from ksmlab.bulk.vector import VectorKsm
 from ksmlab.bulk.writes import checked_writes, name_new_distinct, store_pages
+from ksmlab.capabilities import Capability
 from ksmlab.constants import (
     MADV_MERGEABLE,
     MADV_UNMERGEABLE,
@@ -39,31 +42,29 @@ from ksmlab.constants import (
     PAGE_SIZE,
     PR_GET_MEMORY_MERGE,
     PR_SET_MEMORY_MERGE,
+    PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
     TASK_SIZE,
 )
 from ksmlab.errors import NotModelledError, ProcessExitedError, kernel_error
+from ksmlab.kernel import MAX_NUMNODES
 from ksmlab.ksm.counters import ksm_process_profit
 from ksmlab.ksm.defaults import DEFAULT_KSMD_BATCH_NS, DEFAULT_KSMD_PAGE_NS
 from ksmlab.ksm.ksmd import Ksmd, KsmdCost
-from ksmlab.ksm.sysfs import ADVISOR_FILES, KsmSysfs
+from ksmlab.ksm.sysfs import KsmSysfs
 from ksmlab.mm.madvise import UNMODELLED_ADVICE, madvise_behavior_valid, madvise_check
-from ksmlab.mm.mmap import page_align
+from ksmlab.mm.mmap import PROT_GROWSDOWN, mprotect_args, munmap_end, page_align
 from ksmlab.mm.page import fingerprint
 
-UNMODELLED_FILES = {name: "the scan-time advisor is not modelled by the bulk engine; use SimKernel"
-                    for name in ADVISOR_FILES}
-"""The files of the kernel's /sys/kernel/mm/ksm the bulk engine does not model, and why.
-
-Reading or writing one raises NotModelledError; the others answer as
-SimKernel's, from the same attribute table (:class:`ksmlab.ksm.sysfs.KsmSysfs`).
-The engine also refuses with NotModelledError the values it cannot take
-(``merge_across_nodes=0``: see :class:`~ksmlab.bulk.engine.BulkKsm`).
+UNMODELLED_FILES: dict[str, str] = {}
+"""The files of the kernel's /sys/kernel/mm/ksm the bulk engine does not model, and why:
+none now.  Reading or writing one would raise NotModelledError; every file answers
+as SimKernel's, from the same attribute table (:class:`ksmlab.ksm.sysfs.KsmSysfs`).
 """
 
 
-class BulkKernel:
+class BulkKernel(KsmHooks):
     """A machine simulated by the bulk engine (see the module doc).
 
     Attributes:
@@ -72,17 +73,31 @@ class BulkKernel:
         contents: content ids of this machine's pages.
         sysfs: /sys/kernel/mm/ksm: SimKernel's table, less :data:`UNMODELLED_FILES`.
         processes: live processes by pid.
+        numa_nodes: NUMA nodes (pages are placed with ``mmap(node=)``, as SimKernel's).
     """
 
-    def __init__(self, *, vectorize: bool = True, seed: int = 0,
+    MODELS: ClassVar[frozenset[Capability]] = frozenset({
+        Capability.MMAP, Capability.WRITE, Capability.MADV_MERGEABLE,
+        Capability.MADV_UNMERGEABLE, Capability.PR_SET_MEMORY_MERGE, Capability.FORK,
+        Capability.EXIT, Capability.EXEC, Capability.MUNMAP, Capability.MPROTECT,
+        Capability.KSM_STAT, Capability.RUN_UNMERGE, Capability.NUMA, Capability.ADVISOR,
+    })
+    """What this engine models (:mod:`ksmlab.capabilities`): add a capability here when
+    the engine implements it; everything else raises NotModelledError.  The scenario
+    pre-flight reads this, and tests/test_preflight.py holds it to what the engine does."""
+
+    def __init__(self, *, vectorize: bool = True, seed: int = 0, numa_nodes: int = 1,
                  ksmd_batch_ns: int = DEFAULT_KSMD_BATCH_NS,
                  ksmd_page_ns: int = DEFAULT_KSMD_PAGE_NS) -> None:
         vectorize = argcheck.flag("vectorize", vectorize)
         seed = argcheck.count("seed", seed)
+        numa_nodes = argcheck.count("numa_nodes", numa_nodes, minimum=1, maximum=MAX_NUMNODES)
         cost = KsmdCost.checked(ksmd_batch_ns, ksmd_page_ns)
+        self.numa_nodes = numa_nodes
         self.contents = ContentTable(seed)
         engine = VectorKsm if vectorize else BulkKsm
-        self.ksm: BulkKsm = engine(self.contents, now_ms=lambda: self.ksmd.now_ms())
+        self.ksm: BulkKsm = engine(self.contents, now_ms=lambda: self.ksmd.now_ms(),
+                                   cpu_ns=lambda: self.ksmd.cpu_ns, numa_nodes=numa_nodes)
         self.ksm.sync_contents()
         self.ksmd = Ksmd(self.ksm, cost)
         self.ksm.wake_ksmd = self.ksmd.wake_up
@@ -155,7 +170,8 @@ class BulkKernel:
         (:mod:`ksmlab.bulk.writes`).  The three are flat sequences or arrays of ints
         of one length (TypeError, ValueError); every pid is a live process's, every
         address page aligned and every id one of :attr:`contents` (ValueError); a page
-        not mapped is OSError(EFAULT).  Nothing is written unless all of it can be.
+        not mapped, or without PROT_WRITE, is OSError(EFAULT).  Nothing is written unless
+        all of it can be.
         """
         rows, ids = checked_writes(self, pids, addrs, cids)
         if len(rows):
@@ -165,7 +181,7 @@ class BulkKernel:
     def memory_bytes(self) -> int:
         """Bytes held by the engine's arrays (their capacity)."""
         ksm = self.ksm
-        return (ksm.pages.nbytes() + ksm.frames.nbytes() + ksm.ctab.nbytes()
+        return (ksm.pages.nbytes() + ksm.frames.nbytes() + sum(ix.ctab.nbytes() for ix in ksm.trees)
                 + ksm.nodes.nbytes() + int(self.contents.checksum.nbytes))
 
     def spawn(self) -> BulkProcess:
@@ -188,84 +204,6 @@ class BulkKernel:
     def wait_full_scans(self, n: int = 1, *, timeout: float | None = None) -> None:
         """Advance virtual time until ``full_scans`` has grown by *n* (see SimKernel)."""
         self.ksmd.wait_full_scans(n, timeout=timeout)
-
-    # --- KSM entry points --------------------------------------------------------------------
-    def ksm_enter(self, mm: BulkMm) -> None:
-        """Register *mm* just behind ksmd's cursor (``__ksm_enter``)."""
-        needs_wakeup = self.ksm.list_empty()
-        mm.list_add_before(self.ksm.cursor)
-        mm.registered = True
-        if needs_wakeup:
-            self.ksmd.wake_up()
-
-    def ksm_exit(self, mm: BulkMm) -> None:
-        """``__ksm_exit``: unregister at once if ksmd holds nothing of *mm*, else leave it to ksmd."""
-        if not mm.registered or self.ksm.cursor is mm:
-            return
-        pages = self.ksm.pages
-        if not any(bool((pages.state[s.row:s.row + s.pages] != ABSENT).any())
-                   for s in mm.segments):
-            self.ksm.unregister(mm)
-        else:
-            mm.list_del()
-            mm.list_add_after(self.ksm.cursor)
-
-    def ksm_execve(self, mm: BulkMm) -> None:
-        """Exec hook: register the new *mm* of a merge-any process (``ksm_execve``)."""
-        if mm.merge_any:
-            self.ksm_enter(mm)
-
-    def ksm_vma_flags(self, mm: BulkMm) -> bool:
-        """Whether a new mapping of *mm* is born mergeable (``ksm_vma_flags``): under
-        merge-any, registering *mm* again if ksmd dropped its slot (6.18)."""
-        if not mm.merge_any:
-            return False
-        if not mm.registered:
-            self.ksm_enter(mm)
-        return True
-
-    def ksm_enable_merge_any(self, mm: BulkMm) -> None:
-        """prctl(PR_SET_MEMORY_MERGE, 1) (``ksm_enable_merge_any``): nothing if already on
-        (mappings unmarked since stay so); else register *mm* and mark every mapping."""
-        if mm.merge_any:
-            return
-        if not mm.registered:
-            self.ksm_enter(mm)
-        mm.merge_any = True
-        self.ksm.mutations += 1
-        for seg in mm.segments:  # ksm_add_vmas: every mapping here is KSM-compatible
-            self.ksm.pages.mergeable[seg.row:seg.row + seg.pages] = True
-
-    def ksm_disable_merge_any(self, mm: BulkMm) -> None:
-        """prctl(PR_SET_MEMORY_MERGE, 0) (``ksm_disable_merge_any``): nothing if off; else
-        every mergeable page, madvised ones too, is unmerged and unmarked.  The mm stays on
-        ksmd's list until ksmd finds nothing mergeable in it."""
-        if not mm.merge_any:
-            return
-        self.ksm.mutations += 1
-        rows = mm_rows(mm)
-        rows = rows[self.ksm.pages.mergeable[rows]]
-        self.ksm.break_ksm(rows)  # ksm_del_vmas; no allocation fails here, so no ENOMEM
-        self.ksm.pages.mergeable[rows] = False
-        mm.merge_any = False
-
-    def mmput(self, mm: BulkMm) -> None:
-        """The address space *mm* goes (exit, or exec's old mm): KSM's exit hook, then
-        every page is unmapped; ksmd frees the items it still holds when it gets there."""
-        self.ksm.mutations += 1
-        mm.exiting = True
-        self.ksm_exit(mm)
-        for seg in mm.segments:
-            sl = slice(seg.row, seg.row + seg.pages)
-            self.ksm.unmap(self.ksm.pages.frame[sl])
-            self.ksm.tally.zero_mapped(self.ksm.pages.frame[sl], -1)
-            self.ksm.pages.frame[sl] = NO_FRAME
-
-
-def mm_rows(mm: BulkMm) -> npt.NDArray[np.int64]:
-    """The page rows of every mapping of *mm*, in address order."""
-    return np.concatenate([np.arange(s.row, s.row + s.pages, dtype=np.int64)
-                           for s in mm.segments] or [np.zeros(0, np.int64)])
 
 
 def _int_array(values: Sequence[object]) -> npt.NDArray[np.int64] | None:
@@ -314,12 +252,14 @@ class BulkProcess:
         """Map *length* bytes of anonymous private memory, top-down like SimKernel.
 
         Only read-write anonymous private mappings placed by the kernel
-        (``addr=0``) are modelled, on the one NUMA node (``node`` None or 0);
+        (``addr=0``) are modelled; their pages are allocated on NUMA node
+        *node* (None: node 0), which must exist (ValueError, as SimKernel);
         ``offset`` is checked and ignored, as Linux does for them.  Anything
         else is NotModelledError; errnos are SimKernel's.
         """
+        k = self.kernel
         args = argcheck.mmap_args(length, prot, flags, addr, node, path, offset, vm_flags,
-                                  lambda: range(1))
+                                  lambda: range(k.numa_nodes))
         self._check_alive()
         if (args.prot != PROT_READ | PROT_WRITE or args.flags != MAP_PRIVATE | MAP_ANONYMOUS
                 or args.addr or args.path is not None or args.vm_flags):
@@ -335,21 +275,85 @@ class BulkProcess:
         size = page_align(args.length)
         if size > TASK_SIZE:
             raise kernel_error(errno.ENOMEM, f"mmap length {args.length:#x}")
-        mm = self.mm
-        top = mm.segments[0].addr if mm.segments else mm.mmap_base
-        start = top - size
-        if start < 16 * PAGE_SIZE:  # get_unmapped_area's floor, as SimKernel's
-            raise kernel_error(errno.ENOMEM, "no room in the address space")
-        try:
-            row = self.kernel.ksm.pages.append(size >> PAGE_SHIFT)
-        except (MemoryError, ValueError):  # numpy could not allocate the rows: nothing changed
-            raise kernel_error(errno.ENOMEM, f"no memory for {size >> PAGE_SHIFT} page rows "
-                               f"in the bulk engine") from None
+        start = self.mm.unmapped_area(size)  # SimKernel's placement: gaps are reused
+        new = self.mm.map_area(start, size >> PAGE_SHIFT, self._new_rows)
         self.kernel.ksm.mutations += 1
-        if self.kernel.ksm_vma_flags(mm):
-            self.kernel.ksm.pages.mergeable[row:row + (size >> PAGE_SHIFT)] = True
-        mm.segments.insert(0, Segment(start, row, size >> PAGE_SHIFT))
+        pages = self.kernel.ksm.pages
+        mergeable = self.kernel.ksm_vma_flags(self.mm)
+        for row, n in new:  # fresh rows and rows taken over from ghosts alike
+            sl = slice(row, row + n)
+            pages.mergeable[sl] = mergeable
+            if self.kernel.numa_nodes > 1:
+                pages.nid[sl] = args.node or 0
         return start
+
+    def _new_rows(self, n: int) -> int:
+        """*n* fresh page rows (the first); OSError(ENOMEM), changing nothing, if numpy
+        cannot allocate them."""
+        try:
+            return self.kernel.ksm.pages.append(n)
+        except (MemoryError, ValueError):
+            raise kernel_error(errno.ENOMEM, f"no memory for {n} page rows "
+                               f"in the bulk engine") from None
+
+    def munmap(self, addr: int, length: int) -> None:
+        """munmap(2), with SimKernel's checks and errnos (``do_vmi_munmap``).
+
+        The pages go at once (frames' mapcounts drop, a KSM page mapped
+        nowhere else is freed, KSM zero pages stop counting); their
+        rmap_items stay, as on Linux, until ksmd's walk passes their
+        addresses (see :mod:`ksmlab.bulk.mm`).  Model choice:
+        ``vm.max_map_count`` is not modelled (the engine keeps no vmas), so
+        no split fails with ENOMEM.
+        """
+        addr, length = argcheck.ulong("addr", addr), argcheck.ulong("length", length)
+        self._check_alive()
+        end = munmap_end(addr, length)
+        gone = self.mm.unmap(addr, end)
+        if not gone:
+            return
+        ksm = self.kernel.ksm
+        ksm.mutations += 1
+        pages = ksm.pages
+        for seg in gone:
+            sl = slice(seg.row, seg.row + seg.pages)
+            ksm.unmap(pages.frame[sl])
+            ksm.tally.zero_mapped(pages.frame[sl], -1)
+            pages.frame[sl] = NO_FRAME
+            pages.mergeable[sl] = False
+            if bool((pages.state[sl] != ABSENT).any()):
+                self.mm.add_ghost(seg)
+
+    def mprotect(self, addr: int, length: int, prot: int) -> None:
+        """mprotect(2), with SimKernel's checks and errnos (``do_mprotect_pkey``).
+
+        KSM sees no change (it never makes a KSM page writable, nor unmerges
+        one); a write to a page without PROT_WRITE is EFAULT unless forced.
+        As on Linux, over a hole the mapped part before it is changed, then
+        OSError(ENOMEM) is raised.  No mapping here grows down, so
+        PROT_GROWSDOWN and PROT_GROWSUP are EINVAL on a mapped start.
+        """
+        addr, length = argcheck.ulong("addr", addr), argcheck.ulong("length", length)
+        prot = argcheck.cint("prot", prot)
+        self._check_alive()
+        checked = mprotect_args(addr, length, prot)
+        if checked is None:
+            return
+        end, bits, grows = checked
+        mm = self.mm
+        pieces, _hole = mm.pieces(addr, end)
+        if not pieces:
+            raise kernel_error(errno.ENOMEM, f"{addr:#x} is not mapped")
+        if grows == PROT_GROWSDOWN:
+            raise kernel_error(errno.EINVAL, "PROT_GROWSDOWN on an area that does not grow")
+        if pieces[0][0] > addr:
+            raise kernel_error(errno.ENOMEM, f"{addr:#x} is not mapped")
+        if grows:
+            raise kernel_error(errno.EINVAL, "PROT_GROWSUP: x86-64 has no VM_GROWSUP area")
+        stop = mm.mapped_from(addr, end)
+        mm.protect(addr, stop, bits & (PROT_READ | PROT_WRITE | PROT_EXEC))
+        if stop < end:
+            raise kernel_error(errno.ENOMEM, f"{stop:#x} is not mapped")
 
     def _rows(self, addr: int, length: int) -> npt.NDArray[np.int64]:
         pieces = self.mm.rows(addr, length)
@@ -360,19 +364,22 @@ class BulkProcess:
 
     def _check_access(self, addr: int, length: int, force: bool) -> None:
         """OSError(EFAULT), or EIO when forced, unless [addr, addr+length) is all mapped
-        (every mapping of the engine is read-write), as SimKernel's write."""
-        _pieces, hole = self.mm.pieces(addr & ~(PAGE_SIZE - 1), page_align(addr + length))
-        if hole:
+        and writable, as SimKernel's write: a forced write (/proc/PID/mem) needs only
+        a private mapping, which every mapping here is."""
+        if not self.mm.all_have(addr & ~(PAGE_SIZE - 1), page_align(addr + length),
+                                0 if force else PROT_WRITE):
+            what = "mapped" if force else "mapped and writable"
             raise kernel_error(errno.EIO if force else errno.EFAULT,
-                               f"[{addr:#x}, {addr + length:#x}) is not all mapped")
+                               f"[{addr:#x}, {addr + length:#x}) is not all {what}")
 
     def write(self, addr: int, data: bytes, *, force: bool = False) -> None:
         """Store whole pages of *data* at *addr* (their content is fingerprinted).
 
         As SimKernel's write in fingerprint mode: a write of part of a page is
         NotModelledError; an unmapped page in the range is OSError(EFAULT), or
-        OSError(EIO) with ``force=True`` (otherwise the same write: every
-        mapping here is writable); nothing is written then.
+        OSError(EIO) with ``force=True``, and so is a page without PROT_WRITE
+        unless forced (/proc/PID/mem writes to any private mapping); nothing
+        is written then.
         """
         addr = argcheck.ulong("addr", addr)
         data = argcheck.buffer("data", data)
@@ -400,7 +407,7 @@ class BulkProcess:
         *addr* must be page aligned (ValueError) and *ids* a flat sequence or
         integer array (TypeError) of ids of this kernel's ContentTable, or
         :data:`~ksmlab.bulk.content.NEW_CONTENT` for new random data
-        (ValueError otherwise).  An unmapped page in the range is
+        (ValueError otherwise).  An unmapped page or one without PROT_WRITE in the range is
         OSError(EFAULT), and nothing is written then.
         """
         addr = argcheck.ulong("addr", addr)
@@ -468,7 +475,7 @@ class BulkProcess:
         ksm.cow_ksm += int(np.count_nonzero(ksm.frames.knode[frames[ok]] >= 0))
         ksm.tally.zero_mapped(frames, -1)
         ksm.unmap(frames[copy])
-        ksm.pages.frame[rows[copy]] = ksm.new_frames(cids[copy])
+        ksm.pages.frame[rows[copy]] = ksm.new_frames(cids[copy], rows[copy])
 
     def _write_one(self, row: int, cid: int) -> None:
         """_store for one page, without array overheads (a COW storm is many of these)."""
@@ -491,6 +498,8 @@ class BulkProcess:
         new = frames.append(1)
         frames.content[new] = cid
         frames.mapcount[new] = 1
+        if ksm.numa_nodes > 1:
+            frames.nid[new] = ksm.pages.nid[row]  # the mapping's node, as a fault allocates
         ksm.pages.frame[row] = new
 
     def madvise(self, addr: int, length: int, advice: int) -> None:
@@ -568,9 +577,11 @@ class BulkProcess:
             ksm.pages.frame[row:row + seg.pages] = src
             ksm.pages.mergeable[row:row + seg.pages] = ksm.pages.mergeable[seg.row:seg.row
                                                                            + seg.pages]
+            if ksm.numa_nodes > 1:  # the child's mapping keeps the parent's policy
+                ksm.pages.nid[row:row + seg.pages] = ksm.pages.nid[seg.row:seg.row + seg.pages]
             np.add.at(ksm.frames.mapcount, src[src >= 0], 1)
             ksm.tally.zero_mapped(src)
-            child.mm.segments.append(Segment(seg.addr, row, seg.pages))
+            child.mm.segments.append(Segment(seg.addr, row, seg.pages, seg.prot))
         if self.mm.registered:
             k.ksm_enter(child.mm)
         return child
@@ -620,7 +631,7 @@ class BulkProcess:
         self._check_alive()
         ksm = self.kernel.ksm
         items = merging = zero = 0
-        for seg in self.mm.segments:
+        for seg in self.mm.ranges():
             sl = slice(seg.row, seg.row + seg.pages)
             state = ksm.pages.state[sl]
             items += int(np.count_nonzero(state))
@@ -636,18 +647,6 @@ class BulkProcess:
         return int(self.ksm_stat()["ksm_merging_pages"])
 
     # --- the calls the engine does not model: checked like SimKernel's, then NotModelledError ---
-    def munmap(self, addr: int, length: int) -> None:
-        """Not modelled: NotModelledError (after SimKernel's argument checks)."""
-        argcheck.ulong("addr", addr), argcheck.ulong("length", length)
-        self._check_alive()
-        self._unmodelled("munmap")
-
-    def mprotect(self, addr: int, length: int, prot: int) -> None:
-        """Not modelled: NotModelledError (after SimKernel's argument checks)."""
-        argcheck.ulong("addr", addr), argcheck.ulong("length", length)
-        argcheck.cint("prot", prot)
-        self._check_alive()
-        self._unmodelled("mprotect")
 
     def read(self, addr: int, length: int, *, force: bool = False) -> bytes:
         """Not modelled (no page bytes are kept): NotModelledError; see :meth:`content_ids`."""

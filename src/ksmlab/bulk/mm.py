@@ -4,34 +4,86 @@ A :class:`BulkMm` is a process's address space reduced to what ksmd walks:
 its anonymous private mappings (segments), in address order, each a range of
 consecutive rows of :class:`ksmlab.bulk.columns.PageCols`.  It is also a slot
 of ksmd's circular scan list (``ksm_mm_slot``).
+
+Segments are not vmas: the engine keeps no vma flags, so it never merges
+them as the kernel merges vmas, and a mapping may be cut into several
+segments (by munmap, mprotect, or rows taken over from a :class:`Ghost`).
+Only the mapped addresses, each page's row and each segment's protection
+are observable, and those are the kernel's.
+
+munmap leaves each unmapped page's rmap_item where it was, as the kernel
+leaves it on the mm's list (keyed by address) until ksmd's walk passes that
+address: the unmapped rows that still hold items are kept as *ghosts*, in
+address order.  ksmd's walk frees their items as it passes them; a later
+mmap at those addresses takes their rows over, so a page mapped there again
+finds its old item, as the kernel's walk would.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import heapq
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
-from ksmlab.constants import PAGE_SHIFT, PAGE_SIZE
+from ksmlab.constants import PAGE_SHIFT, PAGE_SIZE, PROT_READ, PROT_WRITE
 from ksmlab.ksm.types import ListHead
+from ksmlab.mm.mmap import unmapped_area_topdown
 
 
 @dataclass(slots=True)
 class Segment:
-    """One anonymous private mapping.
+    """A run of consecutive rows mapped at consecutive addresses.
 
     Attributes:
         addr: its first virtual address.
         row: row of its first page in the page table.
         pages: its length in pages.
+        prot: its PROT_READ/PROT_WRITE/PROT_EXEC bits (mmap: read-write; mprotect).
     """
 
     addr: int
     row: int
     pages: int
+    prot: int = PROT_READ | PROT_WRITE
 
     @property
     def end(self) -> int:
-        """First address after the mapping."""
+        """First address after the segment."""
         return self.addr + (self.pages << PAGE_SHIFT)
+
+
+@dataclass(slots=True)
+class Ghost(Segment):
+    """Unmapped rows some of which still hold an rmap_item (see the module doc); ``prot`` unused."""
+
+
+S = TypeVar("S", bound=Segment)
+
+
+def _first_ending_after(ranges: list[S], addr: int) -> int:
+    """Index of the first range of *ranges* (sorted, disjoint) that ends after *addr*."""
+    return bisect_right(ranges, addr, key=lambda s: s.end)
+
+
+def _split(ranges: list[S], addr: int) -> int:
+    """Cut the range of *ranges* holding *addr* in its middle there; return the index
+    of the first range at or above *addr*."""
+    i = _first_ending_after(ranges, addr)
+    if i < len(ranges) and ranges[i].addr < addr:
+        seg = ranges[i]
+        k = (addr - seg.addr) >> PAGE_SHIFT
+        ranges.insert(i + 1, replace(seg, addr=addr, row=seg.row + k, pages=seg.pages - k))
+        seg.pages = k
+        return i + 1
+    return i
+
+
+def _cut(ranges: list[S], start: int, end: int) -> tuple[int, int]:
+    """Split *ranges* at *start* and *end*; return the slice [i, j) of those inside."""
+    i = _split(ranges, start)
+    return i, _split(ranges, end)
 
 
 class BulkMm(ListHead):
@@ -40,6 +92,8 @@ class BulkMm(ListHead):
     Attributes:
         id: identity (the process's pid).
         segments: mappings sorted by address.
+        ghosts: unmapped rows that still hold rmap_items, sorted by address,
+            disjoint from the segments (see the module doc).
         exiting: the process exited (``ksm_test_exit``); ksmd reaps the slot.
         registered: MMF_VM_MERGEABLE: the mm is on ksmd's list.
         merge_any: MMF_VM_MERGE_ANY: prctl(PR_SET_MEMORY_MERGE) is in effect (fork and
@@ -48,7 +102,7 @@ class BulkMm(ListHead):
         mmap_base: mappings are placed top-down below this address, as SimKernel does.
     """
 
-    __slots__ = ("exiting", "id", "merge_any", "mmap_base", "registered", "segments")
+    __slots__ = ("exiting", "ghosts", "id", "merge_any", "mmap_base", "registered", "segments")
     prev: BulkMm
     next: BulkMm
 
@@ -56,10 +110,123 @@ class BulkMm(ListHead):
         super().__init__()
         self.id = mm_id
         self.segments: list[Segment] = []
+        self.ghosts: list[Ghost] = []
         self.exiting = False
         self.registered = False
         self.merge_any = False
         self.mmap_base = 0x7F0000000000
+
+    def ranges(self) -> list[Segment]:
+        """The segments and the ghosts: every row that can hold an rmap_item of this mm."""
+        return [*self.segments, *self.ghosts] if self.ghosts else self.segments
+
+    def in_address_order(self) -> Iterable[Segment]:
+        """Segments and ghosts merged in address order (the order of ksmd's walk)."""
+        if not self.ghosts:
+            return self.segments
+        return list(heapq.merge(self.segments, self.ghosts, key=lambda s: s.addr))
+
+    def drop_passed_ghosts(self) -> None:
+        """Forget ghosts whose items ksmd's walk has all freed (trimmed to 0 pages)."""
+        self.ghosts = [g for g in self.ghosts if g.pages]
+
+    # --- mmap, munmap, mprotect ---------------------------------------------------------------
+    def unmapped_area(self, size: int) -> int:
+        """Where mmap puts *size* bytes (SimKernel's top-down placement); KernelError(ENOMEM)."""
+        return unmapped_area_topdown(((s.addr, s.end) for s in reversed(self.segments)),
+                                     self.mmap_base, size)
+
+    def map_area(self, start: int, pages: int,
+                 alloc: Callable[[int], int]) -> list[tuple[int, int]]:
+        """Map *pages* pages at the unmapped *start*; return its rows as (first row, count)
+        runs, for the caller to give them the new mapping's attributes.
+
+        Ghost rows there are taken over, items and all (munmap left them
+        mapping nothing and not mergeable, as a new mapping's rows are); the
+        other pages get fresh rows, from one ``alloc(count)`` call (it returns
+        the first row; it may raise, before anything has changed).  The runs
+        are taken before the new segments are joined to their neighbours,
+        whose rows they may continue.
+        """
+        end = start + (pages << PAGE_SHIFT)
+        ghosts = self.ghosts
+        lo = _first_ending_after(ghosts, start)
+        hi = bisect_left(ghosts, end, key=lambda g: g.addr)
+        taken = sum((min(end, g.end) - max(start, g.addr)) >> PAGE_SHIFT for g in ghosts[lo:hi])
+        fresh = alloc(pages - taken) if pages > taken else 0
+        i, j = _cut(ghosts, start, end)
+        reused = ghosts[i:j]
+        del ghosts[i:j]
+        new: list[Segment] = []
+        pos = start
+        for g in [*reused, None]:
+            stop = end if g is None else g.addr
+            if stop > pos:  # a hole between ghosts: fresh rows
+                n = (stop - pos) >> PAGE_SHIFT
+                new.append(Segment(pos, fresh, n))
+                fresh += n
+            if g is not None:
+                new.append(Segment(g.addr, g.row, g.pages))
+                pos = g.end
+        runs = [(seg.row, seg.pages) for seg in new]
+        k = _first_ending_after(self.segments, start)
+        self.segments[k:k] = new
+        self._coalesce(k - 1, k + len(new) + 1)
+        return runs
+
+    def unmap(self, start: int, end: int) -> list[Segment]:
+        """Take the mapped parts of [start, end) out of the segments and return them."""
+        i, j = _cut(self.segments, start, end)
+        gone = self.segments[i:j]
+        del self.segments[i:j]
+        return gone
+
+    def add_ghost(self, seg: Segment) -> None:
+        """Keep the unmapped *seg*'s rows as a ghost (their items stay for ksmd)."""
+        k = bisect_left(self.ghosts, seg.addr, key=lambda g: g.addr)
+        self.ghosts.insert(k, Ghost(seg.addr, seg.row, seg.pages))
+
+    def mapped_from(self, start: int, end: int) -> int:
+        """The end of the mapped run of [start, end) that begins at *start* (start if none)."""
+        pos = start
+        for seg in self.segments[_first_ending_after(self.segments, start):]:
+            if seg.addr > pos or pos >= end:
+                break
+            pos = min(end, seg.end)
+        return pos
+
+    def protect(self, start: int, end: int, prot: int) -> None:
+        """Give the mapped [start, end) the protection *prot*."""
+        i, j = _cut(self.segments, start, end)
+        for seg in self.segments[i:j]:
+            seg.prot = prot
+        self._coalesce(i - 1, j + 1)
+
+    def _coalesce(self, lo: int, hi: int) -> None:
+        """Join neighbours among segments [lo, hi) that continue each other (rows and prot)."""
+        segs = self.segments
+        k = max(lo, 0)
+        hi = min(hi, len(segs))
+        while k + 1 < hi:
+            a, b = segs[k], segs[k + 1]
+            if a.end == b.addr and a.row + a.pages == b.row and a.prot == b.prot:
+                a.pages += b.pages
+                del segs[k + 1]
+                hi -= 1
+            else:
+                k += 1
+
+    # --- lookups --------------------------------------------------------------------------------
+    def all_have(self, start: int, end: int, prot: int) -> bool:
+        """Whether [start, end) is all mapped, by segments that all have the bits *prot*."""
+        pos = start
+        for seg in self.segments[_first_ending_after(self.segments, start):]:
+            if pos >= end or seg.addr > pos:
+                break
+            if seg.prot & prot != prot:
+                return False
+            pos = seg.end
+        return pos >= end
 
     def pieces(self, start: int, end: int) -> tuple[list[tuple[int, int, int]], bool]:
         """The mapped parts of [start, end) (page aligned) as (address, first row, pages),
@@ -67,9 +234,7 @@ class BulkMm(ListHead):
         out: list[tuple[int, int, int]] = []
         pos = start
         hole = False
-        for seg in self.segments:
-            if seg.end <= pos:
-                continue
+        for seg in self.segments[_first_ending_after(self.segments, start):]:
             if seg.addr >= end:
                 break
             if seg.addr > pos:
@@ -90,10 +255,8 @@ class BulkMm(ListHead):
             raise ValueError(msg)
         out: list[tuple[int, int, int]] = []
         pos, end = addr, addr + length
-        for seg in self.segments:
-            if seg.end <= pos or seg.addr >= end:
-                continue
-            if seg.addr > pos:
+        for seg in self.segments[_first_ending_after(self.segments, addr):]:
+            if seg.addr >= end or seg.addr > pos:
                 break
             stop = min(end, seg.end)
             first = (pos - seg.addr) >> PAGE_SHIFT

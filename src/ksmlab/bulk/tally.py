@@ -90,6 +90,15 @@ class Tally:
         if count[d] == 0:
             self.shared -= 1
 
+    def leave(self, count: npt.NDArray[np.int32], nodes: npt.NDArray[Any],
+              items: npt.NDArray[Any]) -> None:
+        """``items[i]`` items fewer on each of the distinct live *nodes*."""
+        if not len(nodes):
+            return
+        count[nodes] -= items.astype(count.dtype)
+        self.sharers -= int(items.sum())
+        self.shared -= int(np.count_nonzero(count[nodes] == 0))
+
     def new_nodes(self, n: int, sharers: int) -> None:
         """*n* new live nodes of *sharers* items each (``merge_two`` of *n* pairs)."""
         self.sharers += n * sharers

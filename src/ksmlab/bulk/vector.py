@@ -20,7 +20,9 @@ that with numpy:
    aged, checksums updated, and the pages whose checksum held grouped by
    content.  Groups of one page, and groups of two with nothing in either
    tree, are merged or inserted all at once; larger groups run a short loop
-   that merges whole runs of pages into one KSM page at a time.
+   that merges whole runs of pages into one KSM page at a time.  Under
+   ``merge_across_nodes=0`` the groups are formed per NUMA node, each in its
+   node's trees (:mod:`ksmlab.bulk.trees`).
 
 Tests check that this path and the per-page path leave identical state.
 """
@@ -41,6 +43,7 @@ from ksmlab.bulk.columns import (
 )
 from ksmlab.bulk.content import ZERO_CONTENT
 from ksmlab.bulk.engine import BulkKsm
+from ksmlab.bulk.trees import TreeIndex
 from ksmlab.errors import vm_bug_on
 from ksmlab.ksm.defaults import AGE_MAX
 from ksmlab.ksm.scan import skip_age
@@ -117,6 +120,31 @@ class VectorKsm(BulkKsm):
         if cut > start:
             self._regular(first + start, first + cut, visit[start:], skip[start:], elig[start:])
         return visited, cut
+
+    def free_items(self, first: int, count: int) -> None:
+        """BulkKsm.free_items with array operations (a munmap of a terabyte leaves that many
+        items for ksmd to free).
+
+        Freeing items of one node commutes with freeing another's: a stale
+        node is removed once (its other items find it dead), a live node loses
+        one sharer per item and is reopened in its chain.
+        """
+        sl = slice(first, first + count)
+        state = self.pages.state[sl]
+        stable = state == STABLE
+        if bool(stable.any()):
+            heads = self.pages.head[sl]
+            live = heads[stable][self.nodes.alive[heads[stable]]]
+            if len(live):
+                nodes, items = np.unique(live, return_counts=True)
+                stale = self.frames.mapcount[self.nodes.kframe[nodes]] == 0
+                for d in nodes[stale].tolist():
+                    self.remove_node(d)
+                keep = nodes[~stale]
+                self.tally.leave(self.nodes.count, keep, items[~stale])
+                self.reopen(keep.tolist())
+            heads[stable] = -1
+        self.tally.restate(state, state != ABSENT, ABSENT)
 
     def _regular(self, lo: int, hi: int, visit: npt.NDArray[np.bool_],
                  skip: npt.NDArray[np.bool_], elig: npt.NDArray[np.bool_]) -> None:
@@ -199,33 +227,48 @@ class VectorKsm(BulkKsm):
                 self.merge_unchanged(g, int(self.pages.frame[g]), merge[g])
 
     def _merge_groups(self, rows: Rows, fr: Rows, content: Rows) -> None:
-        """``merge_unchanged`` for each row, grouped by content, each group in scan order."""
+        """``merge_unchanged`` for each row, grouped by content, each group in scan order
+        (and by node first when each node has its trees: they are independent)."""
         if not len(rows):
             return
+        if not self.per_node:
+            self._merge_tree_groups(self.trees[0], rows, fr, content)
+            return
+        nid = self.frames.nid[fr]
+        for t in np.unique(nid).tolist():
+            sel = nid == t
+            self._merge_tree_groups(self.index(t), rows[sel], fr[sel], content[sel])
+
+    def _merge_tree_groups(self, ix: TreeIndex, rows: Rows, fr: Rows, content: Rows) -> None:
+        """``_merge_groups`` for pages filed in the trees *ix*."""
         order = np.argsort(content, kind="stable")
         rows, fr, content = rows[order], fr[order], content[order]
         starts = np.flatnonzero(np.r_[True, content[1:] != content[:-1]])
         sizes = np.diff(np.r_[starts, len(rows)])
         gc = content[starts]
-        no_stable = self.ctab.stable[gc] == STABLE_NONE
+        no_stable = ix.ctab.stable[gc] == STABLE_NONE
         # Whether the unstable tree holds a page for the group's content now.
-        y = self.ctab.uindex[gc]
+        y = ix.ctab.uindex[gc]
         ys = np.maximum(y, 0)
         intree = (y >= 0) & (self.pages.state[ys] == UNSTABLE) & (
             self.pages.seqnr[ys] == self.cur_seqnr())
+        if self.numa_nodes > 1:  # and inserted in this node's tree
+            intree &= self.pages.unid[ys] == ix.nid
         single = no_stable & (sizes == 1)
         pair = no_stable & (sizes == 2) & ~intree
         if bool(single.any()):
-            self._singles(rows[starts[single]], fr[starts[single]], gc[single], y[single],
+            self._singles(ix, rows[starts[single]], fr[starts[single]], gc[single], y[single],
                           intree[single])
         if bool(pair.any()):
             # The first page goes into the unstable tree, the second finds it.
             s = starts[pair]
             self.pages.seqnr[rows[s]] = self.cur_seqnr()
-            self.ctab.uindex[gc[pair]] = rows[s]
-            self._merge_pairs(rows[s + 1], fr[s + 1], rows[s], gc[pair])
+            if self.numa_nodes > 1:
+                self.pages.unid[rows[s]] = ix.nid
+            ix.ctab.uindex[gc[pair]] = rows[s]
+            self._merge_pairs(ix, rows[s + 1], fr[s + 1], rows[s], gc[pair])
         rest = ~(single | pair)
-        fits, target = self._room_for_all(gc, sizes)
+        fits, target = self._room_for_all(ix, gc, sizes)
         fast = rest & fits
         if bool(fast.any()):
             group = np.repeat(np.arange(len(gc)), sizes)
@@ -233,9 +276,10 @@ class VectorKsm(BulkKsm):
             self._merge_into(rows[sel], target[group[sel]])
         for k in np.flatnonzero(rest & ~fast).tolist():
             a, n = int(starts[k]), int(sizes[k])
-            self._group(rows[a:a + n], int(gc[k]))
+            self._group(ix, rows[a:a + n], int(gc[k]))
 
-    def _room_for_all(self, gc: Rows, sizes: Rows) -> tuple[npt.NDArray[np.bool_], Rows]:
+    def _room_for_all(self, ix: TreeIndex, gc: Rows,
+                      sizes: Rows) -> tuple[npt.NDArray[np.bool_], Rows]:
         """Groups whose every page stable_tree_search would send to the same KSM page.
 
         That is the content's regular node, or the first dup of its chain when
@@ -244,7 +288,7 @@ class VectorKsm(BulkKsm):
         records its time), if that node's page is alive and it has room for
         the whole group.  Returns (which groups, each group's node).
         """
-        stable = self.ctab.stable[gc].astype(np.int64)
+        stable = ix.ctab.stable[gc].astype(np.int64)
         chain = stable <= STABLE_CHAIN
         cid = np.where(chain, STABLE_CHAIN - stable, 0)
         cols = self.chain_cols
@@ -274,7 +318,7 @@ class VectorKsm(BulkKsm):
         pages.head[rows] = nodes
         self.tally.join(self.nodes.count, nodes)
 
-    def _singles(self, rows: Rows, fr: Rows, c: Rows, y: Rows,
+    def _singles(self, ix: TreeIndex, rows: Rows, fr: Rows, c: Rows, y: Rows,
                  intree: npt.NDArray[np.bool_]) -> None:
         """One page of its content, none in the stable tree: merge with the tree page or insert."""
         pages, frames = self.pages, self.frames
@@ -284,15 +328,23 @@ class VectorKsm(BulkKsm):
         abort = intree & ~ok  # get_mergeable_page failed: no insert
         match = ok.copy()
         match[ok] = frames.content[fy[ok]] == c[ok]
+        if self.per_node:
+            # Filed while merge_across_nodes was 1: a partner on another node, no insert.
+            elsewhere = match.copy()
+            elsewhere[match] = frames.nid[fy[match]] != ix.nid
+            abort |= elsewhere
+            match &= ~elsewhere
         insert = ~abort & ~match
         if bool(match.any()):
-            self._merge_pairs(rows[match], fr[match], y[match], c[match])
+            self._merge_pairs(ix, rows[match], fr[match], y[match], c[match])
         ins = rows[insert]
         self.tally.restate(pages.state, ins, UNSTABLE)
         pages.seqnr[ins] = self.cur_seqnr()
-        self.ctab.uindex[c[insert]] = ins
+        if self.numa_nodes > 1:
+            pages.unid[ins] = ix.nid
+        ix.ctab.uindex[c[insert]] = ins
 
-    def _merge_pairs(self, rows: Rows, fr: Rows, ys: Rows, c: Rows) -> None:
+    def _merge_pairs(self, ix: TreeIndex, rows: Rows, fr: Rows, ys: Rows, c: Rows) -> None:
         """``merge_two`` for each (row, y) pair, each with a content of its own."""
         pages, frames, nodes = self.pages, self.frames, self.nodes
         np.subtract.at(frames.mapcount, pages.frame[ys], 1)
@@ -305,18 +357,18 @@ class VectorKsm(BulkKsm):
         nodes.content[d] = c
         nodes.alive[d] = True
         frames.knode[fr] = d
-        self.ctab.stable[c] = d
+        ix.ctab.stable[c] = d
         self.tally.new_nodes(len(rows), 2)
         for g in (ys, rows):
             self.tally.restate(pages.state, g, STABLE)
             pages.head[g] = d
 
-    def _group(self, rows: Rows, c: int) -> None:
+    def _group(self, ix: TreeIndex, rows: Rows, c: int) -> None:
         """Pages of one content in scan order, merging whole runs into one KSM page at a time."""
         pages, nodes = self.pages, self.nodes
         i, n = 0, len(rows)
         while i < n:
-            d = self.stable_tree_search(c)
+            d = self.stable_tree_search(ix, c)
             if d >= 0:
                 # Every page of the run would find this node again until it is full.
                 k = min(n - i, self.max_page_sharing - int(nodes.count[d]))
@@ -325,7 +377,7 @@ class VectorKsm(BulkKsm):
                 continue
             g = int(rows[i])
             f = int(pages.frame[g])
-            y = self.unstable_tree_search_insert(g, f, c)
+            y = self.unstable_tree_search_insert(ix, g, f, c)
             if y >= 0:
-                self.merge_two(g, f, y, c)
+                self.merge_two(ix, g, f, y, c)
             i += 1

@@ -31,7 +31,7 @@ import numpy.typing as npt
 
 from ksmlab import argcheck
 from ksmlab.bulk.content import NEW_CONTENT
-from ksmlab.constants import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE
+from ksmlab.constants import PAGE_SHIFT, PAGE_SIZE, PROT_WRITE, TASK_SIZE
 from ksmlab.errors import kernel_error
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ def store_pages(ksm: BulkKsm, rows: Ints, cids: Ints) -> None:
         gone = frames.mapcount[f[kcopy]] == 0
         if bool(gone.any()):
             ksm.reopen(np.unique(knode[kcopy][gone]).tolist())
-    pages.frame[urows[copy]] = ksm.new_frames(final[copy])
+    pages.frame[urows[copy]] = ksm.new_frames(final[copy], urows[copy])
 
 
 def _write_own_frames(ksm: BulkKsm, f: Ints, cids: Ints) -> None:
@@ -280,13 +280,16 @@ def checked_writes(k: BulkKernel, pids: object, addrs: object, cids: object) -> 
         proc = k.processes.get(pid)
         if proc is None:
             raise ValueError(f"pids must be live processes of this kernel, got {pid}")
-        spaces.append([(s.addr, s.row, s.pages) for s in proc.mm.segments])
+        # A write to a page without PROT_WRITE is EFAULT, as write_contents's: only
+        # writable segments are searched.
+        spaces.append([(s.addr, s.row, s.pages) for s in proc.mm.segments
+                       if s.prot & PROT_WRITE])
     rows = rows_of(spaces, which.astype(np.int64), a)
     hole = np.flatnonzero(rows < 0)
     if len(hole):
         i = int(hole[0])
         raise kernel_error(errno.EFAULT, f"page {int(a[i]):#x} of process {int(p[i])} is not "
-                                         f"mapped")
+                                         f"mapped and writable")
     return rows, c
 
 

@@ -42,10 +42,13 @@ ALL_OPS = frozenset({"knob", "spawn", "wait", "cp", "mmap", "madvise", "write", 
                      "mprotect", "munmap", "prctl", "fork", "exec", "exit"})
 """Every step a random program can take."""
 
-BULK_OPS = frozenset({"knob", "spawn", "wait", "cp", "mmap", "madvise", "write", "prctl",
-                      "fork", "exec", "exit"})
+BULK_OPS = frozenset({"knob", "spawn", "wait", "cp", "mmap", "madvise", "write", "mprotect",
+                      "munmap", "prctl", "fork", "exec", "exit"})
 """The steps the bulk engine models (docs/bulk.md): with ``engine="bulk"`` a
-program also maps only private memory and advises only MADV_(UN)MERGEABLE."""
+program also maps only private memory and advises only MADV_(UN)MERGEABLE.
+Its records have no vmas and no page frames (the engine keeps neither), so
+munmap and mprotect are compared through the calls' results, the counters,
+``ksm_stat`` and the layouts."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,8 +29,8 @@ from ksmlab.constants import (
     VM_MERGEABLE,
 )
 from ksmlab.errors import kernel_error, vm_bug_on
+from ksmlab.ksm import advisor as ksm_advisor
 from ksmlab.ksm.advisor import AdvisorCtx, AdvisorKnobs
-from ksmlab.ksm.defaults import DEFAULT_PAGES_TO_SCAN, U32
 from ksmlab.ksm.ksm import Tracer, vma_ksm_compatible
 from ksmlab.ksm.rbtree import RbRoot
 from ksmlab.ksm.scan import KsmScanner
@@ -305,19 +305,9 @@ class Ksm:
         self.core.merge_across_nodes = knob
 
     def set_advisor_mode(self, scan_time: bool) -> None:
-        """``advisor_mode_store`` after parsing: a real change resets pages_to_scan."""
-        changed = scan_time != self.core.advisor_scan_time
-        self.core.advisor_scan_time = scan_time
-        if changed:
-            self.set_advisor_defaults()
-
-    def set_advisor_defaults(self) -> None:
-        """Reset pages_to_scan (and the advisor state) after a mode change."""
-        if self.core.advisor_scan_time:
-            self.core.advisor_ctx = AdvisorCtx()
-            self.core.pages_to_scan = self.core.advisor.min_pages_to_scan & U32
-        else:
-            self.core.pages_to_scan = DEFAULT_PAGES_TO_SCAN
+        """``advisor_mode_store`` after parsing: a real change resets pages_to_scan
+        (:func:`ksmlab.ksm.advisor.set_advisor_mode`, every engine's)."""
+        ksm_advisor.set_advisor_mode(self.core, scan_time)
 
     # --- sysfs-driven whole-tree operations ---------------------------------------------------
     def remove_stable_node(self, node: StableNode) -> int:

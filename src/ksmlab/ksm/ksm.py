@@ -60,7 +60,6 @@ from ksmlab.constants import (
 )
 from ksmlab.errors import ModelInvariantError, vm_bug_on
 from ksmlab.ksm import counters
-from ksmlab.ksm.advisor import AdvisorCtx
 from ksmlab.ksm.rbtree import RbRoot, rb_erase, rb_insert_color, rb_link_node, rb_replace_node
 from ksmlab.ksm.tunables import KsmTunables
 from ksmlab.ksm.types import (
@@ -127,8 +126,7 @@ class KsmCore(KsmTunables):
         """``calc_checksum`` of a page's content in the machine's content mode."""
         self.zero_checksum = memory.phys.zero_checksum
         """``zero_checksum``: the zero page's checksum, computed once (``ksm_init``)."""
-        super().__init__()  # the tunables, at their boot values
-        self.advisor_ctx = AdvisorCtx()
+        super().__init__()  # the tunables (and the advisor's state), at their boot values
         # --- counters ------------------------------------------------------------------
         self.pages_shared = 0
         self.pages_sharing = 0

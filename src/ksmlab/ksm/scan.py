@@ -15,7 +15,7 @@ from __future__ import annotations
 from enum import Enum
 
 from ksmlab.constants import PAGE_SHIFT, PAGE_SIZE, VM_MERGEABLE
-from ksmlab.ksm.advisor import scan_time_advisor
+from ksmlab.ksm import advisor as ksm_advisor
 from ksmlab.ksm.defaults import AGE_MAX
 from ksmlab.ksm.ksm import KsmCore
 from ksmlab.ksm.types import MmSlot, RmapItem
@@ -173,19 +173,13 @@ class KsmScanner(KsmCore):
             done += 1
         return done
 
-    # --- the advisor -----------------------------------------------------------------------
+    # --- the advisor (ksmlab.ksm.advisor's, which every engine runs) ------------------------
     def advisor_start_scan(self) -> None:
         """Record the start of a full scan for the scan-time advisor."""
-        if self.advisor_scan_time:
-            self.advisor_ctx.start_scan_ms = self._now_ms()
+        ksm_advisor.advisor_start_scan(self, self._now_ms())
 
     def advisor_stop_scan(self) -> None:
         """At the end of a full scan, let the advisor set pages_to_scan."""
-        if not self.advisor_scan_time:
-            return
-        old = self.pages_to_scan
-        self.pages_to_scan = scan_time_advisor(self.advisor_ctx, self.advisor,
-                                               now_ms=self._now_ms(), cpu_ns=self._cpu_ns(),
-                                               pages_to_scan=old)
-        self.trace("ksm_advisor", scan_time=self.advisor_ctx.scan_time_s,
-                   pages_to_scan=self.pages_to_scan)
+        if ksm_advisor.advisor_stop_scan(self, self._now_ms(), self._cpu_ns()):
+            self.trace("ksm_advisor", scan_time=self.advisor_ctx.scan_time_s,
+                       pages_to_scan=self.pages_to_scan)

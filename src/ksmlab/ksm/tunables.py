@@ -8,7 +8,7 @@ tunables and their boot values (:mod:`ksmlab.ksm.defaults`) are written once.
 
 from __future__ import annotations
 
-from ksmlab.ksm.advisor import AdvisorKnobs
+from ksmlab.ksm.advisor import AdvisorCtx, AdvisorKnobs
 from ksmlab.ksm.defaults import (
     DEFAULT_MAX_PAGE_SHARING,
     DEFAULT_MERGE_ACROSS_NODES,
@@ -47,3 +47,6 @@ class KsmTunables:
         """``ksm_advisor == KSM_ADVISOR_SCAN_TIME``: the advisor sets ``pages_to_scan``."""
         self.advisor = AdvisorKnobs()
         """The advisor's own knobs (``advisor_max_cpu``, ...)."""
+        self.advisor_ctx = AdvisorCtx()
+        """The advisor's state between full scans (not a knob: kept with them, as the
+        kernel keeps ``advisor_ctx`` next to them, so every engine has it)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from ksmlab.constants import (
     MAP_ANONYMOUS,
@@ -49,8 +49,8 @@ from ksmlab.mm.mm_types import MappedFile, MmStruct, Vma
 PROT_MASK = PROT_READ | PROT_WRITE | PROT_EXEC
 _ACCESS = VM_READ | VM_WRITE | VM_EXEC
 _PROT_SEM = 0x8
-_PROT_GROWSDOWN = 0x01000000
-_PROT_GROWSUP = 0x02000000
+PROT_GROWSDOWN = 0x01000000
+PROT_GROWSUP = 0x02000000
 _MAX_LFS_FILESIZE = (1 << 63) - 1
 _U64 = (1 << 64) - 1
 
@@ -64,6 +64,63 @@ def calc_vm_prot_bits(prot: int) -> int:
     """VM_READ/WRITE/EXEC for a PROT_* mask."""
     return ((VM_READ if prot & PROT_READ else 0) | (VM_WRITE if prot & PROT_WRITE else 0)
             | (VM_EXEC if prot & PROT_EXEC else 0))
+
+
+# --- the checks and the placement every engine shares (the bulk engine has no vmas) ---------
+def unmapped_area_topdown(spans: Iterable[tuple[int, int]], mmap_base: int, length: int) -> int:
+    """Where a new mapping of *length* bytes goes: the top of the highest gap below
+    *mmap_base* that fits it (``vm_unmapped_area``, top-down).
+
+    *spans* are the (start, end) of the mapped areas, highest first; only the
+    mapped addresses matter, not how they are cut into vmas.  Raises
+    KernelError(ENOMEM) when no gap above the 16-page floor fits.
+    """
+    top = mmap_base
+    for start, end in spans:
+        if start >= top:
+            continue
+        if end <= top - length:
+            return top - length
+        top = start
+    if top - length >= PAGE_SIZE * 16:
+        return top - length
+    raise kernel_error(errno.ENOMEM, "no room in the address space")
+
+
+def munmap_end(start: int, length: int) -> int:
+    """The end of the range munmap(*start*, *length*) covers, after ``do_vmi_munmap``'s
+    checks: an unaligned start, a start at or past TASK_SIZE, a range running past
+    it, or a length rounding to 0 are KernelError(EINVAL)."""
+    if start % PAGE_SIZE or start >= TASK_SIZE or length > TASK_SIZE - start:
+        raise kernel_error(errno.EINVAL, f"munmap({start:#x}, {length:#x})")
+    size = page_align(length)
+    if size == 0:
+        raise kernel_error(errno.EINVAL, "munmap length 0")
+    return start + size
+
+
+def mprotect_args(start: int, length: int, prot: int) -> tuple[int, int, int] | None:
+    """``do_mprotect_pkey``'s checks that need no vma, in Linux 6.18's order.
+
+    Returns (end, prot without the GROWS bits, the GROWS bits), or None for a
+    zero length (success, nothing to do).  Both GROWS bits, then an unaligned
+    start, are KernelError(EINVAL); a range wrapping past 2**64 ENOMEM; then
+    unknown PROT bits (PROT_SEM is allowed) EINVAL.
+    """
+    grows = prot & (PROT_GROWSDOWN | PROT_GROWSUP)
+    prot &= ~(PROT_GROWSDOWN | PROT_GROWSUP)
+    if grows == PROT_GROWSDOWN | PROT_GROWSUP:
+        raise kernel_error(errno.EINVAL, "mprotect cannot grow both ways")
+    if start % PAGE_SIZE:
+        raise kernel_error(errno.EINVAL, f"mprotect start {start:#x} not page aligned")
+    if length == 0:
+        return None
+    end = start + (page_align(length) & _U64)
+    if end <= start or end > _U64:
+        raise kernel_error(errno.ENOMEM, "mprotect range overflows")
+    if prot & ~(PROT_MASK | _PROT_SEM):
+        raise kernel_error(errno.EINVAL, f"mprotect prot {prot:#x}")
+    return end, prot, grows
 
 
 class VmaOps:
@@ -180,16 +237,8 @@ class VmaOps:
         """Pick an address for a new mapping: the hint if free, else top-down below mmap_base."""
         if hint and hint + length <= TASK_SIZE and self._is_free(mm, hint, hint + length):
             return hint
-        top = mm.mmap_base
-        for vma in reversed(mm.vmas):
-            if vma.start >= top:
-                continue
-            if vma.end <= top - length:
-                return top - length
-            top = vma.start
-        if top - length >= PAGE_SIZE * 16:
-            return top - length
-        raise kernel_error(errno.ENOMEM, "no room in the address space")
+        return unmapped_area_topdown(((v.start, v.end) for v in reversed(mm.vmas)),
+                                     mm.mmap_base, length)
 
     @staticmethod
     def _is_free(mm: MmStruct, start: int, end: int) -> bool:
@@ -297,12 +346,7 @@ class VmaOps:
     # --- munmap ------------------------------------------------------------------
     def do_munmap(self, mm: MmStruct, start: int, length: int) -> None:
         """Unmap [start, start+length) (``do_vmi_munmap``)."""
-        if start % PAGE_SIZE or start >= TASK_SIZE or length > TASK_SIZE - start:
-            raise kernel_error(errno.EINVAL, f"munmap({start:#x}, {length:#x})")
-        size = page_align(length)
-        if size == 0:
-            raise kernel_error(errno.EINVAL, "munmap length 0")
-        end = start + size
+        end = munmap_end(start, length)
         victims = [v for v in mm.vmas if v.start < end and v.end > start]
         if not victims:
             return
@@ -330,23 +374,14 @@ class VmaOps:
         (which it extends down to the area's start) and PROT_GROWSUP one that
         grows up, which x86-64 has not (EINVAL).
         """
-        grows = prot & (_PROT_GROWSDOWN | _PROT_GROWSUP)
-        prot &= ~(_PROT_GROWSDOWN | _PROT_GROWSUP)
-        if grows == _PROT_GROWSDOWN | _PROT_GROWSUP:
-            raise kernel_error(errno.EINVAL, "mprotect cannot grow both ways")
-        if start % PAGE_SIZE:
-            raise kernel_error(errno.EINVAL, f"mprotect start {start:#x} not page aligned")
-        if length == 0:
+        checked = mprotect_args(start, length, prot)
+        if checked is None:
             return
-        end = start + (page_align(length) & _U64)
-        if end <= start or end > _U64:
-            raise kernel_error(errno.ENOMEM, "mprotect range overflows")
-        if prot & ~(PROT_MASK | _PROT_SEM):
-            raise kernel_error(errno.EINVAL, f"mprotect prot {prot:#x}")
+        end, prot, grows = checked
         vma = mm.find_vma(start)
         if vma is None or vma.start >= end:
             raise kernel_error(errno.ENOMEM, f"{start:#x} is not mapped")
-        if grows == _PROT_GROWSDOWN:
+        if grows == PROT_GROWSDOWN:
             if not vma.flags & VM_GROWSDOWN:
                 raise kernel_error(errno.EINVAL, "PROT_GROWSDOWN on an area that does not grow")
             start = vma.start

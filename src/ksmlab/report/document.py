@@ -4,7 +4,9 @@ The schema is documented in ``docs/cli.md``; :data:`SCHEMA` names its
 version, and a change that is not purely additive gets a new version.  The
 document is deterministic for a run on the model: it holds no wall-clock time
 and no host name, so two runs of one scenario with one seed give equal
-documents.  :func:`from_document` reads one back (``ksmlab plot RESULT.json``).
+documents.  :func:`from_document` reads one back (``ksmlab plot RESULT.json``);
+fields added since the first version (``partial``, ``interrupted``,
+``summary``, ``scenario.sample_interval_s``) may be absent from older ones.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from ksmlab import __version__
 from ksmlab.errors import KsmSimError
+from ksmlab.report.headline import headline, headline_document
 from ksmlab.scenario.model import GLOBAL_COUNTERS
 from ksmlab.scenario.result import (
     TIMELINE_COLUMNS,
@@ -45,13 +48,17 @@ def to_document(r: RunResult) -> dict[str, Any]:
         "backend": r.backend,
         "machine": r.machine,
         "ok": r.ok,
+        "partial": r.partial,
+        "interrupted": r.interrupted,
         "failures": list(r.failures),
+        "summary": headline_document(headline(r)),
         "scenario": {
             "name": s.name,
             "description": s.description,
             "source": s.source,
             "seed": s.seed,
             "planned_end_s": s.planned_end_s,
+            "sample_interval_s": s.sample_interval_s,
             "total_pages": s.total_pages,
             "processes": [
                 {"name": p.name, "count": p.count, "start_s": p.start_s, "merge_any": p.merge_any,
@@ -112,12 +119,14 @@ def from_document(doc: Any) -> RunResult:
                                       _get(m, "mergeable", bool, "mapping"))
                           for m in _get(p, "mappings", list, "process")))
         for p in _get(s, "processes", list, "scenario"))
+    interval = s.get("sample_interval_s")
     info = ScenarioInfo(_get(s, "name", str, "scenario"), _get(s, "description", str, "scenario"),
                         _get(s, "source", str, "scenario"), _get(s, "seed", int, "scenario"),
                         float(_get(s, "planned_end_s", (int, float), "scenario")),
                         _get(s, "total_pages", int, "scenario"), procs,
                         tuple(_get(s, "activities", list, "scenario")),
-                        tuple(_get(s, "events", list, "scenario")))
+                        tuple(_get(s, "events", list, "scenario")),
+                        float(interval) if isinstance(interval, int | float) else None)
     cps = []
     for c in _get(doc, "checkpoints", list, ""):
         counters = _get(c, "counters", dict, "checkpoints[]")
@@ -141,9 +150,10 @@ def from_document(doc: Any) -> RunResult:
     rows = tuple(tuple(float("nan") if v is None else float(v) for v in row)
                  for row in _get(tl, "rows", list, "timeline"))
     knobs = {k: v for k, v in _get(doc, "knobs", dict, "").items() if isinstance(v, int | str)}
+    interrupted = _get(doc, "interrupted", str, "") if doc.get("interrupted") is not None else None
     return RunResult(info, _get(doc, "backend", str, ""), _get(doc, "machine", str, ""), knobs,
                      tuple(cps), rows, float(_get(doc, "end_s", (int, float), "")),
-                     tuple(_get(doc, "failures", list, "")))
+                     tuple(_get(doc, "failures", list, "")), interrupted)
 
 
 __all__ = ["SCHEMA", "DocumentError", "from_document", "to_document"]

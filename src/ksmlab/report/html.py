@@ -1,10 +1,11 @@
 """A self-contained HTML report (``ksmlab run --html FILE``, ``ksmlab plot --html FILE``).
 
 One file, no external resource: the plot is embedded as a ``data:`` URI
-(base64 PNG), the style is inline.  In order: the scenario's name and
-description, a one-sentence answer (the saving and ksmd's cost at the last
-checkpoint), the plot, the checkpoint table (with the checks), the knobs,
-the processes and their memory, the activities and events.
+(base64 PNG), the style is inline.  In order: the scenario's name, the answer
+(the saving as a size and a share of the mergeable memory, the time to 50 %
+and 90 % of it, ksmd's cost; :mod:`ksmlab.report.headline`), the plot, the
+checkpoint table (with the checks) and what each counter counts, the
+scenario, the processes and their memory, the activities and events, the knobs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from html import escape
 
 from ksmlab import __version__
 from ksmlab.constants import PAGE_SIZE
+from ksmlab.report.counters import COUNTER_HELP
+from ksmlab.report.headline import headline_lines
 from ksmlab.report.plot import HEIGHT, WIDTH, plot_png
 from ksmlab.report.table import cpu_text
 from ksmlab.scenario.result import RunResult
@@ -25,6 +28,9 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.
 h1 { font-size: 1.6em; margin: 0 0 .2em 0; }
 h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 p.lead { font-size: 1.1em; margin: .3em 0 .8em 0; }
+table.answer th, table.answer td { border: none; background: none; text-align: left;
+                                   padding: .1em 1em .1em 0; font-size: 1.05em; }
+dl.counters dt { font-family: monospace; font-weight: 600; } dl.counters dd { margin: 0 0 .3em 2em; }
 img.plot { display: block; width: 100%; max-width: 100%; height: auto; box-sizing: border-box;
            border: 1px solid #ddd; }
 table { border-collapse: collapse; margin: .5em 0; font-size: .92em; }
@@ -47,21 +53,17 @@ def _table(head: list[str], rows: list[list[str]], numeric_from: int = 1) -> str
 
 
 def answer(r: RunResult) -> str:
-    """The one-sentence result: saving and cost at the last checkpoint."""
-    if not r.checkpoints:
-        return "No checkpoint was recorded."
-    c = r.checkpoints[-1]
-    mapped = r.scenario.total_pages * PAGE_SIZE
-    profit = c.counters["general_profit"]
-    share = f" ({100 * profit / mapped:.0f}% of the {format_bytes(mapped)} mapped)" if mapped else ""
-    cpu = ""
-    if c.ksmd_cpu_s is not None:
-        load = f" ({100 * c.ksmd_cpu_s / c.time_s:.1f}% of one CPU)" if c.time_s > 0 else ""
-        cpu = f"; ksmd used {format_duration(c.ksmd_cpu_s)} of CPU{load}"
-    return (f"After {format_duration(c.time_s)}, KSM saves {format_bytes(profit)}{share}, "
-            f"with {c.counters['pages_shared']} KSM pages shared by "
-            f"{c.counters['pages_sharing']} more mappings and {c.counters['ksm_zero_pages']} "
-            f"zero pages, after {c.counters['full_scans']} full scans{cpu}.")
+    """The answer (:func:`~ksmlab.report.headline.headline_lines`) as an HTML table."""
+    rows = "\n".join(
+        f"<tr><th scope=\"row\" class=\"{'fail' if label == 'Interrupted' else ''}\">"
+        f"{escape(label)}</th><td>{escape(text)}</td></tr>" for label, text in headline_lines(r))
+    return f'<table class="answer" id="answer">\n{rows}\n</table>'
+
+
+def _counter_list() -> str:
+    items = "".join(f"<dt>{escape(n)}</dt><dd>{escape(h)}</dd>" for n, h in COUNTER_HELP.items())
+    return f'<dl class="counters">{items}</dl>'
+
 
 
 def render_html(r: RunResult, png: bytes | None = None) -> str:
@@ -69,8 +71,15 @@ def render_html(r: RunResult, png: bytes | None = None) -> str:
     png = plot_png(r) if png is None else png
     data = base64.b64encode(png).decode("ascii")
     s = r.scenario
-    status = ("<span class=\"ok\">all checks passed</span>" if r.ok
-              else f"<span class=\"fail\">{len(r.failures)} check(s) failed</span>")
+    if r.partial:
+        status = (f"<span class=\"fail\">partial result: interrupted by {escape(str(r.interrupted))}"
+                  f" at {escape(format_duration(r.end_s))}</span>")
+    elif r.ok:
+        status = "<span class=\"ok\">all checks passed</span>"
+    else:
+        status = f"<span class=\"fail\">{len(r.failures)} check(s) failed</span>"
+    if r.partial and r.failures:
+        status += f"; <span class=\"fail\">{len(r.failures)} check(s) failed</span>"
     cp_rows = []
     for c in r.checkpoints:
         k = c.counters
@@ -122,7 +131,8 @@ def render_html(r: RunResult, png: bytes | None = None) -> str:
 </head>
 <body>
 <h1>{escape(s.name)}</h1>
-<p class="lead">{escape(answer(r))} {status}.</p>
+{answer(r)}
+<p class="lead">{status}.</p>
 <img id="plot" class="plot" width="{WIDTH}" height="{HEIGHT}"
  alt="KSM memory saved, pages by state and ksmd CPU over time for {escape(s.name)}"
  src="data:image/png;base64,{data}">
@@ -130,8 +140,8 @@ def render_html(r: RunResult, png: bytes | None = None) -> str:
 {cp_table}
 {failures}
 <p class="muted">full scans, pages_scanned and pages_skipped count from the start of the scenario;
-the other counters are the values of /sys/kernel/mm/ksm. general_profit =
-(pages_sharing + ksm_zero_pages) &times; 4096 &minus; rmap_items &times; 64 bytes.</p>
+the other counters are the values of /sys/kernel/mm/ksm. What each counts:</p>
+{_counter_list()}
 <h2>Scenario</h2>
 <p>{escape(s.description) or '<span class="muted">(no description)</span>'}</p>
 <p class="muted">Source: {escape(s.source)}; seed {s.seed}; run on {escape(r.backend)}

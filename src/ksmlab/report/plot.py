@@ -11,8 +11,12 @@ Three panels over time, sharing the time axis:
    samples) and the full scans completed.
 
 The title names the scenario, the knobs and the machine, so the picture
-explains itself.  The image is exactly :data:`WIDTH` x :data:`HEIGHT`
-pixels.  Only matplotlib's object API is used (no pyplot global state).
+explains itself; the legend says what each counter counts, and the time axis
+whether time is virtual (the model's engines) or real (``--backend linux``).
+The PNG is exactly :data:`WIDTH` x :data:`HEIGHT` pixels; the same figure can
+be written as SVG or PDF (:data:`PLOT_FORMATS`, chosen by the file's
+extension), without the date in their metadata, so the same run gives the
+same file.  Only matplotlib's object API is used (no pyplot global state).
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ from __future__ import annotations
 import io
 import math
 import textwrap
+from pathlib import PurePath
 
+from matplotlib import rc_context
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from ksmlab.constants import PAGE_SIZE
+from ksmlab.report.counters import PLOT_LABELS
 from ksmlab.report.table import knobs_line
 from ksmlab.scenario.result import TIMELINE_COLUMNS, RunResult
 from ksmlab.scenario.units import format_bytes, format_duration
@@ -35,13 +42,24 @@ WIDTH, HEIGHT, DPI = 1200, 800, 100
 MIB = float(1 << 20)
 
 _COL = {name: i for i, name in enumerate(TIMELINE_COLUMNS)}
-_PAGE_SERIES = (
-    ("pages_sharing", "pages_sharing (mappings deduplicated)", "tab:green"),
-    ("pages_shared", "pages_shared (KSM pages kept)", "tab:blue"),
-    ("pages_unshared", "pages_unshared (unique, in unstable tree)", "tab:orange"),
-    ("pages_volatile", "pages_volatile (changing too fast)", "tab:red"),
-    ("ksm_zero_pages", "ksm_zero_pages", "tab:purple"),
-)
+_PAGE_SERIES = tuple((name, PLOT_LABELS[name], color) for name, color in (
+    ("pages_sharing", "tab:green"), ("pages_shared", "tab:blue"), ("pages_unshared", "tab:orange"),
+    ("pages_volatile", "tab:red"), ("ksm_zero_pages", "tab:purple")))
+
+PLOT_FORMATS = ("png", "svg", "pdf")
+"""The formats a plot can be written in, named by the file's extension."""
+
+PLOT_FILE_NAMES = "a file name ending in .png, .svg or .pdf (the format it is written in)"
+"""What :func:`plot_format` accepts, for error messages."""
+
+
+def plot_format(path: str | PurePath) -> str:
+    """The format *path*'s extension names (``"svg"`` for ``t.SVG``); ValueError for another."""
+    ext = PurePath(path).suffix.lower().removeprefix(".")
+    if ext not in PLOT_FORMATS:
+        msg = f"path: expected {PLOT_FILE_NAMES}, got {str(path)!r}"
+        raise ValueError(msg)
+    return ext
 
 
 def _time_unit(end_s: float) -> tuple[float, str]:
@@ -111,7 +129,7 @@ def render_figure(r: RunResult) -> Figure:
     ax_pages.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
     peak = max((max(_column(r, n), default=0.0) for n, _, _ in _PAGE_SERIES), default=0.0)
     ax_pages.set_ylim(0, peak * 1.5 or 1)
-    ax_pages.legend(loc="upper left", fontsize=8, ncols=3, framealpha=0.85)
+    ax_pages.legend(loc="upper left", fontsize=8, ncols=2, framealpha=0.85)
 
     cx, cy = _cpu_percent(times, _column(r, "ksmd_cpu_s"))
     if cy:
@@ -132,7 +150,7 @@ def render_figure(r: RunResult) -> Figure:
     more = scans_ax.get_legend_handles_labels()
     ax_cpu.legend(handles[0] + more[0], handles[1] + more[1], loc="upper left", fontsize=8,
                   framealpha=0.85)
-    ax_cpu.set_xlabel(f"time ({unit}, {'virtual' if r.backend == 'sim' else 'real'})")
+    ax_cpu.set_xlabel(f"time ({unit}, {'real' if r.backend == 'linux' else 'virtual'})")
     for ax in (ax_mem, ax_pages, ax_cpu):
         ax.grid(True, alpha=0.3)
         ax.set_xlim(left=0, right=max(x, default=1.0) or 1.0)
@@ -157,10 +175,22 @@ def _mark_checkpoints(ax: Axes, r: RunResult, scale: float, end: float) -> None:
 
 def plot_png(r: RunResult) -> bytes:
     """The PNG image of *r*'s timeline, :data:`WIDTH` x :data:`HEIGHT` pixels."""
+    return plot_image(r, "png")
+
+
+def plot_image(r: RunResult, fmt: str) -> bytes:
+    """*r*'s timeline as a file of format *fmt*, one of :data:`PLOT_FORMATS`."""
+    if fmt not in PLOT_FORMATS:
+        msg = f"fmt: expected one of {', '.join(PLOT_FORMATS)}, got {fmt!r}"
+        raise ValueError(msg)
     fig = render_figure(r)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
+    # No creation date (and, for SVG, fixed element ids): the same run gives the same bytes.
+    metadata = {"png": {}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}[fmt]
+    with rc_context({"svg.hashsalt": "ksmlab"}):
+        fig.savefig(buf, format=fmt, dpi=DPI, metadata=metadata)
     return buf.getvalue()
 
 
-__all__ = ["DPI", "HEIGHT", "WIDTH", "plot_png", "render_figure"]
+__all__ = ["DPI", "HEIGHT", "PLOT_FILE_NAMES", "PLOT_FORMATS", "WIDTH", "plot_format", "plot_image", "plot_png",
+           "render_figure"]

@@ -1,15 +1,22 @@
-"""The summary table ``ksmlab run`` prints: one row per checkpoint."""
+"""What ``ksmlab run`` prints: the answer in a few lines, then one row per checkpoint."""
 
 from __future__ import annotations
 
 from rich.console import Console, Group, RenderableType
+from rich.constrain import Constrain
 from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
 from ksmlab.constants import PAGE_SIZE
+from ksmlab.report.headline import headline_lines
 from ksmlab.scenario.result import CheckpointResult, RunResult
 from ksmlab.scenario.units import format_bytes, format_duration
+
+CAPTION = ("shared: KSM pages; sharing: further mappings of them (memory freed); unshared: unique "
+           "pages in the unstable tree; volatile: pages in no tree (new, changed, or unique and "
+           "skipped by smart scan); profit: general_profit, memory saved net of KSM's metadata "
+           "(`ksmlab run --help` says what each counter counts)")
 
 KNOBS_SHOWN = ("pages_to_scan", "sleep_millisecs", "use_zero_pages", "smart_scan",
                "max_page_sharing", "advisor_mode")
@@ -46,9 +53,7 @@ def summary_table(r: RunResult) -> Table:
     nproc = sum(p.count for p in r.scenario.processes)
     table = Table(title=f"{r.scenario.name}\n[dim]{knobs_line(r)}[/dim]",
                   caption=f"{r.machine}; {format_bytes(mapped)} mapped by "
-                          f"{nproc} process{'es' if nproc != 1 else ''} at the start.\n"
-                          "shared, sharing, unshared, volatile: the pages_* counters; "
-                          "profit: general_profit (memory saved minus KSM's metadata)",
+                          f"{nproc} process{'es' if nproc != 1 else ''} at the start.",
                   caption_justify="left")
     table.add_column("checkpoint")
     for col in ("time", "full scans", "shared", "sharing", "unshared", "volatile", "zero pages",
@@ -94,17 +99,32 @@ def transposed_table(r: RunResult) -> Table:
     return table
 
 
+def answer_grid(r: RunResult) -> Table:
+    """The answer (saving, time to merge, ksmd's cost) as a two-column grid."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    for label, text in headline_lines(r):
+        grid.add_row(Text(label, style="bold red" if label == "Interrupted" else "bold"), text)
+    return grid
+
+
 def summary(r: RunResult, width: int | None = None) -> RenderableType:
-    """The table (sideways if wider than *width* columns), then one line per failure."""
+    """The answer, the table (sideways if wider than *width* columns), then one line per failure."""
     table = summary_table(r)
-    if width is not None:
-        wide = Console(width=10_000)  # measure unclamped
-        if Measurement.get(wide, wide.options, table).maximum > width:
-            table = transposed_table(r)
-    parts: list[RenderableType] = [table]
+    wide = Console(width=10_000)  # measure unclamped
+    if width is not None and Measurement.get(wide, wide.options, table).maximum > width:
+        table = transposed_table(r)
+    parts: list[RenderableType] = [answer_grid(r), Text("")]
+    if r.checkpoints:
+        # The legend wraps at the table's width, or 80 columns for a narrow table.
+        legend_width = max(80, Measurement.get(wide, wide.options, table).maximum)
+        parts += [table, Constrain(Text(CAPTION, style="dim"), legend_width)]
+    else:
+        parts.append(Text("No checkpoint was reached."))
     parts += [Text(f"FAILED: {f}", style="bold red") for f in r.failures]
     return Group(*parts)
 
 
-__all__ = ["KNOBS_SHOWN", "checks_text", "cpu_text", "knobs_line", "summary", "summary_table",
-           "transposed_table"]
+__all__ = ["CAPTION", "KNOBS_SHOWN", "answer_grid", "checks_text", "cpu_text", "knobs_line",
+           "summary", "summary_table", "transposed_table"]

@@ -64,6 +64,8 @@ class ScenarioInfo:
         processes: the declared groups.
         activities: one line per write activity.
         events: one line per event, in time order.
+        sample_interval_s: the timeline's sampling period (None: not known, in a
+            document written before it was recorded).
     """
 
     name: str
@@ -75,6 +77,16 @@ class ScenarioInfo:
     processes: tuple[ProcessInfo, ...]
     activities: tuple[str, ...]
     events: tuple[str, ...]
+    sample_interval_s: float | None = None
+
+    @property
+    def mergeable_pages(self) -> int:
+        """Pages the declared groups make mergeable as they start (madvise, or prctl merge_any).
+
+        Forks, exits and later madvise calls are not counted, as in :attr:`total_pages`.
+        """
+        return sum(p.count * m.pages for p in self.processes for m in p.mappings
+                   if m.mergeable or p.merge_any)
 
     @classmethod
     def of(cls, sc: Scenario) -> ScenarioInfo:
@@ -86,7 +98,7 @@ class ScenarioInfo:
             for g in sc.processes)
         return cls(sc.name, sc.description, sc.source, sc.seed, sc.planned_end_ns / NS_PER_S,
                    sc.total_pages(), procs, tuple(describe_activity(a) for a in sc.activities),
-                   tuple(describe_event(e) for e in sc.events))
+                   tuple(describe_event(e) for e in sc.events), sc.sample_interval_ns / NS_PER_S)
 
 
 def _region(mapping: str, region: Region | None) -> str:
@@ -173,17 +185,21 @@ class CheckpointResult:
 
 @dataclass(frozen=True, slots=True)
 class RunResult:
-    """A finished run.
+    """A finished run, or the part of it reached before it was interrupted.
 
     Attributes:
         scenario: what ran.
-        backend: ``sim`` or ``linux``.
+        backend: ``sim``, ``bulk`` or ``linux``.
         machine: one line naming the machine (the model, or the kernel release).
         knobs: every KSM knob as read right after the start (ints; advisor_mode a word).
         checkpoints: one row per checkpoint, in the order they were reached.
         timeline: rows of :data:`TIMELINE_COLUMNS`.
         end_s: when the run ended.
         failures: one line per failed expectation or checkpoint not reached.
+        interrupted: why the run stopped before its end (``"SIGINT"``,
+            ``"SIGTERM"``), or None for a run that went to its end.  An
+            interrupted run holds the checkpoints reached and the timeline up to
+            :attr:`end_s`.
     """
 
     scenario: ScenarioInfo
@@ -194,11 +210,17 @@ class RunResult:
     timeline: tuple[tuple[float, ...], ...]
     end_s: float
     failures: tuple[str, ...] = ()
+    interrupted: str | None = None
+
+    @property
+    def partial(self) -> bool:
+        """The run was interrupted: later checkpoints are missing."""
+        return self.interrupted is not None
 
     @property
     def ok(self) -> bool:
-        """No expectation failed and every checkpoint was reached."""
-        return not self.failures
+        """No expectation failed, every checkpoint was reached, and the run went to its end."""
+        return not self.failures and not self.partial
 
 
 __all__ = ["TIMELINE_COLUMNS", "CheckResult", "CheckpointResult", "MappingInfo", "ProcessInfo",

@@ -24,6 +24,14 @@ starting at 0 are spawned, their mappings made, filled and madvised; then
 ``run`` is written (1 unless the scenario says otherwise) and the clock
 starts.  Every random choice comes from the scenario seed, so a run on the
 model is reproducible to the byte.
+
+A run can be stopped early (``ksmlab run`` does so on Ctrl-C): given a
+*stop* callable, the runner asks it at safe points (between items, between
+processes being set up, and between steps of about :data:`STEP_WALL_S` of
+wall time while the clock advances) and, once it names a reason, ends there
+with the checkpoints reached so far, a last timeline sample, and the result
+marked interrupted.  Advancing in steps changes nothing on the model: ksmd
+runs the batches due by each step's end, the same batches as in one go.
 """
 
 from __future__ import annotations
@@ -77,6 +85,16 @@ from ksmlab.scenario.units import NS_PER_S, format_duration
 
 _ADVICE = {"mergeable": MADV_MERGEABLE, "unmergeable": MADV_UNMERGEABLE,
            "dontneed": MADV_DONTNEED}
+
+STEP_WALL_S = 0.05
+"""With a stop callable, the clock advances in steps of about this much wall time."""
+
+_FIRST_STEP_NS = 1_000_000
+_MIN_STEP_NS = 1_000
+_MAX_STEP_NS = 3600 * NS_PER_S
+
+StopCheck = Callable[[], str | None]
+"""Asked at safe points: None to go on, or why the run stops (e.g. ``"SIGINT"``)."""
 
 
 class RunError(KsmSimError, RuntimeError):
@@ -135,11 +153,16 @@ class Runner:
     """Runs one scenario once on one backend; use :func:`run_scenario`."""
 
     def __init__(self, sc: Scenario, backend: Backend,
-                 progress: Callable[[ProgressInfo], None] | None = None) -> None:
+                 progress: Callable[[ProgressInfo], None] | None = None,
+                 stop: StopCheck | None = None) -> None:
         self.sc = sc
         self.backend = backend
         self.kernel = backend.kernel
         self.progress = progress
+        self.stop = stop
+        self.stopped: str | None = None
+        self._started = False
+        self._step_ns = _FIRST_STEP_NS
         self.groups: dict[str, list[_Instance]] = {}
         self.pages: dict[str, dict[str, int]] = {}
         self.content = ContentSource()
@@ -168,9 +191,12 @@ class Runner:
     def run(self) -> RunResult:
         """Set up, run every item in time order, and return the result."""
         try:
-            self._setup()
-            self._loop()
-            self._sample(self.backend.now_ns(), final=True)
+            if not self._stopping():  # a stop asked for before anything was built
+                self._setup()
+            if self._started and not self._stopping():
+                self._loop()
+            if self._started:
+                self._sample(self.backend.now_ns(), final=True)
             self._report_progress(force=True)
         except NotImplementedError as e:  # a call outside what this machine models
             when = format_duration(self.backend.now_ns() / NS_PER_S)
@@ -180,7 +206,56 @@ class Runner:
             self.content.close()
         return RunResult(ScenarioInfo.of(self.sc), self.backend.name, self.backend.describe(),
                          self.knobs, tuple(self.checkpoints), tuple(self.timeline),
-                         self.backend.now_ns() / NS_PER_S, tuple(self.failures))
+                         self.backend.now_ns() / NS_PER_S, tuple(self.failures), self.stopped)
+
+    # --- stopping early -------------------------------------------------------------------
+    def _stopping(self) -> bool:
+        """Whether the run is to stop here (asks the stop callable once more if not yet)."""
+        if self.stopped is None and self.stop is not None:
+            self.stopped = self.stop()
+        return self.stopped is not None
+
+    def _step_end(self, t_ns: int) -> int:
+        """Where the next step of advancing towards *t_ns* ends."""
+        if self.stop is None:
+            return t_ns
+        return min(t_ns, self.backend.now_ns() + self._step_ns)
+
+    def _adapt_step(self, wall_s: float) -> None:
+        """Keep steps near :data:`STEP_WALL_S` of wall time, whatever the backend's speed."""
+        if wall_s < STEP_WALL_S / 2:
+            self._step_ns = min(self._step_ns * 2, _MAX_STEP_NS)
+        elif wall_s > STEP_WALL_S * 2:
+            self._step_ns = max(self._step_ns // 2, _MIN_STEP_NS)
+
+    def _advance_to(self, t_ns: int) -> bool:
+        """Advance the clock to *t_ns* in steps; False if a stop came first."""
+        while self.backend.now_ns() < t_ns:
+            if self._stopping():
+                return False
+            end = self._step_end(t_ns)
+            started = time.perf_counter()
+            self.backend.advance_to(end)
+            self._adapt_step(time.perf_counter() - started)
+        return True
+
+    def _wait_scans(self, full_scans: int, t_ns: int) -> bool:
+        """Wait until ``full_scans`` reaches *full_scans*, no later than *t_ns*; True if it did."""
+        while (need := full_scans - self._counter("full_scans")) > 0:
+            now = self.backend.now_ns()
+            if now >= t_ns or self._stopping():
+                return False
+            end = self._step_end(t_ns)
+            started = time.perf_counter()
+            try:
+                self.kernel.wait_full_scans(need, timeout=(end - now) / NS_PER_S)
+            except ScanStalledError:
+                # ksmd cannot go on (the clock has not reached the step's end), or the
+                # step's end came first: then wait on, unless it was the deadline too.
+                if self.backend.now_ns() < end or end >= t_ns:
+                    return False
+            self._adapt_step(time.perf_counter() - started)
+        return True
 
     def _setup(self) -> None:
         sc, sysfs = self.sc, self.kernel.sysfs
@@ -194,12 +269,15 @@ class Runner:
         for g in sc.processes:
             if g.start_ns == 0:
                 self._start_group(g)
+                if self._stopping():
+                    return  # interrupted while setting up: nothing was measured
             else:
                 self._push(g.start_ns, _Kind.START, g)
         self._setting_up = False
         self._report_progress(force=True)
         self._write_knob("run", dict(sc.knobs).get("run", "1"), "[ksm]")
         self.backend.start_clock()
+        self._started = True
         self.knobs = {n: read_knob(sysfs[n]) for n in WRITE_ORDER if n in sysfs}
         for name in DELTA_COUNTERS:
             self._base[name] = self._last[name] = self._raw(name)
@@ -225,13 +303,15 @@ class Runner:
             if nt is not None and (nt < t or (nt == t and kind > _Kind.WRITE)):
                 # Writes come before this item: the ones due before it and before ksmd's
                 # next batch go as one batch.
-                self._reach(nt)
+                if not self._reach(nt):
+                    return  # stopped on the way
                 if self._ending and not self._pending_scans:
                     return
                 self._churn(t if kind <= _Kind.WRITE else t + 1)
                 self._report_progress()
                 continue
-            self._reach(t)
+            if not self._reach(t):
+                return  # stopped on the way
             if self._ending and not self._pending_scans:
                 return
             heapq.heappop(self._heap)
@@ -244,26 +324,20 @@ class Runner:
             self._apply(t, _Kind(kind), item)
             self._report_progress()
 
-    def _reach(self, t_ns: int) -> None:
-        """Advance to *t_ns*, recording full-scan checkpoints reached on the way."""
+    def _reach(self, t_ns: int) -> bool:
+        """Advance to *t_ns*, recording full-scan checkpoints reached on the way.
+
+        False if the run is to stop before *t_ns* (then the clock stands where it stopped).
+        """
         while self._pending_scans:
             cp = self._pending_scans[0]
             assert cp.full_scans is not None
-            need = cp.full_scans - self._counter("full_scans")
-            if need > 0:
-                remaining = t_ns - self.backend.now_ns()
-                if remaining <= 0:
-                    break
-                try:
-                    self.kernel.wait_full_scans(need, timeout=remaining / NS_PER_S)
-                except ScanStalledError:
-                    break
-                if cp.full_scans > self._counter("full_scans"):
-                    break
+            if not self._wait_scans(cp.full_scans, t_ns):
+                break
             self._pending_scans.pop(0)
             self._checkpoint(cp, self.backend.now_ns(), reached=True)
             self._report_progress()
-        self.backend.advance_to(t_ns)
+        return self._advance_to(t_ns) and not self._stopping()
 
     def _churn(self, limit_ns: int) -> None:
         """Apply, as one batch, the writes due before *limit_ns* and before ksmd's next batch.
@@ -350,6 +424,8 @@ class Runner:
     def _start_group(self, g: ProcessGroup) -> None:
         instances: list[_Instance] = []
         for i in range(g.count):
+            if self._stopping():
+                break  # the group stays as far as it got; the run ends
             proc = self.kernel.spawn()
             name = g.instance_name(i)
             inst = _Instance(name, proc, {})
@@ -521,15 +597,19 @@ class Runner:
 
 
 def run_scenario(sc: Scenario, backend: Backend,
-                 progress: Callable[[ProgressInfo], None] | None = None) -> RunResult:
+                 progress: Callable[[ProgressInfo], None] | None = None,
+                 stop: StopCheck | None = None) -> RunResult:
     """Run *sc* on *backend* (which the caller closes) and return the result.
+
+    *stop*, if given, is asked at safe points; once it returns a reason the run
+    ends there and the result is marked interrupted (see the module's doc).
 
     Raises:
         RunError: a kernel call failed (the message says when and which).
     """
-    return Runner(sc, backend, progress).run()
+    return Runner(sc, backend, progress, stop).run()
 
 
 assert set(KNOBS) == set(WRITE_ORDER)
 
-__all__ = ["ProgressInfo", "RunError", "Runner", "run_scenario"]
+__all__ = ["STEP_WALL_S", "ProgressInfo", "RunError", "Runner", "StopCheck", "run_scenario"]

@@ -381,8 +381,8 @@ def _expectation(t: Table, counter: str, sel: Selector | None) -> Expectation:
                 neg = v.strip().startswith("-")
                 n = parse_size(v.strip().removeprefix("-"))
                 return -n if neg else n
-            except ValueError:
-                pass
+            except ValueError as e:  # say which units are accepted ("2 GB" is refused)
+                raise ScenarioError(t.source, where, f"an integer or {e}", show(v)) from None
         raise ScenarioError(t.source, where, unit, show(v))
 
     raw = t.raw(counter)

@@ -3,8 +3,9 @@
 :func:`build_scenario` reads the sections in dependency order (knobs,
 contents, processes, then events in time order, activities, checkpoints) and
 refuses unknown top-level tables; ``--seed`` replaces ``[scenario] seed``
-before anything derives from it.  :func:`apply_knob_overrides` (``--knob``)
-and :func:`truncate` (``--until``) turn a valid scenario into another.
+before anything derives from it.  :func:`apply_knob_overrides` (``--knob``),
+:func:`truncate` (``--until``, also past the end with ``--extend``) and
+:func:`with_sample_interval` (``--sample``) turn a valid scenario into another.
 """
 
 from __future__ import annotations
@@ -89,11 +90,38 @@ def apply_knob_overrides(sc: Scenario, overrides: dict[str, KnobValue]) -> Scena
     return dataclasses.replace(sc, knobs=ordered(values))
 
 
+MAX_SAMPLES = 1_000_000
+"""At most this many timeline samples over a run (``--sample``): each is a row kept in memory."""
+
+
+def latest_end_ns(sc: Scenario) -> int:
+    """The latest a run of *sc* can end: its planned end, or a full-scan checkpoint's timeout."""
+    return max([sc.planned_end_ns, *(c.timeout_ns for c in sc.checkpoints if c.at_ns is None)])
+
+
+def with_sample_interval(sc: Scenario, interval_ns: int, source: str = "--sample") -> Scenario:
+    """*sc* sampled every *interval_ns* (``--sample``), at most :data:`MAX_SAMPLES` times a run."""
+    def show(ns: int) -> str:  # below a millisecond too
+        return f"{ns} ns" if ns < 1000 else (f"{ns / 1000:g} µs" if ns < 1_000_000
+                                             else format_duration(ns / NS_PER_S))
+
+    end = latest_end_ns(sc)
+    least = max(1, -(-end // MAX_SAMPLES))
+    if interval_ns < least:
+        expected = ("an interval > 0" if least == 1 else
+                    f"an interval of at least {show(least)} (at most {MAX_SAMPLES:,} samples "
+                    f"over the {format_duration(end / NS_PER_S)} run)")
+        raise ScenarioError(source, "interval", expected, show(interval_ns))
+    return dataclasses.replace(sc, sample_interval_ns=interval_ns)
+
+
 def truncate(sc: Scenario, until_ns: int) -> Scenario:
     """*sc* cut at *until_ns* (``--until``): later items are dropped and the run ends there.
 
     A checkpoint at *until_ns* is added if none is there already, so the
-    summary shows where the run stopped.
+    summary shows where the run stopped.  Past the scenario's end (which the
+    command line allows only with ``--extend``) the scenario goes on as it
+    was: ksmd scans, activities without a ``stop`` keep writing, until *until_ns*.
     """
     groups_born = {g.name for g in sc.processes if g.start_ns <= until_ns}
     evs = tuple(e for e in sc.events if e.at_ns <= until_ns)
@@ -117,5 +145,5 @@ def truncate(sc: Scenario, until_ns: int) -> Scenario:
                                                            default_interval(out)))
 
 
-__all__ = ["BUILTIN_SOURCE", "apply_knob_overrides", "build_scenario", "default_interval",
-           "truncate"]
+__all__ = ["BUILTIN_SOURCE", "MAX_SAMPLES", "apply_knob_overrides", "build_scenario",
+           "default_interval", "latest_end_ns", "truncate", "with_sample_interval"]

@@ -1,8 +1,11 @@
 """Sizes and durations as people write them in scenario files, and back.
 
-Sizes are bytes: an integer, or a string with a binary unit (``"4KiB"``,
-``"8 MiB"``, ``"1GiB"``; ``K``/``M``/``G``/``T`` and ``KB``/``MB``... are read as
-the binary units too, as ``ls -h`` and the kernel print them).  Durations are
+Sizes are bytes: an integer, or a string with a binary unit: ``"4KiB"``,
+``"8 MiB"``, ``"1GiB"``, or a single letter ``K``/``M``/``G``/``T``/``P``
+/``E`` (either case), binary as the kernel's ``memparse()`` reads ``mem=2G``.  Units
+that could mean two things are refused: ``KB``/``MB``/``GB``/``TB`` in any
+case (10**9 or 2**30 bytes?), ``b``/``Gb`` (bits?) and IEC units in another
+case (``gib``, ``GIB``).  Durations are
 seconds: a number, or a string with a unit (``"500ms"``, ``"10s"``,
 ``"5min"``, ``"1h"``).  Times are kept as integer nanoseconds, so the
 scheduler's arithmetic is exact.
@@ -24,13 +27,15 @@ MAX_DURATION_NS = (1 << 63) - 1
 TOO_LARGE_SIZE = "a size below 16 EiB (2**64 bytes)"
 TOO_LONG_DURATION = "a duration of at most 292 years (2**63 - 1 ns)"
 
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
-    "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
-    "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
-    "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40,
-}
+_SIZE_UNITS = {"": 1, "B": 1}
+for _i, _letter in enumerate("KMGTPE", start=1):
+    # memparse() takes the letter in either case; the IEC name only as IEC spells it.
+    _SIZE_UNITS |= {_letter: 1 << 10 * _i, _letter.lower(): 1 << 10 * _i,
+                    f"{_letter}iB": 1 << 10 * _i}
+SIZE_UNITS_ACCEPTED = "B, K or KiB, M or MiB, G or GiB, T or TiB, P or PiB, E or EiB"
+"""The size units, as error messages name them (each 1024 times the one before)."""
+_AMBIGUOUS = frozenset({"b", *(f"{c}b" for c in "kmgtpe"), *(f"{c}ib" for c in "kmgtpe")})
+"""Units refused because they could mean two things (in any case not accepted above)."""
 _TIME_UNITS = {
     "": NS_PER_S, "ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000,
     "s": NS_PER_S, "sec": NS_PER_S, "min": 60 * NS_PER_S, "m": 60 * NS_PER_S,
@@ -56,11 +61,15 @@ def _exact(number: str, too_large: str) -> Fraction:
 
 
 def parse_size(text: str) -> int:
-    """Bytes in *text* (``"8MiB"``, ``"4096"``); ValueError naming what is accepted."""
+    """Bytes in *text* (``"8MiB"``, ``"4096"``, ``"2G"``); ValueError naming what is accepted."""
     m = _NUMBER_UNIT.match(text)
-    unit = m.group(2).lower() if m else None
+    unit = m.group(2) if m else None
     if m is None or unit not in _SIZE_UNITS:
-        msg = "a size such as 4096, \"64KiB\", \"8MiB\" or \"1GiB\""
+        why = ""
+        if unit is not None and unit.lower() in _AMBIGUOUS:
+            why = f"; \"{unit}\" is refused as ambiguous: decimal or binary, bits or bytes?"
+        msg = (f"a size such as 4096, \"64KiB\", \"8MiB\" or \"1GiB\" (units {SIZE_UNITS_ACCEPTED}, "
+               f"each 1024 times the one before, as the kernel's memparse() reads them{why})")
         raise ValueError(msg)
     value = _exact(m.group(1), TOO_LARGE_SIZE) * _SIZE_UNITS[unit]
     if value.denominator != 1:
@@ -114,5 +123,6 @@ def format_duration(seconds: float) -> str:
     return f"{int(h)} h" if m == 0 else f"{int(h)} h {m} min"
 
 
-__all__ = ["MAX_DURATION_NS", "MAX_SIZE", "NS_PER_S", "TOO_LARGE_SIZE", "TOO_LONG_DURATION",
+__all__ = ["MAX_DURATION_NS", "MAX_SIZE", "NS_PER_S", "SIZE_UNITS_ACCEPTED", "TOO_LARGE_SIZE",
+           "TOO_LONG_DURATION",
            "format_bytes", "format_duration", "parse_duration_ns", "parse_size"]

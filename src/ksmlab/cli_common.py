@@ -1,0 +1,49 @@
+"""What every ``ksmlab`` subcommand shares: exit codes, the one-line error, the console, writing a file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from ksmlab.errors import KsmSimError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+EXIT_UNAVAILABLE = 3
+EXIT_INTERRUPTED = 130
+
+TABLE_WIDTH = 132
+"""Width of the table when stdout is a file or a pipe."""
+
+
+class CliError(KsmSimError):
+    """An error to report in one line with an exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def console() -> Console:
+    """The stdout console; when stdout is not a terminal, wide enough for the table."""
+    out = Console(highlight=False)
+    if not out.is_terminal:
+        out = Console(highlight=False, width=max(out.width, TABLE_WIDTH))
+    return out
+
+
+def write_file(path: Path, data: str | bytes) -> None:
+    """Write *data* to *path*; a failure is a :class:`CliError` (exit 1) naming the file."""
+    try:
+        if isinstance(data, bytes):
+            path.write_bytes(data)
+        else:
+            path.write_text(data, encoding="utf-8")
+    except OSError as e:
+        raise CliError(f"ksmlab: cannot write {path}: {e.strerror}", EXIT_FAILED) from None
+
+
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_INVALID", "EXIT_OK", "EXIT_UNAVAILABLE",
+           "TABLE_WIDTH", "CliError", "console", "write_file"]
