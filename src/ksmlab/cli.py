@@ -165,32 +165,57 @@ def _load(args: argparse.Namespace) -> Scenario:
 @contextmanager
 def _progress(enabled: bool, sc: Scenario,
               backend: str) -> Iterator[Callable[[ProgressInfo], None] | None]:
-    """A progress callback that shows a bar on stderr once the run has taken a second."""
+    """A progress callback that shows a bar on stderr once the run has taken a second:
+    the memory filled while the processes are set up, then the time reached, each with
+    the time it should take to finish (from the pace so far).
+
+    The bar is redrawn twice a second from one text column (rich spends milliseconds
+    per column and redraw), so that it costs well under 1% of a run.
+    """
     if not enabled:
         yield None
         return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn
 
     console = Console(stderr=True, force_terminal=True)
     unit = "real" if backend == "linux" else "virtual"
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                   TextColumn("{task.fields[when]}"), TextColumn("full scans: {task.fields[scans]}"),
-                   TextColumn("checkpoints: {task.fields[cps]}"), TimeElapsedColumn(),
-                   console=console, transient=True)
+    bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
+                   TextColumn("{task.fields[info]}", markup=False),
+                   console=console, transient=True, refresh_per_second=2)
     started = time.monotonic()
     shown = False
-    task = bar.add_task(f"running {sc.name}", total=max(sc.planned_end_ns / NS_PER_S, 1e-9),
-                        when="", scans=0, cps="")
+    phase = ""
+    task = bar.add_task(f"running {sc.name}", total=None, info="")
+
+    def clock(seconds: float | None) -> str:
+        if seconds is None:
+            return "-:--:--"
+        s = int(seconds)
+        return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
     def update(p: ProgressInfo) -> None:
-        nonlocal shown
+        nonlocal shown, phase
         if not shown and time.monotonic() - started >= PROGRESS_AFTER_S:
             bar.start()
             shown = True
-        bar.update(task, completed=min(p.now_s, p.planned_end_s) if p.planned_end_s else 0,
-                   when=f"{unit} time {format_duration(p.now_s)} / "
-                        f"{format_duration(p.planned_end_s)}",
-                   scans=p.full_scans, cps=f"{p.checkpoints_done}/{p.checkpoints_total}")
+        if p.setting_up:
+            if phase != "setup":  # each phase's estimate from its own pace
+                phase = "setup"
+                bar.reset(task, total=max(p.pages_to_fill, 1), description=f"setting up {sc.name}")
+            done: float = p.pages_filled
+            info = (f"{format_bytes(p.pages_filled * PAGE_SIZE)} / "
+                    f"{format_bytes(p.pages_to_fill * PAGE_SIZE)} filled")
+        else:
+            if phase != "run":
+                phase = "run"
+                bar.reset(task, total=max(p.planned_end_s, 1e-9), description=f"running {sc.name}")
+            done = min(p.now_s, p.planned_end_s) if p.planned_end_s else 0
+            info = (f"{unit} time {format_duration(p.now_s)} / {format_duration(p.planned_end_s)}"
+                    f"  full scans: {p.full_scans}  checkpoints: "
+                    f"{p.checkpoints_done}/{p.checkpoints_total}")
+        t = bar.tasks[0]
+        bar.update(task, completed=done,
+                   info=f"{info}  {clock(t.elapsed)} elapsed, {clock(t.time_remaining)} left")
 
     try:
         yield update

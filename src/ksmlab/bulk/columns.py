@@ -51,9 +51,11 @@ class _Table:
         if rows <= self.capacity:
             return
         # Every array first, then the swap: a MemoryError leaves the table as it was.
-        grown = {name: np.full(rows, fill, dtype) for name, (dtype, fill) in self.fields.items()}
+        # np.empty, then each part written once (np.full would write the copied part twice).
+        grown = {name: np.empty(rows, dtype) for name, (dtype, _fill) in self.fields.items()}
         for name, new in grown.items():
             new[:self.n] = getattr(self, name)[:self.n]
+            new[self.n:] = self.fields[name][1]
             setattr(self, name, new)
 
     def append(self, count: int) -> int:

@@ -42,7 +42,6 @@ from ksmlab.bulk.columns import (
     NONE,
     STABLE,
     STABLE_NONE,
-    UNSTABLE,
     ChainCols,
     ContentCols,
     FrameCols,
@@ -52,11 +51,11 @@ from ksmlab.bulk.columns import (
 from ksmlab.bulk.content import ZERO_CONTENT, ContentTable
 from ksmlab.bulk.invariants import check_bulk
 from ksmlab.bulk.mm import BulkMm, Ghost
+from ksmlab.bulk.tally import Tally, count_columns, sysfs_counters
 from ksmlab.bulk.trees import StableTrees, TreeIndex
 from ksmlab.constants import KSM_RUN_MERGE, KSM_RUN_UNMERGE, PAGE_SHIFT
-from ksmlab.errors import kernel_error
+from ksmlab.errors import kernel_error, vm_bug_on
 from ksmlab.ksm import advisor as ksm_advisor
-from ksmlab.ksm import counters
 from ksmlab.ksm.defaults import AGE_MAX
 from ksmlab.ksm.scan import skip_age
 from ksmlab.ksm.tunables import KsmTunables
@@ -66,7 +65,9 @@ class BulkKsm(StableTrees, KsmTunables):
     """KSM state for a bulk machine: knobs, columns, chains, ksmd's cursor.
 
     Counters that SimKernel keeps incrementally (pages_shared, rmap_items...)
-    are computed from the columns when read (:meth:`counters`).  It is the
+    are kept the same way, in :attr:`tally` (:mod:`ksmlab.bulk.tally`): every
+    change of an item's state goes through ``tally.restate``, of a node's
+    sharers through ``tally.join``/``leave_one``.  It is the
     engine the virtual ksmd (:class:`ksmlab.ksm.ksmd.Ksmd`) and the sysfs
     table (:class:`ksmlab.ksm.sysfs.KsmSysfs`) work on, as SimKernel's
     :class:`~ksmlab.ksm.interface.Ksm` is.
@@ -85,7 +86,7 @@ class BulkKsm(StableTrees, KsmTunables):
     # the dict (KsmTunables); an attribute a subclass adds goes there too.
     __slots__ = ("address", "chain_cols", "chains", "contents", "cpu_ns", "ctab", "cursor",
                  "frames", "full_scans", "head", "mutations", "nodes", "now_ms", "numa_nodes",
-                 "pages", "pages_scanned", "pages_skipped", "read_counters", "tree_of_node",
+                 "pages", "pages_scanned", "pages_skipped", "tally", "tree_of_node",
                  "trees", "wake_ksmd", "zero_checksum")
 
     def __init__(self, contents: ContentTable, *,
@@ -104,6 +105,7 @@ class BulkKsm(StableTrees, KsmTunables):
         self.chain_cols = ChainCols()
         super().__init__()  # the knobs and the advisor's state, at their boot values
         # --- incremental counters ---
+        self.tally = Tally()
         self.full_scans = 0
         self.pages_scanned = 0
         self.pages_skipped = 0
@@ -118,10 +120,8 @@ class BulkKsm(StableTrees, KsmTunables):
         self.zero_checksum = int(contents.checksum[ZERO_CONTENT])
         self.wake_ksmd: Callable[[], None] = lambda: None
         """Set by the kernel to its ksmd's ``wake_up``: ksmd runs its next batch now."""
-        self.read_counters: Callable[[], dict[str, int]] = self.counters
-        """What :meth:`counter` reads; the kernel sets its cached :meth:`counters`."""
         self.mutations = 0
-        """Bumped by every call that can change the counters outside ksmd's batches (the
+        """Bumped by every call that changes the state outside ksmd's batches (the
         process calls of :class:`~ksmlab.bulk.kernel.BulkProcess` and the sysfs stores)."""
 
     # --- content and frames ---------------------------------------------------------------
@@ -160,6 +160,8 @@ class BulkKsm(StableTrees, KsmTunables):
         self.pages.frame[g] = kframe
         if kframe >= 0:
             self.frames.mapcount[kframe] += 1
+        else:
+            self.tally.zero_pages += 1  # KSM_ZERO (old is an ordinary frame)
 
     def merge_two(self, ix: TreeIndex, g: int, f: int, y: int, c: int) -> None:
         """Make *f* a KSM page, map it at *y* too, and file it in *ix* (``try_to_merge_two_pages``
@@ -227,7 +229,7 @@ class BulkKsm(StableTrees, KsmTunables):
     def new_item(self, g: int) -> None:
         """``alloc_rmap_item`` for page *g*."""
         pages = self.pages
-        pages.state[g] = NONE
+        self.tally.restate_one(pages.state, g, NONE)
         pages.oldsum[g] = 0
         pages.age[g] = 0
         pages.skips[g] = 0
@@ -366,8 +368,8 @@ class BulkKsm(StableTrees, KsmTunables):
 
     # --- the sysfs stores (ksmlab.ksm.sysfs's table calls them, as SimKernel's) -----------
     def counter(self, name: str) -> int:
-        """The value of counter file *name* (see :attr:`read_counters`)."""
-        return self.read_counters()[name]
+        """The value of counter file *name*."""
+        return self.counters()[name]
 
     def set_run(self, flags: int) -> None:
         """``run_store`` after parsing: start, stop, or unmerge everything (run=2)."""
@@ -411,6 +413,7 @@ class BulkKsm(StableTrees, KsmTunables):
         ksm_page[ok] = self.frames.knode[frames[ok]] >= 0
         old = frames[ksm_page]
         self.cow_ksm += int(np.count_nonzero(old >= 0))
+        self.tally.zero_mapped(old, -1)
         contents = np.where(old >= 0, self.frames.content[np.maximum(old, 0)], ZERO_CONTENT)
         self.unmap(old)
         self.pages.frame[rows[ksm_page]] = self.new_frames(contents, rows[ksm_page])
@@ -481,30 +484,13 @@ class BulkKsm(StableTrees, KsmTunables):
 
     # --- counters --------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
-        """The sysfs counters, computed from the columns."""
-        pages, nodes = self.pages, self.nodes
-        state = pages.state[:pages.n]
-        n = nodes.n
-        alive = nodes.alive[:n]
-        counts = nodes.count[:n][alive]
-        shared = int(np.count_nonzero(counts))
-        sharing = int(counts.sum()) - shared
-        rmap_items = int(np.count_nonzero(state))
-        unshared = int(np.count_nonzero(state == UNSTABLE))
-        zero = int(np.count_nonzero(pages.frame[:pages.n] == KSM_ZERO))
-        return {
-            "pages_shared": shared, "pages_sharing": sharing, "pages_unshared": unshared,
-            "pages_volatile": counters.pages_volatile(rmap_items, shared, sharing, unshared),
-            "pages_scanned": self.pages_scanned, "pages_skipped": self.pages_skipped,
-            "full_scans": self.full_scans,
-            "stable_node_chains": sum(len(ix.chains) for ix in self.trees),
-            "stable_node_dups": sum(len(ch.dups) for ix in self.trees
-                                    for ch in ix.chains.values()),
-            "ksm_zero_pages": zero,
-            "general_profit": counters.general_profit(sharing, zero, rmap_items),
-            "rmap_items": rmap_items,
-        }
+        """The sysfs counters, from :attr:`tally` (kept as the state changes)."""
+        return sysfs_counters(self)
 
     def check(self) -> None:
-        """The invariant check (:func:`ksmlab.bulk.invariants.check_bulk`, O(pages))."""
+        """The invariant check (:func:`ksmlab.bulk.invariants.check_bulk`, O(pages)), and
+        the counters kept against a count from scratch."""
         check_bulk(self)
+        vm_bug_on(self.tally.as_tuple() != count_columns(self),
+                  f"bulk: counters kept {self.tally.as_tuple()} disagree with the columns "
+                  f"{count_columns(self)}")

@@ -93,6 +93,7 @@ class KsmHooks:
         for seg in mm.segments:
             sl = slice(seg.row, seg.row + seg.pages)
             self.ksm.unmap(self.ksm.pages.frame[sl])
+            self.ksm.tally.zero_mapped(self.ksm.pages.frame[sl], -1)
             self.ksm.pages.frame[sl] = NO_FRAME
 
 

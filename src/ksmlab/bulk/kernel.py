@@ -26,11 +26,12 @@ import numpy.typing as npt
 from ksmlab import argcheck
 from ksmlab.api import SmapsEntry
 from ksmlab.bulk.columns import ABSENT, KSM_ZERO, NO_FRAME, STABLE
-from ksmlab.bulk.content import ZERO_CONTENT, ContentTable
+from ksmlab.bulk.content import NEW_CONTENT, ZERO_CONTENT, ContentTable
 from ksmlab.bulk.engine import BulkKsm
 from ksmlab.bulk.hooks import KsmHooks
 from ksmlab.bulk.mm import BulkMm, Segment
 from ksmlab.bulk.vector import VectorKsm
+from ksmlab.bulk.writes import checked_writes, name_new_distinct, store_pages
 from ksmlab.capabilities import Capability
 from ksmlab.constants import (
     MADV_MERGEABLE,
@@ -100,11 +101,9 @@ class BulkKernel(KsmHooks):
         self.ksm.sync_contents()
         self.ksmd = Ksmd(self.ksm, cost)
         self.ksm.wake_ksmd = self.ksmd.wake_up
-        self.ksm.read_counters = self.counters
         self._next_pid = 1000  # SimKernel's first pid
         self.processes: dict[int, BulkProcess] = {}
         self.sysfs = KsmSysfs(self.ksm, unmodelled=UNMODELLED_FILES)
-        self._counters: tuple[tuple[int, int], dict[str, int]] | None = None
 
     def __enter__(self) -> Self:
         return self
@@ -136,11 +135,8 @@ class BulkKernel(KsmHooks):
         return self.ksmd.batches
 
     def counters(self) -> dict[str, int]:
-        """The sysfs counters, counted once per state (a report reads many at a time)."""
-        key = (self.ksmd.batches, self.ksm.mutations)
-        if self._counters is None or self._counters[0] != key:
-            self._counters = (key, self.ksm.counters())
-        return self._counters[1]
+        """The sysfs counters (kept as the state changes: reading them is cheap)."""
+        return self.ksm.counters()
 
     def reserve(self, *, pages: int = 0, frames: int = 0, contents: int = 0) -> None:
         """Allocate room for this many pages, frames and contents up front.
@@ -162,6 +158,25 @@ class BulkKernel(KsmHooks):
                 grow(rows)
             except (MemoryError, ValueError) as e:  # numpy: too big to allocate or to describe
                 raise MemoryError(f"cannot reserve {name}={argcheck.describe(rows)}: {e}") from None
+
+    def write_pages(self, pids: Sequence[int] | npt.NDArray[np.int64],
+                    addrs: Sequence[int] | npt.NDArray[np.int64],
+                    cids: Sequence[int] | npt.NDArray[np.int64]) -> None:
+        """Whole-page writes in many processes as one array step: the page at ``addrs[i]``
+        of process ``pids[i]`` gets content ``cids[i]``, for each i in order.
+
+        The state afterwards is the one ``processes[pid].write_contents(addr, [cid])``
+        for each in turn leaves, faults and copy-on-write included
+        (:mod:`ksmlab.bulk.writes`).  The three are flat sequences or arrays of ints
+        of one length (TypeError, ValueError); every pid is a live process's, every
+        address page aligned and every id one of :attr:`contents` (ValueError); a page
+        not mapped, or without PROT_WRITE, is OSError(EFAULT).  Nothing is written unless
+        all of it can be.
+        """
+        rows, ids = checked_writes(self, pids, addrs, cids)
+        if len(rows):
+            self.ksm.mutations += 1
+            store_pages(self.ksm, rows, ids)
 
     def memory_bytes(self) -> int:
         """Bytes held by the engine's arrays (their capacity)."""
@@ -303,6 +318,7 @@ class BulkProcess:
         for seg in gone:
             sl = slice(seg.row, seg.row + seg.pages)
             ksm.unmap(pages.frame[sl])
+            ksm.tally.zero_mapped(pages.frame[sl], -1)
             pages.frame[sl] = NO_FRAME
             pages.mergeable[sl] = False
             if bool((pages.state[sl] != ABSENT).any()):
@@ -389,8 +405,9 @@ class BulkProcess:
         """Store pages of the given content ids at *addr*, with the faults and COW of a write.
 
         *addr* must be page aligned (ValueError) and *ids* a flat sequence or
-        integer array (TypeError) of ids of this kernel's ContentTable
-        (ValueError).  An unmapped page or one without PROT_WRITE in the range is
+        integer array (TypeError) of ids of this kernel's ContentTable, or
+        :data:`~ksmlab.bulk.content.NEW_CONTENT` for new random data
+        (ValueError otherwise).  An unmapped page or one without PROT_WRITE in the range is
         OSError(EFAULT), and nothing is written then.
         """
         addr = argcheck.ulong("addr", addr)
@@ -430,14 +447,19 @@ class BulkProcess:
         n = len(self.kernel.contents)
         lo, hi = ((int(arr.min()), int(arr.max())) if isinstance(arr, np.ndarray)
                   else (min(arr), max(arr))) if len(arr) else (0, 0)
-        if lo < 0 or hi >= n:
+        if lo < NEW_CONTENT or hi >= n:
             raise ValueError(f"ids must be content ids of this kernel's ContentTable (0 <= id < {n}), "
-                             f"got {argcheck.describe(ids)}")
+                             f"or NEW_CONTENT ({NEW_CONTENT}), got {argcheck.describe(ids)}")
         return np.asarray(arr, dtype=np.int64)
 
     def _store(self, addr: int, cids: npt.NDArray[np.int64]) -> None:
         """Write pages of content *cids* at *addr* (checked: aligned, mapped, known ids)."""
         ksm = self.kernel.ksm
+        new = cids < 0  # NEW_CONTENT: named as it is written
+        if bool(new.any()) and (len(cids) == 1 or bool(ksm.contents.unique[cids[~new]].any())):
+            store_pages(ksm, self._rows(addr, len(cids) * PAGE_SIZE), cids)
+            return
+        ksm.contents.unique[cids[~new]] = False  # held by these pages now too
         ksm.sync_contents()
         if len(cids) == 1:
             self._write_one(int(self._rows(addr, PAGE_SIZE)[0]), int(cids[0]))
@@ -447,9 +469,11 @@ class BulkProcess:
         ok = frames >= 0
         in_place = np.zeros(len(rows), bool)
         in_place[ok] = (ksm.frames.knode[frames[ok]] < 0) & (ksm.frames.mapcount[frames[ok]] == 1)
+        cids = name_new_distinct(ksm, frames.astype(np.int64), in_place, cids)
         ksm.frames.content[frames[in_place]] = cids[in_place]
         copy = ~in_place
         ksm.cow_ksm += int(np.count_nonzero(ksm.frames.knode[frames[ok]] >= 0))
+        ksm.tally.zero_mapped(frames, -1)
         ksm.unmap(frames[copy])
         ksm.pages.frame[rows[copy]] = ksm.new_frames(cids[copy], rows[copy])
 
@@ -457,6 +481,7 @@ class BulkProcess:
         """_store for one page, without array overheads (a COW storm is many of these)."""
         ksm = self.kernel.ksm
         frames = ksm.frames
+        ksm.contents.unique[cid] = False  # held by this page now too
         f = int(ksm.pages.frame[row])
         if f >= 0:
             knode = int(frames.knode[f])
@@ -468,6 +493,8 @@ class BulkProcess:
                 ksm.cow_ksm += 1
                 if frames.mapcount[f] == 0:
                     ksm.reopen([knode])
+        elif f == KSM_ZERO:
+            ksm.tally.zero_pages -= 1
         new = frames.append(1)
         frames.content[new] = cid
         frames.mapcount[new] = 1
@@ -553,6 +580,7 @@ class BulkProcess:
             if ksm.numa_nodes > 1:  # the child's mapping keeps the parent's policy
                 ksm.pages.nid[row:row + seg.pages] = ksm.pages.nid[seg.row:seg.row + seg.pages]
             np.add.at(ksm.frames.mapcount, src[src >= 0], 1)
+            ksm.tally.zero_mapped(src)
             child.mm.segments.append(Segment(seg.addr, row, seg.pages, seg.prot))
         if self.mm.registered:
             k.ksm_enter(child.mm)

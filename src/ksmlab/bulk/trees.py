@@ -38,6 +38,7 @@ from ksmlab.bulk.columns import (
     PageCols,
 )
 from ksmlab.bulk.content import ContentTable
+from ksmlab.bulk.tally import Tally
 from ksmlab.ksm.defaults import SEQNR_MASK
 
 
@@ -98,6 +99,8 @@ class StableTrees:
     trees: list[TreeIndex]
     """The pairs of trees made so far; node 0's (``ctab``, ``chains``) first."""
     tree_of_node: dict[int, TreeIndex]
+    tally: Tally
+    """The counters kept as items and nodes change (every change here goes through it)."""
 
     # --- which pair of trees ----------------------------------------------------------------
     @property
@@ -154,6 +157,7 @@ class StableTrees:
     def remove_node(self, d: int) -> None:
         """Drop a stale node with all its items (``remove_node_from_stable_tree``)."""
         ix = self.node_tree(d)
+        self.tally.drop_node(int(self.nodes.count[d]))
         self.nodes.alive[d] = False
         c = int(self.nodes.content[d])
         if ix.ctab.stable[c] == d:
@@ -287,30 +291,30 @@ class StableTrees:
     def stable_tree_append(self, g: int, d: int) -> None:
         """Hang page *g*'s item off node *d* (``stable_tree_append``)."""
         self.pages.head[g] = d
-        self.pages.state[g] = STABLE
-        self.nodes.count[d] += 1
+        self.tally.restate_one(self.pages.state, g, STABLE)
+        self.tally.join_one(self.nodes.count, d)
 
     def remove_rmap_item_from_tree(self, g: int) -> None:
         """Take page *g*'s item out of its tree (``remove_rmap_item_from_tree``)."""
         state = int(self.pages.state[g])
         if state == STABLE:
             d = int(self.pages.head[g])
-            self.pages.state[g] = NONE
+            self.tally.restate_one(self.pages.state, g, NONE)
             self.pages.head[g] = -1
             if not self.nodes.alive[d]:
                 return
             if self.stale(d):
                 self.remove_node(d)
                 return
-            self.nodes.count[d] -= 1
+            self.tally.leave_one(self.nodes.count, d)
             self.reopen((d,))
         elif state == UNSTABLE:
-            self.pages.state[g] = NONE
+            self.tally.restate_one(self.pages.state, g, NONE)
 
     def free_rmap_item(self, g: int) -> None:
         """Free page *g*'s item, out of its tree first (``remove_rmap_item_from_tree`` + free)."""
         self.remove_rmap_item_from_tree(g)
-        self.pages.state[g] = ABSENT
+        self.tally.restate_one(self.pages.state, g, ABSENT)
 
     # --- the unstable tree ------------------------------------------------------------------
     def cur_seqnr(self) -> int:
@@ -338,7 +342,7 @@ class StableTrees:
                     return -1
                 return y
             # Model choice: a tree page whose content changed is not found.
-        pages.state[g] = UNSTABLE
+        self.tally.restate_one(pages.state, g, UNSTABLE)
         pages.seqnr[g] = self.cur_seqnr()
         if self.numa_nodes > 1:
             pages.unid[g] = ix.nid

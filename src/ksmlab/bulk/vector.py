@@ -141,23 +141,23 @@ class VectorKsm(BulkKsm):
                 for d in nodes[stale].tolist():
                     self.remove_node(d)
                 keep = nodes[~stale]
-                self.nodes.count[keep] -= items[~stale].astype(np.int32)
+                self.tally.leave(self.nodes.count, keep, items[~stale])
                 self.reopen(keep.tolist())
             heads[stable] = -1
-        state[state != ABSENT] = ABSENT
+        self.tally.restate(state, state != ABSENT, ABSENT)
 
     def _regular(self, lo: int, hi: int, visit: npt.NDArray[np.bool_],
                  skip: npt.NDArray[np.bool_], elig: npt.NDArray[np.bool_]) -> None:
         """Handle rows [lo, hi), none of them irregular, with array operations."""
-        pages, frames = self.pages, self.frames
+        pages, frames, tally = self.pages, self.frames, self.tally
         sl = slice(lo, hi)
         state = pages.state[sl]
         # Items of pages passed over are freed; they are in no live stable
         # node (else the row would be irregular), so only the state changes.
         gone = ~elig & (state != ABSENT)
-        state[gone] = ABSENT
+        tally.restate(state, gone, ABSENT)
         new = elig & (state == ABSENT)
-        state[new] = NONE
+        tally.restate(state, new, NONE)
         pages.oldsum[sl][new] = 0
         pages.age[sl][new] = 0
         pages.skips[sl][new] = 0
@@ -168,7 +168,7 @@ class VectorKsm(BulkKsm):
         ksm = elig & (knode >= 0)
         # A KSM page mapped here but not by this item (a fork child's): join its node.
         join = visit & ksm & ~((state == STABLE) & (pages.head[sl] == knode))
-        state[join] = NONE
+        tally.restate(state, join, NONE)
         if self.smart_scan:
             aging = elig & ~ksm
             age = pages.age[sl].copy()
@@ -180,10 +180,10 @@ class VectorKsm(BulkKsm):
             skips[arm] = _SKIP_AGE[age[arm]]
             skips[skip] -= 1
             self.pages_skipped += int(np.count_nonzero(skip))
-            state[skip] = NONE  # out of the unstable tree (lazily) or a dead node
+            tally.restate(state, skip, NONE)  # out of the unstable tree (lazily) or a dead node
         # Ordinary pages visited: out of their tree, then the checksum test.
         plain = visit & ~ksm
-        state[plain] = NONE
+        tally.restate(state, plain, NONE)
         rows = np.flatnonzero(plain) + lo
         fr = frame[plain]
         content = frames.content[fr]
@@ -196,6 +196,7 @@ class VectorKsm(BulkKsm):
             zero = held & (content == ZERO_CONTENT)
             self.unmap(fr[zero])
             pages.frame[rows[zero]] = KSM_ZERO
+            tally.zero_pages += int(np.count_nonzero(zero))
             held &= ~zero
         rows, fr, content = rows[held], fr[held].astype(np.int64), content[held].astype(np.int64)
         jrows = np.flatnonzero(join) + lo
@@ -210,8 +211,8 @@ class VectorKsm(BulkKsm):
                 self._mixed(jrows[jmix], jnode[jmix], rows[mix], content[mix])
                 jrows, jnode = jrows[~jmix], jnode[~jmix]
                 rows, fr, content = rows[~mix], fr[~mix], content[~mix]
-            np.add.at(self.nodes.count, jnode, 1)
-            pages.state[jrows] = STABLE
+            tally.join(self.nodes.count, jnode)
+            tally.restate(pages.state, jrows, STABLE)
             pages.head[jrows] = jnode
         self._merge_groups(rows, fr, content)
 
@@ -313,9 +314,9 @@ class VectorKsm(BulkKsm):
         np.subtract.at(frames.mapcount, pages.frame[rows], 1)
         pages.frame[rows] = kframe
         np.add.at(frames.mapcount, kframe, 1)
-        pages.state[rows] = STABLE
+        self.tally.restate(pages.state, rows, STABLE)
         pages.head[rows] = nodes
-        np.add.at(self.nodes.count, nodes, 1)
+        self.tally.join(self.nodes.count, nodes)
 
     def _singles(self, ix: TreeIndex, rows: Rows, fr: Rows, c: Rows, y: Rows,
                  intree: npt.NDArray[np.bool_]) -> None:
@@ -337,7 +338,7 @@ class VectorKsm(BulkKsm):
         if bool(match.any()):
             self._merge_pairs(ix, rows[match], fr[match], y[match], c[match])
         ins = rows[insert]
-        pages.state[ins] = UNSTABLE
+        self.tally.restate(pages.state, ins, UNSTABLE)
         pages.seqnr[ins] = self.cur_seqnr()
         if self.numa_nodes > 1:
             pages.unid[ins] = ix.nid
@@ -357,8 +358,9 @@ class VectorKsm(BulkKsm):
         nodes.alive[d] = True
         frames.knode[fr] = d
         ix.ctab.stable[c] = d
+        self.tally.new_nodes(len(rows), 2)
         for g in (ys, rows):
-            pages.state[g] = STABLE
+            self.tally.restate(pages.state, g, STABLE)
             pages.head[g] = d
 
     def _group(self, ix: TreeIndex, rows: Rows, c: int) -> None:

@@ -12,15 +12,25 @@ from ``/proc/<pid of ksmd>/stat``.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from ksmlab.api import Kernel, Process
 from ksmlab.constants import PAGE_SIZE
 from ksmlab.errors import KsmSimError
 from ksmlab.kernel import SimKernel, SimProcess
+from ksmlab.ksm.ksmd import ksmd_should_run
 from ksmlab.mm.page import ZERO_FINGERPRINT, ContentMode, fingerprint
 from ksmlab.scenario import host
-from ksmlab.scenario.content import ContentSource
+from ksmlab.scenario.churn import WriteBatch
+from ksmlab.scenario.content import (
+    BYTES_CHUNK,
+    ID_CHUNK,
+    NEW_CONTENT,
+    ZERO_PAGE,
+    ContentSource,
+    Fill,
+)
 from ksmlab.scenario.model import Content
 
 if TYPE_CHECKING:
@@ -53,11 +63,24 @@ class Backend(Protocol):
         """ksmd's CPU time since :meth:`start_clock`, or None if it cannot be read."""
 
     def fill(self, proc: Process, addr: int, source: ContentSource, content: Content,
-             pages: int, instance: str) -> None:
-        """Store a new mapping's content (*pages* pages of *content* for *instance*)."""
+             pages: int, instance: str) -> Iterator[int]:
+        """Store a new mapping's content (*pages* pages of *content* for *instance*) a
+        chunk at a time, yielding the pages stored by each chunk."""
 
-    def write_into(self, proc: Process, addr: int, off: int, chunk: bytes) -> None:
-        """Write *chunk* at offset *off* of the page at *addr* (a write activity's write)."""
+    def write_into(self, proc: Process, addr: int, off: int, chunk: bytes | None) -> None:
+        """Write *chunk* at offset *off* of the page at *addr* (a write activity's write);
+        *chunk* is None where :meth:`wants_bytes` said the bytes are not needed."""
+
+    def wants_bytes(self, nbytes: int) -> bool:
+        """Whether a write of *nbytes* random bytes needs them (else they are not drawn)."""
+
+    def write_batch(self, batch: WriteBatch) -> None:
+        """Apply the page writes of *batch*, in order."""
+
+    def batch_horizon_ns(self) -> int | None:
+        """Until when writes may be applied together: ksmd's next batch (time since
+        :meth:`start_clock`), None while ksmd waits; the real kernel's ksmd may run
+        any time, so there it is now (each write goes at its time)."""
 
     def describe(self) -> str:
         """One line naming the machine (for reports)."""
@@ -67,12 +90,34 @@ class Backend(Protocol):
 
 
 def _fill_bytes(proc: Process, addr: int, source: ContentSource, content: Content,
-                pages: int, instance: str) -> None:
-    proc.write(addr, source.build(content, pages, instance))
+                pages: int, instance: str) -> Iterator[int]:
+    fill = Fill(source, content, pages, instance)
+    for ch in fill.chunks(BYTES_CHUNK):
+        proc.write(addr + ch.start * PAGE_SIZE, fill.page_bytes(ch))
+        yield len(ch)
 
 
-def _write_bytes(proc: Process, addr: int, off: int, chunk: bytes) -> None:
+def _write_bytes(proc: Process, addr: int, off: int, chunk: bytes | None) -> None:
+    assert chunk is not None
     proc.write(addr + off, chunk)
+
+
+def _wants_bytes(nbytes: int) -> bool:
+    return True
+
+
+def write_each(backend: Backend, batch: WriteBatch) -> None:
+    """Apply *batch* write by write (``proc.write``, or the backend's ``write_into``)."""
+    targets, page, off = batch.targets, batch.page.tolist(), batch.off.tolist()
+    for j, w in enumerate(batch.which.tolist()):
+        target = targets[w]
+        proc = target.proc
+        assert proc is not None
+        addr = target.addr + page[j] * PAGE_SIZE
+        if target.data == "zero":
+            proc.write(addr, ZERO_PAGE)
+        else:
+            backend.write_into(proc, addr, off[j], batch.chunk(j))
 
 
 def derived_name(old: bytes, off: int, chunk: bytes) -> bytes:
@@ -84,6 +129,16 @@ def derived_name(old: bytes, off: int, chunk: bytes) -> bytes:
     different writes giving the same bytes).
     """
     return fingerprint(b"ksmlab write" + old + off.to_bytes(2, "little") + chunk)
+
+
+FRESH_BYTES = 8
+"""A write of at least this many random bytes makes, on the bulk engine, a content like no
+other (a fresh id).  Two such writes to pages of one content would give equal pages only
+if their offsets and their 64 or more random bits were equal: odds of 2**-64 per pair at
+most, about 10**-4 for all the pairs of a billion writes to one content, so such writes
+are not named by their bytes, which are then not even drawn.  Shorter writes are named by
+the content, offset and bytes that made them (:func:`derived_name`), so equal writes to
+equal pages still give equal pages."""
 
 
 class _VirtualBackend:
@@ -113,6 +168,13 @@ class _VirtualBackend:
         """The model's estimate of ksmd's CPU time since the start."""
         return self._machine.ksmd_cpu_ns - self._cpu0
 
+    def batch_horizon_ns(self) -> int | None:
+        """When the model's ksmd runs its next batch (None while it waits)."""
+        ksmd = self._machine.ksmd
+        if not ksmd_should_run(ksmd.engine):
+            return None
+        return (ksmd.now_ns if ksmd.wake_ns is None else ksmd.wake_ns) - self._t0
+
     def close(self) -> None:
         """Nothing to release."""
         self._machine.close()
@@ -128,10 +190,29 @@ class SimBackend(_VirtualBackend):
         self.kernel: Kernel = self.sim
         super().__init__(self.sim)
 
-    fill = staticmethod(_fill_bytes)  # in fingerprint mode SimKernel hashes each page
+    wants_bytes = staticmethod(_wants_bytes)
 
-    def write_into(self, proc: Process, addr: int, off: int, chunk: bytes) -> None:
+    def fill(self, proc: Process, addr: int, source: ContentSource, content: Content,
+             pages: int, instance: str) -> Iterator[int]:
+        """Page bytes; in fingerprint mode their fingerprints (no image page is built
+        twice)."""
+        if self.sim.content != "fingerprint":
+            yield from _fill_bytes(proc, addr, source, content, pages, instance)
+            return
+        assert isinstance(proc, SimProcess)
+        fill = Fill(source, content, pages, instance)
+        for ch in fill.chunks(BYTES_CHUNK):
+            fps = [fp for fp in fill.page_fingerprints(ch) if fp is not None]  # all are
+            proc.write_fingerprints(addr + ch.start * PAGE_SIZE, fps)
+            yield len(ch)
+
+    def write_batch(self, batch: WriteBatch) -> None:
+        """Write by write (SimKernel has no faster path)."""
+        write_each(self, batch)
+
+    def write_into(self, proc: Process, addr: int, off: int, chunk: bytes | None) -> None:
         """A partial write; in fingerprint mode the page gets a derived name instead."""
+        assert chunk is not None
         if self.sim.content != "fingerprint":
             _write_bytes(proc, addr, off, chunk)
             return
@@ -147,38 +228,71 @@ class SimBackend(_VirtualBackend):
 
 
 class BulkBackend(_VirtualBackend):
-    """The bulk engine: the model on numpy columns, deterministic, virtual time."""
+    """The bulk engine: the model on numpy columns, deterministic, virtual time.
+
+    Args:
+        vectorize_writes: apply a batch of writes as one array step
+            (``BulkKernel.write_pages``); False writes them one by one, which
+            gives the same machine (the tests compare the two).
+    """
 
     name: BackendName = "bulk"
 
-    def __init__(self) -> None:
+    def __init__(self, *, vectorize_writes: bool = True) -> None:
         from ksmlab.bulk import BulkKernel  # numpy: only when this backend is used
 
+        self.vectorize_writes = vectorize_writes
         self.bulk = BulkKernel()
         self.kernel: Kernel = self.bulk
         super().__init__(self.bulk)
 
     def fill(self, proc: Process, addr: int, source: ContentSource, content: Content,
-             pages: int, instance: str) -> None:
-        """Fill from fingerprints, never page bytes; a page of the instance's own is fresh."""
+             pages: int, instance: str) -> Iterator[int]:
+        """Fill with content ids computed as arrays (never page bytes): a page of the
+        instance's own, and each image page, is a fresh content."""
         from ksmlab.bulk import BulkProcess
 
         assert isinstance(proc, BulkProcess)
-        table = self.bulk.contents
-        fps = source.fingerprints(content, pages, instance)
-        fresh = iter(table.fresh(sum(fp is None for fp in fps)).tolist())
-        proc.write_contents(addr, [next(fresh) if fp is None else table.intern(fp)
-                                   for fp in fps])
+        fill = Fill(source, content, pages, instance)
+        for ch in fill.chunks(ID_CHUNK):
+            proc.write_contents(addr + ch.start * PAGE_SIZE,
+                                fill.content_ids(ch, self.bulk.contents))
+            yield len(ch)
 
-    def write_into(self, proc: Process, addr: int, off: int, chunk: bytes) -> None:
-        """The page gets a derived name (see :func:`derived_name`)."""
+    @staticmethod
+    def wants_bytes(nbytes: int) -> bool:
+        """Only writes of fewer than :data:`FRESH_BYTES` bytes are named by their bytes."""
+        return nbytes < FRESH_BYTES
+
+    def write_into(self, proc: Process, addr: int, off: int, chunk: bytes | None) -> None:
+        """The page gets a new content: a fresh one for a write of at least
+        :data:`FRESH_BYTES` bytes, else one named by what made it (:func:`derived_name`)."""
         from ksmlab.bulk import BulkProcess
         from ksmlab.bulk.content import ZERO_CONTENT
 
         assert isinstance(proc, BulkProcess)
+        if chunk is None or len(chunk) >= FRESH_BYTES:
+            proc.write_contents(addr, [NEW_CONTENT])
+            return
         old = proc.content_ids(addr, PAGE_SIZE)[0] or ZERO_CONTENT
         name = derived_name(old.to_bytes(8, "little"), off, chunk)
         proc.write_contents(addr, [self.bulk.contents.intern(name)])
+
+    def write_batch(self, batch: WriteBatch) -> None:
+        """One array step (``BulkKernel.write_pages``), unless a write is named by its
+        bytes (then write by write: its name depends on the page's content before it)."""
+        import numpy as np
+
+        targets = batch.targets
+        if not self.vectorize_writes or any(t.data == "random" and t.nbytes < FRESH_BYTES
+                                            for t in targets):
+            write_each(self, batch)
+            return
+        pids = np.array([t.proc.pid if t.proc is not None else -1 for t in targets])[batch.which]
+        base = np.array([t.addr for t in targets], dtype=np.int64)[batch.which]
+        new = np.array([t.data == "random" for t in targets])[batch.which]
+        cids = np.where(new, NEW_CONTENT, 0)  # 0: ZERO_CONTENT, for a zeroing write
+        self.bulk.write_pages(pids, base + batch.page * PAGE_SIZE, cids)
 
     def describe(self) -> str:
         """The engine's name."""
@@ -222,6 +336,15 @@ class LinuxBackend:
 
     fill = staticmethod(_fill_bytes)
     write_into = staticmethod(_write_bytes)
+    wants_bytes = staticmethod(_wants_bytes)
+
+    def write_batch(self, batch: WriteBatch) -> None:
+        """Write by write: the runner hands over only the writes due now."""
+        write_each(self, batch)
+
+    def batch_horizon_ns(self) -> int:
+        """Now: the real ksmd may run at any moment."""
+        return self.now_ns()
 
     def start_clock(self) -> None:
         """Time 0 is now."""

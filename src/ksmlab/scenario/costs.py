@@ -39,8 +39,9 @@ class EngineCost:
         process: bytes per process beyond its pages.
         page: bytes per page mapped, every page of its own content, with its
             rmap_item (after a full scan).
-        fill: bytes per page of the largest mapping while its contents are
-            built (they are built whole before they are written).
+        fill: bytes per page of the largest mapping while it is filled (set-up
+            streams a mapping a chunk at a time, so this is small: the chunk's
+            share).
         image_page: bytes per distinct page of an image content (kept while
             the mappings are filled).
         forked_page: bytes per page a fork maps (shared until written).
@@ -69,24 +70,27 @@ class EngineCost:
 
 
 COSTS: dict[Engine, EngineCost] = {
-    # Measured by bench/preflight_costs.py (docs/performance.md, "Pre-flight"); the bulk
-    # engine's memory figures are the larger of two runs (they varied by up to 10%).
-    "sim": EngineCost("SimKernel", baseline=39 * _MIB, process=0, page=4603, fill=3847,
-                      image_page=4151, forked_page=297, write=0,
-                      fill_s=19e-6, visit_s=22e-6, rescan_s=1.7e-6, write_s=13e-6),
-    "fingerprint": EngineCost("SimKernel in fingerprint mode", baseline=39 * _MIB, process=0,
-                              page=521, fill=7778, image_page=4151, forked_page=282, write=0,
-                              fill_s=19e-6, visit_s=19e-6, rescan_s=1e-6, write_s=16e-6),
-    "bulk": EngineCost("the bulk engine", baseline=41 * _MIB, process=0, page=65, fill=73,
-                       image_page=149, forked_page=32, write=191,
-                       fill_s=9e-6, visit_s=0.18e-6, rescan_s=0.09e-6, write_s=182e-6),
+    # Measured by bench/preflight_costs.py (docs/performance.md, "Pre-flight") with set-up
+    # streaming mappings in chunks: a mapping's fill costs one chunk, whatever its size.
+    # Filling with page bytes holds one 4 MiB chunk as an array and as bytes (8 MiB), which
+    # the one-page run of the baseline never reaches: it is added to the baseline; so are
+    # a 65536-page chunk's arrays on the bulk engine (draws, indices, ids, rows: ~4 MiB).
+    "sim": EngineCost("SimKernel", baseline=49 * _MIB, process=0, page=4605, fill=18,
+                      image_page=26, forked_page=296, write=123,
+                      fill_s=15e-6, visit_s=19e-6, rescan_s=1e-6, write_s=7e-6),
+    "fingerprint": EngineCost("SimKernel in fingerprint mode", baseline=49 * _MIB, process=0,
+                              page=520, fill=5, image_page=101, forked_page=312, write=143,
+                              fill_s=12e-6, visit_s=18e-6, rescan_s=1.8e-6, write_s=8e-6),
+    "bulk": EngineCost("the bulk engine", baseline=45 * _MIB, process=0, page=68, fill=6,
+                       image_page=1, forked_page=24, write=108,
+                       fill_s=0.29e-6, visit_s=0.19e-6, rescan_s=0.25e-6, write_s=0.43e-6),
     # The real kernel: arithmetic, not measured: a page is its 4096 bytes, its 8-byte PTE
     # and its 64-byte rmap_item (as general_profit counts it); a forked page its PTE and
     # rmap_item; a process its helper (190 KiB resident, measured) and the kernel's own
-    # structures (rounded up to 256 KiB).  Our side builds contents as SimKernel does.
-    "linux": EngineCost("this machine's kernel", baseline=39 * _MIB, process=256 * _KIB,
-                        page=4096 + 8 + 64, fill=4129 + 4096 + 8, image_page=4151,
-                        forked_page=8 + 64, write=0, fill_s=19e-6, visit_s=0.0, rescan_s=0.0,
+    # structures (rounded up to 256 KiB).  Our side fills mappings as SimKernel does.
+    "linux": EngineCost("this machine's kernel", baseline=49 * _MIB, process=256 * _KIB,
+                        page=4096 + 8 + 64, fill=18, image_page=26,
+                        forked_page=8 + 64, write=0, fill_s=15e-6, visit_s=0.0, rescan_s=0.0,
                         write_s=0.0),
 }
 """Every engine's costs: the only copy (tests/test_preflight.py holds docs/performance.md to it)."""
@@ -112,7 +116,7 @@ class ScenarioSize:
         processes: processes declared and forked (exits not subtracted).
         pages: pages mapped by the declared processes.
         forked_pages: pages mapped by forks.
-        largest_fill: pages of the largest mapping (filled in one piece).
+        largest_fill: pages of the largest mapping (its fill is the largest).
         image_pages: distinct image pages the content source keeps.
         writes: page writes of the events and activities.
         visits: pages ksmd visits (as if smart scan skipped nothing).

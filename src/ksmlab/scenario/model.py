@@ -172,6 +172,8 @@ class WriteActivity:
         pick: ``random`` or ``sequential``.
         data: ``random`` or ``zero``.
         nbytes: bytes written per write (``data="random"``).
+        share: the rate as the file gave it, as a share of the region per
+            second (``"10%/s"``: 0.1); None if given in writes per second.
     """
 
     index: int
@@ -185,6 +187,7 @@ class WriteActivity:
     pick: Literal["random", "sequential"] = "random"
     data: WriteData = "random"
     nbytes: int = 8
+    share: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,9 @@ _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _PART = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\\n]|\\.)*"|'[^'\n]*')"""
 _LONG_KEY = re.compile(rf"^[ \t]*\[?\[?[ \t]*(?:{_PART}[ \t]*\.[ \t]*){{{MAX_KEY_PARTS}}}",
                        re.MULTILINE)
+_RATE = re.compile(r"^\s*((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*%\s*/\s*(s|min|h)\s*$")
+"""A share of a region per second, minute or hour: ``"10%/s"``, ``"0.5 %/min"``."""
+_RATE_UNITS = {"s": 1, "min": 60, "h": 3600}
 _SHOWN_CHARS = 100
 """Strings longer than this are cut in error messages (the line stays readable)."""
 
@@ -176,6 +179,8 @@ class Table:
             value = self.size_bytes(f.key, d)
         elif f.kind == "pages":
             value = self.pages_of_size(f.key, allow_zero=f.allow_zero, default=d)
+        elif f.kind == "rate":
+            value = self.rate(f.key, d)
         else:
             value = self.duration(f.key, d)
         if f.positive and self.has(f.key) and value <= 0:
@@ -275,6 +280,24 @@ class Table:
             raise self.fail(key, f"a {'' if allow_zero else 'non-zero '}multiple of the page "
                                  f"size ({PAGE_SIZE} bytes)", self.data[key])
         return n // PAGE_SIZE
+
+    def rate(self, key: str, default: Any = MISSING) -> tuple[float, bool]:
+        """Writes per second (a number > 0), or a share of a region per second (a text
+        ``"N%/s"``, ``"N%/min"`` or ``"N%/h"`` with N > 0): ``(value, is_share)``."""
+        if not isinstance(self.data.get(key), str):
+            return self.number(key, 0.0, None, open_low=True, default=default), False
+        expected = ('a share of the region per second such as "10%/s" (or "%/min", "%/h"), '
+                    'or a number of writes per second')
+
+        def check(v: Any) -> tuple[float, bool]:
+            m = _RATE.match(v)
+            if m is None:
+                raise ValueError(expected)
+            share = float(m.group(1)) / 100 / _RATE_UNITS[m.group(2)]
+            if not 0 < share < math.inf:
+                raise ValueError(f"a finite share > 0 {expected[8:]}")
+            return share, True
+        return self.get(key, check, expected, default)
 
     def duration(self, key: str, default: Any = MISSING) -> int:
         expected = "a duration (seconds, or a string such as \"500ms\", \"10s\", \"5min\", \"1h\")"

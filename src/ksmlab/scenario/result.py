@@ -111,7 +111,9 @@ def describe_activity(a: WriteActivity) -> str:
     """``guest: 10 writes/s to ram pages 0..511 (random pages, 8 random bytes), 0 s to end``."""
     what = "zeroing the page" if a.data == "zero" else f"{a.nbytes} random bytes"
     stop = "end" if a.stop_ns is None else format_duration(a.stop_ns / NS_PER_S)
-    return (f"{a.process.text}: {a.rate:g} writes/s each to {_region(a.mapping, a.region)} "
+    rate = (f"{a.rate:g} writes/s" if a.share is None
+            else f"{a.share * 100:g}%/s of the region ({a.rate:g} writes/s)")
+    return (f"{a.process.text}: {rate} each to {_region(a.mapping, a.region)} "
             f"({a.pick} page, {what}, {a.arrivals} arrivals), "
             f"{format_duration(a.start_ns / NS_PER_S)} to {stop}")
 

@@ -11,6 +11,13 @@ advanced, which on :class:`~ksmlab.SimKernel` runs ksmd exactly as
 given in full scans is reached by waiting for ``full_scans`` between the
 timed items.
 
+Write activities are not items of the heap one write at a time: their
+writes are drawn in arrays (:mod:`~ksmlab.scenario.churn`) and every write
+due before the next item, and before ksmd's next batch, is handed to the
+backend as one batch, in time order.  Nothing observes the machine between
+those writes, so the result is that of writing them one by one at their
+times; the bulk engine applies a batch as one array step.
+
 Set-up, at time 0 before ksmd starts: the knobs other than ``run`` are
 written (only those that differ, in the kernel's order), the processes
 starting at 0 are spawned, their mappings made, filled and madvised; then
@@ -31,7 +38,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +53,8 @@ from ksmlab.constants import (
 )
 from ksmlab.errors import KsmSimError, ScanStalledError
 from ksmlab.scenario.backends import Backend
-from ksmlab.scenario.content import ZERO_PAGE, ContentSource
+from ksmlab.scenario.churn import Churn, WriteBatch, WriteTarget, event_batches
+from ksmlab.scenario.content import ContentSource
 from ksmlab.scenario.knobs import KNOBS, WRITE_ORDER, read_knob
 from ksmlab.scenario.model import (
     DELTA_COUNTERS,
@@ -117,6 +124,10 @@ class ProgressInfo:
         full_scans: full scans completed since the start.
         checkpoints_done: checkpoints recorded so far.
         checkpoints_total: checkpoints in the scenario.
+        setting_up: the processes present at time 0 are being created and
+            filled (the clock has not started).
+        pages_filled: pages of theirs filled so far.
+        pages_to_fill: their pages in all.
     """
 
     now_s: float
@@ -124,6 +135,9 @@ class ProgressInfo:
     full_scans: int
     checkpoints_done: int
     checkpoints_total: int
+    setting_up: bool = False
+    pages_filled: int = 0
+    pages_to_fill: int = 0
 
 
 @dataclass(slots=True)
@@ -133,19 +147,6 @@ class _Instance:
     name: str
     proc: Process | None
     addrs: dict[str, int]
-
-
-@dataclass(slots=True)
-class _WriteStream:
-    """The writes of one activity in one process."""
-
-    activity: WriteActivity
-    group: str
-    index: int
-    rng: random.Random
-    phase_ns: int = 0
-    next_page: int = 0
-    count: int = 0
 
 
 class Runner:
@@ -165,6 +166,12 @@ class Runner:
         self.groups: dict[str, list[_Instance]] = {}
         self.pages: dict[str, dict[str, int]] = {}
         self.content = ContentSource()
+        self.churn = Churn(sc.seed, backend.wants_bytes)
+        self._shown = 0.0  # wall clock of the last progress report
+        self._setting_up = False
+        self._filled = 0
+        self._to_fill = sum(g.count * m.pages for g in sc.processes if g.start_ns == 0
+                            for m in g.mappings)
         self._heap: list[tuple[int, int, int, object]] = []
         self._seq = itertools.count()
         self._base: dict[str, int] = {}
@@ -190,6 +197,7 @@ class Runner:
                 self._loop()
             if self._started:
                 self._sample(self.backend.now_ns(), final=True)
+            self._report_progress(force=True)
         except NotImplementedError as e:  # a call outside what this machine models
             when = format_duration(self.backend.now_ns() / NS_PER_S)
             msg = f"at {when}, {self.backend.describe()} cannot run this scenario: {e}"
@@ -256,6 +264,8 @@ class Runner:
         for name, value in sc.knobs:
             if name != "run":
                 self._write_knob(name, value, "[ksm]")
+        self._setting_up = True
+        self._report_progress(force=True)
         for g in sc.processes:
             if g.start_ns == 0:
                 self._start_group(g)
@@ -263,6 +273,8 @@ class Runner:
                     return  # interrupted while setting up: nothing was measured
             else:
                 self._push(g.start_ns, _Kind.START, g)
+        self._setting_up = False
+        self._report_progress(force=True)
         self._write_knob("run", dict(sc.knobs).get("run", "1"), "[ksm]")
         self.backend.start_clock()
         self._started = True
@@ -287,6 +299,17 @@ class Runner:
     def _loop(self) -> None:
         while self._heap:
             t, kind, _, item = self._heap[0]
+            nt = self.churn.next_ns()
+            if nt is not None and (nt < t or (nt == t and kind > _Kind.WRITE)):
+                # Writes come before this item: the ones due before it and before ksmd's
+                # next batch go as one batch.
+                if not self._reach(nt):
+                    return  # stopped on the way
+                if self._ending and not self._pending_scans:
+                    return
+                self._churn(t if kind <= _Kind.WRITE else t + 1)
+                self._report_progress()
+                continue
             if not self._reach(t):
                 return  # stopped on the way
             if self._ending and not self._pending_scans:
@@ -316,12 +339,40 @@ class Runner:
             self._report_progress()
         return self._advance_to(t_ns) and not self._stopping()
 
-    def _report_progress(self) -> None:
-        if self.progress is not None:
-            self.progress(ProgressInfo(self.backend.now_ns() / NS_PER_S,
-                                       self.sc.planned_end_ns / NS_PER_S,
-                                       self._counter("full_scans"), len(self.checkpoints),
-                                       len(self.sc.checkpoints)))
+    def _churn(self, limit_ns: int) -> None:
+        """Apply, as one batch, the writes due before *limit_ns* and before ksmd's next batch.
+
+        A batch due at the current time runs after the writes due now (as after any
+        item due now), before later ones.
+        """
+        now = self.backend.now_ns()
+        wake = self.backend.batch_horizon_ns()
+        if wake is not None:
+            limit_ns = min(limit_ns, wake if wake > now else now + 1)
+        self._write_batch(self.churn.take(limit_ns))
+
+    def _write_batch(self, batch: WriteBatch) -> None:
+        if len(batch):
+            self._guard(batch.targets[int(batch.which[0])].what,
+                        lambda: self.backend.write_batch(batch))
+
+    def _report_progress(self, *, force: bool = False) -> None:
+        """Tell the progress display where the run is, at most 20 times a second.
+
+        Reading the counters here must not change what the run records (a progress
+        display is on in a terminal only), so full_scans is peeked, not counted.
+        """
+        if self.progress is None:
+            return
+        wall = time.monotonic()
+        if not force and wall - self._shown < 0.05:
+            return
+        self._shown = wall
+        self.progress(ProgressInfo(self.backend.now_ns() / NS_PER_S if self._base else 0.0,
+                                   self.sc.planned_end_ns / NS_PER_S,
+                                   self._peek("full_scans"), len(self.checkpoints),
+                                   len(self.sc.checkpoints), self._setting_up, self._filled,
+                                   self._to_fill))
 
     def _apply(self, t_ns: int, kind: _Kind, item: object) -> None:
         if kind == _Kind.START:
@@ -331,12 +382,8 @@ class Runner:
             assert isinstance(item, Event)
             self._guard(f"event[{item.index}] {describe_action(item)}", lambda: self._event(item))
         elif kind == _Kind.WRITE:
-            if isinstance(item, WriteActivity):
-                self._start_activity(t_ns, item)
-            else:
-                assert isinstance(item, _WriteStream)
-                self._guard(f"write activity[{item.activity.index}]",
-                            lambda: self._activity_write(t_ns, item))
+            assert isinstance(item, WriteActivity)
+            self._start_activity(item)
         elif kind == _Kind.SAMPLE:
             self._sample(t_ns)
             self._push(t_ns + self.sc.sample_interval_ns, _Kind.SAMPLE, None)
@@ -389,7 +436,10 @@ class Runner:
                 addr = proc.mmap(length)
                 inst.addrs[m.name] = addr
                 content, where = self.sc.contents[m.content], f"{g.name}[{i}].{m.name}"
-                self.backend.fill(proc, addr, self.content, content, m.pages, where)
+                for n in self.backend.fill(proc, addr, self.content, content, m.pages, where):
+                    if self._setting_up:
+                        self._filled += n
+                        self._report_progress()
                 if m.mergeable:
                     proc.madvise(addr, length, MADV_MERGEABLE)
             instances.append(inst)
@@ -412,11 +462,13 @@ class Runner:
                 self._write_knob(name, value, f"event[{e.index}]")
             return
         if isinstance(e, WriteEvent):
-            rng = random.Random(f"{self.sc.seed}:event:{e.index}")
             first, n = self._span(e.process.group, e.mapping, e.region)
-            for inst in self._select(e.process):
-                for page in range(first, first + n):
-                    self._write_page(inst, e.mapping, page, e.data, e.nbytes, rng)
+            targets = [WriteTarget(inst.proc, inst.addrs[e.mapping], e.data, e.nbytes,
+                                   f"event[{e.index}] {describe_action(e)}")
+                       for inst in self._select(e.process)]
+            for batch in event_batches(self.sc.seed, e, targets, first, n,
+                                       self.backend.wants_bytes(e.nbytes)):
+                self.backend.write_batch(batch)
         elif isinstance(e, MadviseEvent):
             first, n = self._span(e.process.group, e.mapping, e.region)
             for inst in self._select(e.process):
@@ -431,6 +483,7 @@ class Runner:
             for inst in self._select(e.process):
                 assert inst.proc is not None
                 inst.proc.exit()
+                self.churn.forget(inst.proc)  # its writes stop
                 inst.proc = None
         elif isinstance(e, ForkEvent):
             children: list[_Instance] = []
@@ -445,48 +498,17 @@ class Runner:
             self.groups[e.child] = children
             self.pages[e.child] = dict(self.pages[e.process.group])
 
-    def _write_page(self, inst: _Instance, mapping: str, page: int, data: str, nbytes: int,
-                    rng: random.Random) -> None:
-        assert inst.proc is not None
-        addr = inst.addrs[mapping] + page * PAGE_SIZE
-        if data == "zero":
-            inst.proc.write(addr, ZERO_PAGE)
-            return
-        off = rng.randrange(PAGE_SIZE - nbytes + 1)
-        self.backend.write_into(inst.proc, addr, off, rng.randbytes(nbytes))
-
-    def _start_activity(self, t_ns: int, a: WriteActivity) -> None:
+    def _start_activity(self, a: WriteActivity) -> None:
         group = self.groups.get(a.process.group, [])
-        for i in a.process.indices(len(group)):
-            if group[i].proc is None:
-                continue
-            rng = random.Random(f"{self.sc.seed}:activity:{a.index}:{a.process.group}:{i}")
-            # Even arrivals: each process at its own (seeded) phase, not all at once.
-            first = rng.random() / a.rate if a.arrivals == "even" else rng.expovariate(a.rate)
-            stream = _WriteStream(a, a.process.group, i, rng, round(first * NS_PER_S))
-            self._push(t_ns + stream.phase_ns, _Kind.WRITE, stream)
-
-    def _activity_write(self, t_ns: int, s: _WriteStream) -> None:
-        a = s.activity
+        first, n = self._span(a.process.group, a.mapping, a.region)
         end = a.stop_ns if a.stop_ns is not None else self.sc.duration_ns
-        if end is not None and t_ns >= end:
-            return
-        inst = self.groups[s.group][s.index]
-        if inst.proc is None:
-            return  # the process has exited: its writes stop
-        first, n = self._span(s.group, a.mapping, a.region)
-        if a.pick == "sequential":
-            page = first + s.next_page
-            s.next_page = (s.next_page + 1) % n
-        else:
-            page = first + s.rng.randrange(n)
-        self._write_page(inst, a.mapping, page, a.data, a.nbytes, s.rng)
-        s.count += 1
-        if a.arrivals == "even":
-            nxt = max(t_ns + 1, a.start_ns + s.phase_ns + round(s.count * NS_PER_S / a.rate))
-        else:
-            nxt = t_ns + max(1, round(s.rng.expovariate(a.rate) * NS_PER_S))
-        self._push(nxt, _Kind.WRITE, s)
+        for i in a.process.indices(len(group)):
+            inst = group[i]
+            if inst.proc is None:
+                continue
+            target = WriteTarget(inst.proc, inst.addrs[a.mapping], a.data, a.nbytes,
+                                 f"write activity[{a.index}]")
+            self.churn.start(a, a.process.group, i, target, first, n, end)
 
     # --- observation ---------------------------------------------------------------------
     def _raw(self, name: str) -> int:
@@ -494,6 +516,15 @@ class Runner:
             return int(self.kernel.sysfs[name])
         except (OSError, KeyError, ValueError):
             return 0
+
+    def _peek(self, name: str) -> int:
+        """What :meth:`_counter` would answer, without recording anything."""
+        raw = self._raw(name)
+        if name not in DELTA_COUNTERS or name not in self._last:
+            return raw
+        if raw < self._last[name]:
+            return self._acc[name] + self._last[name] - self._base[name] + raw
+        return self._acc[name] + raw - self._base[name]
 
     def _counter(self, name: str) -> int:
         """A global counter; the delta ones counted from the start (surviving run=2 resets)."""

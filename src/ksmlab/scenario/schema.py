@@ -63,7 +63,8 @@ CONTENT_FIELDS: dict[str, frozenset[str]] = {
 ACTIONS = ("write", "fork", "exit", "madvise", "prctl", "knobs")
 """The actions of an ``[[event]]``."""
 
-FieldKind = Literal["string", "word", "boolean", "integer", "number", "size", "pages", "duration"]
+FieldKind = Literal["string", "word", "boolean", "integer", "number", "size", "pages", "duration",
+                    "rate"]
 
 
 @dataclass(frozen=True)  # not slots: Field[int](...) sets __orig_class__, a TypeError then
@@ -78,7 +79,9 @@ class Field(Generic[T]):
             ``size`` (bytes, or a text such as ``"8MiB"``); ``pages`` (a size
             that is a whole number of pages, read as pages; zero only if
             *allow_zero*); ``duration`` (seconds or a text such as ``"10s"``,
-            read as nanoseconds; > 0 if *positive*).
+            read as nanoseconds; > 0 if *positive*); ``rate`` (writes per second, a
+            number > 0, or a share of a region per second, a text such as ``"10%/s"``:
+            read as ``(value, is_share)``, 10%/s as ``(0.1, True)``).
         default: the value when absent; :data:`MISSING`: the field is required
             (or its default is computed by the reader).
     """
@@ -167,7 +170,7 @@ class ActivityTable:
     """``[[activity]]``: writes at a rate (the rate's range is :data:`MIN_RATE`..:data:`MAX_RATE`)."""
 
     MAPPING = EventTable.MAPPING
-    RATE = Field[float]("rate", "number", low=0.0, open_low=True)
+    RATE = Field[tuple[float, bool]]("rate", "rate")
     START = Field[int | None]("start", "duration", default=None)
     STOP = Field[int | None]("stop", "duration", default=None)
     ARRIVALS = Field[str]("arrivals", "word", choices=("even", "poisson"), default="even")

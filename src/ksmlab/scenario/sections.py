@@ -285,10 +285,14 @@ def activities(groups: Groups, top: Table, duration: int | None) -> tuple[WriteA
         sel = groups.selector(a, "process")
         g = groups.group_for(a, "process", sel, None)
         mapping, region = groups.mapping_region(a, g, sel.group)
-        rate = a.read(ActivityTable.RATE)
+        value, is_share = a.read(ActivityTable.RATE)
+        pages = region.pages if region is not None else g.mappings[mapping]
+        rate = value * pages if is_share else value
         if not MIN_RATE <= rate <= MAX_RATE:
+            got = (Shown(f"{show(a.data['rate'])} of {pages} pages, {rate:g} writes per second")
+                   if is_share else a.data["rate"])
             raise a.fail("rate", f"a rate from {MIN_RATE:g} to {MAX_RATE:g} writes per second "
-                         f"(the clock counts nanoseconds)", a.data["rate"])
+                         f"(the clock counts nanoseconds)", got)
         start = a.read(ActivityTable.START)
         if start is None:
             start = g.birth_ns
@@ -306,7 +310,8 @@ def activities(groups: Groups, top: Table, duration: int | None) -> tuple[WriteA
         nbytes = a.read(ActivityTable.BYTES)
         a.done()
         out.append(WriteActivity(i, sel, mapping, region, rate, start, stop, cast(Any, arrivals),
-                                 cast(Any, pick), cast(Any, data), nbytes))
+                                 cast(Any, pick), cast(Any, data), nbytes,
+                                 value if is_share else None))
     return tuple(out)
 
 
