@@ -2,8 +2,7 @@
 """What differs between the backends of a differential run, and the real kernel's quiescence protocol.
 
 A driver gives the runner knob access, exact ``wait_full_scans`` and
-``cow_ksm`` on one backend: :class:`_SimDriver` on the model,
-:class:`_BulkDriver` on the bulk engine,
+``cow_ksm`` on one backend: :class:`_ModelDriver` on SimKernel and the bulk engine,
 :class:`_LinuxDriver` on the real kernel, where ksmd is run only inside
 ``wait_full_scans`` and for exactly the number of full scans asked, so that
 every point of a program is quiescent (:class:`QuiescenceError` if ksmd
@@ -53,43 +52,15 @@ class _Driver(Protocol):
 # Backends
 
 
-class _SimDriver:
-    """The model: knobs are the model's, and ksmd runs only when waited for anyway."""
+class _ModelDriver:
+    """A virtual machine (SimKernel or the bulk engine): knobs are its own, and ksmd runs
+    only when waited for anyway."""
 
-    def __init__(self, k: SimKernel) -> None:
+    def __init__(self, k: SimKernel | BulkKernel) -> None:
         self._k = k
 
     @property
-    def kernel(self) -> SimKernel:
-        return self._k
-
-    def read(self, name: str) -> str:
-        return self._k.sysfs[name]
-
-    def write(self, name: str, value: str) -> None:
-        self._k.sysfs[name] = value
-
-    def wait(self, n: int, index: int) -> int:
-        before = self._k.ksm.full_scans
-        with contextlib.suppress(ScanStalledError):
-            self._k.wait_full_scans(n)
-        return self._k.ksm.full_scans - before
-
-    def cow_ksm(self) -> int:
-        return self._k.cow_ksm
-
-    def check_quiet(self) -> None:
-        pass
-
-
-class _BulkDriver:
-    """The bulk engine: as the model (ksmd runs only when waited for)."""
-
-    def __init__(self, k: BulkKernel) -> None:
-        self._k = k
-
-    @property
-    def kernel(self) -> BulkKernel:
+    def kernel(self) -> SimKernel | BulkKernel:
         return self._k
 
     def read(self, name: str) -> str:
@@ -236,7 +207,6 @@ def _current(text: str) -> str:
 
 
 if TYPE_CHECKING:
-    def _conforms(d1: _SimDriver, d2: _LinuxDriver, d3: _BulkDriver
-                  ) -> tuple[_Driver, _Driver, _Driver]:
+    def _conforms(d1: _ModelDriver, d2: _LinuxDriver) -> tuple[_Driver, _Driver]:
         """Never called: makes mypy check that the drivers satisfy the _Driver Protocol."""
-        return d1, d2, d3
+        return d1, d2

@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING
 from ksmlab.differential.drivers import (
     DEFAULT_GAP_MS,
     QuiescenceError,
-    _BulkDriver,
     _Driver,
     _LinuxDriver,
-    _SimDriver,
+    _ModelDriver,
 )
 from ksmlab.differential.proxies import _KernelProxy, _Run, _where
 from ksmlab.differential.records import (
@@ -107,7 +106,7 @@ def _run(program: Program, driver: _Driver, backend: str, *, detail: bool = True
 def run_on_model(program: Program) -> RunRecord:
     """Run *program* on a fresh :class:`~ksmlab.SimKernel` and record it."""
     with SimKernel() as k:
-        return _run(program, _SimDriver(k), "model")
+        return _run(program, _ModelDriver(k), "model")
 
 
 def run_on_bulk(program: Program) -> RunRecord:
@@ -120,7 +119,7 @@ def run_on_bulk(program: Program) -> RunRecord:
     """
     from ksmlab.bulk import BulkKernel
     with BulkKernel() as k:
-        return _run(program, _BulkDriver(k), "bulk", detail=False)
+        return _run(program, _ModelDriver(k), "bulk", detail=False)
 
 
 def run_on_kernel(program: Program, *, stall_hints: Sequence[bool] = (),
