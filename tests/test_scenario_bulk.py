@@ -145,9 +145,9 @@ def test_fork_server_example_matches_but_for_tree_walk_timing() -> None:
     assert (end["counters"]["pages_shared"], end["counters"]["pages_sharing"]) == (0, 0)
 
 
-UNMODELLED = """
+NODES_EVENT = """
 [scenario]
-name = "two NUMA policies"
+name = "merge_across_nodes as an event"
 duration = "1s"
 [content.z]
 kind = "zero"
@@ -180,7 +180,7 @@ def test_unmodelled_call_fails_the_run_clearly(monkeypatch: pytest.MonkeyPatch) 
         raise NotModelledError("merge_across_nodes: refused for this test")
 
     monkeypatch.setattr(BulkKsm, "set_merge_across_nodes", refuse)
-    sc = parse_scenario(UNMODELLED, source="<test>", base_dir=Path("."))
+    sc = parse_scenario(NODES_EVENT, source="<test>", base_dir=Path("."))
     with pytest.raises(RunError, match=r"at 500 ms, .* cannot run this scenario: "
                                        r"merge_across_nodes: refused for this test"):
         run_scenario(sc, BulkBackend())
@@ -190,7 +190,7 @@ def test_merge_across_nodes_event_runs_as_on_simkernel() -> None:
     """The same file, with the knob written before ksmd's first scan (later it is EBUSY on
     every engine, as on Linux: the zero pages are merged by then), runs whole on the bulk
     engine and gives SimKernel's JSON document."""
-    text = UNMODELLED.replace('at = "0.5s"', 'at = "0s"')
+    text = NODES_EVENT.replace('at = "0.5s"', 'at = "0s"')
     sc = parse_scenario(text, source="<test>", base_dir=Path("."))
     assert document(sc, BulkBackend()) == document(sc, SimBackend())
 
