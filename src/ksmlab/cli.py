@@ -12,7 +12,9 @@ Subcommands (``ksmlab COMMAND --help`` for each; the reference is docs/cli.md):
   ``doctor``: this machine's KSM state, and repair of what a killed session
   left (both in :mod:`ksmlab.cli_host`);
 * ``check SCENARIO...``: validate scenario files without running them;
-* ``init [FILE]``: write the built-in scenario, as a starting point.
+* ``init [FILE]``: write the built-in scenario, as a starting point;
+* ``calibrate``: fit the model's ksmd cost and clock to this machine's ksmd
+  (:mod:`ksmlab.cli_calibrate`; ``run --cost FILE`` uses the result).
 
 Exit codes: 0 success; 1 the run failed (a check failed, a full-scan
 checkpoint was not reached, a kernel call failed, an output could not be
@@ -39,7 +41,7 @@ from typing import NoReturn
 
 from rich.console import Console
 
-from ksmlab import __version__
+from ksmlab import __version__, cli_calibrate
 from ksmlab.cli_common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -55,6 +57,7 @@ from ksmlab.cli_host import cmd_doctor, cmd_stat
 from ksmlab.cli_output import Outputs, output_arg, plot_arg, write_outputs
 from ksmlab.cli_stop import StopRequest, graceful_stop
 from ksmlab.constants import PAGE_SIZE
+from ksmlab.ksm.cost import KsmdCost
 from ksmlab.mm.page import CONTENT_MODES
 from ksmlab.report.counters import counters_epilog
 from ksmlab.scenario.backends import BACKENDS, BackendUnavailableError, open_backend
@@ -202,8 +205,9 @@ def _execute(sc: Scenario, args: argparse.Namespace, stop: StopRequest | None = 
                else "the bulk engine always keeps fingerprints")
         raise CliError(f"ksmlab: --content {args.content} applies to --backend sim only: "
                        f"{why}", EXIT_INVALID)
+    cost = _load_cost(args.cost, backend_name)
     try:
-        backend = open_backend(backend_name, args.content)
+        backend = open_backend(backend_name, args.content, cost)
     except BackendUnavailableError as e:
         raise CliError(f"ksmlab: the {backend_name} backend is unavailable: {e}",
                        EXIT_UNAVAILABLE) from None
@@ -214,6 +218,21 @@ def _execute(sc: Scenario, args: argparse.Namespace, stop: StopRequest | None = 
         raise CliError(f"ksmlab: run failed: {e}", EXIT_FAILED) from None
     finally:
         backend.close()
+
+
+def _load_cost(path: str | None, backend_name: str) -> KsmdCost | None:
+    """The ``--cost`` file's model, or None for the shipped one."""
+    if path is None:
+        return None
+    if backend_name == "linux":
+        raise CliError("ksmlab: --cost applies to the model (--backend sim or bulk): the real "
+                       "kernel has its own ksmd", EXIT_INVALID)
+    try:
+        return KsmdCost.load(path)
+    except OSError as e:
+        raise CliError(f"ksmlab: --cost: cannot read {path}: {e.strerror}", EXIT_INVALID) from None
+    except ValueError as e:
+        raise CliError(f"ksmlab: --cost: {e}", EXIT_INVALID) from None
 
 
 def _want_progress(args: argparse.Namespace) -> bool:
@@ -379,6 +398,10 @@ def _add_scenario_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--knob", type=_knob_arg, action="append", metavar="NAME=VALUE",
                    help=f"override a KSM knob of the scenario's [ksm] table (repeatable); "
                         f"NAME is one of {', '.join(KNOBS)}")
+    p.add_argument("--cost", metavar="FILE",
+                   help="the model's ksmd CPU cost and clock: a file written by `ksmlab "
+                        "calibrate` (default: the model shipped, fitted on the project's "
+                        "machine; see docs/cost-model.md)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar on stderr once the run takes more than "
                         f"{PROGRESS_AFTER_S:g} s (default: when stderr is a terminal)")
@@ -516,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("file", nargs="?", metavar="FILE", help="where to write (default: stdout)")
     init.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     init.set_defaults(func=cmd_init)
+
+    cli_calibrate.add_parser(sub, fmt, EXIT_CODES)
     return parser
 
 

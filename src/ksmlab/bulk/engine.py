@@ -52,6 +52,7 @@ from ksmlab.bulk.mm import BulkMm
 from ksmlab.constants import KSM_RUN_MERGE, KSM_RUN_UNMERGE, PAGE_SHIFT
 from ksmlab.errors import NotModelledError, kernel_error, vm_bug_on
 from ksmlab.ksm import counters
+from ksmlab.ksm.cost import KsmdWork
 from ksmlab.ksm.defaults import (
     AGE_MAX,
     SEQNR_MASK,
@@ -124,6 +125,10 @@ class BulkKsm(KsmTunables):
         self.mutations = 0
         """Bumped by every call that can change the counters outside ksmd's batches (the
         process calls of :class:`~ksmlab.bulk.kernel.BulkProcess` and the sysfs stores)."""
+        self.work = KsmdWork()
+        """What ksmd's current batch did, as the kernel's walk would have done it (for
+        the cost model: :mod:`ksmlab.ksm.cost`)."""
+        self._dups_walked = 0
 
     # --- content and frames ---------------------------------------------------------------
     def sync_contents(self) -> None:
@@ -226,7 +231,9 @@ class BulkKsm(KsmTunables):
         found, found_len = -1, 0
         dups, open_dups = chain.dups, chain.open
         todo = len(open_dups)
-        i = 0
+        i = removed = 0
+        # The kernel's walk looks at every dup unless it stops at the first with room.
+        self._dups_walked = len(dups)
         while i < len(dups) and (todo or found < 0):
             d = dups[i]
             if d not in open_dups:
@@ -237,6 +244,7 @@ class BulkKsm(KsmTunables):
             todo -= 1
             if self.stale(d):
                 self.remove_node(d)  # out of dups: i now names the next one
+                removed += 1
                 continue
             candidate = self.is_candidate(d)
             if count[d] >= self.max_page_sharing:
@@ -245,6 +253,7 @@ class BulkKsm(KsmTunables):
                     not self.is_candidate(found) or int(count[d]) > found_len)):
                 found, found_len = d, int(count[d])
                 if not prune and candidate:
+                    self._dups_walked = i + removed + 1
                     break
             i += 1
         if found < 0:
@@ -261,6 +270,8 @@ class BulkKsm(KsmTunables):
 
     def stable_tree_search(self, c: int) -> int:
         """A KSM page of content *c* with room for one more mapping, or -1 (``stable_tree_search``)."""
+        work = self.work
+        work.stable_searches += 1
         while True:
             s = int(self.ctab.stable[c])
             if s == STABLE_NONE:
@@ -269,20 +280,25 @@ class BulkKsm(KsmTunables):
                 d = self.stable_node_dup(c, True)
                 if d < 0:
                     continue
+                work.chain_dups += self._dups_walked
             else:
                 d = s
                 if self.stale(d):
                     self.remove_node(d)
                     continue
+            work.stable_equal += 1
             return d if self.is_candidate(d) else -1
 
     def stable_tree_insert(self, c: int, kframe: int) -> int:
         """File KSM page *kframe* of content *c*, forming a chain if needed (``stable_tree_insert``)."""
+        work = self.work
+        work.stable_inserts += 1
         while True:
             s = int(self.ctab.stable[c])
             if s <= STABLE_CHAIN:
                 if self.stable_node_dup(c, False) < 0:
                     continue
+                work.chain_dups += self._dups_walked
                 s = int(self.ctab.stable[c])
             elif s != STABLE_NONE and self.stale(s):
                 self.remove_node(s)
@@ -294,6 +310,7 @@ class BulkKsm(KsmTunables):
         self.nodes.alive[d] = True
         self.frames.knode[kframe] = d
         if s == STABLE_NONE:
+            work.stable_new += 1
             self.ctab.stable[c] = d
         else:
             chain = self.chains[c] if s <= STABLE_CHAIN else self.new_chain(c, s)
@@ -329,6 +346,7 @@ class BulkKsm(KsmTunables):
         """Free page *g*'s item, out of its tree first (``remove_rmap_item_from_tree`` + free)."""
         self.remove_rmap_item_from_tree(g)
         self.pages.state[g] = ABSENT
+        self.work.items += 1
 
     # --- merging -------------------------------------------------------------------------
     def replace_page(self, g: int, kframe: int) -> None:
@@ -338,6 +356,9 @@ class BulkKsm(KsmTunables):
         self.pages.frame[g] = kframe
         if kframe >= 0:
             self.frames.mapcount[kframe] += 1
+            self.work.merges += 1
+        else:
+            self.work.zero_merges += 1
 
     def cur_seqnr(self) -> int:
         """``ksm_scan.seqnr & SEQNR_MASK``."""
@@ -349,14 +370,18 @@ class BulkKsm(KsmTunables):
         Models ``unstable_tree_search_insert``.
         """
         pages = self.pages
+        work = self.work
+        work.unstable_searches += 1
         y = int(self.ctab.uindex[c])
         if y >= 0 and pages.state[y] == UNSTABLE and pages.seqnr[y] == self.cur_seqnr():
             fy = int(pages.frame[y])
             if fy < 0 or not pages.mergeable[y] or fy == f:
                 return -1  # get_mergeable_page failed, or the same (forked) page
             if self.frames.content[fy] == c:
+                work.unstable_equal += 1
                 return y
             # Model choice: a tree page whose content changed is not found.
+        work.unstable_inserts += 1
         pages.state[g] = UNSTABLE
         pages.seqnr[g] = self.cur_seqnr()
         self.ctab.uindex[c] = g
@@ -364,6 +389,7 @@ class BulkKsm(KsmTunables):
 
     def merge_two(self, g: int, f: int, y: int, c: int) -> None:
         """Make *f* a KSM page, map it at *y* too, and file it (``try_to_merge_two_pages`` + insert)."""
+        self.work.new_ksm += 1
         self.replace_page(y, f)
         self.remove_rmap_item_from_tree(y)
         d = self.stable_tree_insert(c, f)
@@ -384,6 +410,7 @@ class BulkKsm(KsmTunables):
         self.remove_rmap_item_from_tree(g)
         c = int(frames.content[f])
         checksum = int(self.contents.checksum[c])
+        self.work.checksums += 1
         if pages.oldsum[g] != checksum:
             pages.oldsum[g] = checksum
             return
@@ -418,6 +445,7 @@ class BulkKsm(KsmTunables):
             pages.skips[g] = skip_age(age)
             return False
         self.pages_skipped += 1
+        self.work.skipped += 1
         pages.skips[g] -= 1
         self.remove_rmap_item_from_tree(g)
         return True
@@ -430,6 +458,7 @@ class BulkKsm(KsmTunables):
         pages.age[g] = 0
         pages.skips[g] = 0
         pages.head[g] = -1
+        self.work.items += 1
 
     def list_empty(self) -> bool:
         """No mm is registered."""
@@ -516,10 +545,13 @@ class BulkKsm(KsmTunables):
     def ksm_do_scan(self, budget: int) -> int:
         """One batch of ksmd (``ksm_do_scan``): up to *budget* pages; returns pages scanned."""
         done = 0
+        work = self.work
         while done < budget:
             if self.cursor is self.head:
                 if self.list_empty():
                     break
+                work.scan_starts += 1
+                work.stable_base = self.live_stable_entries()
                 self.cursor, self.address = self.head.next, 0
             mm = self.cursor
             if mm.exiting:
@@ -536,6 +568,7 @@ class BulkKsm(KsmTunables):
                     done += n
                     if not finished:
                         break
+            work.mm_ends += 1
             nxt = mm.next
             if self.address == 0:
                 self.unregister(mm)
@@ -544,7 +577,17 @@ class BulkKsm(KsmTunables):
                 self.full_scans += 1
                 break
         self.pages_scanned += done
+        work.pages += done
         return done
+
+    def live_stable_entries(self) -> int:
+        """Contents with a stable node whose KSM page is still mapped (SimKernel's
+        :meth:`~ksmlab.ksm.scan.KsmScanner.live_stable_entries`: the cost model's
+        stable-tree size at a full scan's start)."""
+        n = self.nodes.n
+        nodes = self.nodes
+        live = nodes.alive[:n] & (self.frames.mapcount[nodes.kframe[:n]] > 0)
+        return int(np.unique(nodes.content[:n][live]).size)
 
     # --- the sysfs stores (ksmlab.ksm.sysfs's table calls them, as SimKernel's) -----------
     def counter(self, name: str) -> int:

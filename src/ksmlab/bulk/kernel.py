@@ -43,9 +43,9 @@ from ksmlab.constants import (
     TASK_SIZE,
 )
 from ksmlab.errors import NotModelledError, ProcessExitedError, kernel_error
+from ksmlab.ksm.cost import KsmdCost, checked_cost
 from ksmlab.ksm.counters import ksm_process_profit
-from ksmlab.ksm.defaults import DEFAULT_KSMD_BATCH_NS, DEFAULT_KSMD_PAGE_NS
-from ksmlab.ksm.ksmd import Ksmd, KsmdCost
+from ksmlab.ksm.ksmd import Ksmd
 from ksmlab.ksm.sysfs import ADVISOR_FILES, KsmSysfs
 from ksmlab.mm.madvise import UNMODELLED_ADVICE, madvise_behavior_valid, madvise_check
 from ksmlab.mm.mmap import page_align
@@ -74,11 +74,10 @@ class BulkKernel:
     """
 
     def __init__(self, *, vectorize: bool = True, seed: int = 0,
-                 ksmd_batch_ns: int = DEFAULT_KSMD_BATCH_NS,
-                 ksmd_page_ns: int = DEFAULT_KSMD_PAGE_NS) -> None:
+                 cost: KsmdCost | None = None) -> None:
         vectorize = argcheck.flag("vectorize", vectorize)
         seed = argcheck.count("seed", seed)
-        cost = KsmdCost.checked(ksmd_batch_ns, ksmd_page_ns)
+        cost = checked_cost(cost)
         self.contents = ContentTable(seed)
         engine = VectorKsm if vectorize else BulkKsm
         self.ksm: BulkKsm = engine(self.contents, now_ms=lambda: self.ksmd.now_ms())

@@ -130,6 +130,8 @@ class VectorKsm(BulkKsm):
         state[gone] = ABSENT
         new = elig & (state == ABSENT)
         state[new] = NONE
+        work = self.work
+        work.items += int(np.count_nonzero(gone)) + int(np.count_nonzero(new))
         pages.oldsum[sl][new] = 0
         pages.age[sl][new] = 0
         pages.skips[sl][new] = 0
@@ -151,7 +153,9 @@ class VectorKsm(BulkKsm):
             arm = old & (skips == 0)
             skips[arm] = _SKIP_AGE[age[arm]]
             skips[skip] -= 1
-            self.pages_skipped += int(np.count_nonzero(skip))
+            skipped = int(np.count_nonzero(skip))
+            self.pages_skipped += skipped
+            work.skipped += skipped
             state[skip] = NONE  # out of the unstable tree (lazily) or a dead node
         # Ordinary pages visited: out of their tree, then the checksum test.
         plain = visit & ~ksm
@@ -160,12 +164,14 @@ class VectorKsm(BulkKsm):
         fr = frame[plain]
         content = frames.content[fr]
         checksum = self.contents.checksum[content]
+        work.checksums += len(rows)
         changed = pages.oldsum[rows] != checksum
         pages.oldsum[rows[changed]] = checksum[changed]
         held = ~changed
         if self.use_zero_pages:
             # try_to_merge_with_zero_page: map the zero page, the item stays.
             zero = held & (content == ZERO_CONTENT)
+            work.zero_merges += int(np.count_nonzero(zero))
             self.unmap(fr[zero])
             pages.frame[rows[zero]] = KSM_ZERO
             held &= ~zero
@@ -214,6 +220,14 @@ class VectorKsm(BulkKsm):
             self.pages.seqnr[ys] == self.cur_seqnr())
         single = no_stable & (sizes == 1)
         pair = no_stable & (sizes == 2) & ~intree
+        work = self.work
+        # Each page of both: a stable search that finds nothing, then an unstable one.
+        n_pair = int(np.count_nonzero(pair))
+        n_alone = int(np.count_nonzero(single)) + 2 * n_pair
+        work.stable_searches += n_alone
+        work.unstable_searches += n_alone
+        work.unstable_inserts += n_pair
+        work.unstable_equal += n_pair
         if bool(single.any()):
             self._singles(rows[starts[single]], fr[starts[single]], gc[single], y[single],
                           intree[single])
@@ -224,9 +238,13 @@ class VectorKsm(BulkKsm):
             self.ctab.uindex[gc[pair]] = rows[s]
             self._merge_pairs(rows[s + 1], fr[s + 1], rows[s], gc[pair])
         rest = ~(single | pair)
-        fits, target = self._room_for_all(gc, sizes)
+        fits, target, walked = self._room_for_all(gc, sizes)
         fast = rest & fits
         if bool(fast.any()):
+            searches = int(sizes[fast].sum())  # each page's search finds the target
+            work.stable_searches += searches
+            work.stable_equal += searches
+            work.chain_dups += int(walked[fast].sum())
             group = np.repeat(np.arange(len(gc)), sizes)
             sel = fast[group]
             self._merge_into(rows[sel], target[group[sel]])
@@ -234,14 +252,15 @@ class VectorKsm(BulkKsm):
             a, n = int(starts[k]), int(sizes[k])
             self._group(rows[a:a + n], int(gc[k]))
 
-    def _room_for_all(self, gc: Rows, sizes: Rows) -> tuple[npt.NDArray[np.bool_], Rows]:
+    def _room_for_all(self, gc: Rows, sizes: Rows) -> tuple[npt.NDArray[np.bool_], Rows, Rows]:
         """Groups whose every page stable_tree_search would send to the same KSM page.
 
         That is the content's regular node, or the first dup of its chain when
         no prune is due (the search then takes the first dup with room) or
         every other dup is full (a prune then finds nothing better, and only
         records its time), if that node's page is alive and it has room for
-        the whole group.  Returns (which groups, each group's node).
+        the whole group.  Returns (which groups, each group's node, the dups the
+        kernel's searches of each group's pages would walk).
         """
         stable = self.ctab.stable[gc].astype(np.int64)
         chain = stable <= STABLE_CHAIN
@@ -260,12 +279,36 @@ class VectorKsm(BulkKsm):
                & (count + sizes <= self.max_page_sharing))
         pruned = cid[ok & chain & due]
         cols.prune_time[pruned] = now
-        return ok, target
+        # The dups the kernel's searches walk: a chain's walk stops at its head (which
+        # has room) unless a prune is due, which walks every dup: once per group, or
+        # every time when the prune interval is 0.
+        nd = cols.ndups[cid].astype(np.int64)
+        if self.stable_node_chains_prune_millisecs == 0:
+            walked = sizes * nd
+        else:
+            walked = np.where(due, nd + sizes - 1, sizes)
+        return ok, target, np.where(chain, walked, 0)
+
+    def _count_repeats(self, c: int, n: int) -> None:
+        """Count *n* more searches of content *c* that find the dup just found again.
+
+        That dup has room for them all, so the search moved it to its chain's
+        head: each walk stops there, unless the prune interval is 0 (every
+        search then prunes, walking every dup).
+        """
+        work = self.work
+        work.stable_searches += n
+        work.stable_equal += n
+        chain = self.chains.get(c)
+        if chain is not None:
+            prune_all = self.stable_node_chains_prune_millisecs == 0
+            work.chain_dups += n * (len(chain.dups) if prune_all else 1)
 
     def _merge_into(self, rows: Rows, nodes: Rows) -> None:
         """Merge each page into its stable node (``replace_page`` + ``stable_tree_append``)."""
         pages, frames = self.pages, self.frames
         kframe = self.nodes.kframe[nodes]
+        self.work.merges += len(rows)
         np.subtract.at(frames.mapcount, pages.frame[rows], 1)
         pages.frame[rows] = kframe
         np.add.at(frames.mapcount, kframe, 1)
@@ -284,6 +327,8 @@ class VectorKsm(BulkKsm):
         match = ok.copy()
         match[ok] = frames.content[fy[ok]] == c[ok]
         insert = ~abort & ~match
+        self.work.unstable_equal += int(np.count_nonzero(match))
+        self.work.unstable_inserts += int(np.count_nonzero(insert))
         if bool(match.any()):
             self._merge_pairs(rows[match], fr[match], y[match], c[match])
         ins = rows[insert]
@@ -294,6 +339,12 @@ class VectorKsm(BulkKsm):
     def _merge_pairs(self, rows: Rows, fr: Rows, ys: Rows, c: Rows) -> None:
         """``merge_two`` for each (row, y) pair, each with a content of its own."""
         pages, frames, nodes = self.pages, self.frames, self.nodes
+        n = len(rows)
+        work = self.work  # the tree page merged into a new KSM page, filed as a new entry
+        work.merges += n
+        work.new_ksm += n
+        work.stable_inserts += n
+        work.stable_new += n
         np.subtract.at(frames.mapcount, pages.frame[ys], 1)
         pages.frame[ys] = fr
         frames.mapcount[fr] += 1
@@ -318,6 +369,7 @@ class VectorKsm(BulkKsm):
             if d >= 0:
                 # Every page of the run would find this node again until it is full.
                 k = min(n - i, self.max_page_sharing - int(nodes.count[d]))
+                self._count_repeats(c, k - 1)
                 self._merge_into(rows[i:i + k], np.full(k, d, np.int64))
                 i += k
                 continue

@@ -18,6 +18,7 @@ from ksmlab.api import Kernel, Process
 from ksmlab.constants import PAGE_SIZE
 from ksmlab.errors import KsmSimError
 from ksmlab.kernel import SimKernel, SimProcess
+from ksmlab.ksm.cost import KsmdCost
 from ksmlab.mm.page import ZERO_FINGERPRINT, ContentMode, fingerprint
 from ksmlab.scenario import host
 from ksmlab.scenario.content import ContentSource
@@ -123,8 +124,8 @@ class SimBackend(_VirtualBackend):
 
     name: BackendName = "sim"
 
-    def __init__(self, content: ContentMode = "bytes") -> None:
-        self.sim = SimKernel(trace=False, content=content)
+    def __init__(self, content: ContentMode = "bytes", cost: KsmdCost | None = None) -> None:
+        self.sim = SimKernel(trace=False, content=content, cost=cost)
         self.kernel: Kernel = self.sim
         super().__init__(self.sim)
 
@@ -151,10 +152,10 @@ class BulkBackend(_VirtualBackend):
 
     name: BackendName = "bulk"
 
-    def __init__(self) -> None:
+    def __init__(self, cost: KsmdCost | None = None) -> None:
         from ksmlab.bulk import BulkKernel  # numpy: only when this backend is used
 
-        self.bulk = BulkKernel()
+        self.bulk = BulkKernel(cost=cost)
         self.kernel: Kernel = self.bulk
         super().__init__(self.bulk)
 
@@ -254,20 +255,25 @@ class LinuxBackend:
         self.kernel.close()
 
 
-def open_backend(name: str, content: ContentMode = "bytes") -> Backend:
-    """A new backend by name (``sim``, ``linux`` or ``bulk``); *content* is SimKernel's content mode.
+def open_backend(name: str, content: ContentMode = "bytes",
+                 cost: KsmdCost | None = None) -> Backend:
+    """A new backend by name (``sim``, ``linux`` or ``bulk``); *content* is SimKernel's content
+    mode, *cost* the models' ksmd cost model (None: the shipped one).
 
     Raises:
         BackendUnavailableError: the Linux backend cannot run here.
-        ValueError: unknown name, or a content mode for the real kernel.
+        ValueError: unknown name, or a content mode or cost model for the real kernel.
     """
     if name != "sim" and content != "bytes":
         msg = f"content={content!r} applies to the model (the sim backend) only"
         raise ValueError(msg)
+    if name == "linux" and cost is not None:
+        msg = "a ksmd cost model applies to the model's engines only, not to the real kernel"
+        raise ValueError(msg)
     if name == "sim":
-        return SimBackend(content)
+        return SimBackend(content, cost)
     if name == "bulk":
-        return BulkBackend()
+        return BulkBackend(cost)
     if name == "linux":
         return LinuxBackend()
     msg = f"unknown backend {name!r} (expected one of {', '.join(BACKENDS)})"
