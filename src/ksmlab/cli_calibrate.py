@@ -6,11 +6,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ksmlab.cli_common import EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_UNAVAILABLE, CliError
 from ksmlab.cli_common import console as _console
 from ksmlab.ksm.cost import FEATURES, KsmdCost
+
+if TYPE_CHECKING:
+    from ksmlab.calibrate import Calibration
 
 QUICK_SCALE = 512
 """Pages of the big workloads with ``--quick`` (a check that everything runs, not a fit)."""
@@ -42,6 +45,12 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter], epilog: str) -> None
     cal.add_argument("--quick", action="store_true",
                      help=f"small workloads ({QUICK_SCALE} pages): checks that calibration "
                           "runs here, too noisy to fit")
+    cal.add_argument("--lock-timeout", type=float, default=600.0, metavar="SECONDS",
+                     help="how long to wait for another ksmlab session on this machine to "
+                          "release the KSM lock (default 600)")
+    cal.add_argument("--samples", metavar="FILE",
+                     help="also write every full scan measured (CPU and wall time, the model's "
+                          "features, the fit's prediction) as JSON, for a closer look")
     cal.add_argument("--json", action="store_true", help="print the fitted model as JSON")
     cal.set_defaults(func=cmd_calibrate)
 
@@ -62,7 +71,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     scale = QUICK_SCALE if args.quick else args.scale
     try:
-        backend = LinuxBackend()  # the checks, the lock, knobs at boot values
+        backend = LinuxBackend(args.lock_timeout)  # the checks, the lock, knobs at boot values
     except BackendUnavailableError as e:
         raise CliError(f"ksmlab calibrate: this machine's KSM is unavailable: {e}",
                        EXIT_UNAVAILABLE) from None
@@ -78,11 +87,28 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         cal.cost.save(out)
     except OSError as e:
         raise CliError(f"ksmlab calibrate: cannot write {out}: {e.strerror}", EXIT_FAILED) from None
+    if args.samples:
+        _write_samples(Path(args.samples), cal)
     if args.json:
         print(json.dumps(cal.cost.to_dict(), indent=1))
     else:
         _print(cal.cost, spread(cal.per_repeat), out)
     return EXIT_OK
+
+
+def _write_samples(path: Path, cal: Calibration) -> None:
+    predicted = {id(r.sample): r.predicted_ns for r in cal.residuals}
+    walls = {id(s): p for s, p in cal.walls}
+    rows = [{"workload": s.workload, "repeat": s.repeat, "scan": s.scan, "cpu_ns": s.cpu_ns,
+             "predicted_cpu_ns": predicted.get(id(s)), "wall_ns": s.wall_ns,
+             "predicted_wall_ns": walls.get(id(s)), "batches": len(s.batches),
+             "sleep_ms": s.sleep_ms, "pages": s.real_pages, "ok": s.ok, "why": s.why,
+             "features": s.features} for s in cal.samples]
+    try:
+        path.write_text(json.dumps({"fit": cal.cost.to_dict(), "samples": rows}, indent=1))
+    except OSError as e:
+        raise CliError(f"ksmlab calibrate: cannot write {path}: {e.strerror}",
+                       EXIT_FAILED) from None
 
 
 def _print(cost: KsmdCost, ranges: dict[str, tuple[float, float]], out: Path) -> None:
@@ -104,7 +130,8 @@ def _print(cost: KsmdCost, ranges: dict[str, tuple[float, float]], out: Path) ->
         table.add_row(*row)
     console.print(table)
     c = cost.clock
-    console.print(f"clock: HZ={c.hz}, mean scheduling delay {c.wake_delay_ns / 1e6:.2f} ms, "
+    console.print(f"clock: HZ={c.hz}, {c.late_fraction:.0%} of timer wake-ups a jiffy late, "
+                  f"mean scheduling delay {c.wake_delay_ns / 1e6:.2f} ms, "
                   f"run stretch {c.run_stretch:g}")
     res = Table(title=f"CPU per full scan, {fit['clean_samples']} of {fit['samples']} scans "
                       f"clean: RMS error {fit['cpu_rms_error']:.1%}, wall time RMS error "

@@ -516,6 +516,8 @@ class BulkKsm(KsmTunables):
         pages = self.pages
         f = int(pages.frame[g])
         if f < 0 or not pages.mergeable[g]:
+            if f == KSM_ZERO and pages.mergeable[g]:
+                self.work.pte_walk += 1  # present, nothing to scan
             if pages.state[g] != ABSENT:
                 self.free_rmap_item(g)
             return False

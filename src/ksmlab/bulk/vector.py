@@ -132,6 +132,7 @@ class VectorKsm(BulkKsm):
         state[new] = NONE
         work = self.work
         work.items += int(np.count_nonzero(gone)) + int(np.count_nonzero(new))
+        work.pte_walk += int(np.count_nonzero((pages.frame[sl] == KSM_ZERO) & pages.mergeable[sl]))
         pages.oldsum[sl][new] = 0
         pages.age[sl][new] = 0
         pages.skips[sl][new] = 0

@@ -26,12 +26,23 @@ from pathlib import Path
 
 from ksmlab import __version__
 from ksmlab.api import Kernel
-from ksmlab.calibrate.fit import Residual, fit_clock, fit_cpu, summarise
-from ksmlab.calibrate.measure import ModelScan, ScanSample, run_model, run_real
+from ksmlab.calibrate.fit import Residual, fit_clock, fit_cpu, late_fraction, summarise
+from ksmlab.calibrate.measure import (
+    PROBE_SLEEP_MS,
+    ModelScan,
+    ScanSample,
+    probe_periods,
+    run_model,
+    run_real,
+)
 from ksmlab.calibrate.workloads import Workload, workloads
 from ksmlab.ksm.cost import FEATURES, KsmdClock, KsmdCost, default_cost
+from ksmlab.ksm.jiffies import sleep_end_ns
 
 Log = Callable[[str], None]
+
+PROBE_S = 1.5
+"""Seconds of the timer probe before each workload (see :func:`probe_periods`)."""
 
 
 @dataclass
@@ -89,20 +100,24 @@ def calibrate(k: Kernel, *, repeats: int = 1, scale: int = 16384,
         log(f"model: {w.name}")
         model[w.name] = run_model(w)
     samples: list[ScanSample] = []
+    gaps: list[int] = []
     for r in range(repeats):
         for w in wl:
-            log(f"kernel, run {r + 1}/{repeats}: {w.name}")
+            # Late wake-ups come and go with the machine's state: probe all along.
+            log(f"kernel, run {r + 1}/{repeats}: ksmd's timer, then {w.name}")
+            gaps += probe_periods(k, PROBE_S)
             samples += run_real(k, w, model[w.name], r)
     prior = default_cost()
     params, residuals = fit_cpu(samples, prior)
     per_repeat = [fit_cpu([s for s in samples if s.repeat == r], prior)[0]
                   for r in range(repeats)] if repeats > 1 else []
     hz = config_hz()
-    if hz is None:  # the period of short sleeps tells HZ apart
-        fits = [fit_clock(samples, params, h) for h in (100, 250, 300, 1000)]
-        clock, walls = min(fits, key=lambda f: _wall_error(f[1]))
-    else:
-        clock, walls = fit_clock(samples, params, hz)
+    if hz is None:  # the period of a 20 ms sleep tells HZ apart
+        period = statistics.median(gaps) if gaps else 0
+        hz = min((100, 250, 300, 1000),
+                 key=lambda h: abs(sleep_end_ns(1, PROBE_SLEEP_MS, h) - period))
+    late = late_fraction(gaps, PROBE_SLEEP_MS, hz)
+    clock, walls = fit_clock(samples, params, hz, late)
     errors = [r.error for r in residuals]
     fit = {
         "date": started.isoformat(timespec="seconds"),
@@ -115,6 +130,8 @@ def calibrate(k: Kernel, *, repeats: int = 1, scale: int = 16384,
         "cpu_worst_error": max(errors, key=abs),
         "workloads": summarise(residuals),
         "wall_rms_error": _wall_error(walls),
+        "timer_gaps": len(gaps), "timer_gap_median_ms": statistics.median(gaps) / 1e6 if gaps
+        else None,
         "per_repeat": per_repeat,
     }
     cost = KsmdCost(params, clock, "ksmlab calibrate", fit)

@@ -11,12 +11,18 @@ method on numpy), and adds a weak pull towards prior values (weight
 workloads cannot separate (two terms that always occur together) stays near
 a plausible split instead of swinging to an extreme.
 
-**Clock.**  With the CPU parameters fixed, each sample of more than one batch
-is replayed on the jiffy clock (:mod:`ksmlab.ksm.jiffies`) for every pair of
-a mean scheduling delay and a run stretch on a grid, at four phases of the
-first batch within its jiffy (the real scan starts at any point of a
-jiffy), and the pair whose predicted scan times are closest (relative
-squared error) to the measured ones is kept.
+**Clock.**  The share of late wake-ups (a whole jiffy late,
+:func:`~ksmlab.ksm.jiffies.late_wake`) is measured directly: the gaps between
+the batches of a one-page workload (a batch per full scan) at
+``sleep_millisecs=20`` are 6 jiffies or, late, 7 or more
+(:func:`late_fraction`).  Late wake-ups come in streaks of minutes, so the
+probe runs before every workload and the share is their average.  Then,
+with the CPU parameters fixed, each sample of more than one batch is
+replayed on the jiffy clock
+(:mod:`ksmlab.ksm.jiffies`) for every pair of a mean scheduling delay and a
+run stretch on a grid, at four phases of the first batch within its jiffy
+(the real scan starts at any point of a jiffy), and the pair whose predicted
+scan times are closest (relative squared error) to the measured ones is kept.
 """
 
 from __future__ import annotations
@@ -31,9 +37,9 @@ import numpy.typing as npt
 
 from ksmlab.calibrate.measure import ScanSample
 from ksmlab.ksm.cost import FEATURES, KsmdClock, KsmdCost
-from ksmlab.ksm.jiffies import sleep_end_ns, tick_nsec, wake_delay_ns
+from ksmlab.ksm.jiffies import sleep_end_ns, tick_nsec
 
-PRIOR_WEIGHT = 0.02
+PRIOR_WEIGHT = 1e-4
 """How strongly each parameter is pulled towards its prior, against one sample's relative error."""
 
 DELAYS_NS = (0, 100_000, 250_000, 500_000, 750_000, 1_000_000, 1_500_000, 2_000_000,
@@ -83,8 +89,8 @@ class Residual:
         return (self.predicted_ns - self.sample.cpu_ns) / self.sample.cpu_ns
 
 
-def fit_cpu(samples: Sequence[ScanSample], prior: KsmdCost) -> tuple[dict[str, float],
-                                                                     list[Residual]]:
+def fit_cpu(samples: Sequence[ScanSample], prior: KsmdCost, *,
+            prior_weight: float = PRIOR_WEIGHT) -> tuple[dict[str, float], list[Residual]]:
     """The CPU parameters that best explain *samples* (see the module doc), and the residuals."""
     rows = [s for s in samples if s.ok and s.cpu_ns > 0]
     if not rows:
@@ -98,7 +104,7 @@ def fit_cpu(samples: Sequence[ScanSample], prior: KsmdCost) -> tuple[dict[str, f
     a = x / y[:, None] * share[:, None]
     b = share
     priors = np.array([max(prior.ns[f], 1.0) for f in FEATURES])
-    reg = math.sqrt(PRIOR_WEIGHT)
+    reg = math.sqrt(prior_weight)
     a = np.vstack([a, np.diag(reg / priors)])
     b = np.concatenate([b, np.full(len(FEATURES), reg)])
     p = nnls(a, b)
@@ -118,20 +124,29 @@ def replay_ns(costs: Sequence[int], sleep_ms: int, clock: KsmdClock, phase_ns: i
     for i, c in enumerate(costs):
         t += round(c * clock.run_stretch)
         if i < len(costs) - 1:
-            end = sleep_end_ns(t, sleep_ms, clock.hz)
-            t = end + (wake_delay_ns(i, clock.wake_delay_ns) if end > t else 0)
+            t = clock.wake_after(t, sleep_ms, i)
     return t - phase_ns
 
 
-def fit_clock(samples: Sequence[ScanSample], ns: dict[str, float],
-              hz: int) -> tuple[KsmdClock, list[tuple[ScanSample, float]]]:
+def late_fraction(gaps_ns: Sequence[int], sleep_ms: int, hz: int) -> float:
+    """The share of *gaps_ns* (between batches that each start on a timer wake-up and take
+    far less than a jiffy) that are longer than the timer's period by half a jiffy or more."""
+    if not gaps_ns:
+        return 0.0
+    tick = tick_nsec(hz)
+    period = sleep_end_ns(1, sleep_ms, hz)  # from just after a tick
+    return sum(g >= period + tick // 2 for g in gaps_ns) / len(gaps_ns)
+
+
+def fit_clock(samples: Sequence[ScanSample], ns: dict[str, float], hz: int,
+              late: float = 0.0) -> tuple[KsmdClock, list[tuple[ScanSample, float]]]:
     """The scheduling delay and run stretch that best explain the multi-batch samples' times.
 
     Returns the clock and each such sample with its predicted wall time.
     """
     rows = [(s, batch_costs(s, ns)) for s in samples if s.ok and len(s.batches) > 1]
     if not rows:
-        return KsmdClock(hz), []
+        return KsmdClock(hz, late_fraction=late), []
     tick = tick_nsec(hz)
     phases = [tick * q // 4 for q in range(4)]
 
@@ -141,7 +156,7 @@ def fit_clock(samples: Sequence[ScanSample], ns: dict[str, float],
     best: tuple[float, KsmdClock] | None = None
     for delay in DELAYS_NS:
         for stretch in STRETCHES:
-            clock = KsmdClock(hz, float(delay), stretch)
+            clock = KsmdClock(hz, float(delay), late, stretch)
             err = sum(((predict(clock, c, s.sleep_ms) - s.wall_ns) / s.wall_ns) ** 2
                       for s, c in rows)
             if best is None or err < best[0]:
@@ -160,4 +175,5 @@ def summarise(residuals: Sequence[Residual]) -> dict[str, dict[str, float]]:
                    "worst_error": max(errs, key=abs)} for name, errs in by.items()}
 
 
-__all__ = ["Residual", "batch_costs", "fit_clock", "fit_cpu", "nnls", "replay_ns", "summarise"]
+__all__ = ["Residual", "batch_costs", "fit_clock", "fit_cpu", "late_fraction", "nnls", "replay_ns",
+           "summarise"]

@@ -19,6 +19,7 @@ the scan, the clock fit those of each batch.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 
 from ksmlab.api import Kernel
 from ksmlab.calibrate.workloads import Workload, build, rewrite, teardown
+from ksmlab.constants import MADV_MERGEABLE, PAGE_SIZE
 from ksmlab.ksm.cost import FEATURES
 from ksmlab.scenario import host
 
@@ -163,4 +165,39 @@ def run_real(k: Kernel, w: Workload, model: list[ModelScan], repeat: int,
     return out
 
 
-__all__ = ["ModelScan", "ScanSample", "run_model", "run_real"]
+PROBE_SLEEP_MS = 20
+"""``sleep_millisecs`` of the period probe (the kernel's default)."""
+
+
+def probe_periods(k: Kernel, seconds: float = 6.0,
+                  sysfs_dir: str = host.KSM_SYSFS_DIR) -> list[int]:
+    """The gaps (ns) between ksmd's batches over *seconds*, one page mergeable: each batch is
+    a whole full scan, started by a timer wake-up, far shorter than a jiffy."""
+    k.sysfs["run"] = "2"
+    k.sysfs["run"] = "0"
+    k.sysfs["pages_to_scan"] = "100"
+    k.sysfs["sleep_millisecs"] = str(PROBE_SLEEP_MS)
+    p = k.spawn()
+    full_scans = _Counter(f"{sysfs_dir}/full_scans")
+    times = []
+    try:
+        a = p.mmap(PAGE_SIZE)
+        p.write(a, b"p" * PAGE_SIZE)
+        p.madvise(a, PAGE_SIZE, MADV_MERGEABLE)
+        k.sysfs["run"] = "1"
+        last = full_scans()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            cur = full_scans()
+            if cur != last:
+                times.append((time.monotonic_ns(), cur - last))
+                last = cur
+            time.sleep(POLL_S)
+        k.sysfs["run"] = "0"
+    finally:
+        p.exit()
+        full_scans.close()
+    return [b - a for (a, _), (b, n) in itertools.pairwise(times) if n == 1]
+
+
+__all__ = ["ModelScan", "ScanSample", "probe_periods", "run_model", "run_real"]

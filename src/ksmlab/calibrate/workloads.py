@@ -125,34 +125,54 @@ def _knobs(pts: int, sleep: int, **extra: str) -> dict[str, str]:
 
 
 def workloads(scale: int = 16384) -> list[Workload]:
-    """The calibration set; *scale* is the size of the big ones, in pages (16384 = 64 MiB)."""
-    n = scale
+    """The calibration set; *scale* is the size of the big ones, in pages (16384 = 64 MiB).
+
+    The big ones run large batches (``pages_to_scan`` 1000, ``sleep_millisecs`` 10); a
+    quarter-size copy of the main ones runs at the kernel's defaults (100 pages every 20 ms),
+    where a batch's tree searches share fewer nodes and per-page costs are higher.
+    """
+    n, q = scale, max(64, scale // 4)
     unique: Tag = lambda p, i, s: 1 + p * n + i  # noqa: E731
+    same: Tag = lambda p, i, s: 7  # noqa: E731
+    pairs: Tag = lambda p, i, s: 1 + i // 2  # noqa: E731
+    images: Tag = lambda p, i, s: 1 + i % 1024  # noqa: E731
+    zero: Tag = lambda p, i, s: 0  # noqa: E731
+    rewritten: Tag = lambda p, i, s: 1 + p * n + i + s * 2 * n * 64  # noqa: E731
+
+    def mixed(size: int) -> Tag:
+        return lambda p, i, s: 1 + i // 2 if i < size // 2 else 1 + n + i
+
+    big = _knobs(1000, 10)
+    big0 = _knobs(1000, 10, smart_scan="0")
+    dflt = _knobs(100, 20)
+    dflt0 = _knobs(100, 20, smart_scan="0")
     return [
-        Workload("tiny, sleep 10", 1, 1, lambda p, i, s: 7, 12, _knobs(100, 10)),
-        Workload("tiny, sleep 50", 1, 1, lambda p, i, s: 7, 8, _knobs(100, 50)),
-        Workload("tiny, 8 processes", 8, 1, lambda p, i, s: 7, 10, _knobs(100, 10)),
-        Workload("identical", 1, n, lambda p, i, s: 7, 4, _knobs(1000, 10)),
-        Workload("identical, pages_to_scan 100", 1, n // 4, lambda p, i, s: 7, 4,
-                 _knobs(100, 10)),
-        Workload("unique, smart_scan 0", 1, n, unique, 4, _knobs(1000, 10, smart_scan="0")),
+        Workload("tiny, sleep 10", 1, 1, same, 12, _knobs(100, 10)),
+        Workload("tiny, sleep 50", 1, 1, same, 8, _knobs(100, 50)),
+        Workload("tiny, 8 processes", 8, 1, same, 10, _knobs(100, 10)),
+        Workload("identical", 1, n, same, 4, big),
+        Workload("unique, smart_scan 0", 1, n, unique, 4, big0),
         Workload("unique, smart_scan 1", 1, n, unique, 8, _knobs(2000, 10)),
-        Workload("pairs", 1, n, lambda p, i, s: 1 + i // 2, 4, _knobs(1000, 10)),
-        Workload("1024 images", 1, n, lambda p, i, s: 1 + i % 1024, 4, _knobs(1000, 10)),
-        Workload("pairs and unique, smart_scan 0", 1, n,
-                 lambda p, i, s: 1 + i // 2 if i < n // 2 else 1 + n + i, 5,
-                 _knobs(1000, 10, smart_scan="0")),
-        Workload("zero, use_zero_pages 1", 1, n, lambda p, i, s: 0, 4,
-                 _knobs(1000, 10, use_zero_pages="1")),
-        Workload("zero, use_zero_pages 0", 1, n, lambda p, i, s: 0, 4, _knobs(1000, 10)),
-        Workload("rewritten every scan", 1, n, lambda p, i, s: 1 + i + s * 2 * n, 4,
-                 _knobs(1000, 10), churn=True),
-        Workload("chain, max_page_sharing 2", 1, n // 8, lambda p, i, s: 7, 4,
+        Workload("pairs", 1, n, pairs, 4, big),
+        Workload("1024 images", 1, n, images, 4, big),
+        Workload("pairs and unique, smart_scan 0", 1, n, mixed(n), 5, big0),
+        Workload("zero, use_zero_pages 1", 1, n, zero, 4, _knobs(1000, 10, use_zero_pages="1")),
+        Workload("zero, use_zero_pages 0", 1, n, zero, 4, big),
+        Workload("rewritten every scan", 1, n, rewritten, 4, big, churn=True),
+        Workload("chain, max_page_sharing 2", 1, n // 8, same, 4,
                  _knobs(1000, 10, max_page_sharing="2")),
-        Workload("64 processes", 64, 64, lambda p, i, s: 1 + i, 4, _knobs(1000, 10)),
+        Workload("64 processes", 64, 64, lambda p, i, s: 1 + i, 4, big),
+        Workload("defaults: identical", 1, q, same, 4, dflt),
+        Workload("defaults: unique, smart_scan 0", 1, q, unique, 3, dflt0),
+        Workload("defaults: pairs", 1, q, pairs, 3, dflt),
+        Workload("defaults: 1024 images", 1, q, images, 3, dflt),
+        Workload("defaults: pairs and unique, smart_scan 0", 1, q, mixed(q), 4, dflt0),
+        Workload("defaults: zero, use_zero_pages 1", 1, q, zero, 3,
+                 _knobs(100, 20, use_zero_pages="1")),
+        Workload("defaults: rewritten every scan", 1, q, rewritten, 3, dflt, churn=True),
+        Workload("defaults: 8 processes, unique", 8, q // 8, unique, 3, dflt0),
         Workload("clock, sleep 1", 1, 2048, unique, 3, _knobs(100, 1, smart_scan="0")),
         Workload("clock, sleep 5", 1, 2048, unique, 3, _knobs(100, 5, smart_scan="0")),
-        Workload("clock, sleep 20", 1, 2048, unique, 3, _knobs(100, 20, smart_scan="0")),
     ]
 
 

@@ -14,12 +14,17 @@ batch           a batch (``ksm_do_scan``, its wake-up, mutex, sleep)
 scan_start      a full scan started (``lru_add_drain_all``, unstable roots reset)
 mm_end          an mm whose end the walk reached (trailing items, next slot)
 page            a page handed to ``cmp_and_merge_page`` (``pages_scanned``)
+pte_walk        a present PTE the walk passes with no page to scan (the zero page
+                that ``use_zero_pages`` put there)
 skip            a page smart scan skipped
 item            an rmap_item allocated or freed by the walk
 checksum        ``calc_checksum`` of a page (xxhash of 4 KiB)
 stable_step     a stable-tree node compared on the way down (``memcmp`` stops early)
+stable_cold     a stable-tree node the batch's searches visit for the first time
+                (a cache miss: the nodes near the root are shared by every search)
 unstable_step   an unstable-tree node compared on the way down (with its
                 ``get_mergeable_page``: vma lookup and page-table walk)
+unstable_cold   an unstable-tree node visited for the first time in the batch
 full_cmp        a compare of two equal pages, which runs the whole 4096 bytes
                 (the equal node of a search, and ``pages_identical`` of a merge)
 chain_dup       a dup of a chain examined (``stable_node_dup``)
@@ -37,6 +42,11 @@ Model choices (documented in docs/cost-model.md):
   a KSM page still mapped) at the start of the full scan plus the entries
   added since; the unstable tree's is the pages inserted in this full scan
   minus those merged out of it.  Both engines see exactly these numbers.
+* The nodes a batch's *n* searches visit for the first time (cache misses)
+  are those of a balanced tree of the same depth *D*: every node of the
+  top ``log2 n`` levels, then one per search and level below, so
+  ``n - 1 + n (D - log2 n)`` (the whole tree if it is shallower).  Small
+  batches therefore pay more per search than large ones, as measured.
 * Only the searched content's own chain is walked (a chain *passed* on the
   way to another content costs one node compare, like any node).
 * A compare of unequal pages costs the same wherever they differ.
@@ -59,16 +69,18 @@ from importlib import resources
 from typing import Any, Final
 
 from ksmlab import argcheck
+from ksmlab.ksm.jiffies import late_wake, sleep_end_ns, tick_nsec, wake_delay_ns
 
-FEATURES: Final = ("batch", "scan_start", "mm_end", "page", "skip", "item", "checksum",
-                   "stable_step", "unstable_step", "full_cmp", "chain_dup", "merge", "new_ksm",
-                   "zero_merge")
+FEATURES: Final = ("batch", "scan_start", "mm_end", "page", "pte_walk", "skip", "item", "checksum",
+                   "stable_step", "stable_cold", "unstable_step", "unstable_cold", "full_cmp",
+                   "chain_dup", "merge", "new_ksm", "zero_merge")
 """The cost's terms, in file order; parameter ``<name>_ns`` is the cost of one unit."""
 
 DEFAULT_FILE: Final = "data/ksmd-cost.json"
 FORMAT: Final = "ksmlab-ksmd-cost"
 VERSION: Final = 1
 _LN2: Final = math.log(2)
+_CLOCK_FIELDS: Final = ("hz", "wake_delay_ns", "late_fraction", "run_stretch")
 
 
 @dataclass(slots=True)
@@ -83,6 +95,8 @@ class KsmdWork:
     scan_starts: int = 0
     mm_ends: int = 0
     pages: int = 0
+    pte_walk: int = 0
+    """Present PTEs passed without a page to scan (KSM zero pages)."""
     skipped: int = 0
     items: int = 0
     checksums: int = 0
@@ -133,16 +147,31 @@ def mean_depth(s0: int, s1: int) -> float:
     return (integral(s1) - integral(s0)) / (s1 - s0)
 
 
+def cold_nodes(n: int, depth: float) -> float:
+    """Distinct nodes *n* searches visit in a balanced tree of *depth* levels (see the module doc)."""
+    if n <= 0 or depth <= 0:
+        return 0.0
+    top = math.log2(n)
+    if depth <= top:
+        return float(2.0 ** depth - 1)
+    return n - 1 + n * (depth - top)
+
+
 def features(w: KsmdWork, stable: tuple[int, int], unstable: tuple[int, int]) -> dict[str, float]:
     """One batch's features from its work and the trees' sizes at its start and end."""
     s_eq = w.stable_equal + w.stable_inserts - w.stable_new
-    s_steps = (w.stable_searches + w.stable_inserts) * mean_depth(*stable)
-    u_steps = w.unstable_searches * mean_depth(*unstable)
+    s_walks = w.stable_searches + w.stable_inserts
+    s_depth = mean_depth(*stable)
+    u_depth = mean_depth(*unstable)
+    s_steps = s_walks * s_depth
+    u_steps = w.unstable_searches * u_depth
     return {
         "batch": 1.0, "scan_start": w.scan_starts, "mm_end": w.mm_ends, "page": w.pages,
-        "skip": w.skipped, "item": w.items, "checksum": w.checksums,
+        "pte_walk": w.pte_walk, "skip": w.skipped, "item": w.items, "checksum": w.checksums,
         "stable_step": max(0.0, s_steps - s_eq),
+        "stable_cold": cold_nodes(s_walks, s_depth),
         "unstable_step": max(0.0, u_steps - w.unstable_equal),
+        "unstable_cold": cold_nodes(w.unstable_searches, u_depth),
         "full_cmp": s_eq + w.unstable_equal + w.merges + w.zero_merges,
         "chain_dup": w.chain_dups, "merge": w.merges, "new_ksm": w.new_ksm,
         "zero_merge": w.zero_merges,
@@ -157,13 +186,26 @@ class KsmdClock:
         hz: the kernel's ``CONFIG_HZ`` (jiffies per second).
         wake_delay_ns: mean scheduling delay between the timer's tick and
             ksmd running (exponential, at deterministic quantiles).
+        late_fraction: share of timer wake-ups that come one jiffy late as a
+            whole (:func:`~ksmlab.ksm.jiffies.late_wake`).
         run_stretch: wall time per unit of CPU time while a batch runs
             (1.0 on an idle machine; more when ksmd shares its CPU).
     """
 
     hz: int = 250
     wake_delay_ns: float = 0.0
+    late_fraction: float = 0.0
     run_stretch: float = 1.0
+
+    def wake_after(self, done_ns: int, sleep_ms: int, k: int) -> int:
+        """When ksmd runs again after a batch that ended at *done_ns*, sleeping *sleep_ms*;
+        *k* numbers the timed sleeps (for the delay and lateness sequences)."""
+        end = sleep_end_ns(done_ns, sleep_ms, self.hz)
+        if end == done_ns:
+            return end  # no sleep (sleep_millisecs=0)
+        if late_wake(k, self.late_fraction):
+            end += tick_nsec(self.hz)
+        return end + wake_delay_ns(k, self.wake_delay_ns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +242,7 @@ class KsmdCost:
         return {"format": FORMAT, "version": VERSION,
                 "ns": {name: self.ns[name] for name in FEATURES},
                 "clock": {"hz": c.hz, "wake_delay_ns": c.wake_delay_ns,
-                          "run_stretch": c.run_stretch},
+                          "late_fraction": c.late_fraction, "run_stretch": c.run_stretch},
                 "fit": self.fit}
 
     @classmethod
@@ -217,21 +259,24 @@ class KsmdCost:
         if not isinstance(ns, dict) or set(ns) != set(FEATURES):
             raise ValueError(f"{source}: \"ns\" must give exactly {', '.join(FEATURES)}")
         clock = doc.get("clock")
-        if not isinstance(clock, dict) or set(clock) != {"hz", "wake_delay_ns", "run_stretch"}:
-            raise ValueError(f"{source}: \"clock\" must give hz, wake_delay_ns and run_stretch")
+        if not isinstance(clock, dict) or set(clock) != set(_CLOCK_FIELDS):
+            raise ValueError(f"{source}: \"clock\" must give exactly {', '.join(_CLOCK_FIELDS)}")
         try:
             parsed = {name: _number(f"ns.{name}", ns[name]) for name in FEATURES}
             hz = argcheck.count("clock.hz", clock["hz"], minimum=1, maximum=10_000)
             delay = _number("clock.wake_delay_ns", clock["wake_delay_ns"])
+            late = _number("clock.late_fraction", clock["late_fraction"])
             stretch = _number("clock.run_stretch", clock["run_stretch"])
         except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: {e}") from None
         if stretch < 1.0:
             raise ValueError(f"{source}: clock.run_stretch must be >= 1, got {stretch}")
+        if late > 1.0:
+            raise ValueError(f"{source}: clock.late_fraction must be <= 1, got {late}")
         fit = doc.get("fit", {})
         if not isinstance(fit, dict):
             raise ValueError(f"{source}: \"fit\" must be an object")
-        return cls(parsed, KsmdClock(hz, delay, stretch), source, fit)
+        return cls(parsed, KsmdClock(hz, delay, late, stretch), source, fit)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> KsmdCost:
@@ -259,7 +304,8 @@ class KsmdCost:
         """A copy with some clock fields changed (e.g. ``wake_delay_ns=0`` for exact arithmetic)."""
         c = self.clock
         clock = KsmdClock(**{"hz": c.hz, "wake_delay_ns": c.wake_delay_ns,
-                             "run_stretch": c.run_stretch, **changes})
+                             "late_fraction": c.late_fraction, "run_stretch": c.run_stretch,
+                             **changes})
         return KsmdCost(dict(self.ns), clock, self.source, self.fit)
 
 
@@ -339,5 +385,5 @@ class KsmdMeter:
 
 
 __all__ = ["FEATURES", "KsmdClock", "KsmdCost", "KsmdMeter", "KsmdWork", "checked_cost",
-           "default_cost",
+           "cold_nodes", "default_cost",
            "features", "mean_depth"]

@@ -36,7 +36,6 @@ from ksmlab.constants import KSM_RUN_MERGE
 from ksmlab.errors import ScanStalledError
 from ksmlab.ksm.cost import KsmdCost, KsmdMeter, KsmdWork, default_cost
 from ksmlab.ksm.defaults import NS_PER_MS
-from ksmlab.ksm.jiffies import sleep_end_ns, wake_delay_ns
 
 
 class KsmdEngine(Protocol):
@@ -182,11 +181,9 @@ class Ksmd:
             return
         # The sleep is read after the batch, as the kernel reads it.
         self.sleep_ms = engine.sleep_millisecs
-        end = sleep_end_ns(done, self.sleep_ms, clock.hz)
-        if end > done:
-            end += wake_delay_ns(self.timer_wakes, clock.wake_delay_ns)
+        self.wake_ns = clock.wake_after(done, self.sleep_ms, self.timer_wakes)
+        if self.wake_ns > done:
             self.timer_wakes += 1
-        self.wake_ns = end
 
     def batch(self) -> bool:
         """Run ksmd's next batch at once (after its sleep); False if ksmd waits."""

@@ -161,6 +161,8 @@ class KsmScanner(KsmCore):
                     if self.should_skip_rmap_item(page, item):
                         continue
                     return item, page
+                if page is not None:
+                    self.work.pte_walk += 1  # present, nothing to scan: the zero page
                 scan.address += PAGE_SIZE
         return None
 

@@ -191,7 +191,8 @@ class LinuxBackend:
 
     name: BackendName = "linux"
 
-    def __init__(self) -> None:
+    def __init__(self, lock_timeout: float | None = None) -> None:
+        """*lock_timeout*: seconds to wait for another session's lock (None: the default)."""
         from ksmlab.backends.linux import (
             KsmLockTimeoutError,
             KsmUnavailableError,
@@ -206,7 +207,8 @@ class LinuxBackend:
         from ksmlab.backends.linux_knobs import boot_knobs
 
         try:
-            kernel = LinuxKernel()
+            kernel = (LinuxKernel() if lock_timeout is None
+                      else LinuxKernel(lock_timeout=lock_timeout))
         except (KsmUnavailableError, KsmLockTimeoutError) as e:
             raise BackendUnavailableError(str(e)) from None
         try:
