@@ -360,3 +360,32 @@ def test_real_ksmd_period_follows_the_timer_wheel() -> None:
             gaps = [b[0] - a[0] for a, b in itertools.pairwise(times) if b[1] == 1]
             want = (sleep_end_ns(1000, sleep, hz) - 0) / 1e9  # from just after a tick
             assert statistics.median(gaps) == pytest.approx(want, abs=0.0015), gaps
+
+
+@pytest.mark.linux
+def test_real_ksmd_wait_queues() -> None:
+    """On this machine's kernel, during a 5 s sleep: writing run=1 again or the same
+    sleep_millisecs leaves ksmd asleep (no batch within 0.5 s); a changed sleep_millisecs
+    runs a batch at once (the model's Ksmd.wake_up follows this)."""
+    from ksmlab.backends.linux import LinuxKernel, linux_ksm_unavailable_reason
+
+    reason = linux_ksm_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with LinuxKernel() as k:
+        p = k.spawn()
+        a = p.mmap(PAGE_SIZE)
+        p.write(a, b"w" * PAGE_SIZE)
+        p.madvise(a, PAGE_SIZE, MADV_MERGEABLE)
+        k.sysfs["sleep_millisecs"] = "5000"
+        k.sysfs["run"] = "1"
+        k.wait_full_scans(1, timeout=5)  # a batch (a whole full scan) ran: ksmd sleeps 5 s
+        scans = k.sysfs["full_scans"]
+        k.sysfs["run"] = "1"
+        k.sysfs["sleep_millisecs"] = "5000"
+        time.sleep(0.5)
+        assert k.sysfs["full_scans"] == scans
+        k.sysfs["sleep_millisecs"] = "4000"
+        time.sleep(0.2)
+        assert int(k.sysfs["full_scans"]) == int(scans) + 1
+        k.sysfs["run"] = "0"
