@@ -59,8 +59,9 @@ def test_fit_gives_back_the_parameters_of_the_samples(
         model_scans: dict[str, list[ScanSample]]) -> None:
     """Samples whose CPU time is features x known parameters: with a negligible pull towards
     the prior (the shipped model, far from them) every sample is predicted within 1%, and
-    with the default pull within 10% (the prior only settles what the samples leave open,
-    such as how a merge's cost splits between its write-protect and its full compare)."""
+    with the default pull towards a prior off by a factor of 2 within 10% (the prior only
+    settles what the samples leave open, such as how a merge's cost splits between its
+    write-protect and its full compare)."""
     true = {f: 100.0 + 37.0 * i for i, f in enumerate(FEATURES)}
     samples = []
     for ss in model_scans.values():
@@ -70,7 +71,9 @@ def test_fit_gives_back_the_parameters_of_the_samples(
     params, residuals = fit_cpu(samples, default_cost(), prior_weight=1e-9)
     assert max(abs(r.error) for r in residuals) < 0.01
     assert set(params) == set(FEATURES) and all(v >= 0 for v in params.values())
-    _, residuals = fit_cpu(samples, default_cost())
+    # A prior off by a factor of 2 either way, with the default pull:
+    prior = KsmdCost({f: true[f] * (2.0 if i % 2 else 0.5) for i, f in enumerate(FEATURES)})
+    _, residuals = fit_cpu(samples, prior)
     assert max(abs(r.error) for r in residuals) < 0.10
 
 
@@ -113,3 +116,39 @@ def test_calibrate_quick_writes_a_model_the_kernels_load(tmp_path: Path) -> None
                         "2s", "--json"], capture_output=True, text=True, timeout=300, env=env,
                        check=False)
     assert r.returncode == 0, r.stderr
+
+
+def test_run_cost_file_prices_ksmd(tmp_path: Path) -> None:
+    """`ksmlab run --cost FILE` uses the file: with every term 0 but 1 ms per batch, and a clock
+    without delays, the built-in scenario's ksmd CPU at 1 s is its batches: one at 0, then one
+    every 24 ms (20 ms = 5 jiffies at HZ=250, fired on the 6th tick), 42 by 984 ms: 42 ms."""
+    from ksmlab.cli import main
+
+    ns = dict.fromkeys(FEATURES, 0.0) | {"batch": 1e6}
+    path = tmp_path / "c.json"
+    KsmdCost(ns, KsmdClock(hz=250)).save(path)
+    out = tmp_path / "r.json"
+    env_out = subprocess.run([sys.executable, "-m", "ksmlab", "run", "--cost", str(path),
+                              "--until", "1s", "--json"], capture_output=True, text=True,
+                             timeout=300, env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"},
+                             check=False)
+    assert env_out.returncode == 0, env_out.stderr
+    out.write_text(env_out.stdout)
+    doc = json.loads(out.read_text())
+    assert doc["checkpoints"][-1]["ksmd_cpu_s"] == pytest.approx(0.042)
+    assert main(["run", "--cost", str(path), "--until", "1s", "--json"]) == 0
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["run", "--cost", "/nonexistent/c.json"], "ksmlab: --cost: cannot read /nonexistent/c.json"),
+    (["run", "--backend", "linux", "--cost", "c.json"], "--cost applies to the model"),
+    (["calibrate", "--repeat", "0"], "--repeat: expected an integer >= 1, got 0"),
+    (["calibrate", "--scale", "10"], "--scale: expected at least 64 pages, got 10"),
+])
+def test_bad_cost_and_calibrate_arguments_exit_2(argv: list[str], message: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused before anything runs (no kernel is touched), one line on stderr, exit 2."""
+    from ksmlab.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

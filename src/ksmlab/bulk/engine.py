@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ksmlab.bulk import census
 from ksmlab.bulk.columns import (
     ABSENT,
     KSM_ZERO,
@@ -50,8 +51,7 @@ from ksmlab.bulk.columns import (
 from ksmlab.bulk.content import ZERO_CONTENT, ContentTable
 from ksmlab.bulk.mm import BulkMm
 from ksmlab.constants import KSM_RUN_MERGE, KSM_RUN_UNMERGE, PAGE_SHIFT
-from ksmlab.errors import NotModelledError, kernel_error, vm_bug_on
-from ksmlab.ksm import counters
+from ksmlab.errors import NotModelledError, kernel_error
 from ksmlab.ksm.cost import KsmdWork
 from ksmlab.ksm.defaults import (
     AGE_MAX,
@@ -553,7 +553,7 @@ class BulkKsm(KsmTunables):
                 if self.list_empty():
                     break
                 work.scan_starts += 1
-                work.stable_base = self.live_stable_entries()
+                work.stable_base = census.live_stable_entries(self)
                 self.cursor, self.address = self.head.next, 0
             mm = self.cursor
             if mm.exiting:
@@ -582,14 +582,7 @@ class BulkKsm(KsmTunables):
         work.pages += done
         return done
 
-    def live_stable_entries(self) -> int:
-        """Contents with a stable node whose KSM page is still mapped (SimKernel's
-        :meth:`~ksmlab.ksm.scan.KsmScanner.live_stable_entries`: the cost model's
-        stable-tree size at a full scan's start)."""
-        n = self.nodes.n
-        nodes = self.nodes
-        live = nodes.alive[:n] & (self.frames.mapcount[nodes.kframe[:n]] > 0)
-        return int(np.unique(nodes.content[:n][live]).size)
+
 
     # --- the sysfs stores (ksmlab.ksm.sysfs's table calls them, as SimKernel's) -----------
     def counter(self, name: str) -> int:
@@ -699,46 +692,9 @@ class BulkKsm(KsmTunables):
 
     # --- counters --------------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
-        """The sysfs counters, computed from the columns."""
-        pages, nodes = self.pages, self.nodes
-        state = pages.state[:pages.n]
-        n = nodes.n
-        alive = nodes.alive[:n]
-        counts = nodes.count[:n][alive]
-        shared = int(np.count_nonzero(counts))
-        sharing = int(counts.sum()) - shared
-        rmap_items = int(np.count_nonzero(state))
-        unshared = int(np.count_nonzero(state == UNSTABLE))
-        zero = int(np.count_nonzero(pages.frame[:pages.n] == KSM_ZERO))
-        return {
-            "pages_shared": shared, "pages_sharing": sharing, "pages_unshared": unshared,
-            "pages_volatile": counters.pages_volatile(rmap_items, shared, sharing, unshared),
-            "pages_scanned": self.pages_scanned, "pages_skipped": self.pages_skipped,
-            "full_scans": self.full_scans,
-            "stable_node_chains": len(self.chains),
-            "stable_node_dups": sum(len(ch.dups) for ch in self.chains.values()),
-            "ksm_zero_pages": zero,
-            "general_profit": counters.general_profit(sharing, zero, rmap_items),
-            "rmap_items": rmap_items,
-        }
+        """The sysfs counters, computed from the columns (:func:`ksmlab.bulk.census.counters`)."""
+        return census.counters(self)
 
     def check(self) -> None:
-        """Recompute node counts from the items and compare (invariant check, O(pages))."""
-        pages, nodes = self.pages, self.nodes
-        st = pages.state[:pages.n] == STABLE
-        heads = pages.head[:pages.n][st]
-        live = heads[nodes.alive[heads]]
-        want = np.bincount(live, minlength=nodes.n)[:nodes.n]
-        have = np.where(nodes.alive[:nodes.n], nodes.count[:nodes.n], 0)
-        vm_bug_on(bool((want != have).any()), "bulk: node counts disagree with the items")
-        for c, chain in self.chains.items():
-            vm_bug_on(not chain.open <= set(chain.dups), f"bulk: chain {c} opens a stranger")
-            for d in chain.dups:
-                full_alive = nodes.count[d] >= self.max_page_sharing and not self.stale(d)
-                vm_bug_on(not full_alive and d not in chain.open,
-                          f"bulk: dup {d} of chain {c} has room or a freed page but is closed")
-            head = chain.dups[0] if chain.dups else -1  # emptied by exits: kept until searched
-            vm_bug_on(self.chain_cols.head[chain.id] != head
-                      or self.chain_cols.ndups[chain.id] != len(chain.dups)
-                      or self.chain_cols.others_open[chain.id] != len(chain.open - {head}),
-                      f"bulk: chain {c} and its columns disagree")
+        """Recompute node counts from the items and compare (:func:`ksmlab.bulk.census.check`)."""
+        census.check(self)

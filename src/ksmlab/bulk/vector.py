@@ -23,6 +23,13 @@ that with numpy:
    that merges whole runs of pages into one KSM page at a time.
 
 Tests check that this path and the per-page path leave identical state.
+
+ksmd's cost model (:mod:`ksmlab.ksm.cost`) needs the steps the kernel's walk
+would take; where a step is done for many pages at once, each page's step is
+counted as the kernel would take it: a group merged into one KSM page is a
+stable search finding its node, and a merge, per page; a chain's walk stops at
+its head (which has room) unless a prune is due, which walks every dup.  The
+tests compare these counts with the per-page path's and with SimKernel's.
 """
 
 from __future__ import annotations

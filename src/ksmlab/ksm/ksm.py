@@ -149,8 +149,7 @@ class KsmCore(KsmTunables):
         self.mm_slots: dict[int, MmSlot] = {}
         self.scan = KsmScan(self.mm_head)
         self.warned_overflow = False
-        self.work = KsmdWork()
-        """What ksmd's current batch did, step by step (for its cost model)."""
+        self.work = KsmdWork()  # what ksmd's current batch did, for its cost model
         self._dups_walked = 0
         self.wake_ksmd: Callable[[], None] = lambda: None
         """Set by the kernel to its ksmd's ``wake_up``: ksmd runs its next batch now."""
@@ -394,8 +393,10 @@ class KsmCore(KsmTunables):
             mm.ptes[vpn] = self.memory.phys.ksm_zero_page
             mm.ksm_zero_pages += 1  # ksm_map_zero_page
             self.ksm_zero_pages += 1
+            self.work.zero_merges += 1
         else:
             self.memory.replace_pte(mm, vpn, kpage)
+            self.work.merges += 1
 
     def try_to_merge_one_page(self, mm: MmStruct, addr: int, page: Frame,
                               kpage: Frame | None) -> int:
@@ -416,10 +417,6 @@ class KsmCore(KsmTunables):
             return 0
         if page.data == kpage.data:  # pages_identical
             self.replace_page(mm, addr, kpage)
-            if kpage.zero:
-                self.work.zero_merges += 1
-            else:
-                self.work.merges += 1
             return 0
         return errno.EFAULT
 
