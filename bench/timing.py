@@ -37,6 +37,7 @@ boot).  Timings are printed, never asserted.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -192,6 +193,43 @@ at = "30s"
 """
 
 
+SMALL_ADVISOR = """
+[scenario]
+name = "4 processes of 4 MiB, scan-time advisor aiming at 2 s"
+seed = 7
+duration = "60s"
+[ksm]
+advisor_mode = "scan-time"
+advisor_target_scan_time = 2
+sleep_millisecs = 5
+[content.img]
+kind = "image"
+pages = 1024
+zero_fraction = 0.2
+private_fraction = 0.3
+[[process]]
+name = "p"
+count = 4
+[[process.mapping]]
+name = "m"
+size = "4MiB"
+content = "img"
+[[activity]]
+process = "p"
+mapping = "m"
+region = { first_page = 0, pages = 256 }
+rate = 10
+arrivals = "poisson"
+[[checkpoint]]
+at = "10s"
+[[checkpoint]]
+at = "30s"
+[[checkpoint]]
+at = "60s"
+"""
+"""Many full scans under the advisor: its pages_to_scan sequence is long enough to compare."""
+
+
 def scenarios(until_ns: int, randoms: int) -> dict[str, Scenario]:
     base = Path(".")
     out: dict[str, Scenario] = {}
@@ -202,6 +240,8 @@ def scenarios(until_ns: int, randoms: int) -> dict[str, Scenario]:
             if sc.planned_end_ns > until_ns else sc
     adv = builtin_scenario_text().replace("pages_to_scan = 100\n", 'advisor_mode = "scan-time"\n')
     out["builtin, advisor"] = parse_scenario(adv, source="<builtin+advisor>", base_dir=base)
+    out["small host, advisor"] = parse_scenario(SMALL_ADVISOR, source="<small+advisor>",
+                                                base_dir=base)
     for seed in range(randoms):
         out[f"random {seed}"] = parse_scenario(random_scenario(seed), source=f"<random {seed}>",
                                                base_dir=base)
@@ -270,14 +310,22 @@ def report(c: dict[str, Any], mem: int) -> None:
               f"spread {', '.join(f'{s:.1%}' for s in spread) or '-'})")
         row["profit_error_of_mergeable"] = p_err
         row["kernel_spread_of_mergeable"] = spread
-    if c["pages_to_scan_real"][0] and c["scenario"].endswith("advisor"):
-        same = c["pages_to_scan_model"][:len(c["pages_to_scan_real"][0])] == \
-            c["pages_to_scan_real"][0][:len(c["pages_to_scan_model"])]
-        print(f"   advisor pages_to_scan: model {c['pages_to_scan_model']}")
-        for r in c["pages_to_scan_real"]:
-            print(f"                          kernel {r}")
-        print(f"   same sequence: {same}")
+    if c["pages_to_scan_real"][0] and "advisor" in c["scenario"]:
+        model_seq = c["pages_to_scan_model"]
+        same = [model_seq[:len(r)] == r[:len(model_seq)] for r in c["pages_to_scan_real"]]
+        print(f"   advisor pages_to_scan: model  {runs(model_seq)}")
+        for r, ok in zip(c["pages_to_scan_real"], same, strict=True):
+            print(f"                          kernel {runs(r)} ({'the same' if ok else 'differs'})")
         c["advisor_same"] = same
+
+
+def runs(seq: list[int]) -> str:
+    """*seq* with repeats folded: "70, 350, 30000 x 4177"."""
+    out: list[str] = []
+    for value, group in itertools.groupby(seq):
+        n = len(list(group))
+        out.append(f"{value} x {n}" if n > 1 else str(value))
+    return ", ".join(out)
 
 
 def main() -> int:

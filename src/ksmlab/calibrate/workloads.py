@@ -6,8 +6,10 @@ merging into one KSM page and then steady KSM pages, unique pages for the
 unstable tree, pairs for new KSM pages, many contents for a deep stable
 tree, zero pages with ``use_zero_pages`` 0 and 1, pages rewritten between
 scans for checksums alone, long chains (``max_page_sharing`` = 2) for dup
-walks, many processes for the per-mm cost, several ``pages_to_scan`` and
-``sleep_millisecs`` values for the batch cost and the clock.
+walks, many processes for the per-mm cost, a host's usual mix (a shared
+image, zero pages and private pages at scattered places, several processes),
+several ``pages_to_scan`` and ``sleep_millisecs`` values for the batch cost
+and the clock.
 
 A workload is the same program on any :class:`ksmlab.api.Kernel`: the pages
 get bytes made from a *tag* per page (0 is the zero page; any other tag
@@ -17,6 +19,7 @@ their first bytes, as most real pages do).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -142,6 +145,14 @@ def workloads(scale: int = 16384) -> list[Workload]:
     def mixed(size: int) -> Tag:
         return lambda p, i, s: 1 + i // 2 if i < size // 2 else 1 + n + i
 
+    def host(p: int, i: int, s: int) -> int:
+        # Half the pages from a common image of 2048 pages (at scattered places), a fifth
+        # zero, the rest the process's own: the usual mix of guests or containers.
+        r = random.Random(p * 100003 + i).random()
+        if r < 0.5:
+            return 1 + (i * 7919 + p * 31) % 2048
+        return 0 if r < 0.7 else 1 + 4 * n + p * n + i
+
     big = _knobs(1000, 10)
     big0 = _knobs(1000, 10, smart_scan="0")
     dflt = _knobs(100, 20)
@@ -171,6 +182,9 @@ def workloads(scale: int = 16384) -> list[Workload]:
                  _knobs(100, 20, use_zero_pages="1")),
         Workload("defaults: rewritten every scan", 1, q, rewritten, 3, dflt, churn=True),
         Workload("defaults: 8 processes, unique", 8, q // 8, unique, 3, dflt0),
+        Workload("host mix: 8 processes, defaults", 8, q // 4, host, 4, dflt),
+        Workload("host mix: 1 process, defaults", 1, q * 2, host, 4, dflt),
+        Workload("host mix: 8 processes, smart_scan 0", 8, n // 8, host, 4, big0),
         Workload("clock, sleep 1", 1, 2048, unique, 3, _knobs(100, 1, smart_scan="0")),
         Workload("clock, sleep 5", 1, 2048, unique, 3, _knobs(100, 5, smart_scan="0")),
     ]
