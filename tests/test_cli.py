@@ -103,7 +103,7 @@ def test_readme_command_prints_the_table(tmp_path: Path) -> None:
                     r"\(general_profit\)", lines[0]), out
     assert re.match(r"^Time to merge +50% of that saving by [\d.]+ s, 90% by [\d.]+ s \(virtual "
                     r"time, to within the 300 ms between samples\)", lines[1]), out
-    assert re.match(r"^ksmd's cost +\d+ ms of CPU in 1 min, \d+(\.\d)?% of one CPU; [\d.]+ "
+    assert re.match(r"^ksmd's cost +\d+ ms of CPU in 1 min, [\d.]+% of one CPU; [\d.]+ "
                     r"CPU-seconds per GiB saved", lines[2]), out
     assert out.index("Memory saved") < out.index("┏")
     assert "MiB" in rows[-1]  # the profit, in human units

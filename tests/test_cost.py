@@ -42,7 +42,8 @@ from ksmlab.ksm.jiffies import (
 )
 
 MS = 1_000_000
-EXACT = default_cost().with_clock(hz=250, wake_delay_ns=0.0, run_stretch=1.0)
+EXACT = default_cost().with_clock(hz=250, wake_delay_ns=0.0, late_fraction=0.0,
+                                   run_stretch=1.0)
 """The shipped CPU costs on a 250 Hz clock without scheduling delay: ksmd wakes on its timer's tick."""
 
 
@@ -378,9 +379,14 @@ def test_real_ksmd_wait_queues() -> None:
         p.write(a, b"w" * PAGE_SIZE)
         p.madvise(a, PAGE_SIZE, MADV_MERGEABLE)
         k.sysfs["sleep_millisecs"] = "5000"
-        k.sysfs["run"] = "1"
-        k.wait_full_scans(1, timeout=5)  # a batch (a whole full scan) ran: ksmd sleeps 5 s
+        before = int(k.sysfs["full_scans"])
+        k.sysfs["run"] = "1"  # a batch (a whole full scan) at once, then a 5 s sleep
+        deadline = time.monotonic() + 2
+        while int(k.sysfs["full_scans"]) == before and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.05)
         scans = k.sysfs["full_scans"]
+        assert int(scans) == before + 1
         k.sysfs["run"] = "1"
         k.sysfs["sleep_millisecs"] = "5000"
         time.sleep(0.5)

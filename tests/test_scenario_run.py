@@ -32,7 +32,8 @@ from ksmlab.scenario.result import RunResult
 from ksmlab.scenario.runner import ProgressInfo, RunError, Runner, run_scenario
 
 RMAP_ITEM_SIZE = 64  # spec 0: sizeof(struct ksm_rmap_item) on 64-bit
-EXACT_CLOCK = default_cost().with_clock(hz=250, wake_delay_ns=0.0, run_stretch=1.0)
+EXACT_CLOCK = default_cost().with_clock(hz=250, wake_delay_ns=0.0, late_fraction=0.0,
+                                         run_stretch=1.0)
 """The shipped cost model at HZ=250 without scheduling delay, for exact times: ksmd then
 wakes on the tick of its timer (ksmlab.ksm.jiffies).  sleep_millisecs = 10 is
 msecs_to_jiffies(10) = ceil(10 / 4) = 3 jiffies, and the timer wheel's level 0 fires one
