@@ -16,6 +16,8 @@ Subcommands (``ksmlab COMMAND --help`` for each; the reference is docs/cli.md):
 * ``snapshot``: capture running processes' pages as KSM would see them
   (:mod:`ksmlab.snapshot.command`), and ``estimate``: predict from one what KSM
   would save, how fast and at what CPU cost (:mod:`ksmlab.estimate.command`).
+* ``calibrate``: fit the model's ksmd cost and clock to this machine's ksmd
+  (:mod:`ksmlab.cli_calibrate`; ``run --cost FILE`` uses the result).
 
 Exit codes: 0 success; 1 the run failed (a check failed, a full-scan
 checkpoint was not reached, a kernel call failed, an output could not be
@@ -42,7 +44,7 @@ from typing import NoReturn
 
 from rich.console import Console
 
-from ksmlab import __version__
+from ksmlab import __version__, cli_calibrate
 from ksmlab.cli_common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -59,6 +61,7 @@ from ksmlab.cli_output import Outputs, output_arg, plot_arg, write_outputs
 from ksmlab.cli_stop import StopRequest, graceful_stop
 from ksmlab.constants import PAGE_SIZE
 from ksmlab.errors import NotModelledError
+from ksmlab.ksm.cost import KsmdCost
 from ksmlab.mm.page import CONTENT_MODES
 from ksmlab.report.counters import counters_epilog
 from ksmlab.scenario import preflight
@@ -243,10 +246,11 @@ def _plan(sc: Scenario, backend: str, content: str) -> preflight.Plan:
 
 def _execute(sc: Scenario, args: argparse.Namespace, stop: StopRequest | None = None) -> RunResult:
     progress = _want_progress(args)
+    cost = _load_cost(args.cost, args.backend)
     plan = _plan(sc, args.backend, args.content)
     backend_name = plan.backend
     try:
-        backend = open_backend(backend_name, plan.content)
+        backend = open_backend(backend_name, plan.content, cost)
     except BackendUnavailableError as e:
         raise CliError(f"ksmlab: the {backend_name} backend is unavailable: {e}",
                        EXIT_UNAVAILABLE) from None
@@ -259,6 +263,21 @@ def _execute(sc: Scenario, args: argparse.Namespace, stop: StopRequest | None = 
         raise CliError(f"ksmlab: run failed: {e}", EXIT_FAILED) from None
     finally:
         backend.close()
+
+
+def _load_cost(path: str | None, backend_name: str) -> KsmdCost | None:
+    """The ``--cost`` file's model, or None for the shipped one."""
+    if path is None:
+        return None
+    if backend_name == "linux":
+        raise CliError("ksmlab: --cost applies to the model (--backend sim or bulk): the real "
+                       "kernel has its own ksmd", EXIT_INVALID)
+    try:
+        return KsmdCost.load(path)
+    except OSError as e:
+        raise CliError(f"ksmlab: --cost: cannot read {path}: {e.strerror}", EXIT_INVALID) from None
+    except ValueError as e:
+        raise CliError(f"ksmlab: --cost: {e}", EXIT_INVALID) from None
 
 
 def _want_progress(args: argparse.Namespace) -> bool:
@@ -437,6 +456,10 @@ def _add_scenario_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--knob", type=_knob_arg, action="append", metavar="NAME=VALUE",
                    help=f"override a KSM knob of the scenario's [ksm] table (repeatable); "
                         f"NAME is one of {', '.join(KNOBS)}")
+    p.add_argument("--cost", metavar="FILE",
+                   help="the model's ksmd CPU cost and clock: a file written by `ksmlab "
+                        "calibrate` (default: the model shipped, fitted on the project's "
+                        "machine; see docs/cost-model.md)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar on stderr once the run takes more than "
                         f"{PROGRESS_AFTER_S:g} s (default: when stderr is a terminal)")
@@ -583,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_snapshot_parser(sub, fmt, EXIT_CODES)
     add_estimate_parser(sub, fmt, EXIT_CODES)
+    cli_calibrate.add_parser(sub, fmt, EXIT_CODES)
     return parser
 
 
