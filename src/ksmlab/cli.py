@@ -53,6 +53,7 @@ from ksmlab.cli_common import (
     EXIT_UNAVAILABLE,
     TABLE_WIDTH,
     CliError,
+    load_cost_arg,
     write_file,
 )
 from ksmlab.cli_common import console as _console
@@ -61,7 +62,6 @@ from ksmlab.cli_output import Outputs, output_arg, plot_arg, write_outputs
 from ksmlab.cli_stop import StopRequest, graceful_stop
 from ksmlab.constants import PAGE_SIZE
 from ksmlab.errors import NotModelledError
-from ksmlab.ksm.cost import KsmdCost
 from ksmlab.mm.page import CONTENT_MODES
 from ksmlab.report.counters import counters_epilog
 from ksmlab.scenario import preflight
@@ -246,7 +246,10 @@ def _plan(sc: Scenario, backend: str, content: str) -> preflight.Plan:
 
 def _execute(sc: Scenario, args: argparse.Namespace, stop: StopRequest | None = None) -> RunResult:
     progress = _want_progress(args)
-    cost = _load_cost(args.cost, args.backend)
+    if args.cost is not None and args.backend == "linux":
+        raise CliError("ksmlab: --cost applies to the model (--backend sim or bulk): the real "
+                       "kernel has its own ksmd", EXIT_INVALID)
+    cost = load_cost_arg(args.cost, "ksmlab")
     plan = _plan(sc, args.backend, args.content)
     backend_name = plan.backend
     try:
@@ -263,21 +266,6 @@ def _execute(sc: Scenario, args: argparse.Namespace, stop: StopRequest | None = 
         raise CliError(f"ksmlab: run failed: {e}", EXIT_FAILED) from None
     finally:
         backend.close()
-
-
-def _load_cost(path: str | None, backend_name: str) -> KsmdCost | None:
-    """The ``--cost`` file's model, or None for the shipped one."""
-    if path is None:
-        return None
-    if backend_name == "linux":
-        raise CliError("ksmlab: --cost applies to the model (--backend sim or bulk): the real "
-                       "kernel has its own ksmd", EXIT_INVALID)
-    try:
-        return KsmdCost.load(path)
-    except OSError as e:
-        raise CliError(f"ksmlab: --cost: cannot read {path}: {e.strerror}", EXIT_INVALID) from None
-    except ValueError as e:
-        raise CliError(f"ksmlab: --cost: {e}", EXIT_INVALID) from None
 
 
 def _want_progress(args: argparse.Namespace) -> bool:
