@@ -20,6 +20,7 @@ from ksmlab.estimate.load import ENGINES, Machine, choose_engine, load_machine
 from ksmlab.estimate.plan import LoadPlan, load_plan
 from ksmlab.estimate.simulate import Outcome, RunProgress, StopCheck, run_machine
 from ksmlab.estimate.static import GROUPINGS, Bound, GroupBound, groups_bound, plan_bound
+from ksmlab.scenario.control import Controller
 from ksmlab.scenario.knobs import KNOBS, KnobValue, knob_text, read_knob
 from ksmlab.scenario.result import MappingInfo, ProcessInfo, RunResult, ScenarioInfo
 from ksmlab.scenario.units import NS_PER_S, format_duration
@@ -125,7 +126,7 @@ def run_estimate(snap: Snapshot, *, knobs: Mapping[str, KnobValue] | None = None
                  engine: str = "auto", by: str | None = None, seed: int = 0,
                  load_progress: Callable[[int, int], None] | None = None,
                  run_progress: Callable[[RunProgress], None] | None = None,
-                 stop: StopCheck | None = None) -> Estimate:
+                 stop: StopCheck | None = None, controller: Controller | None = None) -> Estimate:
     """Estimate what KSM would do for the processes of *snap* (see the module doc).
 
     Args:
@@ -135,6 +136,7 @@ def run_estimate(snap: Snapshot, *, knobs: Mapping[str, KnobValue] | None = None
         engine: ``auto``, ``sim`` or ``bulk``.
         by: ``uid``, ``cgroup`` (also the exposure) or ``comm``, or None.
         seed: the rewrites' random draws (and the bulk engine's).
+        controller: rewrites knobs during the run (``ksmlab tune``'s ksmtuned reference).
 
     Raises:
         ValueError: a bad knob, engine, grouping or time (the message names it).
@@ -156,7 +158,7 @@ def run_estimate(snap: Snapshot, *, knobs: Mapping[str, KnobValue] | None = None
     name = choose_engine(engine, len(plan))
     m: Machine = load_machine(plan, name, written, seed=seed, progress=load_progress)
     outcome = run_machine(m, until_ns=until_ns, sample_ns=sample_ns, seed=seed,
-                          progress=run_progress, stop=stop)
+                          progress=run_progress, stop=stop, controller=controller)
     end_s = outcome.end_s if until_ns is None else until_ns / NS_PER_S
     info = _scenario(plan, snap, end_s, outcome.sample_interval_s, seed, outcome)
     result = RunResult(info, name, f"{m.describe()}, predicting {snap.host or 'the host'}",
