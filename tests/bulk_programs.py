@@ -601,7 +601,13 @@ def walk_insensitive(k: Kernel) -> Any:
                     p.ksm_stat()["ksm_mergeable"], p.ksm_stat()["ksm_merge_any"])
                    for p in procs)
     return (counters(k, tuple(c for c in COUNTERS if c not in TREE_WALK)), live_nodes(k), stats,
-            counters(k, KNOBS), k.now_ns, k.ksmd_cpu_ns, page_nodes(k), contents(k))
+            counters(k, KNOBS), page_nodes(k), contents(k), clock(k))
+
+
+def clock(k: Kernel) -> tuple[int, int, dict[str, int]]:
+    """Virtual time, ksmd's CPU time and every step ksmd counted for its cost model:
+    both engines run one ksmd and must agree on these too."""
+    return k.ksmd.now_ns, k.ksmd.cpu_ns, k.ksmd.meter.total.as_dict()
 
 
 def canonical(k: BulkKernel) -> Any:
@@ -657,4 +663,4 @@ def canonical(k: BulkKernel) -> Any:
             np.where(has, pg.age[:n], 0).tolist(), np.where(has, pg.skips[:n], 0).tolist(),
             kframe.tolist(), ksm.frames.mapcount[:nf].tolist(),
             (node_alive & (knode >= 0)).tolist(), trees, counts, nids,
-            ksm.cursor.id, ksm.address, slots, procs)
+            ksm.cursor.id, ksm.address, slots, procs, clock(k))

@@ -25,6 +25,7 @@ from ksmlab.estimate import bound, load_plan, resolve_knobs, rewrite_rates, run_
 from ksmlab.estimate.exposure import exposure
 from ksmlab.estimate.simulate import RewriteSchedule
 from ksmlab.estimate.static import groups_bound, plan_bound
+from ksmlab.ksm.cost import FEATURES, KsmdClock, KsmdCost
 from ksmlab.report.document import SCHEMA as RUN_SCHEMA
 from ksmlab.scenario.result import TIMELINE_COLUMNS
 from ksmlab.snapshot import read_snapshot
@@ -329,6 +330,23 @@ def test_terminal_report_and_files(tmp_path: Path, capsys: pytest.CaptureFixture
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Static bound and prediction" in html.read_text()
     assert csv.read_text().splitlines()[0] == ",".join(TIMELINE_COLUMNS)
+
+
+def test_cost_file_prices_ksmd(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--cost FILE` is the model's ksmd cost: with every term 0 but 1 ms per batch and a clock
+    without delays, ksmd's CPU over 2 s is its batches: one at 0, then one every 24 ms (each
+    ends 1 ms in; 20 ms = 5 jiffies at HZ=250 from there fires on the 6th tick), the last at
+    83 x 24 = 1992 ms: 84 batches, 84 ms."""
+    ns = dict.fromkeys(FEATURES, 0.0) | {"batch": 1e6}
+    cost = tmp_path / "c.json"
+    KsmdCost(ns, KsmdClock(hz=250)).save(cost)
+    argv = ["estimate", str(forked(tmp_path)), "--json", "--until", "2s", "--cost", str(cost),
+            "--knob", "sleep_millisecs=20"]
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["checkpoints"][-1]["ksmd_cpu_s"] == pytest.approx(0.084)
+    assert main([*argv[:-4], "--cost", str(tmp_path / "none.json")]) == 2
+    assert "ksmlab estimate: --cost: cannot read" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -62,6 +62,7 @@ from ksmlab.constants import (
     VM_PFNMAP,
 )
 from ksmlab.errors import NotModelledError, ProcessExitedError, ScanStalledError
+from ksmlab.ksm.cost import default_cost
 from ksmlab.mm.page import ZERO_FINGERPRINT
 
 P = PAGE_SIZE
@@ -317,6 +318,8 @@ VALUES: dict[str, st.SearchStrategy[object]] = {
                                            Fraction(1, 3), np.float32(2.5)])),
     "count": st.one_of(junk, ints),
     "content": st.one_of(junk, st.sampled_from(["bytes", "fingerprint", "sha", "BYTES"])),
+    "cost": st.one_of(junk, st.sampled_from([None, default_cost(), default_cost().to_dict(),
+                                              "ksmd-cost.json", default_cost().clock])),
     "rows": st.one_of(junk, st.integers(-2 ** 70, 2 ** 16), st.integers(2 ** 40, 2 ** 100),
                       st.just(2 ** 64)),
 }
@@ -435,7 +438,7 @@ def test_exited_process_fails_alike(pick: tuple[Case, str], data: st.DataObject)
 
 
 CONSTRUCTOR_KINDS = {
-    "ksmd_batch_ns": "count", "ksmd_page_ns": "count", "config_ksm": "flag",
+    "cost": "cost", "config_ksm": "flag",
     "numa_nodes": "count", "max_frames": "count", "slab_limit": "count",
     "max_map_count": "count", "trace": "flag", "content": "content", "vectorize": "flag",
     "seed": "count",

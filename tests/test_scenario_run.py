@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from ksmlab.constants import PAGE_SIZE
+from ksmlab.ksm.cost import default_cost
 from ksmlab.report.document import to_document
 from ksmlab.scenario.backends import SimBackend
 from ksmlab.scenario.content import ZERO_PAGE, ContentSource
@@ -31,6 +32,13 @@ from ksmlab.scenario.result import RunResult
 from ksmlab.scenario.runner import ProgressInfo, RunError, Runner, run_scenario
 
 RMAP_ITEM_SIZE = 64  # spec 0: sizeof(struct ksm_rmap_item) on 64-bit
+EXACT_CLOCK = default_cost().with_clock(hz=250, wake_delay_ns=0.0, late_fraction=0.0,
+                                         run_stretch=1.0)
+"""The shipped cost model at HZ=250 without scheduling delay, for exact times: ksmd then
+wakes on the tick of its timer (ksmlab.ksm.jiffies).  sleep_millisecs = 10 is
+msecs_to_jiffies(10) = ceil(10 / 4) = 3 jiffies, and the timer wheel's level 0 fires one
+jiffy after: a batch that starts on a tick and runs under a jiffy is followed by the
+next one 4 jiffies = 16 ms later."""
 
 
 def scenario(text: str, tmp_path: Path | None = None) -> Scenario:
@@ -38,9 +46,9 @@ def scenario(text: str, tmp_path: Path | None = None) -> Scenario:
     return parse_scenario(text, source="t.toml", base_dir=tmp_path or Path("."))
 
 
-def run(text: str, tmp_path: Path | None = None) -> RunResult:
-    """Run *text* on a fresh model."""
-    backend = SimBackend()
+def run(text: str, tmp_path: Path | None = None, *, exact: bool = False) -> RunResult:
+    """Run *text* on a fresh model (with :data:`EXACT_CLOCK` if *exact*)."""
+    backend = SimBackend(cost=EXACT_CLOCK if exact else None)
     try:
         return run_scenario(scenario(text, tmp_path), backend)
     finally:
@@ -428,12 +436,13 @@ at = "1s"
 [[checkpoint]]
 name = "three scans"
 full_scans = 3
-""")
+""", exact=True)
     assert [c.name for c in r.checkpoints] == ["three scans", "late"]
     first = r.checkpoints[0]
     assert first.counters["full_scans"] == 3
-    # Batches every sleep_millisecs = 10 ms, the first at 0: the third ends just after 20 ms.
-    assert 0.02 <= first.time_s < 0.021
+    # One batch is one full scan; the first runs at 0, then one every 16 ms (EXACT_CLOCK):
+    # the third starts at 32 ms and ends after its CPU time (4 pages: well under 1 ms).
+    assert 0.032 < first.time_s < 0.033
     assert r.checkpoints[1].time_s == 1.0
 
 
@@ -489,7 +498,7 @@ at = "2s"
 def test_progress_reports() -> None:
     """The progress callback sees time advance to the planned end and the full scans."""
     seen: list[ProgressInfo] = []
-    backend = SimBackend()
+    backend = SimBackend(cost=EXACT_CLOCK)
     run_scenario(scenario(FAST + """
 [content.img]
 kind = "image"
@@ -504,7 +513,8 @@ at = "1s"
     assert seen
     assert seen[-1].planned_end_s == 1.0
     assert seen[-1].now_s >= 1.0
-    assert seen[-1].full_scans >= 90  # a full scan every ~10 ms
+    # A full scan per batch, at 0, 16, ..., 992 ms (EXACT_CLOCK): 63 by 1 s.
+    assert seen[-1].full_scans == 63
     assert (seen[-1].checkpoints_done, seen[-1].checkpoints_total) == (1, 1)
 
 

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 
 from ksmlab.cli import main
-from ksmlab.constants import PAGE_SIZE
 from ksmlab.notebook import load_scenario
 from ksmlab.scenario.backends import SimBackend
 from ksmlab.scenario.control import ControlAction, ControlView
 from ksmlab.scenario.loader import truncate
 from ksmlab.scenario.runner import run_scenario
-from ksmlab.tune.grid import MAX_POINTS, Config, GridError, parse_grid, references
+from ksmlab.tune.grid import MAX_POINTS, GridError, parse_grid, references
 from ksmlab.tune.ksmtuned import KsmtunedConfig, KsmtunedController, KsmtunedPolicy
 from ksmlab.tune.pareto import Point, pareto_front, recommend
 

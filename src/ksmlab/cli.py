@@ -16,6 +16,8 @@ Subcommands (``ksmlab COMMAND --help`` for each; the reference is docs/cli.md):
 * ``snapshot``: capture running processes' pages as KSM would see them
   (:mod:`ksmlab.snapshot.command`), and ``estimate``: predict from one what KSM
   would save, how fast and at what CPU cost (:mod:`ksmlab.estimate.command`);
+* ``calibrate``: fit the model's ksmd cost and clock to this machine's ksmd
+  (:mod:`ksmlab.cli_calibrate`; ``run --cost FILE`` uses the result);
 * ``tune [SOURCE]``: run a grid of knob settings on a workload, in parallel on
   Dask, and recommend one beside three references (:mod:`ksmlab.cli_tune`).
 
@@ -44,7 +46,7 @@ from typing import NoReturn
 
 from rich.console import Console
 
-from ksmlab import __version__
+from ksmlab import __version__, cli_calibrate
 from ksmlab.cli_common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -53,6 +55,7 @@ from ksmlab.cli_common import (
     EXIT_UNAVAILABLE,
     TABLE_WIDTH,
     CliError,
+    load_cost_arg,
     write_file,
 )
 from ksmlab.cli_common import console as _console
@@ -245,10 +248,14 @@ def _plan(sc: Scenario, backend: str, content: str) -> preflight.Plan:
 
 def _execute(sc: Scenario, args: argparse.Namespace, stop: StopRequest | None = None) -> RunResult:
     progress = _want_progress(args)
+    if args.cost is not None and args.backend == "linux":
+        raise CliError("ksmlab: --cost applies to the model (--backend sim or bulk): the real "
+                       "kernel has its own ksmd", EXIT_INVALID)
+    cost = load_cost_arg(args.cost, "ksmlab")
     plan = _plan(sc, args.backend, args.content)
     backend_name = plan.backend
     try:
-        backend = open_backend(backend_name, plan.content)
+        backend = open_backend(backend_name, plan.content, cost)
     except BackendUnavailableError as e:
         raise CliError(f"ksmlab: the {backend_name} backend is unavailable: {e}",
                        EXIT_UNAVAILABLE) from None
@@ -439,6 +446,10 @@ def _add_scenario_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--knob", type=_knob_arg, action="append", metavar="NAME=VALUE",
                    help=f"override a KSM knob of the scenario's [ksm] table (repeatable); "
                         f"NAME is one of {', '.join(KNOBS)}")
+    p.add_argument("--cost", metavar="FILE",
+                   help="the model's ksmd CPU cost and clock: a file written by `ksmlab "
+                        "calibrate` (default: the model shipped, fitted on the project's "
+                        "machine; see docs/cost-model.md)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar on stderr once the run takes more than "
                         f"{PROGRESS_AFTER_S:g} s (default: when stderr is a terminal)")
@@ -585,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_snapshot_parser(sub, fmt, EXIT_CODES)
     add_estimate_parser(sub, fmt, EXIT_CODES)
+    cli_calibrate.add_parser(sub, fmt, EXIT_CODES)
     from ksmlab.cli_tune import add_tune_parser
 
     add_tune_parser(sub, fmt, EXIT_CODES)

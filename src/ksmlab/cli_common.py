@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from ksmlab.errors import KsmSimError
+
+if TYPE_CHECKING:
+    from ksmlab.ksm.cost import KsmdCost
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -47,3 +51,19 @@ def write_file(path: Path, data: str | bytes) -> None:
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_INVALID", "EXIT_OK", "EXIT_UNAVAILABLE",
            "TABLE_WIDTH", "CliError", "console", "write_file"]
+
+
+def load_cost_arg(path: str | None, command: str) -> KsmdCost | None:
+    """The model of a ``--cost FILE`` option (None when not given: the shipped one);
+    CliError (exit 2) naming the file when it cannot be read or is not a cost file."""
+    from ksmlab.ksm.cost import KsmdCost
+
+    if path is None:
+        return None
+    try:
+        return KsmdCost.load(path)
+    except OSError as e:
+        raise CliError(f"{command}: --cost: cannot read {path}: {e.strerror}",
+                       EXIT_INVALID) from None
+    except ValueError as e:
+        raise CliError(f"{command}: --cost: {e}", EXIT_INVALID) from None

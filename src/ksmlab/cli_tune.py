@@ -29,6 +29,7 @@ from ksmlab.cli_common import (
     EXIT_UNAVAILABLE,
     CliError,
     console,
+    load_cost_arg,
     write_file,
 )
 from ksmlab.cli_output import output_arg, plot_arg
@@ -134,6 +135,9 @@ def add_tune_parser(sub: Any, fmt: type[argparse.HelpFormatter], exit_codes: str
     p.add_argument("--host-memory", type=_size_arg, metavar="SIZE",
                    help="the host's memory in ksmtuned's model (default: the memory the "
                         "workload maps, all of it committed to it; see docs/tune.md)")
+    p.add_argument("--cost", metavar="FILE",
+                   help="ksmd's CPU cost and clock on the model: a file written by `ksmlab "
+                        "calibrate` (default: the model shipped; see docs/cost-model.md)")
     p.add_argument("--yes", action="store_true",
                    help=f"run a grid of more than {MAX_POINTS:,} configurations")
     p.add_argument("--json", action="store_true",
@@ -173,7 +177,8 @@ def _scenario_workload(args: argparse.Namespace, configs: list[Config]) -> Workl
     plan = _plan(configured(sc, configs[0]), args.backend, "bytes")
     print(f"ksmlab: {plan.describe()}", file=sys.stderr, flush=True)
     host = args.host_memory or mergeable_bytes(sc)
-    return Workload(sc.name, sc.source, plan.backend, host, scenario=sc)
+    return Workload(sc.name, sc.source, plan.backend, host, scenario=sc,
+                    cost=load_cost_arg(args.cost, "ksmlab tune"))
 
 
 def _snapshot_workload(args: argparse.Namespace, configs: list[Config]) -> Workload:
@@ -208,7 +213,8 @@ def _snapshot_workload(args: argparse.Namespace, configs: list[Config]) -> Workl
     print(f"ksmlab: {pages} pages of {args.source} on the {engine} engine, each configuration "
           f"for {until / NS_PER_S:g} s of virtual time", file=sys.stderr, flush=True)
     return Workload(f"snapshot {os.path.basename(args.source)}", args.source, engine, host,
-                    snapshot=args.source, until_ns=until, seed=args.seed or 0)
+                    snapshot=args.source, until_ns=until, seed=args.seed or 0,
+                    cost=load_cost_arg(args.cost, "ksmlab tune"))
 
 
 @contextmanager
@@ -250,6 +256,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.scheduler is not None and args.backend == "linux":
         raise CliError("ksmlab tune: --scheduler: the real kernel's runs go one after the other "
                        "on this machine (--backend linux), not on a Dask cluster", EXIT_INVALID)
+    if args.cost is not None and args.backend == "linux":
+        raise CliError("ksmlab tune: --cost applies to the model (--backend sim or bulk): the "
+                       "real kernel has its own ksmd", EXIT_INVALID)
     if args.scheduler is not None and args.workers is not None:
         raise CliError("ksmlab tune: --workers applies to the LocalCluster; the cluster at "
                        "--scheduler has its own workers", EXIT_INVALID)

@@ -37,10 +37,10 @@ from ksmlab.constants import (
     VM_WRITE,
 )
 from ksmlab.errors import NotModelledError, ProcessExitedError, kernel_error
+from ksmlab.ksm.cost import KsmdCost, checked_cost
 from ksmlab.ksm.counters import ksm_process_profit
-from ksmlab.ksm.defaults import DEFAULT_KSMD_BATCH_NS, DEFAULT_KSMD_PAGE_NS
 from ksmlab.ksm.interface import Ksm
-from ksmlab.ksm.ksmd import Ksmd, KsmdCost
+from ksmlab.ksm.ksmd import Ksmd
 from ksmlab.ksm.sysfs import KsmSysfs
 from ksmlab.mm.exec import bprm_mm_init, exec_mmap
 from ksmlab.mm.fork import dup_mm, mmput
@@ -68,7 +68,9 @@ class SimKernel:
             inside, EAGAIN at madvise); None for unlimited.  Also settable
             later as ``k.slab.limit``.
         max_map_count: ``vm.max_map_count``.
-        ksmd_batch_ns, ksmd_page_ns: ksmd's CPU cost model (see :mod:`ksmlab.ksm.ksmd`).
+        cost: ksmd's CPU cost and clock model (:class:`~ksmlab.ksm.cost.KsmdCost`,
+            e.g. ``KsmdCost.load(file)`` of a ``ksmlab calibrate`` file); None for the
+            shipped defaults (see :mod:`ksmlab.ksm.cost`).
         trace: record tracepoints in :attr:`events`.
         content: ``"bytes"`` keeps each page's 4096 bytes; ``"fingerprint"``
             keeps a 16-byte fingerprint instead, so large machines fit in
@@ -84,15 +86,14 @@ class SimKernel:
 
     def __init__(self, *, config_ksm: bool = True, numa_nodes: int = 1,
                  max_frames: int | None = None, slab_limit: int | None = None,
-                 max_map_count: int = 65530, ksmd_batch_ns: int = DEFAULT_KSMD_BATCH_NS,
-                 ksmd_page_ns: int = DEFAULT_KSMD_PAGE_NS, trace: bool = True,
-                 content: ContentMode = "bytes") -> None:
+                 max_map_count: int = 65530, cost: KsmdCost | None = None,
+                 trace: bool = True, content: ContentMode = "bytes") -> None:
         config_ksm = argcheck.flag("config_ksm", config_ksm)
         numa_nodes = argcheck.count("numa_nodes", numa_nodes, minimum=1, maximum=MAX_NUMNODES)
         max_frames = argcheck.optional_count("max_frames", max_frames)
         slab_limit = argcheck.optional_count("slab_limit", slab_limit)
         max_map_count = argcheck.count("max_map_count", max_map_count, maximum=argcheck.INT_MAX)
-        cost = KsmdCost.checked(ksmd_batch_ns, ksmd_page_ns)
+        cost = checked_cost(cost)
         trace = argcheck.flag("trace", trace)
         content = cast(ContentMode, argcheck.choice("content", content, ("bytes", "fingerprint")))
         self.config_ksm = config_ksm

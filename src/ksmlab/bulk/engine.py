@@ -51,11 +51,12 @@ from ksmlab.bulk.columns import (
 from ksmlab.bulk.content import ZERO_CONTENT, ContentTable
 from ksmlab.bulk.invariants import check_bulk
 from ksmlab.bulk.mm import BulkMm, Ghost
-from ksmlab.bulk.tally import Tally, count_columns, sysfs_counters
+from ksmlab.bulk.tally import Tally, count_columns, live_stable_entries, sysfs_counters
 from ksmlab.bulk.trees import StableTrees, TreeIndex
 from ksmlab.constants import KSM_RUN_MERGE, KSM_RUN_UNMERGE, PAGE_SHIFT
 from ksmlab.errors import kernel_error, vm_bug_on
 from ksmlab.ksm import advisor as ksm_advisor
+from ksmlab.ksm.cost import KsmdWork
 from ksmlab.ksm.defaults import AGE_MAX
 from ksmlab.ksm.scan import skip_age
 from ksmlab.ksm.tunables import KsmTunables
@@ -85,9 +86,9 @@ class BulkKsm(StableTrees, KsmTunables):
     # 30 keys (measured: 10% slower per-page path past it).  The knobs stay in
     # the dict (KsmTunables); an attribute a subclass adds goes there too.
     __slots__ = ("address", "chain_cols", "chains", "contents", "cpu_ns", "ctab", "cursor",
-                 "frames", "full_scans", "head", "mutations", "nodes", "now_ms", "numa_nodes",
-                 "pages", "pages_scanned", "pages_skipped", "tally", "tree_of_node",
-                 "trees", "wake_ksmd", "zero_checksum")
+                 "dups_walked", "frames", "full_scans", "head", "mutations", "nodes", "now_ms",
+                 "numa_nodes", "pages", "pages_scanned", "pages_skipped", "tally",
+                 "tree_of_node", "trees", "wake_ksmd", "work", "zero_checksum")
 
     def __init__(self, contents: ContentTable, *,
                  now_ms: Callable[[], float] = lambda: 0.0,
@@ -123,6 +124,11 @@ class BulkKsm(StableTrees, KsmTunables):
         self.mutations = 0
         """Bumped by every call that changes the state outside ksmd's batches (the
         process calls of :class:`~ksmlab.bulk.kernel.BulkProcess` and the sysfs stores)."""
+        self.work = KsmdWork()
+        """What ksmd's current batch did, as the kernel's walk would have done it (for
+        the cost model: :mod:`ksmlab.ksm.cost`)."""
+        self.dups_walked = 0
+        """The dups the last ``stable_node_dup`` walk looked at, as the kernel's would."""
 
     # --- content and frames ---------------------------------------------------------------
     def sync_contents(self) -> None:
@@ -160,12 +166,15 @@ class BulkKsm(StableTrees, KsmTunables):
         self.pages.frame[g] = kframe
         if kframe >= 0:
             self.frames.mapcount[kframe] += 1
+            self.work.merges += 1
         else:
             self.tally.zero_pages += 1  # KSM_ZERO (old is an ordinary frame)
+            self.work.zero_merges += 1
 
     def merge_two(self, ix: TreeIndex, g: int, f: int, y: int, c: int) -> None:
         """Make *f* a KSM page, map it at *y* too, and file it in *ix* (``try_to_merge_two_pages``
         + ``stable_tree_insert``)."""
+        self.work.new_ksm += 1
         self.replace_page(y, f)
         self.remove_rmap_item_from_tree(y)
         d = self.stable_tree_insert(ix, c, f)
@@ -186,6 +195,7 @@ class BulkKsm(StableTrees, KsmTunables):
         self.remove_rmap_item_from_tree(g)
         c = int(frames.content[f])
         checksum = int(self.contents.checksum[c])
+        self.work.checksums += 1
         if pages.oldsum[g] != checksum:
             pages.oldsum[g] = checksum
             return
@@ -222,6 +232,7 @@ class BulkKsm(StableTrees, KsmTunables):
             pages.skips[g] = skip_age(age)
             return False
         self.pages_skipped += 1
+        self.work.skipped += 1
         pages.skips[g] -= 1
         self.remove_rmap_item_from_tree(g)
         return True
@@ -234,6 +245,7 @@ class BulkKsm(StableTrees, KsmTunables):
         pages.age[g] = 0
         pages.skips[g] = 0
         pages.head[g] = -1
+        self.work.items += 1
 
     def list_empty(self) -> bool:
         """No mm is registered."""
@@ -299,6 +311,8 @@ class BulkKsm(StableTrees, KsmTunables):
         pages = self.pages
         f = int(pages.frame[g])
         if f < 0 or not pages.mergeable[g]:
+            if f == KSM_ZERO and pages.mergeable[g]:
+                self.work.pte_walk += 1  # present, nothing to scan
             if pages.state[g] != ABSENT:
                 self.free_rmap_item(g)
             return False
@@ -333,11 +347,14 @@ class BulkKsm(StableTrees, KsmTunables):
     def ksm_do_scan(self, budget: int) -> int:
         """One batch of ksmd (``ksm_do_scan``): up to *budget* pages; returns pages scanned."""
         done = 0
+        work = self.work
         while done < budget:
             if self.cursor is self.head:
                 if self.list_empty():
                     break
                 # A full scan starts (every unstable tree is emptied by the seqnr).
+                work.scan_starts += 1
+                work.stable_base = live_stable_entries(self)
                 ksm_advisor.advisor_start_scan(self, self.now_ms())
                 self.cursor, self.address = self.head.next, 0
             mm = self.cursor
@@ -355,6 +372,7 @@ class BulkKsm(StableTrees, KsmTunables):
                     done += n
                     if not finished:
                         break
+            work.mm_ends += 1
             nxt = mm.next
             if self.address == 0:
                 self.unregister(mm)
@@ -364,6 +382,7 @@ class BulkKsm(StableTrees, KsmTunables):
                 self.full_scans += 1
                 break
         self.pages_scanned += done
+        work.pages += done
         return done
 
     # --- the sysfs stores (ksmlab.ksm.sysfs's table calls them, as SimKernel's) -----------

@@ -49,9 +49,9 @@ from ksmlab.constants import (
 )
 from ksmlab.errors import NotModelledError, ProcessExitedError, kernel_error
 from ksmlab.kernel import MAX_NUMNODES
+from ksmlab.ksm.cost import KsmdCost, checked_cost
 from ksmlab.ksm.counters import ksm_process_profit
-from ksmlab.ksm.defaults import DEFAULT_KSMD_BATCH_NS, DEFAULT_KSMD_PAGE_NS
-from ksmlab.ksm.ksmd import Ksmd, KsmdCost
+from ksmlab.ksm.ksmd import Ksmd
 from ksmlab.ksm.sysfs import KsmSysfs
 from ksmlab.mm.madvise import UNMODELLED_ADVICE, madvise_behavior_valid, madvise_check
 from ksmlab.mm.mmap import PROT_GROWSDOWN, mprotect_args, munmap_end, page_align
@@ -87,12 +87,11 @@ class BulkKernel(KsmHooks):
     pre-flight reads this, and tests/test_preflight.py holds it to what the engine does."""
 
     def __init__(self, *, vectorize: bool = True, seed: int = 0, numa_nodes: int = 1,
-                 ksmd_batch_ns: int = DEFAULT_KSMD_BATCH_NS,
-                 ksmd_page_ns: int = DEFAULT_KSMD_PAGE_NS) -> None:
+                 cost: KsmdCost | None = None) -> None:
         vectorize = argcheck.flag("vectorize", vectorize)
         seed = argcheck.count("seed", seed)
         numa_nodes = argcheck.count("numa_nodes", numa_nodes, minimum=1, maximum=MAX_NUMNODES)
-        cost = KsmdCost.checked(ksmd_batch_ns, ksmd_page_ns)
+        cost = checked_cost(cost)
         self.numa_nodes = numa_nodes
         self.contents = ContentTable(seed)
         engine = VectorKsm if vectorize else BulkKsm

@@ -137,12 +137,26 @@ def sysfs_counters(ksm: BulkKsm) -> dict[str, int]:
         "pages_volatile": counters.pages_volatile(items, shared, sharing, t.unstable),
         "pages_scanned": ksm.pages_scanned, "pages_skipped": ksm.pages_skipped,
         "full_scans": ksm.full_scans,
-        "stable_node_chains": len(ksm.chains),
-        "stable_node_dups": sum(len(ch.dups) for ch in ksm.chains.values()),
+        # Every node's stable tree (merge_across_nodes=0), not only node 0's.
+        "stable_node_chains": sum(len(ix.chains) for ix in ksm.trees),
+        "stable_node_dups": sum(len(ch.dups) for ix in ksm.trees for ch in ix.chains.values()),
         "ksm_zero_pages": t.zero_pages,
         "general_profit": counters.general_profit(sharing, t.zero_pages, items),
         "rmap_items": items,
     }
 
 
-__all__ = ["Tally", "count_columns", "sysfs_counters"]
+def live_stable_entries(ksm: BulkKsm) -> int:
+    """Stable-tree entries (a content's regular node or chain, in each tree) with a KSM
+    page still mapped: SimKernel's :meth:`~ksmlab.ksm.scan.KsmScanner.live_stable_entries`,
+    the cost model's stable-tree size at a full scan's start (O(nodes))."""
+    nodes, n = ksm.nodes, ksm.nodes.n
+    kframe = nodes.kframe[:n]
+    live = nodes.alive[:n] & (ksm.frames.mapcount[kframe] > 0)
+    key = nodes.content[:n][live].astype(np.int64)
+    if ksm.per_node:  # one pair of trees per NUMA node: an entry per (node, content)
+        key = key * ksm.numa_nodes + ksm.frames.nid[kframe[live]]
+    return int(np.unique(key).size)
+
+
+__all__ = ["Tally", "count_columns", "live_stable_entries", "sysfs_counters"]

@@ -39,6 +39,7 @@ from ksmlab.bulk.columns import (
 )
 from ksmlab.bulk.content import ContentTable
 from ksmlab.bulk.tally import Tally
+from ksmlab.ksm.cost import KsmdWork
 from ksmlab.ksm.defaults import SEQNR_MASK
 
 
@@ -101,6 +102,10 @@ class StableTrees:
     tree_of_node: dict[int, TreeIndex]
     tally: Tally
     """The counters kept as items and nodes change (every change here goes through it)."""
+    work: KsmdWork
+    """What ksmd's current batch did, for its cost model (:mod:`ksmlab.ksm.cost`)."""
+    dups_walked: int
+    """The dups the last :meth:`stable_node_dup` walk looked at, as the kernel's would."""
 
     # --- which pair of trees ----------------------------------------------------------------
     @property
@@ -212,7 +217,9 @@ class StableTrees:
         found, found_len = -1, 0
         dups, open_dups = chain.dups, chain.open
         todo = len(open_dups)
-        i = 0
+        i = removed = 0
+        # The kernel's walk looks at every dup unless it stops at the first with room.
+        self.dups_walked = len(dups)
         while i < len(dups) and (todo or found < 0):
             d = dups[i]
             if d not in open_dups:
@@ -223,6 +230,7 @@ class StableTrees:
             todo -= 1
             if self.stale(d):
                 self.remove_node(d)  # out of dups: i now names the next one
+                removed += 1
                 continue
             candidate = self.is_candidate(d)
             if count[d] >= self.max_page_sharing:
@@ -231,12 +239,14 @@ class StableTrees:
                     not self.is_candidate(found) or int(count[d]) > found_len)):
                 found, found_len = d, int(count[d])
                 if not prune and candidate:
+                    self.dups_walked = i + removed + 1
                     break
             i += 1
         if found < 0:
             self.drop_chain(ix, c, STABLE_NONE)
             return -1
         if len(chain.dups) == 1:
+            self.dups_walked = 0  # a collapsing walk is not charged (SimKernel's model choice)
             self.drop_chain(ix, c, found)
             return found
         if chain.dups[0] != found and self.is_candidate(found, 1):
@@ -247,6 +257,8 @@ class StableTrees:
 
     def stable_tree_search(self, ix: TreeIndex, c: int) -> int:
         """A KSM page of content *c* with room for one more mapping, or -1 (``stable_tree_search``)."""
+        work = self.work
+        work.stable_searches += 1
         while True:
             s = int(ix.ctab.stable[c])
             if s == STABLE_NONE:
@@ -255,20 +267,25 @@ class StableTrees:
                 d = self.stable_node_dup(ix, c, True)
                 if d < 0:
                     continue
+                work.chain_dups += self.dups_walked
             else:
                 d = s
                 if self.stale(d):
                     self.remove_node(d)
                     continue
+            work.stable_equal += 1
             return d if self.is_candidate(d) else -1
 
     def stable_tree_insert(self, ix: TreeIndex, c: int, kframe: int) -> int:
         """File KSM page *kframe* of content *c*, forming a chain if needed (``stable_tree_insert``)."""
+        work = self.work
+        work.stable_inserts += 1
         while True:
             s = int(ix.ctab.stable[c])
             if s <= STABLE_CHAIN:
                 if self.stable_node_dup(ix, c, False) < 0:
                     continue
+                work.chain_dups += self.dups_walked
                 s = int(ix.ctab.stable[c])
             elif s != STABLE_NONE and self.stale(s):
                 self.remove_node(s)
@@ -280,6 +297,7 @@ class StableTrees:
         self.nodes.alive[d] = True
         self.frames.knode[kframe] = d
         if s == STABLE_NONE:
+            work.stable_new += 1
             ix.ctab.stable[c] = d
         else:
             chain = ix.chains[c] if s <= STABLE_CHAIN else self.new_chain(ix, c, s)
@@ -315,6 +333,7 @@ class StableTrees:
         """Free page *g*'s item, out of its tree first (``remove_rmap_item_from_tree`` + free)."""
         self.remove_rmap_item_from_tree(g)
         self.tally.restate_one(self.pages.state, g, ABSENT)
+        self.work.items += 1
 
     # --- the unstable tree ------------------------------------------------------------------
     def cur_seqnr(self) -> int:
@@ -330,6 +349,8 @@ class StableTrees:
         content's latest).
         """
         pages = self.pages
+        work = self.work
+        work.unstable_searches += 1
         y = int(ix.ctab.uindex[c])
         if y >= 0 and pages.state[y] == UNSTABLE and pages.seqnr[y] == self.cur_seqnr() and (
                 self.numa_nodes == 1 or pages.unid[y] == ix.nid):
@@ -340,8 +361,10 @@ class StableTrees:
                 if self.per_node and self.frames.nid[fy] != ix.nid:
                     # Filed while merge_across_nodes was 1: the partner is on another node.
                     return -1
+                work.unstable_equal += 1
                 return y
             # Model choice: a tree page whose content changed is not found.
+        work.unstable_inserts += 1
         self.tally.restate_one(pages.state, g, UNSTABLE)
         pages.seqnr[g] = self.cur_seqnr()
         if self.numa_nodes > 1:

@@ -25,6 +25,13 @@ that with numpy:
    node's trees (:mod:`ksmlab.bulk.trees`).
 
 Tests check that this path and the per-page path leave identical state.
+
+ksmd's cost model (:mod:`ksmlab.ksm.cost`) needs the steps the kernel's walk
+would take; where a step is done for many pages at once, each page's step is
+counted as the kernel would take it: a group merged into one KSM page is a
+stable search finding its node, and a merge, per page; a chain's walk stops at
+its head (which has room) unless a prune is due, which walks every dup.  The
+tests compare these counts with the per-page path's and with SimKernel's.
 """
 
 from __future__ import annotations
@@ -144,7 +151,9 @@ class VectorKsm(BulkKsm):
                 self.tally.leave(self.nodes.count, keep, items[~stale])
                 self.reopen(keep.tolist())
             heads[stable] = -1
-        self.tally.restate(state, state != ABSENT, ABSENT)
+        had = state != ABSENT
+        self.work.items += int(np.count_nonzero(had))
+        self.tally.restate(state, had, ABSENT)
 
     def _regular(self, lo: int, hi: int, visit: npt.NDArray[np.bool_],
                  skip: npt.NDArray[np.bool_], elig: npt.NDArray[np.bool_]) -> None:
@@ -158,6 +167,9 @@ class VectorKsm(BulkKsm):
         tally.restate(state, gone, ABSENT)
         new = elig & (state == ABSENT)
         tally.restate(state, new, NONE)
+        work = self.work
+        work.items += int(np.count_nonzero(gone)) + int(np.count_nonzero(new))
+        work.pte_walk += int(np.count_nonzero((pages.frame[sl] == KSM_ZERO) & pages.mergeable[sl]))
         pages.oldsum[sl][new] = 0
         pages.age[sl][new] = 0
         pages.skips[sl][new] = 0
@@ -179,7 +191,9 @@ class VectorKsm(BulkKsm):
             arm = old & (skips == 0)
             skips[arm] = _SKIP_AGE[age[arm]]
             skips[skip] -= 1
-            self.pages_skipped += int(np.count_nonzero(skip))
+            skipped = int(np.count_nonzero(skip))
+            self.pages_skipped += skipped
+            work.skipped += skipped
             tally.restate(state, skip, NONE)  # out of the unstable tree (lazily) or a dead node
         # Ordinary pages visited: out of their tree, then the checksum test.
         plain = visit & ~ksm
@@ -188,12 +202,14 @@ class VectorKsm(BulkKsm):
         fr = frame[plain]
         content = frames.content[fr]
         checksum = self.contents.checksum[content]
+        work.checksums += len(rows)
         changed = pages.oldsum[rows] != checksum
         pages.oldsum[rows[changed]] = checksum[changed]
         held = ~changed
         if self.use_zero_pages:
             # try_to_merge_with_zero_page: map the zero page, the item stays.
             zero = held & (content == ZERO_CONTENT)
+            work.zero_merges += int(np.count_nonzero(zero))
             self.unmap(fr[zero])
             pages.frame[rows[zero]] = KSM_ZERO
             tally.zero_pages += int(np.count_nonzero(zero))
@@ -256,6 +272,14 @@ class VectorKsm(BulkKsm):
             intree &= self.pages.unid[ys] == ix.nid
         single = no_stable & (sizes == 1)
         pair = no_stable & (sizes == 2) & ~intree
+        work = self.work
+        # Each page of both: a stable search that finds nothing, then an unstable one.
+        n_pair = int(np.count_nonzero(pair))
+        n_alone = int(np.count_nonzero(single)) + 2 * n_pair
+        work.stable_searches += n_alone
+        work.unstable_searches += n_alone
+        work.unstable_inserts += n_pair
+        work.unstable_equal += n_pair
         if bool(single.any()):
             self._singles(ix, rows[starts[single]], fr[starts[single]], gc[single], y[single],
                           intree[single])
@@ -268,9 +292,13 @@ class VectorKsm(BulkKsm):
             ix.ctab.uindex[gc[pair]] = rows[s]
             self._merge_pairs(ix, rows[s + 1], fr[s + 1], rows[s], gc[pair])
         rest = ~(single | pair)
-        fits, target = self._room_for_all(ix, gc, sizes)
+        fits, target, walked = self._room_for_all(ix, gc, sizes)
         fast = rest & fits
         if bool(fast.any()):
+            searches = int(sizes[fast].sum())  # each page's search finds the target
+            work.stable_searches += searches
+            work.stable_equal += searches
+            work.chain_dups += int(walked[fast].sum())
             group = np.repeat(np.arange(len(gc)), sizes)
             sel = fast[group]
             self._merge_into(rows[sel], target[group[sel]])
@@ -279,14 +307,15 @@ class VectorKsm(BulkKsm):
             self._group(ix, rows[a:a + n], int(gc[k]))
 
     def _room_for_all(self, ix: TreeIndex, gc: Rows,
-                      sizes: Rows) -> tuple[npt.NDArray[np.bool_], Rows]:
+                      sizes: Rows) -> tuple[npt.NDArray[np.bool_], Rows, Rows]:
         """Groups whose every page stable_tree_search would send to the same KSM page.
 
         That is the content's regular node, or the first dup of its chain when
         no prune is due (the search then takes the first dup with room) or
         every other dup is full (a prune then finds nothing better, and only
         records its time), if that node's page is alive and it has room for
-        the whole group.  Returns (which groups, each group's node).
+        the whole group.  Returns (which groups, each group's node, the dups the
+        kernel's searches of each group's pages would walk).
         """
         stable = ix.ctab.stable[gc].astype(np.int64)
         chain = stable <= STABLE_CHAIN
@@ -305,12 +334,36 @@ class VectorKsm(BulkKsm):
                & (count + sizes <= self.max_page_sharing))
         pruned = cid[ok & chain & due]
         cols.prune_time[pruned] = now
-        return ok, target
+        # The dups the kernel's searches walk: a chain's walk stops at its head (which
+        # has room) unless a prune is due, which walks every dup: once per group, or
+        # every time when the prune interval is 0.
+        nd = cols.ndups[cid].astype(np.int64)
+        if self.stable_node_chains_prune_millisecs == 0:
+            walked = sizes * nd
+        else:
+            walked = np.where(due, nd + sizes - 1, sizes)
+        return ok, target, np.where(chain, walked, 0)
+
+    def _count_repeats(self, ix: TreeIndex, c: int, n: int) -> None:
+        """Count *n* more searches of content *c* in *ix* that find the dup just found again.
+
+        That dup has room for them all, so the search moved it to its chain's
+        head: each walk stops there, unless the prune interval is 0 (every
+        search then prunes, walking every dup).
+        """
+        work = self.work
+        work.stable_searches += n
+        work.stable_equal += n
+        chain = ix.chains.get(c)
+        if chain is not None:
+            prune_all = self.stable_node_chains_prune_millisecs == 0
+            work.chain_dups += n * (len(chain.dups) if prune_all else 1)
 
     def _merge_into(self, rows: Rows, nodes: Rows) -> None:
         """Merge each page into its stable node (``replace_page`` + ``stable_tree_append``)."""
         pages, frames = self.pages, self.frames
         kframe = self.nodes.kframe[nodes]
+        self.work.merges += len(rows)
         np.subtract.at(frames.mapcount, pages.frame[rows], 1)
         pages.frame[rows] = kframe
         np.add.at(frames.mapcount, kframe, 1)
@@ -335,6 +388,8 @@ class VectorKsm(BulkKsm):
             abort |= elsewhere
             match &= ~elsewhere
         insert = ~abort & ~match
+        self.work.unstable_equal += int(np.count_nonzero(match))
+        self.work.unstable_inserts += int(np.count_nonzero(insert))
         if bool(match.any()):
             self._merge_pairs(ix, rows[match], fr[match], y[match], c[match])
         ins = rows[insert]
@@ -347,6 +402,12 @@ class VectorKsm(BulkKsm):
     def _merge_pairs(self, ix: TreeIndex, rows: Rows, fr: Rows, ys: Rows, c: Rows) -> None:
         """``merge_two`` for each (row, y) pair, each with a content of its own."""
         pages, frames, nodes = self.pages, self.frames, self.nodes
+        n = len(rows)
+        work = self.work  # the tree page merged into a new KSM page, filed as a new entry
+        work.merges += n
+        work.new_ksm += n
+        work.stable_inserts += n
+        work.stable_new += n
         np.subtract.at(frames.mapcount, pages.frame[ys], 1)
         pages.frame[ys] = fr
         frames.mapcount[fr] += 1
@@ -372,6 +433,7 @@ class VectorKsm(BulkKsm):
             if d >= 0:
                 # Every page of the run would find this node again until it is full.
                 k = min(n - i, self.max_page_sharing - int(nodes.count[d]))
+                self._count_repeats(ix, c, k - 1)
                 self._merge_into(rows[i:i + k], np.full(k, d, np.int64))
                 i += k
                 continue

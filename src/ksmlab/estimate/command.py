@@ -103,6 +103,10 @@ def add_estimate_parser(sub: argparse._SubParsersAction[Any],
                         "(default): sim up to 50,000 pages, bulk above (the same answer)")
     p.add_argument("--seed", type=_seed_arg, default=0, metavar="N",
                    help="seed of the pages' rewrites (default 0)")
+    p.add_argument("--cost", metavar="FILE",
+                   help="ksmd's CPU cost and clock on the model: a file written by `ksmlab "
+                        "calibrate` on the host to predict (default: the model shipped, fitted "
+                        "on the project's machine; see docs/cost-model.md)")
     p.add_argument("--json", action="store_true",
                    help="print the estimate as JSON (schema ksmlab.estimate/1) instead of the "
                         "tables")
@@ -176,6 +180,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         EXIT_OK,
         CliError,
         console,
+        load_cost_arg,
         write_file,
     )
     from ksmlab.cli_output import output_arg, plot_arg
@@ -183,6 +188,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from ksmlab.estimate.core import run_estimate
     from ksmlab.snapshot.reader import SnapshotFormatError, read_snapshot
 
+    cost = load_cost_arg(args.cost, "ksmlab estimate")
     plot = plot_arg("--plot", args.plot)
     html = output_arg("--html", args.html)
     csv = output_arg("--timeline", args.timeline)
@@ -207,7 +213,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         try:
             est = run_estimate(snap, knobs=overrides, until_ns=args.until, sample_ns=args.sample,
                                engine=args.engine, by=args.by, seed=args.seed,
-                               load_progress=bar.loading, run_progress=bar.running, stop=stop)
+                               load_progress=bar.loading, run_progress=bar.running, stop=stop,
+                               cost=cost)
         except ValueError as err:
             raise CliError(f"ksmlab estimate: {err}", EXIT_INVALID) from None
         bar.close()

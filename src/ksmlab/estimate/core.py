@@ -20,6 +20,7 @@ from ksmlab.estimate.load import ENGINES, Machine, choose_engine, load_machine
 from ksmlab.estimate.plan import LoadPlan, load_plan
 from ksmlab.estimate.simulate import Outcome, RunProgress, StopCheck, run_machine
 from ksmlab.estimate.static import GROUPINGS, Bound, GroupBound, groups_bound, plan_bound
+from ksmlab.ksm.cost import KsmdCost
 from ksmlab.scenario.control import Controller
 from ksmlab.scenario.knobs import KNOBS, KnobValue, knob_text, read_knob
 from ksmlab.scenario.result import MappingInfo, ProcessInfo, RunResult, ScenarioInfo
@@ -126,7 +127,8 @@ def run_estimate(snap: Snapshot, *, knobs: Mapping[str, KnobValue] | None = None
                  engine: str = "auto", by: str | None = None, seed: int = 0,
                  load_progress: Callable[[int, int], None] | None = None,
                  run_progress: Callable[[RunProgress], None] | None = None,
-                 stop: StopCheck | None = None, controller: Controller | None = None) -> Estimate:
+                 stop: StopCheck | None = None, cost: KsmdCost | None = None,
+                 controller: Controller | None = None) -> Estimate:
     """Estimate what KSM would do for the processes of *snap* (see the module doc).
 
     Args:
@@ -136,6 +138,7 @@ def run_estimate(snap: Snapshot, *, knobs: Mapping[str, KnobValue] | None = None
         engine: ``auto``, ``sim`` or ``bulk``.
         by: ``uid``, ``cgroup`` (also the exposure) or ``comm``, or None.
         seed: the rewrites' random draws (and the bulk engine's).
+        cost: ksmd's cost and clock model (None: the shipped one, docs/cost-model.md).
         controller: rewrites knobs during the run (``ksmlab tune``'s ksmtuned reference).
 
     Raises:
@@ -156,7 +159,8 @@ def run_estimate(snap: Snapshot, *, knobs: Mapping[str, KnobValue] | None = None
     expo = exposure(plan, written, by) if by in ("uid", "cgroup") else None
     procs = groups_bound(plan, written, "pid")
     name = choose_engine(engine, len(plan))
-    m: Machine = load_machine(plan, name, written, seed=seed, progress=load_progress)
+    m: Machine = load_machine(plan, name, written, seed=seed, progress=load_progress,
+                              cost=cost)
     outcome = run_machine(m, until_ns=until_ns, sample_ns=sample_ns, seed=seed,
                           progress=run_progress, stop=stop, controller=controller)
     end_s = outcome.end_s if until_ns is None else until_ns / NS_PER_S

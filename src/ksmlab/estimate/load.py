@@ -40,6 +40,7 @@ from ksmlab.api import Process
 from ksmlab.constants import MADV_MERGEABLE, PAGE_SHIFT, PAGE_SIZE, PR_SET_MEMORY_MERGE
 from ksmlab.estimate.plan import LoadPlan
 from ksmlab.kernel import SimKernel, SimProcess
+from ksmlab.ksm.cost import KsmdCost
 from ksmlab.mm.page import fingerprint
 from ksmlab.scenario.knobs import WRITE_ORDER, read_knob
 
@@ -226,17 +227,18 @@ def _premerge(m: Machine) -> None:
 
 
 def load_machine(plan: LoadPlan, engine: EngineName, knobs: dict[str, str], *,
-                 seed: int = 0, progress: Progress | None = None) -> Machine:
+                 seed: int = 0, progress: Progress | None = None,
+                 cost: KsmdCost | None = None) -> Machine:
     """A machine of *engine* holding *plan*'s pages, ksmd stopped, *knobs* written (see the
     module doc).  Raises OSError if the engine refuses a knob (the caller checked them)."""
     n = len(plan)
     if engine == "sim":
-        kernel: SimKernel | BulkKernel = SimKernel(trace=False, content="fingerprint")
+        kernel: SimKernel | BulkKernel = SimKernel(trace=False, content="fingerprint", cost=cost)
     else:
         from ksmlab.bulk import BulkKernel
         from ksmlab.bulk.content import ZERO_CONTENT
 
-        kernel = BulkKernel(seed=seed)
+        kernel = BulkKernel(seed=seed, cost=cost)
         kernel.reserve(pages=n, frames=n, contents=plan.n_contents + 1)
     write_knobs(kernel, knobs)
     m = Machine(kernel, engine, plan, [], np.zeros(n, np.int32), np.zeros(n, np.uint64))

@@ -262,6 +262,8 @@ class _Run:
                 ksmd.scan_thread_once()
                 done = int(sysfs["full_scans"]) - self.base["full_scans"]
                 if done > scans:
+                    # A full scan ends with the batch that completed it (as wait_full_scans).
+                    ksmd.now_ns = max(ksmd.now_ns, ksmd.busy_until)
                     scans = done
                     c = self.counters()
                     self.scan_gross.append(c["pages_sharing"] + c["ksm_zero_pages"])

@@ -1,4 +1,4 @@
-"""KSM's boot values and fixed limits, and ksmd's cost model: one place for every engine.
+"""KSM's boot values and fixed limits: one place for every engine.
 
 The knobs' values are those of a freshly booted Linux 6.18 (recorded from the
 real kernel in ``tests/sysfs_cases.py``, which ``tests/test_sysfs.py`` holds
@@ -32,11 +32,7 @@ DEFAULT_ADVISOR_MAX_PAGES_TO_SCAN: Final = 30000
 DEFAULT_ADVISOR_TARGET_SCAN_TIME: Final = 200
 """Seconds."""
 
-# --- ksmd's cost model (a model choice, see ksmlab.ksm.ksmd) --------------------------------
-DEFAULT_KSMD_BATCH_NS: Final = 2000
-"""Virtual CPU time of one batch of ksmd, whatever it scans."""
-DEFAULT_KSMD_PAGE_NS: Final = 3000
-"""Virtual CPU time per page a batch hands to cmp_and_merge_page."""
+# ksmd's cost model and its shipped parameters: ksmlab.ksm.cost and ksmlab/data/ksmd-cost.json.
 
 # --- limits ------------------------------------------------------------------------------------
 U32: Final = 0xFFFFFFFF

@@ -60,6 +60,7 @@ from ksmlab.constants import (
 )
 from ksmlab.errors import ModelInvariantError, vm_bug_on
 from ksmlab.ksm import counters
+from ksmlab.ksm.cost import KsmdWork
 from ksmlab.ksm.rbtree import RbRoot, rb_erase, rb_insert_color, rb_link_node, rb_replace_node
 from ksmlab.ksm.tunables import KsmTunables
 from ksmlab.ksm.types import (
@@ -146,6 +147,8 @@ class KsmCore(KsmTunables):
         self.mm_slots: dict[int, MmSlot] = {}
         self.scan = KsmScan(self.mm_head)
         self.warned_overflow = False
+        self.work = KsmdWork()  # what ksmd's current batch did, for its cost model
+        self._dups_walked = 0
         self.wake_ksmd: Callable[[], None] = lambda: None
         """Set by the kernel to its ksmd's ``wake_up``: ksmd runs its next batch now."""
 
@@ -185,6 +188,7 @@ class KsmCore(KsmTunables):
             return None
         self.rmap_items += 1
         mm.ksm_rmap_items += 1
+        self.work.items += 1
         return RmapItem(mm, address)
 
     def free_rmap_item(self, item: RmapItem) -> None:
@@ -193,6 +197,7 @@ class KsmCore(KsmTunables):
             raise ModelInvariantError(f"freeing {item!r} still in a tree")
         self.rmap_items -= 1
         item.mm.ksm_rmap_items -= 1
+        self.work.items += 1
 
     @staticmethod
     def ksm_test_exit(mm: MmStruct) -> bool:
@@ -386,8 +391,10 @@ class KsmCore(KsmTunables):
             mm.ptes[vpn] = self.memory.phys.ksm_zero_page
             mm.ksm_zero_pages += 1  # ksm_map_zero_page
             self.ksm_zero_pages += 1
+            self.work.zero_merges += 1
         else:
             self.memory.replace_pte(mm, vpn, kpage)
+            self.work.merges += 1
 
     def try_to_merge_one_page(self, mm: MmStruct, addr: int, page: Frame,
                               kpage: Frame | None) -> int:
@@ -404,6 +411,7 @@ class KsmCore(KsmTunables):
         if kpage is None:
             page.ksm = True
             page.stable_node = None
+            self.work.new_ksm += 1
             return 0
         if page.data == kpage.data:  # pages_identical
             self.replace_page(mm, addr, kpage)
@@ -476,7 +484,9 @@ class KsmCore(KsmTunables):
         found: StableNode | None = None
         found_len = 0
         tree_page: Frame | None = None
+        walked = 0
         for dup in list(chain.dups):
+            walked += 1
             page = self.ksm_get_folio(dup)
             if page is None:
                 continue
@@ -485,11 +495,15 @@ class KsmCore(KsmTunables):
                 found, found_len, tree_page = dup, dup.rmap_hlist_len, page
                 if not prune and self.is_page_sharing_candidate(found):
                     break
+        self._dups_walked = walked
         if found is None:
             self.free_stable_node_chain(chain, root)
             return None, None, chain
         if len(chain.dups) == 1:
-            # A single dup left: it replaces the chain in the tree.
+            # A single dup left: it replaces the chain in the tree.  Model choice (cost):
+            # this walk is not charged, as the kernel's may happen on the way to another
+            # content, which the bulk engine does not see (docs/cost-model.md).
+            self._dups_walked = 0
             rb_replace_node(chain, found, root)
             chain.dups.clear()
             found.kind = NodeKind.REGULAR
@@ -505,6 +519,7 @@ class KsmCore(KsmTunables):
     def __stable_node_chain(self, node: StableNode, root: RbRoot,
                             prune: bool) -> tuple[Frame | None, StableNode | None, StableNode]:
         if not is_stable_node_chain(node):
+            self._dups_walked = 0
             return self.ksm_get_folio(node), node, node
         return self.stable_node_dup(node, root, prune)
 
@@ -512,6 +527,8 @@ class KsmCore(KsmTunables):
         """A KSM page identical to *page* that can take one more mapping (``stable_tree_search``)."""
         if page.ksm and page.stable_node is not None:
             return page  # ksm page forked
+        work = self.work
+        work.stable_searches += 1
         root = self.root_stable_tree[self.get_kpfn_nid(page)]
         while True:  # "again": restart after a stale node rebalanced the tree
             cur = root.node
@@ -529,6 +546,8 @@ class KsmCore(KsmTunables):
                 elif ret > 0:
                     cur = node.rb_right
                 else:
+                    work.stable_equal += 1
+                    work.chain_dups += self._dups_walked  # the searched content's own chain
                     if not self.is_page_sharing_candidate(dup):
                         # All dups are full: let the page find a partner in the
                         # unstable tree and form a new dup later.
@@ -544,6 +563,8 @@ class KsmCore(KsmTunables):
         """File a new KSM page in the stable tree, forming a chain if needed (``stable_tree_insert``)."""
         nid = self.get_kpfn_nid(kpage)
         root = self.root_stable_tree[nid]
+        work = self.work
+        work.stable_inserts += 1
         while True:
             parent: StableNode | None = None
             left = False
@@ -564,6 +585,7 @@ class KsmCore(KsmTunables):
                     cur, left = node.rb_right, False
                 else:
                     equal = node
+                    work.chain_dups += self._dups_walked
                     break
             if not restart:
                 break
@@ -571,6 +593,7 @@ class KsmCore(KsmTunables):
             return None
         dup = StableNode(NodeKind.REGULAR, kpage, nid)
         if equal is None:
+            work.stable_new += 1
             rb_link_node(dup, parent, left, root)
             rb_insert_color(dup, root)
         else:
@@ -592,6 +615,7 @@ class KsmCore(KsmTunables):
         parent: RmapItem | None = None
         left = False
         cur = root.node
+        self.work.unstable_searches += 1
         while cur is not None:
             assert isinstance(cur, RmapItem)
             tree_page = self.get_mergeable_page(cur)
@@ -608,6 +632,7 @@ class KsmCore(KsmTunables):
             elif not self.merge_across_nodes and tree_page.nid != nid:
                 return None
             else:
+                self.work.unstable_equal += 1
                 return cur, tree_page
         item.state = RmapState.UNSTABLE
         item.seqnr = self.scan.seqnr & SEQNR_MASK
@@ -615,6 +640,7 @@ class KsmCore(KsmTunables):
         rb_link_node(item, parent, left, root)
         rb_insert_color(item, root)
         self.pages_unshared += 1
+        self.work.unstable_inserts += 1
         return None
 
     def stable_tree_append(self, item: RmapItem, node: StableNode, bypass: bool) -> None:
@@ -647,6 +673,7 @@ class KsmCore(KsmTunables):
         else:
             self.remove_rmap_item_from_tree(item)
             checksum = self.calc_checksum(page.data)
+            self.work.checksums += 1
             if item.oldchecksum != checksum:
                 item.oldchecksum = checksum  # volatile this round
                 return

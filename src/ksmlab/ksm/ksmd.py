@@ -3,37 +3,39 @@
 Nothing in ksmlab reads the wall clock.  User calls happen at the current
 virtual time and take none.  ksmd is a kernel thread on the virtual clock: it
 runs a batch of ``pages_to_scan`` pages (``ksm_do_scan``), which costs ksmd CPU
-time according to a simple cost model and moves the clock by as much, then
-sleeps ``sleep_millisecs``, as ``ksm_scan_thread`` loops.  It waits, without a
-clock of its own, while ``ksmd_should_run`` is false (run != 1, or no mm
-registered), and is woken at once by a write of ``run=1`` or of
-``sleep_millisecs`` and by the first mm registering.  :meth:`Ksmd.advance` and
-:meth:`Ksmd.wait_full_scans` move the clock and let ksmd run.
+time according to the cost model and moves the clock by as much (times the
+clock's run stretch), then sleeps as the kernel sleeps: a timeout of
+``msecs_to_jiffies(sleep_millisecs)`` jiffies whose timer fires on a tick
+(:mod:`ksmlab.ksm.jiffies`), plus a scheduling delay before ksmd runs.  It
+waits, without a clock of its own, while ``ksmd_should_run`` is false
+(run != 1, or no mm registered).  Like the kernel, it has two wait queues:
+a write of ``run=1`` and the first mm registering wake it from that wait at
+once (``ksm_thread_wait``), and a write of a *new* ``sleep_millisecs`` cuts
+its timed sleep short (``ksm_iter_wait``); neither wakes the other wait.
+:meth:`Ksmd.advance` and :meth:`Ksmd.wait_full_scans` move the clock and let
+ksmd run.
 
 An engine plugs in through :class:`KsmdEngine`: its tunables, ``full_scans``,
-whether an mm is registered, and one batch.  SimKernel's
-:class:`~ksmlab.ksm.scan.KsmScanner` (the core of its
-:class:`~ksmlab.ksm.interface.Ksm`) and the bulk engine's
+whether an mm is registered, the :class:`~ksmlab.ksm.cost.KsmdWork` it counts
+its steps in, and one batch.  SimKernel's :class:`~ksmlab.ksm.scan.KsmScanner`
+(the core of its :class:`~ksmlab.ksm.interface.Ksm`) and the bulk engine's
 :class:`~ksmlab.bulk.engine.BulkKsm` both satisfy it, so both run on this one
 ksmd, with the same clock and the same virtual time stamps.
 
-Model choice (cost model): a batch costs ``batch_ns`` plus ``page_ns`` per page
-handed to cmp_and_merge_page (:class:`KsmdCost`).  The defaults (2 µs and 3 µs,
-:mod:`ksmlab.ksm.defaults`) are rough figures for this machine's real ksmd
-(about 600k empty batches per second; about 3 µs of CPU per page visit in
-1 GiB runs); they matter only for timing (virtual time, the advisor's CPU
-estimate), never for which pages merge.
+The cost model (:mod:`ksmlab.ksm.cost`, fitted to the real ksmd by
+``ksmlab calibrate``) matters only for timing (virtual time, ksmd's CPU
+time, the advisor's CPU estimate), never for which pages merge.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 from ksmlab import argcheck
 from ksmlab.constants import KSM_RUN_MERGE
 from ksmlab.errors import ScanStalledError
-from ksmlab.ksm.defaults import DEFAULT_KSMD_BATCH_NS, DEFAULT_KSMD_PAGE_NS, NS_PER_MS
+from ksmlab.ksm.cost import KsmdCost, KsmdMeter, KsmdWork, default_cost
+from ksmlab.ksm.defaults import NS_PER_MS
 
 
 class KsmdEngine(Protocol):
@@ -59,6 +61,11 @@ class KsmdEngine(Protocol):
         """Completed full scans."""
         ...
 
+    @property
+    def work(self) -> KsmdWork:
+        """Where a batch counts its steps (cleared by ksmd before each batch)."""
+        ...
+
     def list_empty(self) -> bool:
         """No mm is registered (ksmd's mm list holds only its head)."""
         ...
@@ -66,30 +73,6 @@ class KsmdEngine(Protocol):
     def ksm_do_scan(self, scan_npages: int, /) -> int:
         """One batch of up to *scan_npages* pages (``ksm_do_scan``); returns the pages scanned."""
         ...
-
-
-@dataclass(frozen=True, slots=True)
-class KsmdCost:
-    """ksmd's CPU cost model: what one batch costs (see the module doc).
-
-    Attributes:
-        batch_ns: virtual CPU time of a batch, whatever it scans.
-        page_ns: virtual CPU time per page the batch scanned.
-    """
-
-    batch_ns: int = DEFAULT_KSMD_BATCH_NS
-    page_ns: int = DEFAULT_KSMD_PAGE_NS
-
-    @classmethod
-    def checked(cls, batch_ns: int, page_ns: int) -> KsmdCost:
-        """The cost model of a kernel's ``ksmd_batch_ns`` and ``ksmd_page_ns`` arguments,
-        checked as :mod:`ksmlab.argcheck` says (an int, ``batch_ns >= 1``, ``page_ns >= 0``)."""
-        return cls(argcheck.count("ksmd_batch_ns", batch_ns, minimum=1),
-                   argcheck.count("ksmd_page_ns", page_ns))
-
-    def batch_cost_ns(self, scanned: int) -> int:
-        """CPU time of a batch that scanned *scanned* pages."""
-        return self.batch_ns + scanned * self.page_ns
 
 
 def ksmd_should_run(engine: KsmdEngine) -> bool:
@@ -113,23 +96,36 @@ class Ksmd:
 
     Attributes:
         engine: the KSM state ksmd scans.
-        cost: the cost model.
+        cost: the cost model (:func:`~ksmlab.ksm.cost.default_cost` unless given).
+        meter: turns each batch's work into CPU time; its ``total`` is all of ksmd's work.
         now_ns: virtual time, in nanoseconds since boot.
+        busy_until: when ksmd's last batch ends.  Model choice: a batch's effects
+            appear at its start (it is atomic), but it takes its time: its sleep
+            starts at its end, and the clock can stop while it runs (``advance``
+            ends at its target even inside a batch).
         cpu_ns: CPU time ksmd has used, by the cost model.
         batches: batches run so far (a batch that scans nothing can still free items).
-        wake_ns: when ksmd runs its next batch; None while it waits for
-            ``ksmd_should_run`` (it then runs as soon as that holds).
+        timer_wakes: timed sleeps that ended by their timer (numbers the scheduling delays).
+        wake_ns: when ksmd runs its next batch if ``ksmd_should_run`` holds then: the
+            end of its timed sleep, or now once woken; None while it waits on
+            ``ksm_thread_wait`` (it then runs when woken, or as soon as the
+            condition holds).
+        sleep_ms: the ``sleep_millisecs`` ksmd read for its current sleep.
         absent: why this machine has no ksmd at all (CONFIG_KSM=n), or "".
     """
 
     def __init__(self, engine: KsmdEngine, cost: KsmdCost | None = None, *,
                  absent: str = "") -> None:
         self.engine = engine
-        self.cost = KsmdCost() if cost is None else cost
+        self.cost = default_cost() if cost is None else cost
+        self.meter = KsmdMeter(self.cost)
         self.now_ns = 0
+        self.busy_until = 0
         self.cpu_ns = 0
         self.batches = 0
+        self.timer_wakes = 0
         self.wake_ns: int | None = None
+        self.sleep_ms = 0
         self.absent = absent
 
     def now_ms(self) -> float:
@@ -137,22 +133,32 @@ class Ksmd:
         return self.now_ns / NS_PER_MS
 
     def wake_up(self) -> None:
-        """Make ksmd run its next batch now (``wake_up_interruptible(&ksm_thread_wait)``,
-        and the sleep cut short by a new ``sleep_millisecs``)."""
+        """A wake-up from a knob store or ``__ksm_enter``.
+
+        In a timed sleep only a changed ``sleep_millisecs`` ends it
+        (``ksm_iter_wait``'s condition); otherwise ksmd waits on
+        ``ksm_thread_wait`` (or its sleep is over) and runs its next batch now.
+        """
+        if self.wake_ns is not None and self.wake_ns > self.now_ns:
+            if self.engine.sleep_millisecs != self.sleep_ms:
+                self.wake_ns = self.now_ns
+            return
         self.wake_ns = self.now_ns
 
     def next_wake(self) -> int | None:
-        """When ksmd runs next, or None while it waits for ``ksmd_should_run``.
+        """When ksmd runs its next batch, or None while it has nothing to do.
 
-        That wait is ``ksm_scan_thread``'s wait on ``ksm_thread_wait``: it has
-        no deadline, and ksmd runs as soon as the condition holds.
+        After its timed sleep ksmd runs a batch if ``ksmd_should_run`` holds,
+        else it blocks on ``ksm_thread_wait`` with no deadline and runs as soon
+        as the condition holds (every change that makes it hold wakes ksmd).
         """
         if not ksmd_should_run(self.engine):
-            self.wake_ns = None
+            if self.wake_ns is not None and self.wake_ns <= self.now_ns:
+                self.wake_ns = None  # the sleep is over: ksmd blocks
             return None
         if self.wake_ns is None:
             self.wake_ns = self.now_ns
-        return self.wake_ns
+        return max(self.wake_ns, self.busy_until)
 
     def scan_thread_once(self) -> None:
         """One iteration of ``ksm_scan_thread``: a batch at the wake-up time, then the sleep.
@@ -161,20 +167,30 @@ class Ksmd:
         """
         assert self.wake_ns is not None
         engine = self.engine
-        self.now_ns = max(self.now_ns, self.wake_ns)
+        self.now_ns = start = max(self.now_ns, self.wake_ns, self.busy_until)
         self.batches += 1
-        scanned = engine.ksm_do_scan(engine.pages_to_scan)
-        cost = self.cost.batch_cost_ns(scanned)
+        work = engine.work
+        work.clear()
+        engine.ksm_do_scan(engine.pages_to_scan)
+        cost = self.meter.charge(work)
         self.cpu_ns += cost
-        self.now_ns += cost
+        clock = self.cost.clock
+        self.busy_until = done = start + round(cost * clock.run_stretch)
+        if not ksmd_should_run(engine):
+            self.wake_ns = None  # the list emptied or run changed: block on ksm_thread_wait
+            return
         # The sleep is read after the batch, as the kernel reads it.
-        self.wake_ns = self.now_ns + engine.sleep_millisecs * NS_PER_MS
+        self.sleep_ms = engine.sleep_millisecs
+        self.wake_ns = clock.wake_after(done, self.sleep_ms, self.timer_wakes)
+        if self.wake_ns > done:
+            self.timer_wakes += 1
 
     def batch(self) -> bool:
         """Run ksmd's next batch at once (after its sleep); False if ksmd waits."""
         if self.next_wake() is None:
             return False
         self.scan_thread_once()
+        self.now_ns = self.busy_until
         return True
 
     def advance(self, ms: float) -> None:
@@ -195,7 +211,8 @@ class Ksmd:
         running (run != 1), has no mm to scan, or pages_to_scan is 0 (see
         :func:`stall_reason`); when the machine has no ksmd; and when
         *timeout* (virtual seconds) passes first, the clock then standing at
-        the deadline.  *n* is an int >= 0, *timeout* None or a finite real
+        the deadline.  On return the clock stands at the end of the batch
+        that completed the last full scan.  *n* is an int >= 0, *timeout* None or a finite real
         >= 0 (see :mod:`ksmlab.argcheck`).
         """
         n = argcheck.count("n", n, maximum=argcheck.U64_LIMIT - 1)
@@ -219,6 +236,8 @@ class Ksmd:
                 msg = f"timeout: full_scans reached {engine.full_scans}, not {target}"
                 raise ScanStalledError(msg)
             self.scan_thread_once()
+        # The last full scan ended with its batch.
+        self.now_ns = max(self.now_ns, self.busy_until)
 
 
-__all__ = ["Ksmd", "KsmdCost", "KsmdEngine", "ksmd_should_run", "stall_reason"]
+__all__ = ["Ksmd", "KsmdCost", "KsmdEngine", "KsmdWork", "ksmd_should_run", "stall_reason"]

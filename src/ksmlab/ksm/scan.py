@@ -18,7 +18,7 @@ from ksmlab.constants import PAGE_SHIFT, PAGE_SIZE, VM_MERGEABLE
 from ksmlab.ksm import advisor as ksm_advisor
 from ksmlab.ksm.defaults import AGE_MAX
 from ksmlab.ksm.ksm import KsmCore
-from ksmlab.ksm.types import MmSlot, RmapItem
+from ksmlab.ksm.types import MmSlot, RmapItem, StableNode, is_stable_node_chain
 from ksmlab.mm.mm_types import MmStruct
 from ksmlab.mm.page import Frame
 
@@ -82,6 +82,7 @@ class KsmScanner(KsmCore):
             item.remaining_skips = skip_age(age)
             return False
         self.pages_skipped += 1
+        self.work.skipped += 1
         item.remaining_skips -= 1
         self.remove_rmap_item_from_tree(item)
         return True
@@ -97,6 +98,8 @@ class KsmScanner(KsmCore):
         scan = self.scan
         slot = scan.mm_slot
         if slot is self.mm_head:
+            self.work.scan_starts += 1
+            self.work.stable_base = self.live_stable_entries()
             self.advisor_start_scan()
             self.trace("ksm_start_scan", seq=scan.seqnr, rss=self.rmap_items)
             for root in self.root_unstable_tree:
@@ -114,6 +117,7 @@ class KsmScanner(KsmCore):
                     return found if isinstance(found, tuple) else None
             else:
                 scan.address, scan.rmap_prev = 0, None
+            self.work.mm_ends += 1
             self.remove_trailing_rmap_items(slot, scan.rmap_prev)
             scan.mm_slot = slot.next
             if scan.address == 0:
@@ -157,6 +161,8 @@ class KsmScanner(KsmCore):
                     if self.should_skip_rmap_item(page, item):
                         continue
                     return item, page
+                if page is not None:
+                    self.work.pte_walk += 1  # present, nothing to scan: the zero page
                 scan.address += PAGE_SIZE
         return None
 
@@ -171,7 +177,27 @@ class KsmScanner(KsmCore):
             self.cmp_and_merge_page(page, item)
             self.pages_scanned += 1
             done += 1
+        self.work.pages += done
         return done
+
+    def live_stable_entries(self) -> int:
+        """Stable-tree entries (regular nodes and chains) with a KSM page still mapped.
+
+        The cost model's stable-tree size at a full scan's start: it leaves out
+        stale nodes, which the bulk engine finds at other moments than the
+        kernel's walk, so that both engines see the same size.
+        """
+        def live(node: StableNode) -> bool:
+            page = node.kpage
+            return page is not None and not page.freed and page.stable_node is node
+
+        n = 0
+        for root in self.root_stable_tree:
+            for node in root:
+                assert isinstance(node, StableNode)
+                if any(live(d) for d in node.dups) if is_stable_node_chain(node) else live(node):
+                    n += 1
+        return n
 
     # --- the advisor (ksmlab.ksm.advisor's, which every engine runs) ------------------------
     def advisor_start_scan(self) -> None:

@@ -19,6 +19,7 @@ from ksmlab.api import Kernel, Process
 from ksmlab.constants import PAGE_SIZE
 from ksmlab.errors import KsmSimError
 from ksmlab.kernel import SimKernel, SimProcess
+from ksmlab.ksm.cost import KsmdCost
 from ksmlab.ksm.ksmd import ksmd_should_run
 from ksmlab.mm.page import ZERO_FINGERPRINT, ContentMode, fingerprint
 from ksmlab.scenario import host
@@ -173,7 +174,8 @@ class _VirtualBackend:
         ksmd = self._machine.ksmd
         if not ksmd_should_run(ksmd.engine):
             return None
-        return (ksmd.now_ns if ksmd.wake_ns is None else ksmd.wake_ns) - self._t0
+        wake = ksmd.now_ns if ksmd.wake_ns is None else ksmd.wake_ns
+        return max(wake, ksmd.busy_until) - self._t0  # a batch starts after the last one ends
 
     def close(self) -> None:
         """Nothing to release."""
@@ -185,8 +187,8 @@ class SimBackend(_VirtualBackend):
 
     name: BackendName = "sim"
 
-    def __init__(self, content: ContentMode = "bytes") -> None:
-        self.sim = SimKernel(trace=False, content=content)
+    def __init__(self, content: ContentMode = "bytes", cost: KsmdCost | None = None) -> None:
+        self.sim = SimKernel(trace=False, content=content, cost=cost)
         self.kernel: Kernel = self.sim
         super().__init__(self.sim)
 
@@ -238,11 +240,11 @@ class BulkBackend(_VirtualBackend):
 
     name: BackendName = "bulk"
 
-    def __init__(self, *, vectorize_writes: bool = True) -> None:
+    def __init__(self, cost: KsmdCost | None = None, *, vectorize_writes: bool = True) -> None:
         from ksmlab.bulk import BulkKernel  # numpy: only when this backend is used
 
         self.vectorize_writes = vectorize_writes
-        self.bulk = BulkKernel()
+        self.bulk = BulkKernel(cost=cost)
         self.kernel: Kernel = self.bulk
         super().__init__(self.bulk)
 
@@ -304,7 +306,8 @@ class LinuxBackend:
 
     name: BackendName = "linux"
 
-    def __init__(self) -> None:
+    def __init__(self, lock_timeout: float | None = None) -> None:
+        """*lock_timeout*: seconds to wait for another session's lock (None: the default)."""
         from ksmlab.backends.linux import (
             KsmLockTimeoutError,
             KsmUnavailableError,
@@ -319,7 +322,8 @@ class LinuxBackend:
         from ksmlab.backends.linux_knobs import boot_knobs
 
         try:
-            kernel = LinuxKernel()
+            kernel = (LinuxKernel() if lock_timeout is None
+                      else LinuxKernel(lock_timeout=lock_timeout))
         except (KsmUnavailableError, KsmLockTimeoutError) as e:
             raise BackendUnavailableError(str(e)) from None
         try:
@@ -377,20 +381,25 @@ class LinuxBackend:
         self.kernel.close()
 
 
-def open_backend(name: str, content: ContentMode = "bytes") -> Backend:
-    """A new backend by name (``sim``, ``linux`` or ``bulk``); *content* is SimKernel's content mode.
+def open_backend(name: str, content: ContentMode = "bytes",
+                 cost: KsmdCost | None = None) -> Backend:
+    """A new backend by name (``sim``, ``linux`` or ``bulk``); *content* is SimKernel's content
+    mode, *cost* the models' ksmd cost model (None: the shipped one).
 
     Raises:
         BackendUnavailableError: the Linux backend cannot run here.
-        ValueError: unknown name, or a content mode for the real kernel.
+        ValueError: unknown name, or a content mode or cost model for the real kernel.
     """
     if name != "sim" and content != "bytes":
         msg = f"content={content!r} applies to the model (the sim backend) only"
         raise ValueError(msg)
+    if name == "linux" and cost is not None:
+        msg = "a ksmd cost model applies to the model's engines only, not to the real kernel"
+        raise ValueError(msg)
     if name == "sim":
-        return SimBackend(content)
+        return SimBackend(content, cost)
     if name == "bulk":
-        return BulkBackend()
+        return BulkBackend(cost)
     if name == "linux":
         return LinuxBackend()
     msg = f"unknown backend {name!r} (expected one of {', '.join(BACKENDS)})"

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ksmlab.ksm import defaults
+from ksmlab.ksm.cost import default_cost
+from ksmlab.ksm.jiffies import sleep_end_ns
 from ksmlab.mm.page import ContentMode
 from ksmlab.scenario.model import ForkEvent, KnobsEvent, Scenario, WriteEvent
 from ksmlab.scenario.units import NS_PER_S, format_bytes, format_duration
@@ -190,8 +192,12 @@ def _scan(sc: Scenario, scanned_pages: int) -> tuple[int, float]:
     run_ns = float(sc.planned_end_ns)
     if not runs or per_batch == 0:
         return 0, run_ns
-    period_ns = (sleep_ms * defaults.NS_PER_MS + defaults.DEFAULT_KSMD_BATCH_NS
-                 + per_batch * defaults.DEFAULT_KSMD_PAGE_NS)
+    # ksmd's period: its sleep as the timer ends it, plus a batch at the shipped cost
+    # model's price of a batch and of a page checksummed (a rough figure: the pre-flight
+    # only needs the order of magnitude of the pages visited).
+    cost = default_cost()
+    period_ns = (sleep_end_ns(0, sleep_ms, cost.clock.hz) + cost.ns["batch"]
+                 + per_batch * (cost.ns["page"] + cost.ns["checksum"]))
     for c in sc.checkpoints:  # a full-scan checkpoint runs until reached, or its timeout
         if c.full_scans is not None:
             needed = c.full_scans * scanned_pages / per_batch * period_ns

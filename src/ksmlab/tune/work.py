@@ -20,6 +20,7 @@ from typing import Literal
 
 from ksmlab.constants import PAGE_SIZE
 from ksmlab.errors import NotModelledError
+from ksmlab.ksm.cost import KsmdCost
 from ksmlab.report.headline import headline
 from ksmlab.scenario.backends import open_backend
 from ksmlab.scenario.loader import apply_knob_overrides
@@ -54,6 +55,7 @@ class Workload:
         until_ns: how long a snapshot's configurations run (virtual time).
         seed: the snapshot's rewrites' draws.
         content: SimKernel's content mode.
+        cost: the model's ksmd cost and clock (``--cost``; None: the shipped one).
     """
 
     name: str
@@ -65,6 +67,7 @@ class Workload:
     until_ns: int | None = None
     seed: int = 0
     content: str = "bytes"
+    cost: KsmdCost | None = None
 
     @property
     def kind(self) -> Literal["scenario", "snapshot"]:
@@ -174,7 +177,7 @@ def _run_snapshot(w: Workload, config: Config, stop: StopCheck | None,
     assert w.snapshot is not None
     snap = read_snapshot(w.snapshot)
     est = run_estimate(snap, knobs=config.overrides(), until_ns=w.until_ns, engine=w.backend,
-                       seed=w.seed, stop=stop, controller=ctl)
+                       seed=w.seed, stop=stop, cost=w.cost, controller=ctl)
     return est.result
 
 
@@ -190,7 +193,7 @@ def run_config(w: Workload, index: int, config: Config,
         else:
             sc = configured(w.scenario, config)
             backend = open_backend(w.backend, "fingerprint" if w.content == "fingerprint"
-                                   else "bytes")
+                                   else "bytes", w.cost)
             try:
                 r = run_scenario(sc, backend, None, stop, ctl)
             finally:
