@@ -254,7 +254,7 @@ class _Run:
             wake_rel = None if wake is None else wake - self.t0
             target = min(self.next_sample, end)
             if self.control_ns is not None and self.control_ns <= target and (
-                    wake_rel is None or self.control_ns < wake_rel):
+                    wake_rel is None or self.control_ns <= wake_rel):
                 self._control(self.control_ns)  # before a batch due at the same time
                 continue
             if wake_rel is not None and wake_rel <= target:
