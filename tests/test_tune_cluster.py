@@ -87,7 +87,11 @@ def test_scheduler_runs_the_sweep_on_an_existing_cluster(
     assert doc["recommendation"]["index"] in (0, 1)
 
 
-def test_an_unreachable_scheduler_is_exit_3(capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_unreachable_scheduler_is_exit_3(monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import ksmlab.tune.sweep as sweep
+
+    monkeypatch.setattr(sweep, "CONNECT_TIMEOUT_S", 2.0)
     port = _free_port()  # nothing listens there
     code = main(["tune", str(EXAMPLES / "identical-pages.toml"), "--grid", "pages_to_scan=100",
                  "--scheduler", f"tcp://127.0.0.1:{port}"])

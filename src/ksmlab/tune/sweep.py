@@ -36,6 +36,8 @@ from ksmlab.tune.work import Outcome, Workload, run_config
 __all__ = ["POLL_S", "SweepResult", "default_workers", "run_sweep"]
 
 POLL_S = 0.1
+CONNECT_TIMEOUT_S = 20.0
+"""How long ``--scheduler`` waits for the scheduler to answer."""
 """How often a sweep on Dask looks for finished tasks and for a stop request."""
 
 Progress = Callable[[int, Config, Outcome], None]
@@ -91,7 +93,7 @@ def _distributed() -> Any:
 def _client(scheduler: str | None, workers: int) -> tuple[Any, Any]:
     dd = _distributed()
     if scheduler is not None:
-        return dd.Client(scheduler, timeout="20s"), None
+        return dd.Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s"), None
     cluster = dd.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                            dashboard_address=None, silence_logs=logging.ERROR)
     return dd.Client(cluster), cluster
