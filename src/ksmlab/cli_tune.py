@@ -35,7 +35,7 @@ from ksmlab.cli_common import (
 from ksmlab.cli_output import output_arg, plot_arg
 from ksmlab.cli_stop import graceful_stop
 from ksmlab.constants import PAGE_SIZE
-from ksmlab.scenario.backends import BACKENDS
+from ksmlab.scenario.backends import BACKENDS, BackendUnavailableError
 from ksmlab.scenario.units import NS_PER_S, format_bytes, parse_duration_ns, parse_size
 
 if TYPE_CHECKING:
@@ -285,6 +285,9 @@ def _sweep_and_report(args: argparse.Namespace, w: Workload, grid: Grid, configs
             try:
                 sweep = run_sweep(w, configs, scheduler=args.scheduler, workers=args.workers,
                                   progress=update, stop=stop)
+            except BackendUnavailableError as e:
+                raise CliError(f"ksmlab tune: the {w.backend} backend is unavailable: {e}",
+                               EXIT_UNAVAILABLE) from None
             except (OSError, TimeoutError) as e:
                 where = args.scheduler or "a LocalCluster"
                 raise CliError(f"ksmlab tune: cannot run on {where}: {e}",

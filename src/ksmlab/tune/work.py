@@ -22,7 +22,7 @@ from ksmlab.constants import PAGE_SIZE
 from ksmlab.errors import NotModelledError
 from ksmlab.ksm.cost import KsmdCost
 from ksmlab.report.headline import headline
-from ksmlab.scenario.backends import open_backend
+from ksmlab.scenario.backends import Backend, LinuxBackend, open_backend
 from ksmlab.scenario.loader import apply_knob_overrides
 from ksmlab.scenario.model import Scenario
 from ksmlab.scenario.result import TIMELINE_COLUMNS, RunResult
@@ -56,6 +56,8 @@ class Workload:
         seed: the snapshot's rewrites' draws.
         content: SimKernel's content mode.
         cost: the model's ksmd cost and clock (``--cost``; None: the shipped one).
+        lock_timeout_s: on the real kernel, how long each run waits for another
+            session's lock (None: LinuxKernel's default).
     """
 
     name: str
@@ -68,6 +70,7 @@ class Workload:
     seed: int = 0
     content: str = "bytes"
     cost: KsmdCost | None = None
+    lock_timeout_s: float | None = None
 
     @property
     def kind(self) -> Literal["scenario", "snapshot"]:
@@ -192,8 +195,10 @@ def run_config(w: Workload, index: int, config: Config,
             r = _run_snapshot(w, config, stop, ctl)
         else:
             sc = configured(w.scenario, config)
-            backend = open_backend(w.backend, "fingerprint" if w.content == "fingerprint"
-                                   else "bytes", w.cost)
+            backend: Backend = (LinuxBackend(w.lock_timeout_s)
+                       if w.backend == "linux" and w.lock_timeout_s is not None
+                       else open_backend(w.backend, "fingerprint" if w.content == "fingerprint"
+                                         else "bytes", w.cost))
             try:
                 r = run_scenario(sc, backend, None, stop, ctl)
             finally:
