@@ -168,3 +168,22 @@ def test_every_example_gets_its_table_plot_and_recommendation(
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Configurations" in html.read_text()
     assert time.monotonic() - started < 120
+
+
+@pytest.mark.slow
+def test_the_real_kernel_runs_the_configurations_one_by_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ksmlab.backends.linux import helper_unavailable_reason, linux_ksm_unavailable_reason
+
+    reason = linux_ksm_unavailable_reason() or helper_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    code, doc = _tune([str(EXAMPLES / "identical-pages.toml"), "--until", "2s",
+                       "--grid", "pages_to_scan=2000", "--backend", "linux"], capsys)
+    assert code == 0
+    assert doc["sweep"]["scheduler"] == "sequential" and doc["sweep"]["workers"] == 0
+    assert doc["workload"]["backend"] == "linux"
+    # 256 pages identical in 4 processes, merged within 2 s at 2000 pages a batch:
+    # 768 x 4096 - 1024 x 64 = 3080192, as on the model.
+    assert doc["configurations"][0]["saved_bytes"] == 3080192
+    assert doc["configurations"][0]["machine"].startswith("Linux ")

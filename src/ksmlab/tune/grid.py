@@ -20,6 +20,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from ksmlab.errors import KsmSimError
 from ksmlab.scenario.knobs import KNOBS, KnobValue, knob_text, parse_cli_value
 
 __all__ = ["MAX_POINTS", "REFERENCES", "Config", "Grid", "GridError", "parse_grid", "references"]
@@ -31,7 +32,7 @@ REFERENCES = ("kernel-defaults", "scan-time-advisor", "ksmtuned")
 """The reference policies every sweep runs beside the grid, in this order."""
 
 
-class GridError(ValueError):
+class GridError(KsmSimError, ValueError):
     """A bad ``--grid`` (or grid-related option); the message is one line naming the bad part."""
 
 
