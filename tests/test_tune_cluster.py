@@ -187,3 +187,34 @@ def test_the_real_kernel_runs_the_configurations_one_by_one(
     # 768 x 4096 - 1024 x 64 = 3080192, as on the model.
     assert doc["configurations"][0]["saved_bytes"] == 3080192
     assert doc["configurations"][0]["machine"].startswith("Linux ")
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_terminal_stops_the_sweep_without_the_workers_tracebacks(
+        tmp_path: Path) -> None:
+    # A terminal's Ctrl-C is SIGINT to the whole foreground process group: the
+    # command and its LocalCluster's worker processes.
+    env = os.environ | {"PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out, err = tmp_path / "out.json", tmp_path / "err.txt"
+    with out.open("w") as o, err.open("w") as e:
+        p = subprocess.Popen([sys.executable, "-m", "ksmlab", "tune", "--until", "30s",
+                              "--grid", "pages_to_scan=100,200,400,800,1600,3200,6400,12800",
+                              "--grid", "sleep_millisecs=10,20", "--workers", "2", "--json"],
+                             env=env, stdout=o, stderr=e, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while "chose sim" not in err.read_text() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(8)  # the cluster starts, some runs finish
+            os.killpg(p.pid, signal.SIGINT)
+            code = p.wait(timeout=60)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    text = err.read_text()
+    assert code == 130, text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+    doc = json.loads(out.read_text())
+    assert doc["partial"] is True and doc["interrupted"] == "SIGINT"
+    assert 1 <= doc["sweep"]["finished"] < 19

@@ -22,9 +22,12 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
+import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,12 +93,33 @@ def _distributed() -> Any:
     return importlib.import_module("distributed")
 
 
+@contextmanager
+def _workers_ignore_sigint() -> Iterator[None]:
+    """Start the LocalCluster's worker processes with SIGINT ignored.
+
+    A Ctrl-C on a terminal reaches every process of the foreground group: the
+    workers would die with a KeyboardInterrupt each (and a traceback on the
+    terminal) while the command, which alone decides, stops the sweep.  An
+    ignored signal stays ignored across exec, and Python then installs no
+    handler of its own, so the workers never see it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; the caller owns the signals then
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _client(scheduler: str | None, workers: int) -> tuple[Any, Any]:
     dd = _distributed()
     if scheduler is not None:
         return dd.Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s"), None
-    cluster = dd.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                           dashboard_address=None, silence_logs=logging.ERROR)
+    with _workers_ignore_sigint():
+        cluster = dd.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                  dashboard_address=None, silence_logs=logging.ERROR)
     return dd.Client(cluster), cluster
 
 
