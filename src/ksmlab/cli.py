@@ -15,9 +15,11 @@ Subcommands (``ksmlab COMMAND --help`` for each; the reference is docs/cli.md):
 * ``init [FILE]``: write the built-in scenario, as a starting point;
 * ``snapshot``: capture running processes' pages as KSM would see them
   (:mod:`ksmlab.snapshot.command`), and ``estimate``: predict from one what KSM
-  would save, how fast and at what CPU cost (:mod:`ksmlab.estimate.command`).
+  would save, how fast and at what CPU cost (:mod:`ksmlab.estimate.command`);
 * ``calibrate``: fit the model's ksmd cost and clock to this machine's ksmd
-  (:mod:`ksmlab.cli_calibrate`; ``run --cost FILE`` uses the result).
+  (:mod:`ksmlab.cli_calibrate`; ``run --cost FILE`` uses the result);
+* ``tune [SOURCE]``: run a grid of knob settings on a workload, in parallel on
+  Dask, and recommend one beside three references (:mod:`ksmlab.cli_tune`).
 
 Exit codes: 0 success; 1 the run failed (a check failed, a full-scan
 checkpoint was not reached, a kernel call failed, an output could not be
@@ -595,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_snapshot_parser(sub, fmt, EXIT_CODES)
     add_estimate_parser(sub, fmt, EXIT_CODES)
     cli_calibrate.add_parser(sub, fmt, EXIT_CODES)
+    from ksmlab.cli_tune import add_tune_parser
+
+    add_tune_parser(sub, fmt, EXIT_CODES)
     return parser
 
 

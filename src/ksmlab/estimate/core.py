@@ -21,6 +21,7 @@ from ksmlab.estimate.plan import LoadPlan, load_plan
 from ksmlab.estimate.simulate import Outcome, RunProgress, StopCheck, run_machine
 from ksmlab.estimate.static import GROUPINGS, Bound, GroupBound, groups_bound, plan_bound
 from ksmlab.ksm.cost import KsmdCost
+from ksmlab.scenario.control import Controller
 from ksmlab.scenario.knobs import KNOBS, KnobValue, knob_text, read_knob
 from ksmlab.scenario.result import MappingInfo, ProcessInfo, RunResult, ScenarioInfo
 from ksmlab.scenario.units import NS_PER_S, format_duration
@@ -126,7 +127,8 @@ def run_estimate(snap: Snapshot, *, knobs: Mapping[str, KnobValue] | None = None
                  engine: str = "auto", by: str | None = None, seed: int = 0,
                  load_progress: Callable[[int, int], None] | None = None,
                  run_progress: Callable[[RunProgress], None] | None = None,
-                 stop: StopCheck | None = None, cost: KsmdCost | None = None) -> Estimate:
+                 stop: StopCheck | None = None, cost: KsmdCost | None = None,
+                 controller: Controller | None = None) -> Estimate:
     """Estimate what KSM would do for the processes of *snap* (see the module doc).
 
     Args:
@@ -137,6 +139,7 @@ def run_estimate(snap: Snapshot, *, knobs: Mapping[str, KnobValue] | None = None
         by: ``uid``, ``cgroup`` (also the exposure) or ``comm``, or None.
         seed: the rewrites' random draws (and the bulk engine's).
         cost: ksmd's cost and clock model (None: the shipped one, docs/cost-model.md).
+        controller: rewrites knobs during the run (``ksmlab tune``'s ksmtuned reference).
 
     Raises:
         ValueError: a bad knob, engine, grouping or time (the message names it).
@@ -159,7 +162,7 @@ def run_estimate(snap: Snapshot, *, knobs: Mapping[str, KnobValue] | None = None
     m: Machine = load_machine(plan, name, written, seed=seed, progress=load_progress,
                               cost=cost)
     outcome = run_machine(m, until_ns=until_ns, sample_ns=sample_ns, seed=seed,
-                          progress=run_progress, stop=stop)
+                          progress=run_progress, stop=stop, controller=controller)
     end_s = outcome.end_s if until_ns is None else until_ns / NS_PER_S
     info = _scenario(plan, snap, end_s, outcome.sample_interval_s, seed, outcome)
     result = RunResult(info, name, f"{m.describe()}, predicting {snap.host or 'the host'}",

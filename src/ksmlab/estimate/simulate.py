@@ -32,8 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from ksmlab.estimate.load import Machine
+from ksmlab.estimate.load import Machine, write_knobs
 from ksmlab.ksm.defaults import NS_PER_MS
+from ksmlab.scenario.control import Controller, ControlView
 from ksmlab.scenario.knobs import WRITE_ORDER, read_knob
 from ksmlab.scenario.model import DELTA_COUNTERS, GLOBAL_COUNTERS, PROCESS_COUNTERS
 from ksmlab.scenario.result import CheckpointResult
@@ -137,8 +138,11 @@ class Outcome:
 
 class _Run:
     def __init__(self, m: Machine, until_ns: int | None, sample_ns: int | None, seed: int,
-                 progress: Callable[[RunProgress], None] | None, stop: StopCheck | None) -> None:
+                 progress: Callable[[RunProgress], None] | None, stop: StopCheck | None,
+                 controller: Controller | None = None) -> None:
         self.m = m
+        self.controller = controller
+        self.control_ns: int | None = None
         self.k = m.kernel
         self.ksmd = m.kernel.ksmd
         self.until_ns = until_ns
@@ -243,10 +247,16 @@ class _Run:
         end = self.until_ns if self.until_ns is not None else MAX_AUTO_NS
         scans = 0
         settled: bool | None = None if self.until_ns is not None else False
+        if self.controller is not None:
+            self.control_ns = self.controller.first_ns()
         while not self._stopping():
             wake = ksmd.next_wake()
             wake_rel = None if wake is None else wake - self.t0
             target = min(self.next_sample, end)
+            if self.control_ns is not None and self.control_ns <= target and (
+                    wake_rel is None or self.control_ns <= wake_rel):
+                self._control(self.control_ns)  # before a batch due at the same time
+                continue
             if wake_rel is not None and wake_rel <= target:
                 self._write(wake_rel)
                 ksmd.scan_thread_once()
@@ -277,6 +287,29 @@ class _Run:
         return Outcome(self.timeline, self.checkpoints, knobs, self.now() / NS_PER_S,
                        self.sample_ns / NS_PER_S, self.interrupted, settled, self.m.rewrites)
 
+    def _control(self, at_ns: int) -> None:
+        """The controller's turn at *at_ns* (as in the scenario runner): it sees the
+        counters, the knobs and the loaded pages, and its writes are made now."""
+        ctl = self.controller
+        assert ctl is not None
+        self._write(at_ns)
+        if at_ns + self.t0 > self.ksmd.now_ns:
+            self.ksmd.advance((at_ns + self.t0 - self.ksmd.now_ns) / NS_PER_MS)
+        sysfs = self.k.sysfs
+        view = ControlView(self.now(), {n: int(sysfs[n]) for n in GLOBAL_COUNTERS},
+                           {n: read_knob(sysfs[n]) for n in WRITE_ORDER if n in sysfs},
+                           len(self.m.plan))
+        action = ctl.act(view)
+        writes = dict(action.writes)
+        if "run" in writes:
+            run = writes.pop("run")
+            write_knobs(self.k, writes)
+            if sysfs["run"] != run:
+                sysfs["run"] = run
+        else:
+            write_knobs(self.k, writes)
+        self.control_ns = None if action.next_ns is None else max(action.next_ns, at_ns + 1)
+
     def _write(self, upto_rel_ns: int) -> None:
         idx = self.schedule.due(upto_rel_ns)
         if idx.size:
@@ -285,7 +318,7 @@ class _Run:
 
 def run_machine(m: Machine, *, until_ns: int | None, sample_ns: int | None = None, seed: int = 0,
                 progress: Callable[[RunProgress], None] | None = None,
-                stop: StopCheck | None = None) -> Outcome:
+                stop: StopCheck | None = None, controller: Controller | None = None) -> Outcome:
     """Start ksmd (``run=1``) on *m* and run it in virtual time (see the module doc).
 
     Args:
@@ -295,5 +328,7 @@ def run_machine(m: Machine, *, until_ns: int | None, sample_ns: int | None = Non
         seed: the rewrites' random draws.
         progress: called about every 50 ms of wall time.
         stop: asked as often; a reason ends the run there (``interrupted``).
+        controller: rewrites knobs during the run (:mod:`ksmlab.scenario.control`;
+            ``ksmlab tune``'s model of ksmtuned), seeing the loaded pages as resident.
     """
-    return _Run(m, until_ns, sample_ns, seed, progress, stop).run()
+    return _Run(m, until_ns, sample_ns, seed, progress, stop, controller).run()

@@ -3,9 +3,10 @@
 Everything that happens at a time (a group of processes starting, an event,
 one write of an activity, a timeline sample, a checkpoint) is an item in a
 heap ordered by ``(time, kind, sequence)``, so simultaneous items run in a
-fixed order: process starts, then events (in file order), then activity
-writes, then the timeline sample, then checkpoints; a checkpoint therefore
-sees what happened at its own time.  Between items the backend's clock is
+fixed order: process starts, then events (in file order), then a
+controller's turn (:mod:`~ksmlab.scenario.control`, e.g. ksmtuned's model),
+then activity writes, then the timeline sample, then checkpoints; a
+checkpoint therefore sees what happened at its own time.  Between items the backend's clock is
 advanced, which on :class:`~ksmlab.SimKernel` runs ksmd exactly as
 ``ksm_scan_thread`` would, and on the real kernel sleeps.  A checkpoint
 given in full scans is reached by waiting for ``full_scans`` between the
@@ -55,6 +56,7 @@ from ksmlab.errors import KsmSimError, ScanStalledError
 from ksmlab.scenario.backends import Backend
 from ksmlab.scenario.churn import Churn, WriteBatch, WriteTarget, event_batches
 from ksmlab.scenario.content import ContentSource
+from ksmlab.scenario.control import Controller, ControlView
 from ksmlab.scenario.knobs import KNOBS, WRITE_ORDER, read_knob
 from ksmlab.scenario.model import (
     DELTA_COUNTERS,
@@ -106,11 +108,12 @@ class _Kind(IntEnum):
 
     START = 0
     EVENT = 1
-    WRITE = 2
-    SAMPLE = 3
-    CHECKPOINT = 4
-    SCAN_DEADLINE = 5
-    END = 6
+    CONTROL = 2
+    WRITE = 3
+    SAMPLE = 4
+    CHECKPOINT = 5
+    SCAN_DEADLINE = 6
+    END = 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,8 +157,9 @@ class Runner:
 
     def __init__(self, sc: Scenario, backend: Backend,
                  progress: Callable[[ProgressInfo], None] | None = None,
-                 stop: StopCheck | None = None) -> None:
+                 stop: StopCheck | None = None, controller: Controller | None = None) -> None:
         self.sc = sc
+        self.controller = controller
         self.backend = backend
         self.kernel = backend.kernel
         self.progress = progress
@@ -295,6 +299,8 @@ class Runner:
         self._pending_scans.sort(key=lambda c: (c.full_scans or 0, c.index))
         self._push(0, _Kind.SAMPLE, None)
         self._push(sc.planned_end_ns, _Kind.END, None)
+        if self.controller is not None and (first := self.controller.first_ns()) is not None:
+            self._push(first, _Kind.CONTROL, self.controller)
 
     def _loop(self) -> None:
         while self._heap:
@@ -381,6 +387,8 @@ class Runner:
         elif kind == _Kind.EVENT:
             assert isinstance(item, Event)
             self._guard(f"event[{item.index}] {describe_action(item)}", lambda: self._event(item))
+        elif kind == _Kind.CONTROL:
+            self._guard("the controller", lambda: self._control(t_ns))
         elif kind == _Kind.WRITE:
             assert isinstance(item, WriteActivity)
             self._start_activity(item)
@@ -420,6 +428,24 @@ class Runner:
                     else "")
             msg = f"{where}: writing {name}={value} failed: {e}{hint}"
             raise RunError(msg) from e
+
+    def _control(self, t_ns: int) -> None:
+        """Let the controller look at the machine, make its writes, and plan its next time."""
+        ctl = self.controller
+        assert ctl is not None
+        sysfs = self.kernel.sysfs
+        resident = sum(pages for group, instances in self.groups.items()
+                       for inst in instances if inst.proc is not None
+                       for pages in self.pages[group].values())
+        view = ControlView(t_ns, {n: self._raw(n) for n in GLOBAL_COUNTERS},
+                           {n: read_knob(sysfs[n]) for n in WRITE_ORDER if n in sysfs}, resident)
+        action = ctl.act(view)
+        writes = dict(action.writes)
+        for name in WRITE_ORDER:
+            if name in writes:
+                self._write_knob(name, writes[name], f"controller {ctl.name}")
+        if action.next_ns is not None:
+            self._push(max(action.next_ns, t_ns + 1), _Kind.CONTROL, ctl)
 
     def _start_group(self, g: ProcessGroup) -> None:
         instances: list[_Instance] = []
@@ -598,16 +624,19 @@ class Runner:
 
 def run_scenario(sc: Scenario, backend: Backend,
                  progress: Callable[[ProgressInfo], None] | None = None,
-                 stop: StopCheck | None = None) -> RunResult:
+                 stop: StopCheck | None = None,
+                 controller: Controller | None = None) -> RunResult:
     """Run *sc* on *backend* (which the caller closes) and return the result.
 
     *stop*, if given, is asked at safe points; once it returns a reason the run
     ends there and the result is marked interrupted (see the module's doc).
+    *controller*, if given, rewrites knobs during the run from what it sees
+    (:mod:`ksmlab.scenario.control`).
 
     Raises:
         RunError: a kernel call failed (the message says when and which).
     """
-    return Runner(sc, backend, progress, stop).run()
+    return Runner(sc, backend, progress, stop, controller).run()
 
 
 assert set(KNOBS) == set(WRITE_ORDER)

@@ -1,0 +1,227 @@
+"""``ksmlab tune``'s proof: the model's fronts beside the real kernel's, and the sweep's scale.
+
+Two parts (docs/tune.md and docs/performance.md record the results):
+
+* **fidelity** (``--only fidelity``; root, KSM): for each of two workloads
+  (the built-in scenario and examples/disk-image.toml, each cut to
+  ``--seconds``), a grid of 12 configurations (``pages_to_scan`` x
+  ``sleep_millisecs``) and the three references run on the model (a Dask
+  LocalCluster) and then on this machine's kernel (one after the other, each
+  a LinuxKernel session: it takes the machine-wide lock).  Per configuration:
+  the memory saved and ksmd's CPU on both, their differences, and whether the
+  same configuration is recommended under the same budget;
+* **scale** (``--only scale``): a 100-configuration sweep (10 ``pages_to_scan``
+  x 10 ``sleep_millisecs``) of a 64 GiB host (32 guests of 2 GiB; 10% zero
+  pages, 25% a common image, 65% their own) on the bulk engine, two virtual
+  minutes each, with 1 and with 2 Dask workers: the wall time of each and
+  the speed-up.
+
+::
+
+    sudo python bench/tune.py                       # both
+    sudo python bench/tune.py --only fidelity --seconds 20 --json docs/tune-bench.json
+    python bench/tune.py --only scale
+
+Timings and differences are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ksmlab.backends.linux_knobs import boot_knobs
+from ksmlab.scenario.loader import load_builtin, load_scenario, parse_scenario, truncate
+from ksmlab.scenario.model import Scenario
+from ksmlab.tune.grid import Config, Grid, parse_grid, references
+from ksmlab.tune.result import TuneResult, assemble
+from ksmlab.tune.sweep import run_sweep
+from ksmlab.tune.work import Workload, mergeable_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+NS = 1_000_000_000
+FIDELITY_GRID = ["pages_to_scan=100,500,2000", "sleep_millisecs=10,20,50,200"]
+SCALE_GRID = ["pages_to_scan=500,1000,2000,3000,5000,8000,10000,15000,20000,30000",
+              "sleep_millisecs=5,10,15,20,30,50,75,100,150,200"]
+BUDGET = 5.0
+"""The CPU budget (percent of one CPU) under which the two recommendations are compared."""
+
+HOST_64G = """
+[scenario]
+name = "32 guests x 2 GiB (64 GiB host)"
+seed = 1
+duration = "120s"
+[content.ram]
+kind = "image"
+zero_fraction = 0.10
+private_fraction = 0.65
+[[process]]
+name = "guest"
+count = 32
+[[process.mapping]]
+name = "ram"
+size = "2GiB"
+content = "ram"
+[[checkpoint]]
+at = "120s"
+"""
+
+
+def _configs(grid: Grid) -> tuple[list[Config], int]:
+    configs = grid.configs()
+    return configs + references(grid, boot_knobs()), len(configs)
+
+
+def _sweep(sc: Scenario, backend: str, grid: Grid, workers: int | None = None) -> TuneResult:
+    configs, n = _configs(grid)
+    w = Workload(sc.name, sc.source, backend, mergeable_bytes(sc), scenario=sc,
+                 lock_timeout_s=3600.0)  # others' benches may hold the kernel a while
+
+    def progress(i: int, cfg: Config, o: Any) -> None:
+        print(f"  {backend} #{i} {cfg.label}: saved {o.saved_bytes}, cpu {o.ksmd_cpu_percent}",
+              file=sys.stderr, flush=True)
+
+    sweep = run_sweep(w, configs, workers=workers, progress=progress)
+    return assemble(w, grid, configs, n, sweep, BUDGET)
+
+
+def _rel(model: float | None, real: float | None) -> float | None:
+    if model is None or real is None or real == 0:
+        return None
+    return 100 * (model - real) / abs(real)
+
+
+def fidelity(seconds: float) -> dict[str, Any]:
+    """Both workloads on the model and on the kernel (see the module doc)."""
+    grid = parse_grid(FIDELITY_GRID)
+    workloads = [truncate(load_builtin(), int(seconds * NS)),
+                 truncate(load_scenario(ROOT / "examples" / "disk-image.toml"), int(seconds * NS))]
+    out: dict[str, Any] = {"seconds": seconds, "budget_percent": BUDGET, "workloads": []}
+    for sc in workloads:
+        print(f"{sc.name}: model", file=sys.stderr)
+        model = _sweep(sc, "sim", grid)
+        print(f"{sc.name}: real kernel", file=sys.stderr)
+        real = _sweep(sc, "linux", grid)
+        rows = []
+        for i, cfg in enumerate(model.configs):
+            m, r = model.outcome(i), real.outcome(i)
+            assert m is not None and r is not None
+            rows.append({
+                "index": i, "config": cfg.label, "model_saved_bytes": m.saved_bytes,
+                "real_saved_bytes": r.saved_bytes, "saved_diff_percent": _rel(m.saved_bytes,
+                                                                              r.saved_bytes),
+                "saved_diff_percent_of_mergeable": None if m.saved_bytes is None
+                or r.saved_bytes is None else 100 * (m.saved_bytes - r.saved_bytes)
+                / m.mergeable_bytes,
+                "model_cpu_percent": m.ksmd_cpu_percent, "real_cpu_percent": r.ksmd_cpu_percent,
+                "cpu_diff_percent": _rel(m.ksmd_cpu_percent, r.ksmd_cpu_percent),
+                "model_t90_s": m.time_to_90_s, "real_t90_s": r.time_to_90_s,
+                "model_on_front": i in model.front, "real_on_front": i in real.front})
+        out["workloads"].append({
+            "name": sc.name, "source": sc.source, "mergeable_bytes": mergeable_bytes(sc),
+            "rows": rows, "model_front": list(model.front), "real_front": list(real.front),
+            "model_recommendation": model.recommendation.index,
+            "real_recommendation": real.recommendation.index,
+            "same_recommendation": model.recommendation.index == real.recommendation.index,
+            "model_wall_s": model.sweep.wall_s, "real_wall_s": real.sweep.wall_s})
+        _print_fidelity(out["workloads"][-1])
+    return out
+
+
+def _fmt(x: float | None, unit: str = "") -> str:
+    return "n/a" if x is None else f"{x:+.1f}{unit}"
+
+
+def _print_fidelity(w: dict[str, Any]) -> None:
+    print(f"\n{w['name']} ({w['mergeable_bytes'] >> 20} MiB mergeable)")
+    print(f"{'config':45} {'saved model':>12} {'real':>12} {'diff':>8} {'cpu% model':>11} "
+          f"{'real':>7} {'diff':>8}")
+    for r in w["rows"]:
+        ms, rs = r["model_saved_bytes"], r["real_saved_bytes"]
+        print(f"{r['config'][:45]:45} {ms / 2**20:12.2f} {rs / 2**20:12.2f} "
+              f"{_fmt(r['saved_diff_percent'], '%'):>8} {r['model_cpu_percent']:11.3f} "
+              f"{r['real_cpu_percent']:7.3f} {_fmt(r['cpu_diff_percent'], '%'):>8}")
+    print(f"front: model {w['model_front']}, real {w['real_front']}; recommended (<= {BUDGET}%): "
+          f"model {w['model_recommendation']}, real {w['real_recommendation']}")
+
+
+def scale() -> dict[str, Any]:
+    """The 100-configuration 64 GiB sweep with 1 and 2 workers."""
+    sc = parse_scenario(HOST_64G, source="<bench 64 GiB>", base_dir=ROOT)
+    grid = parse_grid(SCALE_GRID)
+    out: dict[str, Any] = {"configs": grid.size, "host_bytes": mergeable_bytes(sc), "runs": []}
+    for workers in (1, 2):
+        started = time.perf_counter()
+        r = _sweep(sc, "bulk", grid, workers)
+        total = time.perf_counter() - started
+        ok = sum(1 for o in r.sweep.outcomes.values() if o.ok)
+        run_wall = [o.wall_s for o in r.sweep.outcomes.values()]
+        out["runs"].append({"workers": workers, "sweep_wall_s": round(r.sweep.wall_s, 1),
+                            "total_wall_s": round(total, 1), "finished": ok,
+                            "mean_run_wall_s": round(sum(run_wall) / len(run_wall), 2),
+                            "recommendation": r.recommendation.index})
+        print(f"{workers} worker(s): {len(r.configs)} runs ({ok} ok) in {r.sweep.wall_s:.1f} s "
+              f"(with the cluster's start and stop {total:.1f} s); mean run "
+              f"{sum(run_wall) / len(run_wall):.2f} s", flush=True)
+    one, two = out["runs"][0]["sweep_wall_s"], out["runs"][1]["sweep_wall_s"]
+    out["speedup"] = round(one / two, 2)
+    print(f"speed-up from 1 to 2 workers: {out['speedup']}x")
+    return out
+
+
+def plot_fronts(fid: dict[str, Any], path: str) -> None:
+    """The two workloads' points and fronts, the model's beside the kernel's."""
+    from matplotlib.figure import Figure
+
+    ws = fid["workloads"]
+    fig = Figure(figsize=(6 * len(ws), 4.6), layout="constrained")
+    for ax, w in zip(fig.subplots(1, len(ws), squeeze=False)[0], ws, strict=True):
+        for side, color, marker in (("model", "#1565c0", "o"), ("real", "#d32f2f", "s")):
+            rows = w["rows"]
+            ax.scatter([r[f"{side}_cpu_percent"] for r in rows],
+                       [r[f"{side}_saved_bytes"] / 2**20 for r in rows], color=color,
+                       marker=marker, s=18, alpha=0.5)
+            front = [rows[i] for i in w[f"{side}_front"]]
+            ax.plot([r[f"{side}_cpu_percent"] for r in front],
+                    [r[f"{side}_saved_bytes"] / 2**20 for r in front], color=color,
+                    marker=marker, label=f"{'model' if side == 'model' else 'real kernel'} front")
+            rec = w[f"{side}_recommendation"]
+            if rec is not None:
+                ax.scatter([rows[rec][f"{side}_cpu_percent"]], [rows[rec][f"{side}_saved_bytes"] / 2**20],
+                           marker="*", s=220, color=color, edgecolor="black", zorder=5)
+        ax.axvline(fid["budget_percent"], color="gray", linestyle="--", linewidth=1)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_title(w["name"], fontsize=10)
+        ax.set_xlabel("ksmd CPU, % of one CPU")
+        ax.set_ylabel("memory saved at the end, MiB")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="+", choices=("fidelity", "scale"),
+                    default=["fidelity", "scale"])
+    ap.add_argument("--seconds", type=float, default=20.0,
+                    help="each fidelity run's length (real seconds on the kernel)")
+    ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    ap.add_argument("--plot", metavar="FILE", help="draw the fidelity fronts side by side")
+    args = ap.parse_args()
+    results: dict[str, Any] = {}
+    if "fidelity" in args.only:
+        results["fidelity"] = fidelity(args.seconds)
+        if args.plot:
+            plot_fronts(results["fidelity"], args.plot)
+    if "scale" in args.only:
+        results["scale"] = scale()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
