@@ -53,7 +53,7 @@ Model choices (documented in docs/cost-model.md):
 
 **The busy machine** (``cpu_scale``).  On a shared machine the real ksmd's
 CPU time per full scan is heavy-tailed: most scans cost what the terms above
-say, but a few (about 6 % of the calibration scans, in stretches of seconds,
+say, but a few (about 7 % of the calibration scans, in stretches of seconds,
 at no particular workload or scan) cost 2 to 10 times as much, the same work
 done on a disturbed CPU.  The terms are fitted to the typical scan (relative
 errors, robust to those); a checkpoint's CPU time is a *sum* over many scans,
