@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ksmlab.calibrate.fit import fit_clock, fit_cpu, nnls, replay_ns
+from ksmlab.calibrate.fit import Residual, cpu_scale, disturbance, fit_clock, fit_cpu, nnls, replay_ns
 from ksmlab.calibrate.measure import ScanSample, run_model
 from ksmlab.calibrate.workloads import workloads
 from ksmlab.ksm.cost import FEATURES, KsmdClock, KsmdCost, default_cost
@@ -75,6 +75,24 @@ def test_fit_gives_back_the_parameters_of_the_samples(
     prior = KsmdCost({f: true[f] * (2.0 if i % 2 else 0.5) for i, f in enumerate(FEATURES)})
     _, residuals = fit_cpu(samples, prior)
     assert max(abs(r.error) for r in residuals) < 0.10
+
+
+def _sample(cpu_ns: int) -> ScanSample:
+    return ScanSample("w", 0, 0, cpu_ns, 0, dict.fromkeys(FEATURES, 0.0), [], 20, 1, 1)
+
+
+def test_busy_machine_factor_is_measured_over_predicted_summed() -> None:
+    """Ten scans predicted 10 ms each: eight measured 10 ms, two disturbed at 30 ms.  The sum
+    measured is 8 x 10 + 2 x 30 = 140 ms against 100 predicted: a factor of 1.4, though the
+    median scan is as predicted; 2 of 10 scans (60 of 140 ms) cost 2x or more."""
+    res = [Residual(_sample(10_000_000 if i < 8 else 30_000_000), 10_000_000.0)
+           for i in range(10)]
+    assert cpu_scale(res) == pytest.approx(1.4)
+    d = disturbance(res)
+    assert d["median_ratio"] == 1.0
+    assert d["slow_share"] == pytest.approx(0.2)
+    assert d["slow_cpu_share"] == pytest.approx(60 / 140)
+    assert cpu_scale([]) == 1.0
 
 
 def test_fit_clock_finds_the_delay_and_stretch(model_scans: dict[str, list[ScanSample]]) -> None:

@@ -272,6 +272,43 @@ def test_cost_of_a_batch_is_the_sum_of_its_terms() -> None:
     assert cost.cost_ns(features(w, (0, 0), (0, 0))) == 1000 + 4 * 10 + 10
 
 
+def test_the_busy_machine_factor_scales_every_batch() -> None:
+    """cpu_scale multiplies the terms' sum: (1000 + 4 x 10 + 4 x 2.5) x 1.25 = 1312.5 -> 1312
+    (rounded half to even, as Python rounds)."""
+    ns = dict.fromkeys(FEATURES, 0.0) | {"batch": 1000.0, "page": 10.0, "checksum": 2.5}
+    w = KsmdWork(pages=4, checksums=4)
+    assert KsmdCost(ns, cpu_scale=1.25).cost_ns(features(w, (0, 0), (0, 0))) == 1312
+    assert KsmdCost(ns).cpu_scale == 1.0  # no factor unless asked
+
+
+@pytest.mark.parametrize(("value", "error", "message"), [
+    (0, ValueError, "cpu_scale must be > 0, got 0"),
+    (-1.5, ValueError, r"cpu_scale must be a finite number >= 0, got -1.5"),
+    (math.inf, ValueError, "cpu_scale must be a finite number"),
+    (True, TypeError, "cpu_scale must be a number, got True"),
+    ("1.2", TypeError, "cpu_scale must be a number, got '1.2'"),
+])
+def test_a_bad_busy_machine_factor_is_refused(value: Any, error: type[Exception],
+                                              message: str) -> None:
+    with pytest.raises(error, match=message):
+        KsmdCost(dict(EXACT.ns), cpu_scale=value)
+
+
+@pytest.mark.parametrize("kind", [SimKernel, BulkKernel])
+def test_both_engines_charge_the_factor(kind: type) -> None:
+    """Every term 0 but 1 ms per batch, and a factor of 1.5: each batch costs 1.5 ms, in
+    either engine (the first batch runs at once after run=1)."""
+    ns = dict.fromkeys(FEATURES, 0.0) | {"batch": 1e6}
+    k = kind(cost=KsmdCost(ns, KsmdClock(hz=250), cpu_scale=1.5))
+    p = k.spawn()
+    a = p.mmap(4 * PAGE_SIZE)
+    p.write(a, b"x" * 4 * PAGE_SIZE)
+    p.madvise(a, 4 * PAGE_SIZE, MADV_MERGEABLE)
+    k.sysfs["run"] = "1"
+    assert k.ksmd.batch()
+    assert k.ksmd.cpu_ns == 1_500_000
+
+
 # --- the cost file -----------------------------------------------------------------------
 
 def test_cost_file_round_trip(tmp_path: Path) -> None:
@@ -280,6 +317,18 @@ def test_cost_file_round_trip(tmp_path: Path) -> None:
     loaded = KsmdCost.load(path)
     assert loaded.ns == EXACT.ns and loaded.clock == EXACT.clock
     assert loaded.source == str(path)
+    scaled = KsmdCost(dict(EXACT.ns), EXACT.clock, cpu_scale=1.2)
+    scaled.save(path)
+    assert KsmdCost.load(path).cpu_scale == 1.2
+
+
+def test_a_cost_file_without_the_factor_has_none(tmp_path: Path) -> None:
+    """Files written before the busy-machine factor load with cpu_scale 1 (no disturbance)."""
+    doc = EXACT.to_dict()
+    del doc["cpu_scale"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(doc))
+    assert KsmdCost.load(path).cpu_scale == 1.0
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -293,6 +342,8 @@ def test_cost_file_round_trip(tmp_path: Path) -> None:
     (lambda d: d["clock"].update(run_stretch=0.5), "run_stretch must be >= 1"),
     (lambda d: d["clock"].update(hz=0), "clock.hz"),
     (lambda d: d["clock"].pop("hz"), '"clock" must give'),
+    (lambda d: d.update(cpu_scale=0), "cpu_scale must be > 0"),
+    (lambda d: d.update(cpu_scale="x"), "cpu_scale must be a number"),
 ])
 def test_bad_cost_files_are_refused_naming_the_field(tmp_path: Path, change: Any,
                                                      message: str) -> None:

@@ -133,6 +133,10 @@ def _print(cost: KsmdCost, ranges: dict[str, tuple[float, float]], out: Path) ->
     console.print(f"clock: HZ={c.hz}, {c.late_fraction:.0%} of timer wake-ups a jiffy late, "
                   f"mean scheduling delay {c.wake_delay_ns / 1e6:.2f} ms, "
                   f"run stretch {c.run_stretch:g}")
+    d = fit.get("disturbance", {})
+    console.print(f"busy machine: CPU time x {cost.cpu_scale:.3f} (measured over the terms' "
+                  f"prediction, all scans; median scan x {d.get('median_ratio', 1.0):.3f}, "
+                  f"{d.get('slow_share', 0.0):.0%} of scans at 2x or more)")
     res = Table(title=f"CPU per full scan, {fit['clean_samples']} of {fit['samples']} scans "
                       f"clean: RMS error {fit['cpu_rms_error']:.1%}, wall time RMS error "
                       f"{fit['wall_rms_error']:.1%}")

@@ -26,7 +26,15 @@ from pathlib import Path
 
 from ksmlab import __version__
 from ksmlab.api import Kernel
-from ksmlab.calibrate.fit import Residual, fit_clock, fit_cpu, late_fraction, summarise
+from ksmlab.calibrate.fit import (
+    Residual,
+    cpu_scale,
+    disturbance,
+    fit_clock,
+    fit_cpu,
+    late_fraction,
+    summarise,
+)
 from ksmlab.calibrate.measure import (
     PROBE_SLEEP_MS,
     ModelScan,
@@ -111,6 +119,10 @@ def calibrate(k: Kernel, *, repeats: int = 1, scale: int = 16384,
     params, residuals = fit_cpu(samples, prior)
     per_repeat = [fit_cpu([s for s in samples if s.repeat == r], prior)[0]
                   for r in range(repeats)] if repeats > 1 else []
+    # The terms fit the typical scan; the busy machine's factor makes sums right on average.
+    busy = cpu_scale(residuals)
+    busy_per_repeat = [cpu_scale([x for x in residuals if x.sample.repeat == r])
+                        for r in range(repeats)] if repeats > 1 else []
     hz = config_hz()
     if hz is None:  # the period of a 20 ms sleep tells HZ apart
         period = statistics.median(gaps) if gaps else 0
@@ -133,8 +145,10 @@ def calibrate(k: Kernel, *, repeats: int = 1, scale: int = 16384,
         "timer_gaps": len(gaps), "timer_gap_median_ms": statistics.median(gaps) / 1e6 if gaps
         else None,
         "per_repeat": per_repeat,
+        "cpu_scale_per_repeat": busy_per_repeat,
+        "disturbance": disturbance(residuals),
     }
-    cost = KsmdCost(params, clock, "ksmlab calibrate", fit)
+    cost = KsmdCost(params, clock, "ksmlab calibrate", fit, busy)
     return Calibration(cost, samples, residuals, walls, per_repeat)
 
 

@@ -11,6 +11,13 @@ method on numpy), and adds a weak pull towards prior values (weight
 workloads cannot separate (two terms that always occur together) stays near
 a plausible split instead of swinging to an extreme.
 
+**The busy machine.**  The relative weighting makes the terms fit the
+typical scan: a scan that a disturbed machine made 2 to 10 times dearer
+weighs little.  What a checkpoint of a scenario measures is a sum over many
+scans, disturbed ones included, so :func:`cpu_scale` then measures, over
+all clean scans, the measured CPU time over the terms' prediction
+(``KsmdCost.cpu_scale``, see :mod:`ksmlab.ksm.cost`).
+
 **Clock.**  The share of late wake-ups (a whole jiffy late,
 :func:`~ksmlab.ksm.jiffies.late_wake`) is measured directly: the gaps between
 the batches of a one-page workload (a batch per full scan) at
@@ -175,5 +182,25 @@ def summarise(residuals: Sequence[Residual]) -> dict[str, dict[str, float]]:
                    "worst_error": max(errs, key=abs)} for name, errs in by.items()}
 
 
-__all__ = ["Residual", "batch_costs", "fit_clock", "fit_cpu", "late_fraction", "nnls", "replay_ns",
-           "summarise"]
+def cpu_scale(residuals: Sequence[Residual]) -> float:
+    """The busy machine's factor: every scan's measured CPU time over what the fitted terms
+    predict for it, summed (so the model's sums, a checkpoint's CPU time, are right on
+    average, disturbed scans included); 1.0 with no residual."""
+    measured = sum(r.sample.cpu_ns for r in residuals)
+    predicted = sum(r.predicted_ns for r in residuals)
+    return measured / predicted if predicted > 0 and measured > 0 else 1.0
+
+
+def disturbance(residuals: Sequence[Residual], factor: float = 2.0) -> dict[str, float]:
+    """How heavy the tail is: the median measured/predicted ratio, and the share of scans
+    and of the measured CPU time in scans that cost at least *factor* times the prediction."""
+    ratios = [r.sample.cpu_ns / r.predicted_ns for r in residuals if r.predicted_ns > 0]
+    slow = [r for r in residuals if r.predicted_ns > 0 and r.sample.cpu_ns >= factor * r.predicted_ns]
+    total = sum(r.sample.cpu_ns for r in residuals)
+    return {"median_ratio": statistics.median(ratios) if ratios else 1.0,
+            "slow_share": len(slow) / len(ratios) if ratios else 0.0,
+            "slow_cpu_share": sum(r.sample.cpu_ns for r in slow) / total if total else 0.0}
+
+
+__all__ = ["Residual", "batch_costs", "cpu_scale", "disturbance", "fit_clock", "fit_cpu",
+           "late_fraction", "nnls", "replay_ns", "summarise"]

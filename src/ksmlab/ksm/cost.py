@@ -51,6 +51,16 @@ Model choices (documented in docs/cost-model.md):
   way to another content costs one node compare, like any node).
 * A compare of unequal pages costs the same wherever they differ.
 
+**The busy machine** (``cpu_scale``).  On a shared machine the real ksmd's
+CPU time per full scan is heavy-tailed: most scans cost what the terms above
+say, but a few (about 7 % of the calibration scans, in stretches of seconds,
+at no particular workload or scan) cost 2 to 10 times as much, the same work
+done on a disturbed CPU.  The terms are fitted to the typical scan (relative
+errors, robust to those); a checkpoint's CPU time is a *sum* over many scans,
+whose expectation includes the disturbed ones.  So the cost of a batch is
+the terms' sum times ``cpu_scale``: the measured CPU time of every
+calibration scan over what the terms predict for it (1.0 = no disturbance).
+
 Parameters are fitted to the real ksmd by ``ksmlab calibrate`` (numpy least
 squares over micro-workloads, :mod:`ksmlab.calibrate`) and stored in a JSON
 file (:meth:`KsmdCost.load`); the defaults are such a file fitted on this
@@ -217,23 +227,27 @@ class KsmdCost:
         clock: the sleep and scheduling model.
         source: where the parameters came from (a file, or "defaults").
         fit: what the calibration recorded (machine, load, residuals), for reports.
+        cpu_scale: expected CPU time per unit of the terms' sum: the busy
+            machine's share of disturbed batches (see the module doc); > 0.
     """
 
     ns: dict[str, float]
     clock: KsmdClock = KsmdClock()
     source: str = "<code>"
     fit: dict[str, Any] = field(default_factory=dict, compare=False)
+    cpu_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _check_ns(self.ns)
         if not isinstance(self.clock, KsmdClock):
             raise TypeError(f"clock must be a KsmdClock, got {self.clock!r}")
+        object.__setattr__(self, "cpu_scale", _scale("cpu_scale", self.cpu_scale))
         object.__setattr__(self, "ns", {name: float(self.ns[name]) for name in FEATURES})
 
     def cost_ns(self, feats: dict[str, float]) -> int:
-        """CPU time of a batch with these features."""
+        """CPU time of a batch with these features (the terms' sum times ``cpu_scale``)."""
         ns = self.ns
-        return max(0, round(sum(ns[name] * feats[name] for name in FEATURES)))
+        return max(0, round(self.cpu_scale * sum(ns[name] * feats[name] for name in FEATURES)))
 
     # --- the file format -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -241,6 +255,7 @@ class KsmdCost:
         c = self.clock
         return {"format": FORMAT, "version": VERSION,
                 "ns": {name: self.ns[name] for name in FEATURES},
+                "cpu_scale": self.cpu_scale,
                 "clock": {"hz": c.hz, "wake_delay_ns": c.wake_delay_ns,
                           "late_fraction": c.late_fraction, "run_stretch": c.run_stretch},
                 "fit": self.fit}
@@ -252,7 +267,7 @@ class KsmdCost:
             raise ValueError(f"{source}: not a ksmd cost file (no \"format\": \"{FORMAT}\")")
         if doc.get("version") != VERSION:
             raise ValueError(f"{source}: version {doc.get('version')!r} is not {VERSION}")
-        unknown = set(doc) - {"format", "version", "ns", "clock", "fit"}
+        unknown = set(doc) - {"format", "version", "ns", "cpu_scale", "clock", "fit"}
         if unknown:
             raise ValueError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}")
         ns = doc.get("ns")
@@ -267,6 +282,8 @@ class KsmdCost:
             delay = _number("clock.wake_delay_ns", clock["wake_delay_ns"])
             late = _number("clock.late_fraction", clock["late_fraction"])
             stretch = _number("clock.run_stretch", clock["run_stretch"])
+            # Files written before the busy-machine factor have none: no disturbance.
+            scale = _scale("cpu_scale", doc.get("cpu_scale", 1.0))
         except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: {e}") from None
         if stretch < 1.0:
@@ -276,7 +293,7 @@ class KsmdCost:
         fit = doc.get("fit", {})
         if not isinstance(fit, dict):
             raise ValueError(f"{source}: \"fit\" must be an object")
-        return cls(parsed, KsmdClock(hz, delay, late, stretch), source, fit)
+        return cls(parsed, KsmdClock(hz, delay, late, stretch), source, fit, scale)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> KsmdCost:
@@ -306,7 +323,7 @@ class KsmdCost:
         clock = KsmdClock(**{"hz": c.hz, "wake_delay_ns": c.wake_delay_ns,
                              "late_fraction": c.late_fraction, "run_stretch": c.run_stretch,
                              **changes})
-        return KsmdCost(dict(self.ns), clock, self.source, self.fit)
+        return KsmdCost(dict(self.ns), clock, self.source, self.fit, self.cpu_scale)
 
 
 def _number(name: str, value: object) -> float:
@@ -315,6 +332,13 @@ def _number(name: str, value: object) -> float:
     v = float(value)
     if not math.isfinite(v) or v < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return v
+
+
+def _scale(name: str, value: object) -> float:
+    v = _number(name, value)
+    if v == 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
     return v
 
 
@@ -335,7 +359,7 @@ def default_cost() -> KsmdCost:
     if _DEFAULTS is None:
         text = resources.files("ksmlab").joinpath(DEFAULT_FILE).read_text("utf-8")
         cost = KsmdCost.from_dict(json.loads(text), f"ksmlab/{DEFAULT_FILE}")
-        _DEFAULTS = KsmdCost(cost.ns, cost.clock, "defaults", cost.fit)
+        _DEFAULTS = KsmdCost(cost.ns, cost.clock, "defaults", cost.fit, cost.cpu_scale)
     return _DEFAULTS
 
 
