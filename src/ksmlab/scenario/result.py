@@ -200,6 +200,12 @@ class RunResult:
             ``"SIGTERM"``), or None for a run that went to its end.  An
             interrupted run holds the checkpoints reached and the timeline up to
             :attr:`end_s`.
+        ksmd_cpu_at_start_s: ksmd's CPU time since boot at the start, which the
+            scan-time advisor's first step counts: the scenario's
+            ``ksmd_cpu_at_start`` on a model, the real ksmd's on the real kernel
+            (None: unknown, or a document written before it was recorded).
+        notes: remarks on how the run was made (e.g. a scenario field the
+            backend ignored), one sentence each.
     """
 
     scenario: ScenarioInfo
@@ -211,6 +217,8 @@ class RunResult:
     end_s: float
     failures: tuple[str, ...] = ()
     interrupted: str | None = None
+    ksmd_cpu_at_start_s: float | None = None
+    notes: tuple[str, ...] = ()
 
     @property
     def partial(self) -> bool:

@@ -187,6 +187,7 @@ class Runner:
         self.timeline: list[tuple[float, ...]] = []
         self.failures: list[str] = []
         self.knobs: dict[str, int | str] = {}
+        self.notes: list[str] = []
 
     # --- scheduling ------------------------------------------------------------------
     def _push(self, t_ns: int, kind: _Kind, item: object) -> None:
@@ -208,9 +209,11 @@ class Runner:
             raise RunError(msg) from e
         finally:
             self.content.close()
+        cpu0 = self.backend.ksmd_cpu_at_start_ns() if self._started else None
         return RunResult(ScenarioInfo.of(self.sc), self.backend.name, self.backend.describe(),
                          self.knobs, tuple(self.checkpoints), tuple(self.timeline),
-                         self.backend.now_ns() / NS_PER_S, tuple(self.failures), self.stopped)
+                         self.backend.now_ns() / NS_PER_S, tuple(self.failures), self.stopped,
+                         None if cpu0 is None else cpu0 / NS_PER_S, tuple(self.notes))
 
     # --- stopping early -------------------------------------------------------------------
     def _stopping(self) -> bool:
@@ -263,6 +266,12 @@ class Runner:
 
     def _setup(self) -> None:
         sc, sysfs = self.sc, self.kernel.sysfs
+        # Before any knob: the advisor's first step counts ksmd's CPU since boot.
+        if not self.backend.seed_ksmd_cpu(sc.ksmd_cpu_at_start_ns) and sc.ksmd_cpu_at_start_ns:
+            self.notes.append(
+                f"[scenario] ksmd_cpu_at_start = "
+                f"{format_duration(sc.ksmd_cpu_at_start_ns / NS_PER_S)} was ignored: "
+                f"{self.backend.describe()} has its own ksmd, whose CPU time since boot counts")
         if sysfs["run"] != "0":
             self._write_knob("run", "0", "setting up")
         for name, value in sc.knobs:
