@@ -231,5 +231,13 @@ class RunResult:
         return not self.failures and not self.partial
 
 
+def advisor_start_note(cpu_ns: int, whose: str) -> str:
+    """The note of a run under the scan-time advisor: the ksmd CPU time its first step counts."""
+    return (f"ksmd's CPU time since boot at the start was {format_duration(cpu_ns / NS_PER_S)} "
+            f"({whose}): the scan-time advisor's first step counts all of it (on a host up for "
+            f"a while it starts with ksmd nearly stalled; docs/scenarios.md)")
+
+
 __all__ = ["TIMELINE_COLUMNS", "CheckResult", "CheckpointResult", "MappingInfo", "ProcessInfo",
-           "RunResult", "ScenarioInfo", "describe_action", "describe_activity", "describe_event"]
+           "RunResult", "ScenarioInfo", "advisor_start_note", "describe_action",
+           "describe_activity", "describe_event"]

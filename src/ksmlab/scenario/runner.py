@@ -81,6 +81,7 @@ from ksmlab.scenario.result import (
     CheckResult,
     RunResult,
     ScenarioInfo,
+    advisor_start_note,
     describe_action,
 )
 from ksmlab.scenario.units import NS_PER_S, format_duration
@@ -292,6 +293,11 @@ class Runner:
         self.backend.start_clock()
         self._started = True
         self.knobs = {n: read_knob(sysfs[n]) for n in WRITE_ORDER if n in sysfs}
+        cpu0 = self.backend.ksmd_cpu_at_start_ns()
+        if self.knobs.get("advisor_mode") == "scan-time" and cpu0 is not None:
+            whose = ("the real ksmd's" if self.backend.name == "linux"
+                     else "[scenario] ksmd_cpu_at_start")
+            self.notes.append(advisor_start_note(cpu0, whose))
         for name in DELTA_COUNTERS:
             self._base[name] = self._last[name] = self._raw(name)
             self._acc[name] = 0
