@@ -29,9 +29,8 @@ Usage (root, KSM available)::
     python bench/timing.py --json timing.json   # the figures docs/cost-model.md records
     python bench/timing.py --cost my-cost.json  # another cost model
 
-The model's machine starts with ksmd's CPU time set to the real ksmd's
-(the scan-time advisor's first step counts all of ksmd's CPU time since
-boot).  Timings are printed, never asserted.
+The model's runs start with ``ksmd_cpu_at_start`` set to the real ksmd's CPU
+time since boot (the scan-time advisor's first step counts all of it).  Timings are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -56,7 +55,7 @@ from ksmlab.scenario.loader import builtin_scenario_text, load_scenario, parse_s
 from ksmlab.scenario.model import Scenario
 from ksmlab.scenario.result import RunResult
 from ksmlab.scenario.runner import run_scenario
-from ksmlab.scenario.transform import truncate
+from ksmlab.scenario.transform import truncate, with_ksmd_cpu_at_start
 from ksmlab.scenario.units import NS_PER_S, parse_duration_ns
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -125,11 +124,11 @@ def run_real(sc: Scenario) -> Trace:
 
 
 def run_model(sc: Scenario, cost: KsmdCost | None) -> Trace:
+    boot_cpu = host.ksmd_cpu_ns()
+    if boot_cpu is not None:  # the real ksmd's CPU since boot: the advisor's first step sees it
+        sc = with_ksmd_cpu_at_start(sc, boot_cpu)
     backend = SimBackend(cost=cost)
     ksmd = backend.sim.ksmd
-    boot_cpu = host.ksmd_cpu_ns()
-    if boot_cpu is not None:
-        ksmd.cpu_ns = boot_cpu  # the real ksmd's CPU since boot: the advisor's first step sees it
     engine = backend.sim.ksm.core
     ends: list[tuple[int, int]] = []
     once = ksmd.scan_thread_once

@@ -68,8 +68,9 @@ class Pfns:
 
 def write_snapshot(path: Path, procs: list[Proc], *, knobs: dict[str, str] | None = None,
                    policy: str = "as-is", samples: int = 1, interval_s: float = 0.0,
-                   pfn_known: bool = True) -> Path:
-    """Write *procs* as a snapshot at *path* (metadata as ``ksmlab snapshot`` writes it)."""
+                   pfn_known: bool = True, extra_meta: dict[str, Any] | None = None) -> Path:
+    """Write *procs* as a snapshot at *path* (metadata as ``ksmlab snapshot`` writes it,
+    with *extra_meta*'s fields added)."""
     w = SnapshotWriter(str(path))
     meta_procs = []
     for p in sorted(procs, key=lambda p: p.pid):
@@ -103,7 +104,8 @@ def write_snapshot(path: Path, procs: list[Proc], *, knobs: dict[str, str] | Non
             "privileges": {"pfn": pfn_known, "kpageflags": pfn_known},
             "ksm": None if knobs is None else {"knobs": knobs, "counters": {}},
             "processes": meta_procs, "unreadable": [],
-            "capture": {"pass_starts_s": [i * interval_s for i in range(samples)]}}
+            "capture": {"pass_starts_s": [i * interval_s for i in range(samples)]},
+            **(extra_meta or {})}
     w.close(meta)
     return path
 

@@ -137,7 +137,8 @@ NUMBER_OR_NULL = (int, float, type(None))
 RUN_SCHEMA = {
     "schema": str, "ksmlab_version": str, "backend": str, "machine": str, "ok": bool,
     "partial": bool, "interrupted": (str, type(None)),
-    "failures": list, "knobs": dict, "end_s": (int, float), "checkpoints": list,
+    "failures": list, "notes": list, "ksmd_cpu_at_start_s": NUMBER_OR_NULL,
+    "knobs": dict, "end_s": (int, float), "checkpoints": list,
     "timeline": {"columns": list, "rows": list},
     "scenario": {"name": str, "description": str, "source": str, "seed": int,
                  "planned_end_s": (int, float), "sample_interval_s": NUMBER_OR_NULL,
@@ -160,6 +161,7 @@ def test_json_schema(default_run: dict[str, Any]) -> None:
     assert doc["schema"] == "ksmlab.run/1"
     assert (doc["backend"], doc["ok"], doc["failures"]) == ("sim", True, [])
     assert (doc["partial"], doc["interrupted"]) == (False, None)
+    assert (doc["notes"], doc["ksmd_cpu_at_start_s"]) == ([], 0.0)  # a freshly booted model
     assert doc["scenario"]["source"] == "<built-in>"
     assert doc["scenario"]["total_pages"] == 12 * 8 * 2**20 // PAGE_SIZE
     knobs = doc["knobs"]

@@ -53,9 +53,12 @@ from ksmlab.cli_common import (
     EXIT_INVALID,
     EXIT_OK,
     EXIT_UNAVAILABLE,
+    KSMD_CPU_HELP,
     TABLE_WIDTH,
     CliError,
+    ksmd_cpu_arg,
     load_cost_arg,
+    resolve_ksmd_cpu,
     write_file,
 )
 from ksmlab.cli_common import console as _console
@@ -81,7 +84,11 @@ from ksmlab.scenario.loader import (
 from ksmlab.scenario.model import Scenario
 from ksmlab.scenario.result import RunResult
 from ksmlab.scenario.runner import ProgressInfo, RunError, run_scenario
-from ksmlab.scenario.transform import latest_end_ns, with_sample_interval
+from ksmlab.scenario.transform import (
+    latest_end_ns,
+    with_ksmd_cpu_at_start,
+    with_sample_interval,
+)
 from ksmlab.scenario.units import NS_PER_S, format_bytes, format_duration, parse_duration_ns
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_INVALID", "EXIT_OK", "EXIT_UNAVAILABLE",
@@ -162,6 +169,13 @@ def _load(args: argparse.Namespace) -> Scenario:
                            "scenario on past its end), got no --until", EXIT_INVALID)
         if args.sample is not None:
             sc = with_sample_interval(sc, args.sample)
+        cpu = getattr(args, "ksmd_cpu_at_start", None)
+        if cpu is not None:
+            if args.backend == "linux":
+                raise CliError("ksmlab: --ksmd-cpu-at-start applies to the model (--backend sim "
+                               "or bulk): the real kernel's ksmd has its own CPU time",
+                               EXIT_INVALID)
+            sc = with_ksmd_cpu_at_start(sc, resolve_ksmd_cpu(cpu, "ksmlab"))
     except ScenarioError as e:
         raise CliError(str(e), EXIT_INVALID) from None
     return sc
@@ -450,6 +464,8 @@ def _add_scenario_options(p: argparse.ArgumentParser) -> None:
                    help="the model's ksmd CPU cost and clock: a file written by `ksmlab "
                         "calibrate` (default: the model shipped, fitted on the project's "
                         "machine; see docs/cost-model.md)")
+    p.add_argument("--ksmd-cpu-at-start", type=ksmd_cpu_arg, metavar="DUR|host",
+                   help=f"replace the scenario's [scenario] ksmd_cpu_at_start: {KSMD_CPU_HELP}")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar on stderr once the run takes more than "
                         f"{PROGRESS_AFTER_S:g} s (default: when stderr is a terminal)")

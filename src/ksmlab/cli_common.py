@@ -50,7 +50,8 @@ def write_file(path: Path, data: str | bytes) -> None:
 
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_INVALID", "EXIT_OK", "EXIT_UNAVAILABLE",
-           "TABLE_WIDTH", "CliError", "console", "write_file"]
+           "KSMD_CPU_HELP", "TABLE_WIDTH", "CliError", "console", "ksmd_cpu_arg", "load_cost_arg",
+           "resolve_ksmd_cpu", "write_file"]
 
 
 def load_cost_arg(path: str | None, command: str) -> KsmdCost | None:
@@ -67,3 +68,39 @@ def load_cost_arg(path: str | None, command: str) -> KsmdCost | None:
                        EXIT_INVALID) from None
     except ValueError as e:
         raise CliError(f"{command}: --cost: {e}", EXIT_INVALID) from None
+
+
+KSMD_CPU_HELP = ("ksmd's CPU time since boot when the run starts, e.g. 4min, or `host`: this "
+                 "machine's ksmd's now. The scan-time advisor's first step counts all of it "
+                 "(docs/scenarios.md); models only")
+
+
+def ksmd_cpu_arg(text: str) -> int | str:
+    """A ``--ksmd-cpu-at-start`` value: nanoseconds, or ``"host"`` (read when used,
+    :func:`resolve_ksmd_cpu`)."""
+    import argparse
+
+    from ksmlab.scenario.units import parse_duration_ns
+
+    if text.strip() == "host":
+        return "host"
+    try:
+        return parse_duration_ns(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected {e}, or host, got {text!r}") from None
+
+
+def resolve_ksmd_cpu(value: int | str, command: str) -> int:
+    """The nanoseconds of a ``--ksmd-cpu-at-start`` value; ``host`` is this machine's ksmd's
+    CPU time since boot now, a CliError (exit 3) when it cannot be read."""
+    if value != "host":
+        assert isinstance(value, int)
+        return value
+    from ksmlab.scenario.host import ksmd_cpu_ns
+
+    ns = ksmd_cpu_ns()
+    if ns is None:
+        raise CliError(f"{command}: --ksmd-cpu-at-start host: cannot read this machine's ksmd's "
+                       f"CPU time (no ksmd kernel thread in /proc, or its stat unreadable); "
+                       f"give a duration instead", EXIT_UNAVAILABLE)
+    return ns

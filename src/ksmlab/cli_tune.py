@@ -27,9 +27,12 @@ from ksmlab.cli_common import (
     EXIT_INVALID,
     EXIT_OK,
     EXIT_UNAVAILABLE,
+    KSMD_CPU_HELP,
     CliError,
     console,
+    ksmd_cpu_arg,
     load_cost_arg,
+    resolve_ksmd_cpu,
     write_file,
 )
 from ksmlab.cli_output import output_arg, plot_arg
@@ -138,6 +141,9 @@ def add_tune_parser(sub: Any, fmt: type[argparse.HelpFormatter], exit_codes: str
     p.add_argument("--cost", metavar="FILE",
                    help="ksmd's CPU cost and clock on the model: a file written by `ksmlab "
                         "calibrate` (default: the model shipped; see docs/cost-model.md)")
+    p.add_argument("--ksmd-cpu-at-start", type=ksmd_cpu_arg, metavar="DUR|host",
+                   help=f"every configuration's: {KSMD_CPU_HELP} (default: the scenario's "
+                        f"ksmd_cpu_at_start, or a snapshot's host at capture)")
     p.add_argument("--yes", action="store_true",
                    help=f"run a grid of more than {MAX_POINTS:,} configurations")
     p.add_argument("--json", action="store_true",
@@ -212,9 +218,11 @@ def _snapshot_workload(args: argparse.Namespace, configs: list[Config]) -> Workl
     host = args.host_memory or max(pages, 1) * PAGE_SIZE
     print(f"ksmlab: {pages} pages of {args.source} on the {engine} engine, each configuration "
           f"for {until / NS_PER_S:g} s of virtual time", file=sys.stderr, flush=True)
+    cpu0 = (None if args.ksmd_cpu_at_start is None
+            else resolve_ksmd_cpu(args.ksmd_cpu_at_start, "ksmlab tune"))
     return Workload(f"snapshot {os.path.basename(args.source)}", args.source, engine, host,
                     snapshot=args.source, until_ns=until, seed=args.seed or 0,
-                    cost=load_cost_arg(args.cost, "ksmlab tune"))
+                    cost=load_cost_arg(args.cost, "ksmlab tune"), ksmd_cpu_at_start_ns=cpu0)
 
 
 @contextmanager

@@ -72,6 +72,12 @@ def _seed_arg(text: str) -> int:
     return seed
 
 
+def _ksmd_cpu_arg(text: str) -> int | str:
+    from ksmlab.cli_common import ksmd_cpu_arg
+
+    return ksmd_cpu_arg(text)
+
+
 def add_estimate_parser(sub: argparse._SubParsersAction[Any],
                         formatter: type[argparse.HelpFormatter], epilog: str) -> None:
     """Register ``estimate`` on the subcommand parsers *sub*."""
@@ -107,6 +113,11 @@ def add_estimate_parser(sub: argparse._SubParsersAction[Any],
                    help="ksmd's CPU cost and clock on the model: a file written by `ksmlab "
                         "calibrate` on the host to predict (default: the model shipped, fitted "
                         "on the project's machine; see docs/cost-model.md)")
+    p.add_argument("--ksmd-cpu-at-start", type=_ksmd_cpu_arg, metavar="DUR|host",
+                   help="ksmd's CPU time since boot when the run starts, e.g. 4min, or `host`: "
+                        "this machine's ksmd's now (default: the host's at capture, recorded "
+                        "in the snapshot; 0 if it is not). The scan-time advisor's first step "
+                        "counts all of it (docs/estimate.md)")
     p.add_argument("--json", action="store_true",
                    help="print the estimate as JSON (schema ksmlab.estimate/1) instead of the "
                         "tables")
@@ -181,6 +192,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         CliError,
         console,
         load_cost_arg,
+        resolve_ksmd_cpu,
         write_file,
     )
     from ksmlab.cli_output import output_arg, plot_arg
@@ -189,6 +201,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from ksmlab.snapshot.reader import SnapshotFormatError, read_snapshot
 
     cost = load_cost_arg(args.cost, "ksmlab estimate")
+    cpu0 = (None if args.ksmd_cpu_at_start is None
+            else resolve_ksmd_cpu(args.ksmd_cpu_at_start, "ksmlab estimate"))
     plot = plot_arg("--plot", args.plot)
     html = output_arg("--html", args.html)
     csv = output_arg("--timeline", args.timeline)
@@ -214,7 +228,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             est = run_estimate(snap, knobs=overrides, until_ns=args.until, sample_ns=args.sample,
                                engine=args.engine, by=args.by, seed=args.seed,
                                load_progress=bar.loading, run_progress=bar.running, stop=stop,
-                               cost=cost)
+                               cost=cost, ksmd_cpu_at_start_ns=cpu0)
         except ValueError as err:
             raise CliError(f"ksmlab estimate: {err}", EXIT_INVALID) from None
         bar.close()

@@ -6,7 +6,9 @@ the static bound (:mod:`~ksmlab.estimate.static`), the exposure
 and ksmd's run on it (:mod:`~ksmlab.estimate.simulate`).  The knobs are the
 host's at capture (the snapshot's metadata; a kernel's boot values if it had
 no KSM), with ``knobs`` overriding them; ``run`` is not one of them: the
-estimate is of ksmd running.
+estimate is of ksmd running.  ksmd starts with the host's CPU time since boot at
+capture (the snapshot's ``ksmd_cpu_ns``), which the scan-time advisor's first
+step counts.
 """
 
 from __future__ import annotations
@@ -23,8 +25,14 @@ from ksmlab.estimate.static import GROUPINGS, Bound, GroupBound, groups_bound, p
 from ksmlab.ksm.cost import KsmdCost
 from ksmlab.scenario.control import Controller
 from ksmlab.scenario.knobs import KNOBS, KnobValue, knob_text, read_knob
-from ksmlab.scenario.result import MappingInfo, ProcessInfo, RunResult, ScenarioInfo
-from ksmlab.scenario.units import NS_PER_S, format_duration
+from ksmlab.scenario.result import (
+    MappingInfo,
+    ProcessInfo,
+    RunResult,
+    ScenarioInfo,
+    advisor_start_note,
+)
+from ksmlab.scenario.units import MAX_DURATION_NS, NS_PER_S, format_duration
 from ksmlab.snapshot.reader import Snapshot
 
 __all__ = ["Estimate", "resolve_knobs", "run_estimate"]
@@ -45,6 +53,11 @@ class Estimate:
         processes: each process's own bound.
         settled: without ``until``, whether the saving settled before the caps.
         rewrites: page rewrites applied during the run.
+        ksmd_cpu_ns: ksmd's CPU time since boot the model's ksmd started with (the
+            scan-time advisor's first step counts it).
+        ksmd_cpu_source: where it came from: ``snapshot`` (the host at capture),
+            ``--ksmd-cpu-at-start``, or ``unknown`` (a snapshot that does not record
+            it: 0, a freshly booted host).
     """
 
     result: RunResult
@@ -57,6 +70,8 @@ class Estimate:
     processes: list[GroupBound]
     settled: bool | None
     rewrites: int
+    ksmd_cpu_ns: int = 0
+    ksmd_cpu_source: str = "unknown"
 
 
 def resolve_knobs(snap: Snapshot, overrides: Mapping[str, KnobValue]
@@ -128,7 +143,8 @@ def run_estimate(snap: Snapshot, *, knobs: Mapping[str, KnobValue] | None = None
                  load_progress: Callable[[int, int], None] | None = None,
                  run_progress: Callable[[RunProgress], None] | None = None,
                  stop: StopCheck | None = None, cost: KsmdCost | None = None,
-                 controller: Controller | None = None) -> Estimate:
+                 controller: Controller | None = None,
+                 ksmd_cpu_at_start_ns: int | None = None) -> Estimate:
     """Estimate what KSM would do for the processes of *snap* (see the module doc).
 
     Args:
@@ -140,6 +156,9 @@ def run_estimate(snap: Snapshot, *, knobs: Mapping[str, KnobValue] | None = None
         seed: the rewrites' random draws (and the bulk engine's).
         cost: ksmd's cost and clock model (None: the shipped one, docs/cost-model.md).
         controller: rewrites knobs during the run (``ksmlab tune``'s ksmtuned reference).
+        ksmd_cpu_at_start_ns: ksmd's CPU time since boot at the start, which the
+            scan-time advisor's first step counts; None: the host's at capture (the
+            snapshot's ``ksmd_cpu_ns``), or 0 where the snapshot does not record it.
 
     Raises:
         ValueError: a bad knob, engine, grouping or time (the message names it).
@@ -152,6 +171,10 @@ def run_estimate(snap: Snapshot, *, knobs: Mapping[str, KnobValue] | None = None
         raise ValueError(f"until: expected a duration > 0, got {until_ns / NS_PER_S:g} s")
     if sample_ns is not None and sample_ns <= 0:
         raise ValueError(f"sample: expected a duration > 0, got {sample_ns / NS_PER_S:g} s")
+    if ksmd_cpu_at_start_ns is not None and not 0 <= ksmd_cpu_at_start_ns <= MAX_DURATION_NS:
+        raise ValueError(f"ksmd_cpu_at_start: expected a duration from 0 to about 292 years, "
+                         f"got {ksmd_cpu_at_start_ns} ns")
+    cpu0, cpu_source = _ksmd_cpu(snap, ksmd_cpu_at_start_ns)
     written, sources = resolve_knobs(snap, knobs or {})
     plan = load_plan(snap)
     static = plan_bound(plan, written)
@@ -162,12 +185,33 @@ def run_estimate(snap: Snapshot, *, knobs: Mapping[str, KnobValue] | None = None
     m: Machine = load_machine(plan, name, written, seed=seed, progress=load_progress,
                               cost=cost)
     outcome = run_machine(m, until_ns=until_ns, sample_ns=sample_ns, seed=seed,
-                          progress=run_progress, stop=stop, controller=controller)
+                          progress=run_progress, stop=stop, controller=controller,
+                          ksmd_cpu_ns=cpu0)
     end_s = outcome.end_s if until_ns is None else until_ns / NS_PER_S
     info = _scenario(plan, snap, end_s, outcome.sample_interval_s, seed, outcome)
+    notes: tuple[str, ...] = ()
+    if outcome.knobs.get("advisor_mode") == "scan-time":
+        notes = (advisor_start_note(cpu0, _CPU_SOURCES[cpu_source]),)
     result = RunResult(info, name, f"{m.describe()}, predicting {snap.host or 'the host'}",
                        outcome.knobs, tuple(outcome.checkpoints), tuple(outcome.timeline),
-                       outcome.end_s, (), outcome.interrupted)
+                       outcome.end_s, (), outcome.interrupted, cpu0 / NS_PER_S, notes)
     return Estimate(result, plan, sources, static, by, groups, expo, procs, outcome.settled,
-                    outcome.rewrites)
+                    outcome.rewrites, cpu0, cpu_source)
+
+
+_CPU_SOURCES = {
+    "snapshot": "the host's at capture, from the snapshot",
+    "--ksmd-cpu-at-start": "--ksmd-cpu-at-start",
+    "unknown": "unknown: the snapshot does not record it, so a freshly booted host's; "
+               "give --ksmd-cpu-at-start",
+}
+
+
+def _ksmd_cpu(snap: Snapshot, given: int | None) -> tuple[int, str]:
+    """ksmd's CPU time since boot to start the model's ksmd with, and its source."""
+    if given is not None:
+        return given, "--ksmd-cpu-at-start"
+    if snap.ksmd_cpu_ns is not None:
+        return snap.ksmd_cpu_ns, "snapshot"
+    return 0, "unknown"
 

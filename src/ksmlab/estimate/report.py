@@ -24,7 +24,7 @@ from ksmlab.constants import PAGE_SIZE
 from ksmlab.estimate.core import Estimate
 from ksmlab.estimate.static import GroupBound
 from ksmlab.scenario.result import TIMELINE_COLUMNS
-from ksmlab.scenario.units import format_bytes
+from ksmlab.scenario.units import NS_PER_S, format_bytes
 
 __all__ = ["SCHEMA", "GrossFigures", "answer_lines", "estimate_document",
            "gross_figures", "plot_references", "render_terminal", "static_html"]
@@ -258,6 +258,8 @@ def estimate_document(e: Estimate) -> dict[str, Any]:
         },
         "knobs": run["knobs"],
         "knob_sources": dict(e.knob_sources),
+        "ksmd_cpu_at_start": {"s": e.ksmd_cpu_ns / NS_PER_S, "source": e.ksmd_cpu_source},
+        "notes": list(r.notes),
         "static": e.static.to_json(),
         "processes": [x.to_json() | {"pid": pp.pid, "comm": pp.comm, "uid": pp.uid,
                                      "cgroup": pp.cgroup}

@@ -142,6 +142,7 @@ class _Run:
                  controller: Controller | None = None) -> None:
         self.m = m
         self.controller = controller
+        self.ksmd_cpu_ns: int | None = None
         self.control_ns: int | None = None
         self.k = m.kernel
         self.ksmd = m.kernel.ksmd
@@ -238,6 +239,10 @@ class _Run:
 
     def run(self) -> Outcome:
         ksmd, sysfs = self.ksmd, self.k.sysfs
+        if self.ksmd_cpu_ns is not None:
+            # ksmd's CPU since boot, which the scan-time advisor's first step counts; it
+            # replaces the re-merge's, work the host's own ksmd had already done.
+            ksmd.cpu_ns = self.ksmd_cpu_ns
         sysfs["run"] = "1"
         self.t0, self.cpu0 = ksmd.now_ns, ksmd.cpu_ns
         self.base = {n: int(sysfs[n]) for n in DELTA_COUNTERS}
@@ -318,7 +323,8 @@ class _Run:
 
 def run_machine(m: Machine, *, until_ns: int | None, sample_ns: int | None = None, seed: int = 0,
                 progress: Callable[[RunProgress], None] | None = None,
-                stop: StopCheck | None = None, controller: Controller | None = None) -> Outcome:
+                stop: StopCheck | None = None, controller: Controller | None = None,
+                ksmd_cpu_ns: int | None = None) -> Outcome:
     """Start ksmd (``run=1``) on *m* and run it in virtual time (see the module doc).
 
     Args:
@@ -330,5 +336,9 @@ def run_machine(m: Machine, *, until_ns: int | None, sample_ns: int | None = Non
         stop: asked as often; a reason ends the run there (``interrupted``).
         controller: rewrites knobs during the run (:mod:`ksmlab.scenario.control`;
             ``ksmlab tune``'s model of ksmtuned), seeing the loaded pages as resident.
+        ksmd_cpu_ns: ksmd's CPU time since boot at the start (the scan-time advisor's
+            first step counts it); None: what the machine's ksmd has used so far.
     """
-    return _Run(m, until_ns, sample_ns, seed, progress, stop, controller).run()
+    run = _Run(m, until_ns, sample_ns, seed, progress, stop, controller)
+    run.ksmd_cpu_ns = ksmd_cpu_ns
+    return run.run()

@@ -6,7 +6,8 @@ document is deterministic for a run on the model: it holds no wall-clock time
 and no host name, so two runs of one scenario with one seed give equal
 documents.  :func:`from_document` reads one back (``ksmlab plot RESULT.json``);
 fields added since the first version (``partial``, ``interrupted``,
-``summary``, ``scenario.sample_interval_s``) may be absent from older ones.
+``summary``, ``scenario.sample_interval_s``, ``notes``, ``ksmd_cpu_at_start_s``) may be
+absent from older ones.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def to_document(r: RunResult) -> dict[str, Any]:
         "partial": r.partial,
         "interrupted": r.interrupted,
         "failures": list(r.failures),
+        "notes": list(r.notes),
+        "ksmd_cpu_at_start_s": r.ksmd_cpu_at_start_s,
         "summary": headline_document(headline(r)),
         "scenario": {
             "name": s.name,
@@ -151,9 +154,12 @@ def from_document(doc: Any) -> RunResult:
                  for row in _get(tl, "rows", list, "timeline"))
     knobs = {k: v for k, v in _get(doc, "knobs", dict, "").items() if isinstance(v, int | str)}
     interrupted = _get(doc, "interrupted", str, "") if doc.get("interrupted") is not None else None
+    cpu0 = (float(_get(doc, "ksmd_cpu_at_start_s", (int, float), ""))
+            if doc.get("ksmd_cpu_at_start_s") is not None else None)
+    notes = tuple(str(n) for n in _get(doc, "notes", list, "")) if "notes" in doc else ()
     return RunResult(info, _get(doc, "backend", str, ""), _get(doc, "machine", str, ""), knobs,
                      tuple(cps), rows, float(_get(doc, "end_s", (int, float), "")),
-                     tuple(_get(doc, "failures", list, "")), interrupted)
+                     tuple(_get(doc, "failures", list, "")), interrupted, cpu0, notes)
 
 
 __all__ = ["SCHEMA", "DocumentError", "from_document", "to_document"]

@@ -115,7 +115,7 @@ def answer_grid(r: RunResult, more: Sequence[tuple[str, str]] = ()) -> Table:
 def summary(r: RunResult, width: int | None = None,
             more: Sequence[tuple[str, str]] = ()) -> RenderableType:
     """The answer (and the lines *more*), the table (sideways if wider than *width* columns),
-    then one line per failure."""
+    then one line per failure and per note."""
     table = summary_table(r)
     wide = Console(width=10_000)  # measure unclamped
     if width is not None and Measurement.get(wide, wide.options, table).maximum > width:
@@ -128,6 +128,7 @@ def summary(r: RunResult, width: int | None = None,
     else:
         parts.append(Text("No checkpoint was reached."))
     parts += [Text(f"FAILED: {f}", style="bold red") for f in r.failures]
+    parts += [Text(f"Note: {n}", style="yellow") for n in r.notes]
     return Group(*parts)
 
 

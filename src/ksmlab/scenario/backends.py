@@ -63,6 +63,14 @@ class Backend(Protocol):
     def ksmd_cpu_ns(self) -> int | None:
         """ksmd's CPU time since :meth:`start_clock`, or None if it cannot be read."""
 
+    def seed_ksmd_cpu(self, cpu_ns: int) -> bool:
+        """Start ksmd with *cpu_ns* of CPU time since boot (``ksmd_cpu_at_start``), before
+        the setup; False where ksmd has its own (the real kernel), which is then kept."""
+
+    def ksmd_cpu_at_start_ns(self) -> int | None:
+        """ksmd's CPU time since boot at :meth:`start_clock` (what the scan-time advisor's
+        first step counts), or None if it cannot be read."""
+
     def fill(self, proc: Process, addr: int, source: ContentSource, content: Content,
              pages: int, instance: str) -> Iterator[int]:
         """Store a new mapping's content (*pages* pages of *content* for *instance*) a
@@ -168,6 +176,17 @@ class _VirtualBackend:
     def ksmd_cpu_ns(self) -> int:
         """The model's estimate of ksmd's CPU time since the start."""
         return self._machine.ksmd_cpu_ns - self._cpu0
+
+    def seed_ksmd_cpu(self, cpu_ns: int) -> bool:
+        """The model's ksmd has used *cpu_ns* since its virtual boot (a host up for a
+        while): the scan-time advisor's first step counts it (docs/scenarios.md)."""
+        self._machine.ksmd.cpu_ns = cpu_ns
+        return True
+
+    def ksmd_cpu_at_start_ns(self) -> int:
+        """The model's ksmd CPU time at the start (the seed, plus nothing: ksmd is
+        stopped while the scenario is set up)."""
+        return self._cpu0
 
     def batch_horizon_ns(self) -> int | None:
         """When the model's ksmd runs its next batch (None while it waits)."""
@@ -369,6 +388,14 @@ class LinuxBackend:
         """ksmd's utime + stime since the start (clock-tick resolution)."""
         now = host.ksmd_cpu_ns()
         return None if now is None or self._cpu0 is None else now - self._cpu0
+
+    def seed_ksmd_cpu(self, cpu_ns: int) -> bool:
+        """Nothing: the real ksmd has used what it has since the machine booted."""
+        return False
+
+    def ksmd_cpu_at_start_ns(self) -> int | None:
+        """The real ksmd's CPU time since boot, read at the start."""
+        return self._cpu0
 
     def describe(self) -> str:
         """The running kernel's release."""

@@ -368,6 +368,10 @@ class Scenario:
         activities: steady write activities.
         events: one-off events, in time order (file order for ties).
         checkpoints: checkpoints in file order.
+        ksmd_cpu_at_start_ns: ksmd's CPU time since boot when the scenario starts
+            (``ksmd_cpu_at_start``; 0: a freshly booted host).  The models start
+            their ksmd with it: the scan-time advisor's first step counts all of
+            it (docs/scenarios.md); the real kernel's ksmd has its own.
     """
 
     source: str
@@ -382,6 +386,7 @@ class Scenario:
     activities: tuple[WriteActivity, ...] = ()
     events: tuple[Event, ...] = ()
     checkpoints: tuple[Checkpoint, ...] = ()
+    ksmd_cpu_at_start_ns: int = 0
 
     @property
     def planned_end_ns(self) -> int:

@@ -200,6 +200,12 @@ class RunResult:
             ``"SIGTERM"``), or None for a run that went to its end.  An
             interrupted run holds the checkpoints reached and the timeline up to
             :attr:`end_s`.
+        ksmd_cpu_at_start_s: ksmd's CPU time since boot at the start, which the
+            scan-time advisor's first step counts: the scenario's
+            ``ksmd_cpu_at_start`` on a model, the real ksmd's on the real kernel
+            (None: unknown, or a document written before it was recorded).
+        notes: remarks on how the run was made (e.g. a scenario field the
+            backend ignored), one sentence each.
     """
 
     scenario: ScenarioInfo
@@ -211,6 +217,8 @@ class RunResult:
     end_s: float
     failures: tuple[str, ...] = ()
     interrupted: str | None = None
+    ksmd_cpu_at_start_s: float | None = None
+    notes: tuple[str, ...] = ()
 
     @property
     def partial(self) -> bool:
@@ -223,5 +231,13 @@ class RunResult:
         return not self.failures and not self.partial
 
 
+def advisor_start_note(cpu_ns: int, whose: str) -> str:
+    """The note of a run under the scan-time advisor: the ksmd CPU time its first step counts."""
+    return (f"ksmd's CPU time since boot at the start was {format_duration(cpu_ns / NS_PER_S)} "
+            f"({whose}): the scan-time advisor's first step counts all of it (on a host up for "
+            f"a while it starts with ksmd nearly stalled; docs/scenarios.md)")
+
+
 __all__ = ["TIMELINE_COLUMNS", "CheckResult", "CheckpointResult", "MappingInfo", "ProcessInfo",
-           "RunResult", "ScenarioInfo", "describe_action", "describe_activity", "describe_event"]
+           "RunResult", "ScenarioInfo", "advisor_start_note", "describe_action",
+           "describe_activity", "describe_event"]

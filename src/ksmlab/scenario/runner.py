@@ -81,6 +81,7 @@ from ksmlab.scenario.result import (
     CheckResult,
     RunResult,
     ScenarioInfo,
+    advisor_start_note,
     describe_action,
 )
 from ksmlab.scenario.units import NS_PER_S, format_duration
@@ -187,6 +188,7 @@ class Runner:
         self.timeline: list[tuple[float, ...]] = []
         self.failures: list[str] = []
         self.knobs: dict[str, int | str] = {}
+        self.notes: list[str] = []
 
     # --- scheduling ------------------------------------------------------------------
     def _push(self, t_ns: int, kind: _Kind, item: object) -> None:
@@ -208,9 +210,11 @@ class Runner:
             raise RunError(msg) from e
         finally:
             self.content.close()
+        cpu0 = self.backend.ksmd_cpu_at_start_ns() if self._started else None
         return RunResult(ScenarioInfo.of(self.sc), self.backend.name, self.backend.describe(),
                          self.knobs, tuple(self.checkpoints), tuple(self.timeline),
-                         self.backend.now_ns() / NS_PER_S, tuple(self.failures), self.stopped)
+                         self.backend.now_ns() / NS_PER_S, tuple(self.failures), self.stopped,
+                         None if cpu0 is None else cpu0 / NS_PER_S, tuple(self.notes))
 
     # --- stopping early -------------------------------------------------------------------
     def _stopping(self) -> bool:
@@ -263,6 +267,12 @@ class Runner:
 
     def _setup(self) -> None:
         sc, sysfs = self.sc, self.kernel.sysfs
+        # Before any knob: the advisor's first step counts ksmd's CPU since boot.
+        if not self.backend.seed_ksmd_cpu(sc.ksmd_cpu_at_start_ns) and sc.ksmd_cpu_at_start_ns:
+            self.notes.append(
+                f"[scenario] ksmd_cpu_at_start = "
+                f"{format_duration(sc.ksmd_cpu_at_start_ns / NS_PER_S)} was ignored: "
+                f"{self.backend.describe()} has its own ksmd, whose CPU time since boot counts")
         if sysfs["run"] != "0":
             self._write_knob("run", "0", "setting up")
         for name, value in sc.knobs:
@@ -283,6 +293,11 @@ class Runner:
         self.backend.start_clock()
         self._started = True
         self.knobs = {n: read_knob(sysfs[n]) for n in WRITE_ORDER if n in sysfs}
+        cpu0 = self.backend.ksmd_cpu_at_start_ns()
+        if self.knobs.get("advisor_mode") == "scan-time" and cpu0 is not None:
+            whose = ("the real ksmd's" if self.backend.name == "linux"
+                     else "[scenario] ksmd_cpu_at_start")
+            self.notes.append(advisor_start_note(cpu0, whose))
         for name in DELTA_COUNTERS:
             self._base[name] = self._last[name] = self._raw(name)
             self._acc[name] = 0

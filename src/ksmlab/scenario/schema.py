@@ -109,6 +109,7 @@ class ScenarioTable:
     DESCRIPTION = Field[str]("description", "string", default="")
     SEED = Field[int]("seed", "integer", default=0)
     DURATION = Field[int | None]("duration", "duration", default=None, positive=True)
+    KSMD_CPU_AT_START = Field[int]("ksmd_cpu_at_start", "duration", default=0)
 
 
 class ContentTable:

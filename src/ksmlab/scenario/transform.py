@@ -5,7 +5,8 @@ contents, processes, then events in time order, activities, checkpoints) and
 refuses unknown top-level tables; ``--seed`` replaces ``[scenario] seed``
 before anything derives from it.  :func:`apply_knob_overrides` (``--knob``),
 :func:`truncate` (``--until``, also past the end with ``--extend``) and
-:func:`with_sample_interval` (``--sample``) turn a valid scenario into another.
+:func:`with_sample_interval` (``--sample``) and :func:`with_ksmd_cpu_at_start`
+(``--ksmd-cpu-at-start``) turn a valid scenario into another.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ksmlab.scenario.sections import (
     ksm_knobs,
     processes,
 )
-from ksmlab.scenario.units import NS_PER_S, format_duration
+from ksmlab.scenario.units import MAX_DURATION_NS, NS_PER_S, format_duration
 
 BUILTIN_SOURCE = "<built-in>"
 """The ``source`` of the built-in default scenario."""
@@ -49,6 +50,7 @@ def build_scenario(data: dict[str, Any], *, source: str, base_dir: Path,
     description = meta.read(ScenarioTable.DESCRIPTION)
     seed = meta.read(ScenarioTable.SEED)
     duration = meta.read(ScenarioTable.DURATION)
+    ksmd_cpu = meta.read(ScenarioTable.KSMD_CPU_AT_START)
     meta.done()
 
     knobs = ksm_knobs(top.table("ksm") or Table(source, {}, "ksm"))
@@ -69,7 +71,8 @@ def build_scenario(data: dict[str, Any], *, source: str, base_dir: Path,
 
     sc = Scenario(source=source, name=name, description=description, seed=seed,
                   duration_ns=duration, sample_interval_ns=1, knobs=knobs, contents=known,
-                  processes=groups_read, activities=acts, events=evs, checkpoints=cps)
+                  processes=groups_read, activities=acts, events=evs, checkpoints=cps,
+                  ksmd_cpu_at_start_ns=ksmd_cpu)
     return dataclasses.replace(sc, sample_interval_ns=interval or default_interval(sc))
 
 
@@ -115,6 +118,18 @@ def with_sample_interval(sc: Scenario, interval_ns: int, source: str = "--sample
     return dataclasses.replace(sc, sample_interval_ns=interval_ns)
 
 
+def with_ksmd_cpu_at_start(sc: Scenario, cpu_ns: int) -> Scenario:
+    """*sc* starting with ksmd's CPU time since boot *cpu_ns* (``--ksmd-cpu-at-start``).
+
+    Raises:
+        ScenarioError: *cpu_ns* is negative or past a 64-bit ns clock.
+    """
+    if not 0 <= cpu_ns <= MAX_DURATION_NS:
+        raise ScenarioError("--ksmd-cpu-at-start", "ksmd_cpu_at_start",
+                            "a duration from 0 to about 292 years", f"{cpu_ns} ns")
+    return dataclasses.replace(sc, ksmd_cpu_at_start_ns=cpu_ns)
+
+
 def truncate(sc: Scenario, until_ns: int) -> Scenario:
     """*sc* cut at *until_ns* (``--until``): later items are dropped and the run ends there.
 
@@ -146,4 +161,5 @@ def truncate(sc: Scenario, until_ns: int) -> Scenario:
 
 
 __all__ = ["BUILTIN_SOURCE", "MAX_SAMPLES", "apply_knob_overrides", "build_scenario",
-           "default_interval", "latest_end_ns", "truncate", "with_sample_interval"]
+           "default_interval", "latest_end_ns", "truncate", "with_ksmd_cpu_at_start",
+           "with_sample_interval"]

@@ -166,6 +166,14 @@ def _ksm_state() -> dict[str, Any] | None:
     return {"knobs": knobs, "counters": {k: v for k, v in files.items() if k not in knobs}}
 
 
+def _ksmd_cpu_ns() -> int | None:
+    """ksmd's CPU time since boot now (None: no ksmd found): ``ksmlab estimate`` starts
+    its model's ksmd with it, as the scan-time advisor's first step counts it."""
+    from ksmlab.scenario.host import ksmd_cpu_ns
+
+    return ksmd_cpu_ns()
+
+
 def _process_json(h: ProcessHandle, state: str) -> dict[str, Any]:
     return {"pid": h.pid, "ppid": h.ppid, "comm": h.comm, "uid": h.uid, "cgroup": h.cgroup,
             "cgroups": h.cgroups, "start_time": h.start_time, "state": state}
@@ -278,6 +286,7 @@ def _capture(path: str, targets: list[_Target], skipped: dict[int, str],
         "selection": selection.to_json(),
         "privileges": {"pfn": show_pfn, "kpageflags": kpf is not None},
         "ksm": _ksm_state(),
+        "ksmd_cpu_ns": _ksmd_cpu_ns(),
     }
     writer = SnapshotWriter(path)
     try:

@@ -163,6 +163,8 @@ class Snapshot:
     """The host's KSM knobs at capture (None: the kernel had no KSM)."""
     processes: tuple[ProcessInfo, ...]
     pages: PageColumns
+    ksmd_cpu_ns: int | None = None
+    """ksmd's CPU time since boot at capture (None: unknown: no ksmd, or an older snapshot)."""
 
 
 def _bad(path: str, why: str) -> SnapshotFormatError:
@@ -246,6 +248,10 @@ def read_snapshot(path: str | os.PathLike[str], *, page_size: int | None = PAGE_
         interval_s = float(meta.get("interval_s", 0.0))
         ksm = meta.get("ksm")
         knobs = None if ksm is None else {str(k): str(v) for k, v in ksm["knobs"].items()}
+        ksmd_cpu = meta.get("ksmd_cpu_ns")  # absent from older snapshots: unknown
+        if ksmd_cpu is not None and (isinstance(ksmd_cpu, bool) or not isinstance(ksmd_cpu, int)
+                                     or ksmd_cpu < 0):
+            raise ValueError(f"ksmd_cpu_ns {ksmd_cpu!r} (expected nanoseconds >= 0 or null)")
     except (KeyError, TypeError, ValueError) as e:
         raise _bad(path, f"its metadata lacks or garbles {e}") from None
     if page_size is not None and size != page_size:
@@ -282,7 +288,8 @@ def read_snapshot(path: str | os.PathLike[str], *, page_size: int | None = PAGE_
     _check_rows(path, pages, processes)
     return Snapshot(path=path, meta=meta, page_size=size, kernel=str(meta.get("kernel", "")),
                     host=str(meta.get("host", "")), policy=policy, samples=samples,
-                    interval_s=interval_s, ksm_knobs=knobs, processes=processes, pages=pages)
+                    interval_s=interval_s, ksm_knobs=knobs, processes=processes, pages=pages,
+                    ksmd_cpu_ns=ksmd_cpu)
 
 
 def _check_rows(path: str, pages: PageColumns, processes: tuple[ProcessInfo, ...]) -> None:

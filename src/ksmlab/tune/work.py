@@ -58,6 +58,9 @@ class Workload:
         cost: the model's ksmd cost and clock (``--cost``; None: the shipped one).
         lock_timeout_s: on the real kernel, how long each run waits for another
             session's lock (None: LinuxKernel's default).
+        ksmd_cpu_at_start_ns: a snapshot's ksmd CPU time since boot at the start
+            (``--ksmd-cpu-at-start``; None: the host's at capture).  A scenario
+            carries its own (``ksmd_cpu_at_start``).
     """
 
     name: str
@@ -71,6 +74,7 @@ class Workload:
     content: str = "bytes"
     cost: KsmdCost | None = None
     lock_timeout_s: float | None = None
+    ksmd_cpu_at_start_ns: int | None = None
 
     @property
     def kind(self) -> Literal["scenario", "snapshot"]:
@@ -180,7 +184,8 @@ def _run_snapshot(w: Workload, config: Config, stop: StopCheck | None,
     assert w.snapshot is not None
     snap = read_snapshot(w.snapshot)
     est = run_estimate(snap, knobs=config.overrides(), until_ns=w.until_ns, engine=w.backend,
-                       seed=w.seed, stop=stop, cost=w.cost, controller=ctl)
+                       seed=w.seed, stop=stop, cost=w.cost, controller=ctl,
+                       ksmd_cpu_at_start_ns=w.ksmd_cpu_at_start_ns)
     return est.result
 
 
