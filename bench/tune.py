@@ -41,8 +41,9 @@ from ksmlab.scenario import host
 from ksmlab.scenario.loader import load_builtin, load_scenario, parse_scenario, truncate
 from ksmlab.scenario.model import Scenario
 from ksmlab.scenario.transform import with_ksmd_cpu_at_start
-from ksmlab.tune.grid import Config, Grid, parse_grid, references
-from ksmlab.tune.result import TuneResult, assemble
+from ksmlab.tune.grid import REFERENCES, Config, Grid, parse_grid, references
+from ksmlab.tune.pareto import Point, pareto_front, recommend
+from ksmlab.tune.result import TuneResult, assemble, scan_rate
 from ksmlab.tune.sweep import run_sweep
 from ksmlab.tune.work import Workload, mergeable_bytes
 
@@ -213,6 +214,21 @@ def plot_fronts(fid: dict[str, Any], path: str) -> None:
     fig.savefig(path)
 
 
+def rerank(fid: dict[str, Any]) -> None:
+    """Apply the current recommendation rule (ksmlab.tune.pareto) again to stored fidelity runs:
+    the measured savings and CPU shares are kept, the fronts and recommendations recomputed."""
+    for w in fid["workloads"]:
+        rows = [r for r in w["rows"] if r["index"] < len(w["rows"]) - len(REFERENCES)]
+        for side in ("model", "real"):
+            pts = [Point(r["index"], r[f"{side}_cpu_percent"], r[f"{side}_saved_bytes"],
+                         scan_rate(dict(kv.split("=", 1) for kv in r["config"].split())))
+                   for r in rows]
+            w[f"{side}_front"] = pareto_front(pts)
+            w[f"{side}_recommendation"] = recommend(pts, fid["budget_percent"]).index
+        w["same_recommendation"] = w["model_recommendation"] == w["real_recommendation"]
+        _print_fidelity(w)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="+", choices=("fidelity", "scale"),
@@ -221,13 +237,21 @@ def main() -> None:
                     help="each fidelity run's length (real seconds on the kernel)")
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ap.add_argument("--plot", metavar="FILE", help="draw the fidelity fronts side by side")
+    ap.add_argument("--rerank", metavar="JSON",
+                    help="no kernel: re-apply the recommendation rule to the fidelity runs stored "
+                         "in JSON (written by --json), then write --json/--plot from them")
     args = ap.parse_args()
     results: dict[str, Any] = {}
-    if "fidelity" in args.only:
+    if args.rerank:
+        results = json.loads(Path(args.rerank).read_text())
+        rerank(results["fidelity"])
+        if args.plot:
+            plot_fronts(results["fidelity"], args.plot)
+    elif "fidelity" in args.only:
         results["fidelity"] = fidelity(args.seconds)
         if args.plot:
             plot_fronts(results["fidelity"], args.plot)
-    if "scale" in args.only:
+    if "scale" in args.only and not args.rerank:
         results["scale"] = scale()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -4,6 +4,7 @@ ksmtuned's arithmetic, the controller hook, and a small sweep on a LocalCluster.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from ksmlab.scenario.runner import run_scenario
 from ksmlab.tune.grid import MAX_POINTS, GridError, parse_grid, references
 from ksmlab.tune.ksmtuned import KsmtunedConfig, KsmtunedController, KsmtunedPolicy
 from ksmlab.tune.pareto import Point, pareto_front, recommend
+from ksmlab.tune.result import scan_rate
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 BOOT = {"advisor_max_cpu": "70", "advisor_min_pages_to_scan": "500",
@@ -192,6 +194,35 @@ def test_recommendation_rule_by_hand() -> None:
     for budget in (None, 1.0, 3.5, 4.0, 5.0, 6.0):
         r = recommend(pts, budget)
         assert r.index in pareto_front(pts)
+
+
+def test_recommendation_treats_near_ties_as_ties() -> None:
+    """Savings within 5 % are one saving, CPU shares within 10 % one cost; then the lowest
+    scan rate wins (the situation of docs/tune.md's proof: savings 1 to 3 % apart)."""
+    # 57.7 MiB at 1.48 % (100 pages / 20 ms = 5000 pages/s) against 56.6 MiB at 0.82 %
+    # (500 / 200 ms = 2500 pages/s): 56.6 >= 57.7 * 0.95, so the savings tie, and the
+    # cheaper one (0.82 %) wins; 58.2 MiB would tie too.
+    mib = 1 << 20
+    pts = [Point(0, 1.48, int(57.7 * mib), 5000.0), Point(1, 0.82, int(56.6 * mib), 2500.0)]
+    assert recommend(pts, 5.0).index == 1
+    # A saving 6 % below the best is not a tie: 100 against 94 saves more.
+    assert recommend([Point(0, 2.0, 100, 1.0), Point(1, 1.0, 94, 1.0)], None).index == 0
+    # CPU shares 0.344 and 0.333 (3 % apart) tie; 2000 pages/s beats 2500 pages/s.
+    pts = [Point(0, 0.333, 1000, 2500.0), Point(1, 0.344, 1000, 2000.0)]
+    assert recommend(pts, 5.0).index == 1
+    # 0.40 is more than 10 % above 0.333: the cheaper one wins whatever its rate.
+    assert recommend([Point(0, 0.333, 1000, 2500.0), Point(1, 0.40, 1000, 2000.0)],
+                     5.0).index == 0
+    # Negative savings (metadata over savings): the tolerance is 5 % of the magnitude.
+    assert recommend([Point(0, 1.0, -100, 1.0), Point(1, 1.0, -104, 0.5)], None).index == 1
+    assert recommend([Point(0, 1.0, -100, 1.0), Point(1, 1.0, -106, 0.5)], None).index == 0
+
+
+def test_scan_rate_of_knobs() -> None:
+    assert scan_rate({"pages_to_scan": "500", "sleep_millisecs": "200"}) == 2500
+    assert scan_rate({}) == 100 * 1000 / 20  # the boot values
+    assert scan_rate({"sleep_millisecs": "0"}) == math.inf
+    assert scan_rate({"advisor_mode": "scan-time"}) == math.inf
 
 
 # --- ksmtuned's arithmetic ------------------------------------------------------------------------

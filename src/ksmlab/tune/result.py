@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from ksmlab.ksm.defaults import DEFAULT_PAGES_TO_SCAN, DEFAULT_SLEEP_MILLISECS
 from ksmlab.tune.grid import Config, Grid
 from ksmlab.tune.pareto import Point, Recommendation, pareto_front, recommend
 from ksmlab.tune.sweep import SweepResult
@@ -58,20 +60,35 @@ class TuneResult:
         return [i for i, o in sorted(self.sweep.outcomes.items()) if o.status == "failed"]
 
 
-def points(outcomes: dict[int, Outcome], indices: range) -> list[Point]:
-    """The finished configurations among *indices*, as points of the front."""
+def scan_rate(knobs: dict[str, str]) -> float:
+    """Pages per second *knobs* let ksmd scan (the recommendation's last tie-break): infinite
+    with no sleep, or when the scan-time advisor sets ``pages_to_scan``."""
+    if knobs.get("advisor_mode") == "scan-time":
+        return math.inf
+    pages = int(knobs.get("pages_to_scan", DEFAULT_PAGES_TO_SCAN))
+    sleep = int(knobs.get("sleep_millisecs", DEFAULT_SLEEP_MILLISECS))
+    return math.inf if sleep == 0 else pages * 1000 / sleep
+
+
+def points(outcomes: dict[int, Outcome], indices: range,
+           knobs: dict[int, dict[str, str]] | None = None) -> list[Point]:
+    """The finished configurations among *indices*, as points of the front (*knobs*: each
+    configuration's knobs as run, for its scan rate)."""
     out = []
     for i in indices:
         o = outcomes.get(i)
         if o is not None and o.ok and o.ksmd_cpu_percent is not None:
             assert o.saved_bytes is not None
-            out.append(Point(i, o.ksmd_cpu_percent, o.saved_bytes))
+            rate = scan_rate(knobs[i]) if knobs is not None else 0.0
+            out.append(Point(i, o.ksmd_cpu_percent, o.saved_bytes, rate))
     return out
 
 
 def assemble(w: Workload, grid: Grid, configs: list[Config], n_grid: int, sweep: SweepResult,
              cpu_budget_percent: float | None) -> TuneResult:
     """The sweep's result, with the front and the recommendation over the grid's points."""
-    pts = points(sweep.outcomes, range(n_grid))
+    base = dict(w.scenario.knobs) if w.scenario is not None else {}
+    knobs = {i: base | dict(configs[i].knobs) for i in range(n_grid)}
+    pts = points(sweep.outcomes, range(n_grid), knobs)
     return TuneResult(w, grid, tuple(configs), n_grid, sweep, cpu_budget_percent,
                       tuple(pareto_front(pts)), recommend(pts, cpu_budget_percent))
