@@ -56,9 +56,12 @@ from ksmlab.cli_common import (
     KSMD_CPU_HELP,
     TABLE_WIDTH,
     CliError,
+    duration_arg,
+    knob_arg,
     ksmd_cpu_arg,
     load_cost_arg,
     resolve_ksmd_cpu,
+    seed_arg,
     write_file,
 )
 from ksmlab.cli_common import console as _console
@@ -71,7 +74,7 @@ from ksmlab.mm.page import CONTENT_MODES
 from ksmlab.report.counters import counters_epilog
 from ksmlab.scenario import preflight
 from ksmlab.scenario.backends import BACKENDS, BackendUnavailableError, open_backend
-from ksmlab.scenario.knobs import KNOBS, KnobValue, parse_cli_value
+from ksmlab.scenario.knobs import KNOBS
 from ksmlab.scenario.loader import (
     MAX_INT,
     ScenarioError,
@@ -89,7 +92,7 @@ from ksmlab.scenario.transform import (
     with_ksmd_cpu_at_start,
     with_sample_interval,
 )
-from ksmlab.scenario.units import NS_PER_S, format_bytes, format_duration, parse_duration_ns
+from ksmlab.scenario.units import NS_PER_S, format_bytes, format_duration
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_INVALID", "EXIT_OK", "EXIT_UNAVAILABLE",
            "TABLE_WIDTH", "CliError", "build_parser", "main"]
@@ -119,31 +122,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --- shared helpers -------------------------------------------------------------------------
-
-def _duration_arg(text: str) -> int:
-    try:
-        return parse_duration_ns(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected {e}, got {text!r}") from None
-
-
-def _seed_arg(text: str) -> int:
-    # Checked here: the loader would name the scenario file for a bad --seed.
-    try:
-        seed = int(text)
-    except ValueError:
-        seed = -1
-    if not 0 <= seed <= MAX_INT:
-        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {MAX_INT}, got {text!r}")
-    return seed
-
-
-def _knob_arg(text: str) -> tuple[str, KnobValue]:
-    name, sep, value = text.partition("=")
-    if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return name.strip(), parse_cli_value(value)
-
 
 def _load(args: argparse.Namespace) -> Scenario:
     """The scenario the arguments name, with --seed, --knob, --until (--extend) and --sample applied."""
@@ -444,20 +422,20 @@ def _add_backend_options(p: argparse.ArgumentParser) -> None:
 
 def _add_scenario_options(p: argparse.ArgumentParser) -> None:
     _add_backend_options(p)
-    p.add_argument("--until", type=_duration_arg, metavar="TIME",
+    p.add_argument("--until", type=duration_arg, metavar="TIME",
                    help="stop the run at TIME (e.g. 30s, 5min): later checkpoints and events "
                         "are dropped, and a checkpoint is added at TIME; a TIME past the "
                         "scenario's end is refused unless --extend")
     p.add_argument("--extend", action="store_true",
                    help="with --until past the scenario's end: run the scenario on until then "
                         "(ksmd scans, activities without a stop keep writing)")
-    p.add_argument("--sample", type=_duration_arg, metavar="DUR",
+    p.add_argument("--sample", type=duration_arg, metavar="DUR",
                    help="sample the timeline every DUR (e.g. 100ms) instead of the scenario's "
                         "[timeline] interval (default 1/200 of the run): the time to 50%% and "
                         "90%% of the saving is resolved to DUR")
-    p.add_argument("--seed", type=_seed_arg, metavar="N",
+    p.add_argument("--seed", type=seed_arg(MAX_INT), metavar="N",
                    help="replace the scenario's [scenario] seed (every random choice follows)")
-    p.add_argument("--knob", type=_knob_arg, action="append", metavar="NAME=VALUE",
+    p.add_argument("--knob", type=knob_arg, action="append", metavar="NAME=VALUE",
                    help=f"override a KSM knob of the scenario's [ksm] table (repeatable); "
                         f"NAME is one of {', '.join(KNOBS)}")
     p.add_argument("--cost", metavar="FILE",

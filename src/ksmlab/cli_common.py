@@ -10,7 +10,10 @@ from rich.console import Console
 from ksmlab.errors import KsmSimError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ksmlab.ksm.cost import KsmdCost
+    from ksmlab.scenario.knobs import KnobValue
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -50,8 +53,9 @@ def write_file(path: Path, data: str | bytes) -> None:
 
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_INVALID", "EXIT_OK", "EXIT_UNAVAILABLE",
-           "KSMD_CPU_HELP", "TABLE_WIDTH", "CliError", "console", "ksmd_cpu_arg", "load_cost_arg",
-           "resolve_ksmd_cpu", "write_file"]
+           "KSMD_CPU_HELP", "TABLE_WIDTH", "CliError", "console", "duration_arg", "knob_arg",
+           "ksmd_cpu_arg", "load_cost_arg", "positive_duration_arg", "resolve_ksmd_cpu",
+           "seed_arg", "write_file"]
 
 
 def load_cost_arg(path: str | None, command: str) -> KsmdCost | None:
@@ -68,6 +72,59 @@ def load_cost_arg(path: str | None, command: str) -> KsmdCost | None:
                        EXIT_INVALID) from None
     except ValueError as e:
         raise CliError(f"{command}: --cost: {e}", EXIT_INVALID) from None
+
+
+# --- argparse value types the subcommands share ----------------------------------------------
+
+def duration_arg(text: str) -> int:
+    """A duration option (``10s``, ``5min``...), in nanoseconds."""
+    import argparse
+
+    from ksmlab.scenario.units import parse_duration_ns
+
+    try:
+        return parse_duration_ns(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected {e}, got {text!r}") from None
+
+
+def positive_duration_arg(text: str) -> int:
+    """A duration option that must be > 0, in nanoseconds."""
+    import argparse
+
+    ns = duration_arg(text)
+    if ns <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration > 0, got {text!r}")
+    return ns
+
+
+def knob_arg(text: str) -> tuple[str, KnobValue]:
+    """A ``--knob NAME=VALUE`` option, the value as TOML would give it."""
+    import argparse
+
+    from ksmlab.scenario.knobs import parse_cli_value
+
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), parse_cli_value(value)
+
+
+def seed_arg(maximum: int) -> Callable[[str], int]:
+    """The type of a ``--seed`` option: an integer from 0 to *maximum*."""
+    import argparse
+
+    def seed(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if not 0 <= value <= maximum:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer from 0 to {maximum}, got {text!r}")
+        return value
+
+    return seed
 
 
 KSMD_CPU_HELP = ("ksmd's CPU time since boot when the run starts, e.g. 4min, or `host`: this "

@@ -30,6 +30,7 @@ from ksmlab.cli_common import (
     KSMD_CPU_HELP,
     CliError,
     console,
+    duration_arg,
     ksmd_cpu_arg,
     load_cost_arg,
     resolve_ksmd_cpu,
@@ -39,7 +40,7 @@ from ksmlab.cli_output import output_arg, plot_arg
 from ksmlab.cli_stop import graceful_stop
 from ksmlab.constants import PAGE_SIZE
 from ksmlab.scenario.backends import BACKENDS, BackendUnavailableError
-from ksmlab.scenario.units import NS_PER_S, format_bytes, parse_duration_ns, parse_size
+from ksmlab.scenario.units import NS_PER_S, format_bytes, parse_size
 
 if TYPE_CHECKING:
     from ksmlab.tune.grid import Config, Grid
@@ -61,13 +62,6 @@ def _budget_arg(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a share of one CPU > 0 such as 5%, got {text!r}")
     return value
-
-
-def _duration_arg(text: str) -> int:
-    try:
-        return parse_duration_ns(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected {e}, got {text!r}") from None
 
 
 def _size_arg(text: str) -> int:
@@ -121,7 +115,7 @@ def add_tune_parser(sub: Any, fmt: type[argparse.HelpFormatter], exit_codes: str
     p.add_argument("--cpu-budget", type=_budget_arg, metavar="PCT",
                    help="the recommendation's limit on ksmd's CPU, in percent of one CPU over "
                         "the run (e.g. 5%%; default: none, the most saving wins)")
-    p.add_argument("--until", type=_duration_arg, metavar="TIME",
+    p.add_argument("--until", type=duration_arg, metavar="TIME",
                    help="run each configuration until TIME (a scenario: within its end unless "
                         "--extend; a snapshot: default 10min of virtual time)")
     p.add_argument("--extend", action="store_true",

@@ -16,8 +16,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from ksmlab.scenario.knobs import KNOBS, KnobValue, parse_cli_value
-from ksmlab.scenario.units import format_duration, parse_duration_ns
+from ksmlab.cli_common import (
+    knob_arg,
+    ksmd_cpu_arg,
+    positive_duration_arg,
+    seed_arg,
+)
+from ksmlab.scenario.knobs import KNOBS, KnobValue
+from ksmlab.scenario.units import format_duration
 
 if TYPE_CHECKING:
     from ksmlab.estimate.simulate import RunProgress
@@ -45,39 +51,6 @@ changes it by at most 0.5%), at most 200 full scans. docs/estimate.md says
 how the model is built and how close it came to the real kernel."""
 
 
-def _duration_arg(text: str) -> int:
-    try:
-        ns = parse_duration_ns(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected {e}, got {text!r}") from None
-    if ns <= 0:
-        raise argparse.ArgumentTypeError(f"expected a duration > 0, got {text!r}")
-    return ns
-
-
-def _knob_arg(text: str) -> tuple[str, KnobValue]:
-    name, sep, value = text.partition("=")
-    if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return name.strip(), parse_cli_value(value)
-
-
-def _seed_arg(text: str) -> int:
-    try:
-        seed = int(text)
-    except ValueError:
-        seed = -1
-    if not 0 <= seed < 2**63:
-        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {2**63 - 1}, got {text!r}")
-    return seed
-
-
-def _ksmd_cpu_arg(text: str) -> int | str:
-    from ksmlab.cli_common import ksmd_cpu_arg
-
-    return ksmd_cpu_arg(text)
-
-
 def add_estimate_parser(sub: argparse._SubParsersAction[Any],
                         formatter: type[argparse.HelpFormatter], epilog: str) -> None:
     """Register ``estimate`` on the subcommand parsers *sub*."""
@@ -92,13 +65,13 @@ def add_estimate_parser(sub: argparse._SubParsersAction[Any],
                               "  ksmlab estimate host.parquet --by uid --json > host.json\n\n"
                               + epilog)
     p.add_argument("file", metavar="FILE", help="a snapshot written by ksmlab snapshot")
-    p.add_argument("--knob", type=_knob_arg, action="append", default=[], metavar="NAME=VALUE",
+    p.add_argument("--knob", type=knob_arg, action="append", default=[], metavar="NAME=VALUE",
                    help=f"run with this KSM knob instead of the host's at capture (repeatable); "
                         f"NAME is one of {', '.join(n for n in KNOBS if n != 'run')}")
-    p.add_argument("--until", type=_duration_arg, metavar="DUR",
+    p.add_argument("--until", type=positive_duration_arg, metavar="DUR",
                    help="virtual time to run ksmd for (e.g. 10min); default: until the saving "
                         "settles")
-    p.add_argument("--sample", type=_duration_arg, metavar="DUR",
+    p.add_argument("--sample", type=positive_duration_arg, metavar="DUR",
                    help="the timeline's period (default 1/400 of --until, or 1/25 of a full "
                         "scan): the time to 50%% and 90%% is resolved to it")
     p.add_argument("--by", choices=("uid", "cgroup", "comm"),
@@ -107,13 +80,13 @@ def add_estimate_parser(sub: argparse._SubParsersAction[Any],
     p.add_argument("--engine", choices=("auto", "sim", "bulk"), default="auto",
                    help="sim: SimKernel in fingerprint mode; bulk: the bulk engine; auto "
                         "(default): sim up to 50,000 pages, bulk above (the same answer)")
-    p.add_argument("--seed", type=_seed_arg, default=0, metavar="N",
+    p.add_argument("--seed", type=seed_arg(2**63 - 1), default=0, metavar="N",
                    help="seed of the pages' rewrites (default 0)")
     p.add_argument("--cost", metavar="FILE",
                    help="ksmd's CPU cost and clock on the model: a file written by `ksmlab "
                         "calibrate` on the host to predict (default: the model shipped, fitted "
                         "on the project's machine; see docs/cost-model.md)")
-    p.add_argument("--ksmd-cpu-at-start", type=_ksmd_cpu_arg, metavar="DUR|host",
+    p.add_argument("--ksmd-cpu-at-start", type=ksmd_cpu_arg, metavar="DUR|host",
                    help="ksmd's CPU time since boot when the run starts, e.g. 4min, or `host`: "
                         "this machine's ksmd's now (default: the host's at capture, recorded "
                         "in the snapshot; 0 if it is not). The scan-time advisor's first step "
