@@ -132,7 +132,8 @@ def fidelity(seconds: float) -> dict[str, Any]:
                 "model_t90_s": m.time_to_90_s, "real_t90_s": r.time_to_90_s,
                 "model_on_front": i in model.front, "real_on_front": i in real.front})
         out["workloads"].append({
-            "name": sc.name, "source": sc.source, "mergeable_bytes": mergeable_bytes(sc),
+            "name": sc.name, "source": _repo_relative(sc.source),
+            "mergeable_bytes": mergeable_bytes(sc),
             "model_ksmd_cpu_at_start_s": None if boot_cpu is None else boot_cpu / NS,
             "rows": rows, "model_front": list(model.front), "real_front": list(real.front),
             "model_recommendation": model.recommendation.index,
@@ -141,6 +142,15 @@ def fidelity(seconds: float) -> dict[str, Any]:
             "model_wall_s": model.sweep.wall_s, "real_wall_s": real.sweep.wall_s})
         _print_fidelity(out["workloads"][-1])
     return out
+
+
+def _repo_relative(source: str) -> str:
+    """A scenario's source as the results record it: relative to the repository (the
+    results are published in docs/, which must not name a path of this machine)."""
+    try:
+        return str(Path(source).relative_to(ROOT))
+    except ValueError:
+        return source  # <built-in>, or a file outside the repository
 
 
 def _fmt(x: float | None, unit: str = "") -> str:
