@@ -31,6 +31,13 @@ chain_dup       a dup of a chain examined (``stable_node_dup``)
 merge           a page merged into a KSM page (write-protect + ``replace_page``)
 new_ksm         a page made a KSM page (write-protect, stable node)
 zero_merge      a page replaced by the zero page (``use_zero_pages``)
+pte_page        a page of ``page`` the walk reached through a page-table entry,
+                not a PMD-mapped transparent huge page (whose walk stops a level
+                higher and whose folio stays in cache for 512 pages in a row)
+thp_split       a transparent huge page split so that a page of it can merge
+                (``split_huge_page`` in ``try_to_merge_one_page``)
+ksm_frame       a KSM page the batch's walk met for the first time in the batch
+                (its folio and stable node read: a cache miss per distinct page)
 ==============  ===============================================================
 
 Model choices (documented in docs/cost-model.md):
@@ -83,13 +90,17 @@ from ksmlab.ksm.jiffies import late_wake, sleep_end_ns, tick_nsec, wake_delay_ns
 
 FEATURES: Final = ("batch", "scan_start", "mm_end", "page", "pte_walk", "skip", "item", "checksum",
                    "stable_step", "stable_cold", "unstable_step", "unstable_cold", "full_cmp",
-                   "chain_dup", "merge", "new_ksm", "zero_merge")
+                   "chain_dup", "merge", "new_ksm", "zero_merge", "pte_page", "thp_split",
+                   "ksm_frame")
 """The cost's terms, in file order; parameter ``<name>_ns`` is the cost of one unit."""
 
 DEFAULT_FILE: Final = "data/ksmd-cost.json"
 FORMAT: Final = "ksmlab-ksmd-cost"
 VERSION: Final = 1
 _LN2: Final = math.log(2)
+LATER_FEATURES: Final = ("pte_page", "thp_split", "ksm_frame")
+"""Terms added after version-1 files were first written: a file without them costs them 0
+(its fit never saw them)."""
 _CLOCK_FIELDS: Final = ("hz", "wake_delay_ns", "late_fraction", "run_stretch")
 
 
@@ -125,6 +136,12 @@ class KsmdWork:
     chain_dups: int = 0
     merges: int = 0
     new_ksm: int = 0
+    pte_pages: int = 0
+    """Of ``pages``, those reached through a page-table entry (not a PMD-mapped THP)."""
+    thp_splits: int = 0
+    """Transparent huge pages split by a merge attempt."""
+    ksm_frames: int = 0
+    """Distinct KSM pages met by the batch's walk (each counted once per batch)."""
     stable_base: int = 0
     """Set at a full scan's start: the stable tree's live entries then (not a count)."""
 
@@ -184,7 +201,8 @@ def features(w: KsmdWork, stable: tuple[int, int], unstable: tuple[int, int]) ->
         "unstable_cold": cold_nodes(w.unstable_searches, u_depth),
         "full_cmp": s_eq + w.unstable_equal + w.merges + w.zero_merges,
         "chain_dup": w.chain_dups, "merge": w.merges, "new_ksm": w.new_ksm,
-        "zero_merge": w.zero_merges,
+        "zero_merge": w.zero_merges, "pte_page": w.pte_pages, "thp_split": w.thp_splits,
+        "ksm_frame": w.ksm_frames,
     }
 
 
@@ -271,6 +289,8 @@ class KsmdCost:
         if unknown:
             raise ValueError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}")
         ns = doc.get("ns")
+        if isinstance(ns, dict):
+            ns = {**dict.fromkeys(LATER_FEATURES, 0.0), **ns}
         if not isinstance(ns, dict) or set(ns) != set(FEATURES):
             raise ValueError(f"{source}: \"ns\" must give exactly {', '.join(FEATURES)}")
         clock = doc.get("clock")
@@ -408,6 +428,6 @@ class KsmdMeter:
         return self.cost.cost_ns(feats)
 
 
-__all__ = ["FEATURES", "KsmdClock", "KsmdCost", "KsmdMeter", "KsmdWork", "checked_cost",
+__all__ = ["FEATURES", "LATER_FEATURES", "KsmdClock", "KsmdCost", "KsmdMeter", "KsmdWork", "checked_cost",
            "cold_nodes", "default_cost",
            "features", "mean_depth"]
