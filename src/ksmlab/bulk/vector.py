@@ -180,6 +180,9 @@ class VectorKsm(BulkKsm):
         ksm = elig & (knode >= 0)
         # A KSM page mapped here but not by this item (a fork child's): join its node.
         join = visit & ksm & ~((state == STABLE) & (pages.head[sl] == knode))
+        met = visit & ksm  # KSM pages reached, steady or joined: each frame once per batch
+        if bool(met.any()):
+            self._meet_ksm_frames(frame[met])
         tally.restate(state, join, NONE)
         if self.smart_scan:
             aging = elig & ~ksm
@@ -231,6 +234,13 @@ class VectorKsm(BulkKsm):
             tally.restate(pages.state, jrows, STABLE)
             pages.head[jrows] = jnode
         self._merge_groups(rows, fr, content)
+
+    def _meet_ksm_frames(self, met: npt.NDArray[np.int32]) -> None:
+        """``meet_ksm_frame`` for every frame of *met* (repeats allowed)."""
+        seen = self.ksm_frames_met
+        new = [f for f in np.unique(met).tolist() if f not in seen]
+        seen.update(new)
+        self.work.ksm_frames += len(new)
 
     def _mixed(self, jrows: Rows, jnode: Rows, rows: Rows, content: Rows) -> None:
         """Joins and merges of shared contents, one page at a time in scan order."""
