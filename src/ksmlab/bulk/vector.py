@@ -30,8 +30,9 @@ ksmd's cost model (:mod:`ksmlab.ksm.cost`) needs the steps the kernel's walk
 would take; where a step is done for many pages at once, each page's step is
 counted as the kernel would take it: a group merged into one KSM page is a
 stable search finding its node, and a merge, per page; a chain's walk stops at
-its head (which has room) unless a prune is due, which walks every dup.  The
-tests compare these counts with the per-page path's and with SimKernel's.
+its head (which has room) unless a prune is due, which walks every dup; a KSM
+frame the rows reach is counted once per batch (``ksm_frames``, the set the
+per-page path counts in too).  The tests compare these counts with the per-page path's and with SimKernel's.
 """
 
 from __future__ import annotations
@@ -238,6 +239,8 @@ class VectorKsm(BulkKsm):
     def _meet_ksm_frames(self, met: npt.NDArray[np.int32]) -> None:
         """``meet_ksm_frame`` for every frame of *met* (repeats allowed)."""
         seen = self.ksm_frames_met
+        if len(met) > 1:  # runs of one frame first (identical pages), cheaper than the sort
+            met = met[np.r_[True, met[1:] != met[:-1]]]
         new = [f for f in np.unique(met).tolist() if f not in seen]
         seen.update(new)
         self.work.ksm_frames += len(new)
