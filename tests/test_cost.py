@@ -11,6 +11,7 @@ programs (docs/kernel-behaviour.md, spec 3.5 and 3.6).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -221,7 +222,8 @@ def test_work_of_ten_identical_pages(kind: type) -> None:
     """Scan 1: 10 new items, checksums (all volatile).  Scan 2: every checksum holds; page 1
     finds nothing and goes into the unstable tree, page 2 finds it there (a new KSM page,
     the tree page merged into it, a new stable entry), pages 3-10 find the KSM page in the
-    stable tree and merge (8 equal searches, 8 merges).  Scan 3: 10 KSM pages, nothing else."""
+    stable tree and merge (8 equal searches, 8 merges; no page was a KSM page when reached).
+    Scan 3: 10 mappings of one KSM page in one batch: that page met once, nothing else."""
     k = ten_identical(kind)
     k.wait_full_scans(1)
     assert counts(k) == {"scan_starts": 1, "mm_ends": 1, "pages": 10, "items": 10,
@@ -233,6 +235,62 @@ def test_work_of_ten_identical_pages(kind: type) -> None:
                          "new_ksm": 1, "merges": 9, "stable_inserts": 1, "stable_new": 1}
     k.wait_full_scans(1)
     assert counts(k)["pages"] == 30 and counts(k)["checksums"] == 20
+    assert counts(k)["ksm_frames"] == 1
+
+
+ENGINES = [SimKernel, BulkKernel, functools.partial(BulkKernel, vectorize=False)]
+"""SimKernel, and the bulk engine's vectorised and per-page paths."""
+
+
+def merged(kind: Any, procs: int, pages: int, tag: Any) -> Any:
+    """*procs* processes of *pages* pages, page i of process p holding ``tag(p, i)``, at the
+    default 100 pages every 20 ms, after the two full scans that merge them."""
+    k = kind(cost=EXACT)
+    for p in range(procs):
+        proc = k.spawn()
+        a = proc.mmap(pages * PAGE_SIZE)
+        proc.write(a, b"".join(tag(p, i).to_bytes(8, "little") * 512 for i in range(pages)))
+        proc.madvise(a, pages * PAGE_SIZE, MADV_MERGEABLE)
+    k.sysfs["run"] = "1"
+    k.wait_full_scans(2)
+    return k
+
+
+def frames_met_per_batch(k: Any) -> list[int]:
+    """Each batch's ``ksm_frames`` over the next full scan."""
+    scans, out = k.ksmd.engine.full_scans, []
+    while k.ksmd.engine.full_scans == scans:
+        assert k.ksmd.batch()
+        out.append(int(k.ksmd.meter.last["ksm_frame"]))
+    return out
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_a_batch_meets_each_ksm_page_once(kind: Any) -> None:
+    """8 processes x 30 identical pages: 240 mappings of one KSM page (under max_page_sharing
+    256).  The merging scan reaches no page that is a KSM page already (merged pages do not
+    count): 0.  A steady scan of 240 pages at 100 a batch is ceil(240 / 100) = 3 batches
+    (100, 100, 40 pages), each meeting that one page: 1, 1, 1.  A fork of one process adds
+    30 mappings of it (270 pages, still 3 batches): the scan where the child's pages join
+    the node and the steady one after it meet that one page once a batch."""
+    k = merged(kind, 8, 30, lambda p, i: 7)
+    assert k.ksmd.meter.total.ksm_frames == 0 and k.sysfs["pages_sharing"] == "239"
+    assert frames_met_per_batch(k) == [1, 1, 1]
+    next(iter(k.processes.values())).fork()
+    assert frames_met_per_batch(k) == [1, 1, 1]  # the child's mappings join the node
+    assert frames_met_per_batch(k) == [1, 1, 1] and k.sysfs["pages_sharing"] == "269"
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_every_page_of_a_batch_a_different_ksm_page(kind: Any) -> None:
+    """256 contents x 8 processes, process-major (page i of every process holds content i):
+    256 KSM pages of 8 mappings.  A steady scan of 2048 pages at 100 a batch is 20 batches of
+    100 and one of 48; within a process a batch's pages are all different contents, and a
+    batch across two processes takes the end of one (contents >= 156) and the start of the
+    next (contents < 100): 100 distinct KSM pages a batch, 48 in the last, 2048 in all."""
+    k = merged(kind, 8, 256, lambda p, i: 1 + i)
+    assert k.sysfs["pages_shared"] == "256" and k.sysfs["pages_sharing"] == str(256 * 7)
+    assert frames_met_per_batch(k) == [100] * 20 + [48]
 
 
 @pytest.mark.parametrize("kind", [SimKernel, BulkKernel])

@@ -86,7 +86,8 @@ class BulkKsm(StableTrees, KsmTunables):
     # 30 keys (measured: 10% slower per-page path past it).  The knobs stay in
     # the dict (KsmTunables); an attribute a subclass adds goes there too.
     __slots__ = ("address", "chain_cols", "chains", "contents", "cpu_ns", "ctab", "cursor",
-                 "dups_walked", "frames", "full_scans", "head", "mutations", "nodes", "now_ms",
+                 "dups_walked", "frames", "full_scans", "head", "ksm_frames_met", "mutations", "nodes",
+                 "now_ms",
                  "numa_nodes", "pages", "pages_scanned", "pages_skipped", "tally",
                  "tree_of_node", "trees", "wake_ksmd", "work", "zero_checksum")
 
@@ -129,6 +130,8 @@ class BulkKsm(StableTrees, KsmTunables):
         the cost model: :mod:`ksmlab.ksm.cost`)."""
         self.dups_walked = 0
         """The dups the last ``stable_node_dup`` walk looked at, as the kernel's would."""
+        self.ksm_frames_met: set[int] = set()
+        """KSM frames ksmd's current batch has met (``work.ksm_frames`` counts each once)."""
 
     # --- content and frames ---------------------------------------------------------------
     def sync_contents(self) -> None:
@@ -186,6 +189,7 @@ class BulkKsm(StableTrees, KsmTunables):
         pages, frames = self.pages, self.frames
         knode = int(frames.knode[f])
         if knode >= 0:
+            self.meet_ksm_frame(f)
             if pages.state[g] == STABLE and pages.head[g] == knode:
                 return  # steady state of a merged page
             # A KSM page mapped by a fork child: join its node (past the limit if need be).
@@ -203,6 +207,12 @@ class BulkKsm(StableTrees, KsmTunables):
             self.replace_page(g, KSM_ZERO)
             return
         self.merge_unchanged(g, f, c)
+
+    def meet_ksm_frame(self, f: int) -> None:
+        """The walk reached KSM frame *f* (already one): counted once per batch."""
+        if f not in self.ksm_frames_met:
+            self.ksm_frames_met.add(f)
+            self.work.ksm_frames += 1
 
     def merge_unchanged(self, g: int, f: int, c: int) -> None:
         """The rest of ``cmp_and_merge_page`` for an ordinary page whose checksum held,
@@ -348,6 +358,7 @@ class BulkKsm(StableTrees, KsmTunables):
         """One batch of ksmd (``ksm_do_scan``): up to *budget* pages; returns pages scanned."""
         done = 0
         work = self.work
+        self.ksm_frames_met.clear()  # distinct KSM frames are counted per batch
         while done < budget:
             if self.cursor is self.head:
                 if self.list_empty():

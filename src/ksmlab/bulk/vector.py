@@ -30,8 +30,9 @@ ksmd's cost model (:mod:`ksmlab.ksm.cost`) needs the steps the kernel's walk
 would take; where a step is done for many pages at once, each page's step is
 counted as the kernel would take it: a group merged into one KSM page is a
 stable search finding its node, and a merge, per page; a chain's walk stops at
-its head (which has room) unless a prune is due, which walks every dup.  The
-tests compare these counts with the per-page path's and with SimKernel's.
+its head (which has room) unless a prune is due, which walks every dup; a KSM
+frame the rows reach is counted once per batch (``ksm_frames``, the set the
+per-page path counts in too).  The tests compare these counts with the per-page path's and with SimKernel's.
 """
 
 from __future__ import annotations
@@ -180,6 +181,9 @@ class VectorKsm(BulkKsm):
         ksm = elig & (knode >= 0)
         # A KSM page mapped here but not by this item (a fork child's): join its node.
         join = visit & ksm & ~((state == STABLE) & (pages.head[sl] == knode))
+        met = visit & ksm  # KSM pages reached, steady or joined: each frame once per batch
+        if bool(met.any()):
+            self._meet_ksm_frames(frame[met])
         tally.restate(state, join, NONE)
         if self.smart_scan:
             aging = elig & ~ksm
@@ -231,6 +235,15 @@ class VectorKsm(BulkKsm):
             tally.restate(pages.state, jrows, STABLE)
             pages.head[jrows] = jnode
         self._merge_groups(rows, fr, content)
+
+    def _meet_ksm_frames(self, met: npt.NDArray[np.int32]) -> None:
+        """``meet_ksm_frame`` for every frame of *met* (repeats allowed)."""
+        seen = self.ksm_frames_met
+        if len(met) > 1:  # runs of one frame first (identical pages), cheaper than the sort
+            met = met[np.r_[True, met[1:] != met[:-1]]]
+        new = [f for f in np.unique(met).tolist() if f not in seen]
+        seen.update(new)
+        self.work.ksm_frames += len(new)
 
     def _mixed(self, jrows: Rows, jnode: Rows, rows: Rows, content: Rows) -> None:
         """Joins and merges of shared contents, one page at a time in scan order."""

@@ -2,7 +2,9 @@
 
 Each one isolates a few terms of the cost model (:mod:`ksmlab.ksm.cost`):
 tiny lists for the per-batch and per-full-scan costs, identical pages for
-merging into one KSM page and then steady KSM pages, unique pages for the
+merging into one KSM page and then steady KSM pages, the same contents in
+several processes for steady scans that meet a different KSM page at every
+page (a cache miss each, against one KSM page met again), unique pages for the
 unstable tree, pairs for new KSM pages, many contents for a deep stable
 tree, zero pages with ``use_zero_pages`` 0 and 1, pages rewritten between
 scans for checksums alone, long chains (``max_page_sharing`` = 2) for dup
@@ -174,6 +176,10 @@ def workloads(scale: int = 16384) -> list[Workload]:
                  _knobs(1000, 10, max_page_sharing="2")),
         Workload("64 processes", 64, 64, lambda p, i, s: 1 + i, 4, big),
         Workload("defaults: identical", 1, q, same, 4, dflt),
+        # Page i of every process holds content i: once merged, each page of a batch maps a
+        # different KSM page (ksm_frame), against one KSM page for all in "identical".
+        Workload("defaults: 8 processes, a different KSM page per page", 8, q // 8,
+                 lambda p, i, s: 1 + i, 4, dflt),
         Workload("defaults: unique, smart_scan 0", 1, q, unique, 3, dflt0),
         Workload("defaults: pairs", 1, q, pairs, 3, dflt),
         Workload("defaults: 1024 images", 1, q, images, 3, dflt),

@@ -148,6 +148,8 @@ class KsmCore(KsmTunables):
         self.scan = KsmScan(self.mm_head)
         self.warned_overflow = False
         self.work = KsmdWork()  # what ksmd's current batch did, for its cost model
+        self.ksm_frames_met: set[Frame] = set()
+        """KSM pages ksmd's current batch has met (``work.ksm_frames`` counts each once)."""
         self._dups_walked = 0
         self.wake_ksmd: Callable[[], None] = lambda: None
         """Set by the kernel to its ksmd's ``wake_up``: ksmd runs its next batch now."""
@@ -664,6 +666,9 @@ class KsmCore(KsmTunables):
         bypass = False
         stable_node = page.stable_node if page.ksm else None
         if stable_node is not None:
+            if page not in self.ksm_frames_met:  # its folio and stable node: a cache miss
+                self.ksm_frames_met.add(page)
+                self.work.ksm_frames += 1
             if item.head is stable_node:
                 return  # steady state of a merged page
             # A KSM page mapped by a fork child (or re-mapped): join its node,

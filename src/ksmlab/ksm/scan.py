@@ -169,6 +169,7 @@ class KsmScanner(KsmCore):
     def ksm_do_scan(self, scan_npages: int) -> int:
         """One batch of ksmd: up to *scan_npages* pages (``ksm_do_scan``); returns pages scanned."""
         done = 0
+        self.ksm_frames_met.clear()  # distinct KSM pages are counted per batch
         while done < scan_npages:
             found = self.scan_get_next_rmap_item()
             if found is None:
@@ -178,6 +179,7 @@ class KsmScanner(KsmCore):
             self.pages_scanned += 1
             done += 1
         self.work.pages += done
+        self.ksm_frames_met.clear()  # hold no freed frame until the next batch
         return done
 
     def live_stable_entries(self) -> int:
