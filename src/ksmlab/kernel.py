@@ -48,7 +48,14 @@ from ksmlab.mm.madvise import UNMODELLED_ADVICE, do_madvise
 from ksmlab.mm.memory import Fault, Memory, present_vpns
 from ksmlab.mm.mm_types import MappedFile, MmStruct, Vma
 from ksmlab.mm.mmap import VmaOps
-from ksmlab.mm.page import FINGERPRINT_SIZE, ContentMode, Frame, PhysMem, fingerprint
+from ksmlab.mm.page import (
+    FINGERPRINT_SIZE,
+    HPAGE_PMD_SIZE,
+    ContentMode,
+    Frame,
+    PhysMem,
+    fingerprint,
+)
 from ksmlab.mm.slab import Slab
 from ksmlab.tracing import TraceEvent
 
@@ -551,8 +558,10 @@ class SimProcess:
                     anon += PAGE_SIZE
                 if frame.ksm:
                     ksm += PAGE_SIZE
+            first, last = vma.start >> PAGE_SHIFT, vma.end >> PAGE_SHIFT
+            huge = sum(HPAGE_PMD_SIZE for e in mm.pmds if first <= e < last)
             out.append(SmapsEntry(vma.start, vma.end, vma.perms(), vma.mnemonics(), rss, anon,
-                                  ksm))
+                                  ksm, huge))
         return out
 
     def pfns(self, addr: int, length: int) -> list[int | None]:
