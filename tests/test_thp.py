@@ -8,6 +8,7 @@ program on the real kernel and on SimKernel and compare.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -410,3 +411,21 @@ def test_linux_cow_of_a_thp_matches_simkernel() -> None:
     if real[0] == 0:
         pytest.skip("the host gave no transparent huge page (fragmented memory?)")
     assert real == sim
+
+
+def test_a_write_that_cannot_fit_changes_nothing() -> None:
+    """A fault takes a THP only if its 512 frames fit, else a small page, and a write whose
+    faults would run out is refused whole.  max_frames 600: a write reaching into two
+    extents takes a THP, then a small page (513 frames).  max_frames 513: into three
+    extents, 512 + 1 + 1 = 514 frames: ENOMEM, and nothing is written."""
+    k = SimKernel(max_frames=600)
+    p = k.spawn()
+    a = huge_map(p, 3 * HPAGE)
+    p.write(a, b"x" * PAGE_SIZE + bytes(HPAGE - PAGE_SIZE) + b"x" * PAGE_SIZE)
+    assert k.phys.nr_frames == 513 and anon_huge(p, a, 3 * HPAGE) == HPAGE
+    k2 = SimKernel(max_frames=513)
+    p2 = k2.spawn()
+    b = huge_map(p2, 3 * HPAGE)
+    with pytest.raises(OSError) as err:
+        p2.write(b, (b"y" * PAGE_SIZE + bytes(HPAGE - PAGE_SIZE)) * 2 + b"y" * PAGE_SIZE)
+    assert err.value.errno == errno.ENOMEM and k2.phys.nr_frames == 0  # nothing written
