@@ -28,6 +28,7 @@ from ksmlab.constants import (
     PROT_READ,
     PROT_WRITE,
 )
+from ksmlab.invariants import check_invariants
 
 HPAGE = 512 * PAGE_SIZE
 """2 MiB: one PMD."""
@@ -171,6 +172,7 @@ def test_cow_splits_the_writers_pmd_only() -> None:
     # The parent writes while the child still maps 511 of its pages: its PMD is split too.
     parent.write(a + 3 * PAGE_SIZE, b"q")
     assert anon_huge(parent, a, HPAGE) == 0
+    check_invariants(k)
 
 
 def test_write_by_the_only_mapper_keeps_the_pmd() -> None:
@@ -194,6 +196,7 @@ def test_munmap_of_one_page_inside_splits_and_keeps_the_rest() -> None:
     p.munmap(a + HPAGE + 4 * PAGE_SIZE, PAGE_SIZE)
     assert anon_huge(p, a, 2 * HPAGE) == HPAGE  # the first extent stays PMD-mapped
     assert rss(p, a, 2 * HPAGE) == 2 * HPAGE - PAGE_SIZE
+    check_invariants(k)
 
 
 def test_dontneed_inside_an_extent_splits() -> None:
@@ -214,6 +217,7 @@ def test_vma_split_inside_an_extent_splits_at_a_boundary_does_not() -> None:
     assert anon_huge(p, a, 2 * HPAGE) == HPAGE
     p.mprotect(a, HPAGE, PROT_READ)  # boundary at the extent's edge: nothing split
     assert anon_huge(p, a, 2 * HPAGE) == HPAGE
+    check_invariants(k)
 
 
 def test_whole_unmap_frees_the_thp() -> None:
@@ -261,8 +265,11 @@ matched page 0 of the same THP: no merge until scan 3); the unique THP is never 
 
 def test_merge_splits_thps_as_measured() -> None:
     k = SimKernel()
-    got = [(anon_huge(p, a, 4 * HPAGE) // 1024, int(c["pages_shared"]),
-            int(c["pages_sharing"]), int(c["pages_unshared"])) for p, a, c in merge_program(k)]
+    got = []
+    for p, a, c in merge_program(k):
+        got.append((anon_huge(p, a, 4 * HPAGE) // 1024, int(c["pages_shared"]),
+                    int(c["pages_sharing"]), int(c["pages_unshared"])))
+        check_invariants(k)
     assert got == MEASURED
 
 
@@ -302,6 +309,7 @@ def test_merge_across_processes_splits_both_thps() -> None:
     assert [anon_huge(p, a, HPAGE) for p, a in procs] == [0, 0]
     # 512 pairs of identical pages, each one KSM page shared by the two.
     assert (k.sysfs["pages_shared"], k.sysfs["pages_sharing"]) == ("512", "512")
+    check_invariants(k)
 
 
 def test_zero_page_merge_splits_the_thp() -> None:
@@ -316,6 +324,7 @@ def test_zero_page_merge_splits_the_thp() -> None:
     k.wait_full_scans(2)
     assert work(k)["thp_splits"] == 1 and anon_huge(p, a, HPAGE) == 0
     assert k.sysfs["ksm_zero_pages"] == "512"
+    check_invariants(k)
 
 
 # --- calibration workloads ---------------------------------------------------------------------
