@@ -9,6 +9,8 @@ program on the real kernel and on SimKernel and compare.
 from __future__ import annotations
 
 import errno
+import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -462,3 +464,50 @@ def test_linux_thp_workload_gets_huge_pages() -> None:
             assert anon_huge(p, a, 1024 * PAGE_SIZE) == 2 * HPAGE
         finally:
             teardown(maps)
+
+
+FUZZ_PROGRAMS = int(os.environ.get("KSMLAB_FUZZ_EXAMPLES", "50")) // 5 or 1
+"""Random THP programs run by :func:`test_random_thp_programs_keep_the_invariants` (a
+fifth of the fuzz budget: each program is 60 steps over 4 MiB areas)."""
+
+
+@pytest.mark.parametrize("seed", range(FUZZ_PROGRAMS))
+def test_random_thp_programs_keep_the_invariants(seed: int) -> None:
+    """Writes, reads, forks, exits, munmap, mprotect, MADV_DONTNEED/MERGEABLE/(NO)HUGEPAGE
+    on parts of 2 MiB-aligned MADV_HUGEPAGE areas, and ksmd scans: the model's
+    consistency checks (THP ones included) hold after every step."""
+    rng = random.Random(seed)
+    k = SimKernel()
+    for name, value in {**ZERO_KNOBS, "use_zero_pages": str(seed % 2)}.items():
+        k.sysfs[name] = value
+    k.sysfs["run"] = "1"
+    first = k.spawn()
+    procs = [(first, huge_map(first, 2 * HPAGE))]
+    for _ in range(60):
+        i = rng.randrange(len(procs))
+        p, a = procs[i]
+        off = rng.randrange(1024) * PAGE_SIZE
+        n = rng.randint(1, 1024 - off // PAGE_SIZE) * PAGE_SIZE
+        roll = rng.random()
+        try:
+            if roll < 0.35:
+                p.write(a + off, bytes([rng.randrange(3)]) * PAGE_SIZE)
+            elif roll < 0.4:
+                p.read(a + off, 1)
+            elif roll < 0.5 and len(procs) < 4:
+                procs.append((p.fork(), a))
+            elif roll < 0.55 and len(procs) > 1:
+                p.exit()
+                procs.pop(i)
+            elif roll < 0.6:
+                p.munmap(a + off, PAGE_SIZE)
+            elif roll < 0.65:
+                p.mprotect(a + off, n, rng.choice((PROT_READ, PROT_READ | PROT_WRITE)))
+            elif roll < 0.8:
+                p.madvise(a + off, n, rng.choice((MADV_DONTNEED, MADV_MERGEABLE, MADV_HUGEPAGE,
+                                                  MADV_NOHUGEPAGE, MADV_MERGEABLE)))
+            else:
+                k.advance(250)  # about one batch (sleep_millisecs 200)
+        except OSError as err:  # a page unmapped or made read-only: EFAULT, ENOMEM
+            assert err.errno in (errno.EFAULT, errno.ENOMEM), err
+        check_invariants(k)
