@@ -36,6 +36,8 @@ class SmapsEntry:
         rss: bytes of the vma resident in memory (``Rss:``; KSM zero pages excluded).
         anonymous: bytes of anonymous pages (``Anonymous:``).
         ksm: bytes of KSM pages mapped (``KSM:``; KSM zero pages excluded).
+        anon_huge: bytes of anonymous transparent huge pages mapped by PMD
+            (``AnonHugePages:``; a THP mapped by PTE after a split is not counted).
     """
 
     start: int
@@ -45,6 +47,7 @@ class SmapsEntry:
     rss: int
     anonymous: int
     ksm: int
+    anon_huge: int = 0
 
     @property
     def mergeable(self) -> bool:

@@ -28,6 +28,8 @@ comments.  Each invariant has its own helper, so a failure points at one rule:
 * ``mapcount``: each frame's mapcount is the number of PTEs mapping it; nothing
   mapped or cached is freed; every PTE lies inside a vma.
 * ``frame leak``: frames in use are exactly those mapped or in a page cache.
+* ``thp``: a PMD-mapped THP lies inside one vma, its mm's PTEs map its 512 frames in
+  order, it and its mms point at each other, and its mapcount is its frames' sum.
 * ``max_page_sharing``: no append went past the limit without the fork bypass.
 * ``scan cursor``: ksmd's cursor points into the slot list and the slot's items.
 
@@ -46,7 +48,7 @@ from ksmlab.errors import ModelInvariantError
 from ksmlab.ksm.rbtree import RbRoot, rb_check
 from ksmlab.ksm.types import SEQNR_MASK, MmSlot, NodeKind, RmapItem, RmapState, StableNode
 from ksmlab.mm.mm_types import MappedFile, MmStruct
-from ksmlab.mm.page import Frame
+from ksmlab.mm.page import HPAGE_PMD_NR, Frame, Thp
 
 if TYPE_CHECKING:
     from ksmlab.kernel import SimKernel
@@ -443,6 +445,34 @@ def _check_frame_leaks(k: SimKernel, c: _Census) -> None:
               "mapped or cached")
 
 
+def _check_thps(c: _Census) -> None:
+    """PMD mappings and THPs agree (ksmlab.mm.memory, transparent huge pages)."""
+    thps: dict[int, Thp] = {}
+    for mm in c.mms.values():
+        for frame in mm.ptes.values():
+            if frame.thp is not None:
+                thps[id(frame.thp)] = frame.thp
+        for extent, thp in mm.pmds.items():
+            thps[id(thp)] = thp
+            if thp.extent != extent or thp.pmd_mms.get(mm.id) is not mm:
+                _fail("thp", f"mm {mm.id} maps {thp!r} by PMD at {extent:#x}, not recorded there")
+            vma = mm.vma_lookup(extent << PAGE_SHIFT)
+            if vma is None or vma.end < (extent + HPAGE_PMD_NR) << PAGE_SHIFT:
+                _fail("thp", f"mm {mm.id}: the PMD at {extent << PAGE_SHIFT:#x} is not inside "
+                      "one vma")
+            if any(mm.ptes.get(extent + i) is not f or f.thp is not thp
+                   for i, f in enumerate(thp.frames)):
+                _fail("thp", f"mm {mm.id}: the PTEs under the PMD at {extent << PAGE_SHIFT:#x} "
+                      f"do not map {thp!r}'s frames in order")
+    for thp in thps.values():
+        for mm_id, mm in thp.pmd_mms.items():
+            if mm.id != mm_id or mm.pmds.get(thp.extent) is not thp:
+                _fail("thp", f"{thp!r} says mm {mm_id} maps it by PMD, which it does not")
+        if thp.mapcount != sum(f.mapcount for f in thp.frames):
+            _fail("thp", f"{thp!r}: mapcount {thp.mapcount}, its frames' sum "
+                  f"{sum(f.mapcount for f in thp.frames)}")
+
+
 def _check_max_page_sharing(k: SimKernel) -> None:
     """No append without the fork bypass went past max_page_sharing (the kernel's WARN_ON_ONCE)."""
     if k.ksm.core.warned_overflow:
@@ -471,4 +501,5 @@ def check_invariants(k: SimKernel) -> None:
     _check_ksm_zero_pages(k, c)
     _check_mapcounts(k, c)
     _check_frame_leaks(k, c)
+    _check_thps(c)
     _check_max_page_sharing(k)

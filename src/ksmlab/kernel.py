@@ -48,7 +48,15 @@ from ksmlab.mm.madvise import UNMODELLED_ADVICE, do_madvise
 from ksmlab.mm.memory import Fault, Memory, present_vpns
 from ksmlab.mm.mm_types import MappedFile, MmStruct, Vma
 from ksmlab.mm.mmap import VmaOps
-from ksmlab.mm.page import FINGERPRINT_SIZE, ContentMode, Frame, PhysMem, fingerprint
+from ksmlab.mm.page import (
+    FINGERPRINT_SIZE,
+    HPAGE_PMD_NR,
+    HPAGE_PMD_SIZE,
+    ContentMode,
+    Frame,
+    PhysMem,
+    fingerprint,
+)
 from ksmlab.mm.slab import Slab
 from ksmlab.tracing import TraceEvent
 
@@ -451,9 +459,25 @@ class SimProcess:
         mm, memory = self.mm, self.kernel.memory
         first = addr >> PAGE_SHIFT
         need = 0
+        # A fault may take a THP (512 frames) if they fit, else a small page: replay
+        # the faults' choices in order, with the extents this write fills.
+        huge: set[int] = set()
+        small: set[int] = set()
         for i, vma in enumerate(vmas):
-            frame = mm.ptes.get(first + i)
-            if frame is None or not memory.can_write_in_place(vma, frame):
+            vpn = first + i
+            extent = vpn & ~(HPAGE_PMD_NR - 1)
+            if extent in huge:
+                continue
+            frame = mm.ptes.get(vpn)
+            if frame is None or frame is phys.zero_page:
+                if (extent not in small and memory.thp_eligible(mm, vma, vpn)
+                        and phys.nr_frames + need + HPAGE_PMD_NR <= phys.max_frames):
+                    need += HPAGE_PMD_NR
+                    huge.add(extent)
+                    continue
+                small.add(extent)
+                need += 1
+            elif not memory.can_write_in_place(vma, frame):
                 need += 1
         if phys.nr_frames + need > phys.max_frames:
             raise kernel_error(errno.ENOMEM, "out of memory (max_frames reached)")
@@ -551,8 +575,10 @@ class SimProcess:
                     anon += PAGE_SIZE
                 if frame.ksm:
                     ksm += PAGE_SIZE
+            first, last = vma.start >> PAGE_SHIFT, vma.end >> PAGE_SHIFT
+            huge = sum(HPAGE_PMD_SIZE for e in mm.pmds if first <= e < last)
             out.append(SmapsEntry(vma.start, vma.end, vma.perms(), vma.mnemonics(), rss, anon,
-                                  ksm))
+                                  ksm, huge))
         return out
 
     def pfns(self, addr: int, length: int) -> list[int | None]:

@@ -66,6 +66,9 @@ struct req {
 #define MADV_POPULATE_READ_ 22
 #define MADV_POPULATE_WRITE_ 23
 #define PR_SET_THP_DISABLE_ 41
+#define PR_GET_THP_DISABLE_ 42
+#define PR_THP_DISABLE_EXCEPT_ADVISED_ (1 << 1) /* Linux 6.18 */
+#define MADV_HUGEPAGE_ 14
 
 static int chan_fd = -1;
 static char self_path[MAX_PATH];
@@ -233,13 +236,18 @@ int main(int argc, char **argv)
 		return 3;
 	self_path[n] = '\0';
 	/*
-	 * No transparent huge pages, ever: KSM must split a THP before merging
-	 * its subpages, which costs extra scans and makes the real kernel's
-	 * figures differ from the model's (which has no THP).  MMF_DISABLE_THP
-	 * is an mm flag: it is inherited across fork and exec (and set again
-	 * here after exec anyway), and it does not show in smaps VmFlags.
+	 * Transparent huge pages only where the caller asked for them with
+	 * madvise(MADV_HUGEPAGE), as the model has them (THP mode "madvise"):
+	 * on a host in mode "always" the helper's other memory (and the
+	 * caller's ordinary mappings) keep 4 KiB pages.  Linux 6.18 has the
+	 * flag PR_THP_DISABLE_EXCEPT_ADVISED for exactly that; an older kernel
+	 * refuses it (EINVAL), and then THP is disabled outright until the
+	 * first MADV_HUGEPAGE (see OP_MADVISE).  MMF_DISABLE_THP is an mm flag:
+	 * it is inherited across fork and exec (and set again here after exec
+	 * anyway), and it does not show in smaps VmFlags.
 	 */
-	prctl(PR_SET_THP_DISABLE_, 1, 0, 0, 0);
+	if (prctl(PR_SET_THP_DISABLE_, 1, PR_THP_DISABLE_EXCEPT_ADVISED_, 0, 0) != 0)
+		prctl(PR_SET_THP_DISABLE_, 1, 0, 0, 0);
 	if (strcmp(argv[2], "stub") == 0)
 		stub();
 	setup();
@@ -301,6 +309,14 @@ int main(int argc, char **argv)
 				? neg_errno() : 0;
 			break;
 		case OP_MADVISE:
+			/*
+			 * A kernel without PR_THP_DISABLE_EXCEPT_ADVISED: a process
+			 * asking for huge pages gets them (it clears its own
+			 * THP-disable, for all its areas, before any fault there).
+			 */
+			if ((int)r.a[2] == MADV_HUGEPAGE_
+			    && prctl(PR_GET_THP_DISABLE_, 0, 0, 0, 0) == 1)
+				prctl(PR_SET_THP_DISABLE_, 0, 0, 0, 0);
 			ret = madvise((void *)(uintptr_t)r.a[0], (size_t)r.a[1], (int)r.a[2])
 				? neg_errno() : 0;
 			break;

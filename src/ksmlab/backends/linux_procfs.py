@@ -55,7 +55,8 @@ def parse_smaps(text: str) -> list[SmapsEntry]:
                 start=int(str(cur["start"])), end=int(str(cur["end"])), perms=str(cur["perms"]),
                 vm_flags=tuple(str(cur.get("flags", "")).split()),
                 rss=int(str(cur.get("Rss", 0))), anonymous=int(str(cur.get("Anonymous", 0))),
-                ksm=int(str(cur.get("KSM", 0)))))
+                ksm=int(str(cur.get("KSM", 0))),
+                anon_huge=int(str(cur.get("AnonHugePages", 0)))))
 
     for line in text.splitlines():
         m = _VMA_HEADER.match(line)
@@ -68,7 +69,7 @@ def parse_smaps(text: str) -> list[SmapsEntry]:
         key, _, rest = line.partition(":")
         if key == "VmFlags":
             cur["flags"] = rest
-        elif key in ("Rss", "Anonymous", "KSM"):
+        elif key in ("Rss", "Anonymous", "KSM", "AnonHugePages"):
             parts = rest.split()
             # The unit is always kB in smaps; convert to bytes.
             cur[key] = int(parts[0]) * 1024

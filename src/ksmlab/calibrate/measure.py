@@ -9,7 +9,9 @@ blocked as it is on ``ksm_thread_wait``), ``full_scans`` is polled until it
 grows, and both are read again, within ksmd's sleep after its last batch;
 then ``run=0``, and a wait until that sleep's timer has fired.  A sample is
 kept only if no batch ran after the end of the scan and the kernel scanned as
-many pages as the model did (``pages_scanned``).
+many pages as the model did (``pages_scanned``), and, for a THP workload, only
+if the kernel really gave it transparent huge pages (a fragmented host falls
+back to 4 KiB pages, whose costs are not the model's).
 
 On the model the same program runs on the bulk engine (whose work counts
 equal SimKernel's, see tests/test_bulk.py), batch by batch, recording each
@@ -26,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ksmlab.api import Kernel
-from ksmlab.calibrate.workloads import Workload, build, rewrite, teardown
+from ksmlab.calibrate.workloads import Workload, build, rewrite, teardown, thp_shortfall
 from ksmlab.constants import MADV_MERGEABLE, PAGE_SIZE
 from ksmlab.ksm.cost import FEATURES
 from ksmlab.scenario import host
@@ -137,6 +139,7 @@ def run_real(k: Kernel, w: Workload, model: list[ModelScan], repeat: int,
     maps = build(k, w)
     out = []
     try:
+        no_thp = thp_shortfall(w, maps)
         for scan, m in enumerate(model):
             rewrite(w, maps, scan)
             time.sleep(settle)
@@ -152,7 +155,9 @@ def run_real(k: Kernel, w: Workload, model: list[ModelScan], repeat: int,
             feats = {name: sum(b[name] for b in m.batches) for name in FEATURES}
             sample = ScanSample(w.name, repeat, scan, c1 - c0, t1 - t0, feats, m.batches,
                                 w.sleep_ms, p1 - p0, m.pages)
-            if p2 != p1 or f2 != f0 + 1:
+            if no_thp:
+                sample.ok, sample.why = False, no_thp
+            elif p2 != p1 or f2 != f0 + 1:
                 sample.ok, sample.why = False, "ksmd ran on past the end of the scan"
             elif p1 - p0 != m.pages:
                 sample.ok, sample.why = False, (f"the kernel scanned {p1 - p0} pages, "

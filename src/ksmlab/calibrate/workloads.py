@@ -11,7 +11,9 @@ scans for checksums alone, long chains (``max_page_sharing`` = 2) for dup
 walks, many processes for the per-mm cost, a host's usual mix (a shared
 image, zero pages and private pages at scattered places, several processes),
 several ``pages_to_scan`` and ``sleep_millisecs`` values for the batch cost
-and the clock.
+and the clock, and transparent huge pages (``MADV_HUGEPAGE`` before the
+first write): unique ones, which ksmd walks under a PMD and never splits, and
+identical ones, each split at its first merge (``pte_page``, ``thp_split``).
 
 A workload is the same program on any :class:`ksmlab.api.Kernel`: the pages
 get bytes made from a *tag* per page (0 is the zero page; any other tag
@@ -26,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ksmlab.api import Kernel, Process
-from ksmlab.constants import MADV_MERGEABLE, PAGE_SIZE
+from ksmlab.constants import MADV_HUGEPAGE, MADV_MERGEABLE, PAGE_SIZE
 from ksmlab.ksm.defaults import (
     DEFAULT_MAX_PAGE_SHARING,
     DEFAULT_PAGES_TO_SCAN,
@@ -53,6 +55,9 @@ class Workload:
         scans: full scans to measure.
         knobs: the knobs besides ``run`` (the kernel's boot values otherwise).
         churn: whether any tag changes between scans (pages are then rewritten).
+        thp: the mapping is madvised MADV_HUGEPAGE before it is written, so that it
+            is made of transparent huge pages (*pages* must be a multiple of 512;
+            the kernel places such a mapping on a 2 MiB boundary).
     """
 
     name: str
@@ -62,12 +67,22 @@ class Workload:
     scans: int
     knobs: dict[str, str] = field(default_factory=dict)
     churn: bool = False
+    thp: bool = False
+
+    def __post_init__(self) -> None:
+        if self.thp and (self.pages <= 0 or self.pages % THP_PAGES):
+            msg = (f"workload {self.name!r}: a THP workload's pages must be a positive "
+                   f"multiple of {THP_PAGES}, got {self.pages}")
+            raise ValueError(msg)
 
     @property
     def sleep_ms(self) -> int:
         """The workload's ``sleep_millisecs``."""
         return int(self.knobs.get("sleep_millisecs", "20"))
 
+
+THP_PAGES = 512
+"""Pages in a transparent huge page (2 MiB)."""
 
 BOOT_KNOBS = {
     "max_page_sharing": str(DEFAULT_MAX_PAGE_SHARING),
@@ -105,10 +120,29 @@ def build(k: Kernel, w: Workload) -> list[tuple[Process, int]]:
     for proc in range(w.procs):
         p = k.spawn()
         a = p.mmap(w.pages * PAGE_SIZE)
+        if w.thp:
+            if a % (THP_PAGES * PAGE_SIZE):
+                raise RuntimeError(f"workload {w.name!r}: mapping at {a:#x} is not 2 MiB-aligned")
+            p.madvise(a, w.pages * PAGE_SIZE, MADV_HUGEPAGE)
         p.write(a, _fill(w, proc, 0))
         p.madvise(a, w.pages * PAGE_SIZE, MADV_MERGEABLE)
         maps.append((p, a))
     return maps
+
+
+def thp_shortfall(w: Workload, maps: list[tuple[Process, int]]) -> str:
+    """Why *w*'s memory is not all transparent huge pages right after :func:`build`
+    ("" when it is, or when *w* has none): a fragmented host may fall back to 4 KiB
+    pages.  Read from smaps ``AnonHugePages`` of each process's mapping."""
+    if not w.thp:
+        return ""
+    want = w.pages * PAGE_SIZE
+    for proc, (p, a) in enumerate(maps):
+        got = sum(e.anon_huge for e in p.smaps() if e.start < a + want and e.end > a)
+        if got < want:
+            return (f"process {proc} got {got // 1024} kB of transparent huge pages of "
+                    f"{want // 1024} kB (memory too fragmented?)")
+    return ""
 
 
 def rewrite(w: Workload, maps: list[tuple[Process, int]], scan: int) -> None:
@@ -137,6 +171,7 @@ def workloads(scale: int = 16384) -> list[Workload]:
     where a batch's tree searches share fewer nodes and per-page costs are higher.
     """
     n, q = scale, max(64, scale // 4)
+    h = max(THP_PAGES, n - n % THP_PAGES)  # the THP workloads' size: whole huge pages
     unique: Tag = lambda p, i, s: 1 + p * n + i  # noqa: E731
     same: Tag = lambda p, i, s: 7  # noqa: E731
     pairs: Tag = lambda p, i, s: 1 + i // 2  # noqa: E731
@@ -193,7 +228,12 @@ def workloads(scale: int = 16384) -> list[Workload]:
         Workload("host mix: 8 processes, smart_scan 0", 8, n // 8, host, 4, big0),
         Workload("clock, sleep 1", 1, 2048, unique, 3, _knobs(100, 1, smart_scan="0")),
         Workload("clock, sleep 5", 1, 2048, unique, 3, _knobs(100, 5, smart_scan="0")),
+        # Checksummed, then in the unstable tree, never merged: walked under PMDs
+        # (pte_page differs from page); identical: every THP split at its first merge.
+        Workload("THP: unique, smart_scan 0", 1, h, unique, 4, big0, thp=True),
+        Workload("THP: identical", 1, h, same, 4, big, thp=True),
     ]
 
 
-__all__ = ["Workload", "build", "page_bytes", "rewrite", "teardown", "workloads"]
+__all__ = ["THP_PAGES", "Workload", "build", "page_bytes", "rewrite", "teardown", "thp_shortfall",
+           "workloads"]

@@ -34,8 +34,14 @@ marked here as deliberate):
 
 * Single-threaded: no locks, no trylock failures, no GUP pins, so
   ``write_protect_page`` always succeeds and no lookup returns -EBUSY.
-* No page migration, swap, THP or memory hot-remove: the ``migrate_nodes``
+* No page migration, swap or memory hot-remove: the ``migrate_nodes``
   list is never populated, and KSM pages never change NUMA node.
+* Transparent huge pages (:mod:`ksmlab.mm.memory`): a merge attempt on a page
+  of a THP splits the THP first (``split_huge_page`` in
+  ``try_to_merge_one_page``), which always succeeds except in the one case
+  the kernel's refcount makes fail: an unstable-tree match inside the same
+  THP (see :meth:`KsmCore.cmp_and_merge_page`).  Inserting a THP page into
+  the unstable tree splits nothing (measured on Linux 6.18).
 * No signals: unmerging never returns -ERESTARTSYS.
 * Slab allocations (mm_slot, rmap_item, stable_node, vma) go through
   :class:`ksmlab.mm.slab.Slab`, whose limit makes ENOMEM paths reachable.
@@ -76,7 +82,7 @@ from ksmlab.ksm.types import (
 )
 from ksmlab.mm.memory import Fault, Memory, present_vpns
 from ksmlab.mm.mm_types import MmStruct, Vma
-from ksmlab.mm.page import Frame
+from ksmlab.mm.page import Frame, Thp
 from ksmlab.mm.slab import Slab
 
 Tracer = Callable[..., None]
@@ -151,6 +157,8 @@ class KsmCore(KsmTunables):
         self.ksm_frames_met: set[Frame] = set()
         """KSM pages ksmd's current batch has met (``work.ksm_frames`` counts each once)."""
         self._dups_walked = 0
+        self._held_thp: Thp | None = None
+        """A THP whose split fails for now (cmp_and_merge_page's same-THP case)."""
         self.wake_ksmd: Callable[[], None] = lambda: None
         """Set by the kernel to its ksmd's ``wake_up``: ksmd runs its next batch now."""
 
@@ -408,6 +416,13 @@ class KsmCore(KsmTunables):
             return 0
         if not page.anon:
             return errno.EFAULT
+        if page.thp is not None:
+            if page.thp is self._held_thp:
+                # split_huge_page fails: the unstable tree's page of the same THP
+                # holds a reference (cmp_and_merge_page splits it afterwards).
+                return errno.EFAULT
+            self.memory.split_thp(page.thp)
+            self.work.thp_splits += 1
         # write_protect_page: in the model nothing else holds a reference, so
         # write-protecting always succeeds (no GUP pins, no swap cache).
         if kpage is None:
@@ -697,8 +712,20 @@ class KsmCore(KsmTunables):
         if found is None:
             return
         tree_item, tree_page = found
-        kpage = self.try_to_merge_two_pages(item, page, tree_item, tree_page)
+        # Both pages in one THP: the merge fails (its split cannot succeed while
+        # tree_page is held); once tree_page is released ksmd splits the THP and
+        # merges nothing on this visit (measured on Linux 6.18: one page of such
+        # a THP merges a full scan later than the others).
+        same_thp = page.thp is not None and page.thp is tree_page.thp
+        self._held_thp = page.thp if same_thp else None
+        try:
+            kpage = self.try_to_merge_two_pages(item, page, tree_item, tree_page)
+        finally:
+            self._held_thp = None
         if kpage is None:
+            if same_thp and page.thp is not None:
+                self.memory.split_thp(page.thp)
+                self.work.thp_splits += 1
             return
         node = self.stable_tree_insert(kpage)
         if node is not None:

@@ -160,6 +160,9 @@ class KsmScanner(KsmCore):
                     scan.address += PAGE_SIZE
                     if self.should_skip_rmap_item(page, item):
                         continue
+                    thp = page.thp
+                    if thp is None or mm.pmds.get(thp.extent) is not thp:
+                        self.work.pte_pages += 1  # not under a PMD-mapped THP
                     return item, page
                 if page is not None:
                     self.work.pte_walk += 1  # present, nothing to scan: the zero page

@@ -41,7 +41,9 @@ from ksmlab.mm.mmap import VmaOps, page_align
 
 U64 = (1 << 64) - 1
 
-# Advices that only set or clear vma flags: advice -> (set, clear).
+# Advices that only set or clear vma flags: advice -> (set, clear).  VM_HUGEPAGE
+# makes later write faults take transparent huge pages (ksmlab.mm.memory; host
+# THP mode "madvise"); setting or clearing it splits nothing already there.
 _FLAG_ADVICE = {
     MADV_DONTFORK: (VM_DONTCOPY, 0),
     MADV_DOFORK: (0, VM_DONTCOPY),
@@ -53,7 +55,7 @@ _FLAG_ADVICE = {
     MADV_NOHUGEPAGE: (VM_NOHUGEPAGE, VM_HUGEPAGE),
 }
 # Advices accepted as hints with no effect in the model (model choice: no
-# readahead, page reclaim or THP, so these change nothing observable here).
+# readahead or page reclaim, so these change nothing observable here).
 _HINTS = {MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, MADV_COLD, MADV_PAGEOUT}
 
 KsmMadvise = Callable[[MmStruct, Vma, int, int, int, int], int]

@@ -7,6 +7,22 @@ non-KSM frame mapped exactly once is written in place; every other mapped
 frame (KSM page, zero page, page shared with a fork relative, page cache of
 a private file mapping) is copied first.  That is observationally the same as
 tracking write-protection per PTE, and it cannot drift out of sync.
+
+Transparent huge pages (THP), in the host mode ``madvise`` only (model
+choice: ``always`` and ``never`` are not modelled; docs/kernel-behaviour.md,
+"Transparent huge pages"): a first write in a VM_HUGEPAGE private anonymous
+area whose 2 MiB-aligned extent lies wholly inside the area, with nothing but
+the zero page of a read mapped there yet, allocates a :class:`~ksmlab.mm.page.Thp`
+of 512 frames and maps it by PMD (``MmStruct.pmds``).  The PMD is split (the
+extent stays mapped, by PTE) when any page-table entry of the extent goes
+(munmap, MADV_DONTNEED, a COW copy, KSM's replace_page), when a vma boundary
+comes to lie inside the extent (:meth:`Memory.split_pmd_at`), and when the
+writer's THP is also mapped by another mm (fork).  KSM splits the THP itself
+before merging a page of it (:meth:`Memory.split_thp`).  Model choices: the
+huge zero page of a read is the ordinary zero page in each PTE (so a write
+still gets a THP; a read made before MADV_HUGEPAGE would block it on Linux);
+khugepaged (which collapses 4 KiB pages back into THPs) and the deferred
+split of partly unmapped THPs are not modelled.
 """
 
 from __future__ import annotations
@@ -14,10 +30,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from enum import Enum
 
-from ksmlab.constants import PAGE_SHIFT, PAGE_SIZE, VM_EXEC, VM_READ, VM_SHARED, VM_WRITE
+from ksmlab.constants import (
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    VM_EXEC,
+    VM_HUGEPAGE,
+    VM_NOHUGEPAGE,
+    VM_READ,
+    VM_SHARED,
+    VM_WRITE,
+)
 from ksmlab.errors import ModelInvariantError, vm_bug_on
 from ksmlab.mm.mm_types import AnonVma, MmStruct, Vma
-from ksmlab.mm.page import Frame, PhysMem
+from ksmlab.mm.page import HPAGE_PMD_NR, HPAGE_PMD_SIZE, Frame, PhysMem, Thp
 
 _ANON_COMPAT_IGNORE = VM_READ | VM_WRITE | VM_EXEC
 FAULT_AROUND_PAGES = 16
@@ -71,6 +96,8 @@ class Memory:
     def _map(self, mm: MmStruct, vpn: int, frame: Frame) -> None:
         if not frame.zero:
             frame.mapcount += 1
+            if frame.thp is not None:
+                frame.thp.mapcount += 1
         mm.ptes[vpn] = frame
 
     def zap_pte(self, mm: MmStruct, vpn: int) -> None:
@@ -79,11 +106,73 @@ class Memory:
         if frame is self.phys.ksm_zero_page:
             self.on_ksm_zero_unmap(mm)
         elif not frame.zero:
+            thp = frame.thp
+            if thp is not None:
+                # An entry of the extent goes: the PMD mapping it whole is split first.
+                thp.mapcount -= 1
+                if mm.pmds.get(thp.extent) is thp:
+                    self.split_pmd(mm, thp.extent)
             frame.mapcount -= 1
             if frame.mapcount < 0:  # hot path: the message is formatted only on failure
                 raise ModelInvariantError(f"negative mapcount on {frame!r}")
             if frame.mapcount == 0 and frame.anon:
                 self.phys.free(frame)
+
+    # --- transparent huge pages ----------------------------------------------------
+    def split_pmd(self, mm: MmStruct, extent: int) -> None:
+        """Map the THP *mm* maps by PMD at *extent* by PTE instead (``__split_huge_pmd``);
+        the frames, their contents and the other mms' mappings stay."""
+        thp = mm.pmds.pop(extent, None)
+        if thp is not None:
+            del thp.pmd_mms[mm.id]
+
+    def split_pmd_at(self, mm: MmStruct, addr: int) -> None:
+        """A vma boundary comes to lie at *addr*: split the PMD whose extent it cuts
+        (``vma_adjust_trans_huge``); an aligned boundary cuts none."""
+        if addr % HPAGE_PMD_SIZE:
+            self.split_pmd(mm, (addr >> PAGE_SHIFT) & ~(HPAGE_PMD_NR - 1))
+
+    def split_thp(self, thp: Thp) -> None:
+        """Split *thp* into 512 small pages (``split_huge_page``): every mm that mapped
+        it by PMD now maps the same frames by PTE; contents and mapcounts stay."""
+        for mm in thp.pmd_mms.values():
+            del mm.pmds[thp.extent]
+        thp.pmd_mms.clear()
+        for frame in thp.frames:
+            frame.thp = None
+
+    def thp_eligible(self, mm: MmStruct, vma: Vma, vpn: int) -> bool:
+        """Whether a write fault at *vpn* allocates a THP (docs: the fault rule).
+
+        A private anonymous VM_HUGEPAGE area (not VM_NOHUGEPAGE), the 2 MiB-aligned
+        extent of *vpn* wholly inside it, and nothing mapped in the extent but the
+        zero page of a read (which stands for the kernel's huge zero page).
+        """
+        if vma.file is not None or not vma.flags & VM_HUGEPAGE or vma.flags & VM_NOHUGEPAGE:
+            return False
+        first = vpn & ~(HPAGE_PMD_NR - 1)
+        if first << PAGE_SHIFT < vma.start or (first + HPAGE_PMD_NR) << PAGE_SHIFT > vma.end:
+            return False
+        ptes, zero = mm.ptes, self.phys.zero_page
+        return all(ptes.get(v, zero) is zero for v in range(first, first + HPAGE_PMD_NR))
+
+    def _alloc_thp(self, mm: MmStruct, vma: Vma, vpn: int) -> bool:
+        """Fault in a zero-filled THP for *vpn*'s extent, mapped by PMD (``do_huge_pmd_anonymous_page``).
+
+        False when the 512 frames cannot be had: the caller takes a small page.
+        """
+        first = vpn & ~(HPAGE_PMD_NR - 1)
+        thp = self.phys.alloc_thp(self.phys.zero_data, self._node(vma), first)
+        if thp is None:
+            return False
+        ptes = mm.ptes
+        for i, frame in enumerate(thp.frames):
+            if first + i in ptes:
+                self.zap_pte(mm, first + i)  # the zero page a read mapped
+            self._map(mm, first + i, frame)
+        mm.pmds[first] = thp
+        thp.pmd_mms[mm.id] = mm
+        return True
 
     def zap_range(self, mm: MmStruct, start: int, end: int) -> None:
         """Unmap every page in [start, end) (``zap_page_range_single``)."""
@@ -130,8 +219,15 @@ class Memory:
             if frame is self.phys.ksm_zero_page or frame.ksm:
                 return self._do_wp_page(mm, vma, vpn, frame)
             return Fault.OK
-        if write and not self.can_write_in_place(vma, frame):
-            return self._do_wp_page(mm, vma, vpn, frame)
+        if write:
+            if not self.can_write_in_place(vma, frame):
+                return self._do_wp_page(mm, vma, vpn, frame)  # (splits a PMD in zap_pte)
+            thp = frame.thp
+            if (thp is not None and thp.mapcount > HPAGE_PMD_NR
+                    and mm.pmds.get(thp.extent) is thp):
+                # Another mm (a fork relative) maps part of this THP: the writer's PMD
+                # is split; the page itself is written in place, as a small page would be.
+                self.split_pmd(mm, thp.extent)
         return Fault.OK
 
     def can_write_in_place(self, vma: Vma, frame: Frame) -> bool:
@@ -193,6 +289,9 @@ class Memory:
     def _cow_copy(self, mm: MmStruct, vma: Vma, vpn: int, data: bytes,
                   old: Frame | None) -> Fault:
         self.anon_vma_prepare(mm, vma)
+        if ((old is None or old is self.phys.zero_page) and self.thp_eligible(mm, vma, vpn)
+                and self._alloc_thp(mm, vma, vpn)):
+            return Fault.OK
         new = self.phys.alloc(data, self._node(vma), anon=True)
         if new is None:
             return Fault.OOM
@@ -250,6 +349,10 @@ class Memory:
             frame = src.ptes.get(vpn)
             if frame is not None:
                 self._map(dst, vpn, frame)
+        for extent, thp in src.pmds.items():  # copy_huge_pmd: the child maps it by PMD too
+            if first <= extent < last:
+                dst.pmds[extent] = thp
+                thp.pmd_mms[dst.id] = dst
 
 
 def _anon_vma_compatible(a: Vma, b: Vma) -> bool:

@@ -36,7 +36,7 @@ from ksmlab.constants import (
     VM_WIPEONFORK,
     VM_WRITE,
 )
-from ksmlab.mm.page import Frame
+from ksmlab.mm.page import Frame, Thp
 
 _anon_vma_ids = itertools.count(1)
 
@@ -159,6 +159,10 @@ class MmStruct:
         ksm_merging_pages: this mm's rmap_items in the stable tree.
         ksm_zero_pages: KSM-placed zero-page PTEs currently mapped here.
         mmap_base: top of the mmap area; new mappings go just below it (top-down).
+        pmds: the transparent huge pages this mm maps with one PMD, by extent
+            (first page number of the 2 MiB extent, a multiple of 512).  Their
+            512 frames are in ``ptes`` too: the PMD is an overlay that says the
+            extent is mapped whole (what ksmd's walk and smaps AnonHugePages see).
     """
 
     id: int
@@ -170,6 +174,7 @@ class MmStruct:
     ksm_merging_pages: int = 0
     ksm_zero_pages: int = 0
     mmap_base: int = 0x7F0000000000
+    pmds: dict[int, Thp] = field(default_factory=dict)
 
     # --- flags -------------------------------------------------------------------
     def test_flag(self, bit: int) -> bool:

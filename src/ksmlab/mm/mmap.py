@@ -42,7 +42,7 @@ from ksmlab.constants import (
     VM_WIPEONFORK,
     VM_WRITE,
 )
-from ksmlab.errors import kernel_error
+from ksmlab.errors import KernelError, kernel_error
 from ksmlab.mm.memory import Fault, Memory
 from ksmlab.mm.mm_types import MappedFile, MmStruct, Vma
 
@@ -66,24 +66,48 @@ def calc_vm_prot_bits(prot: int) -> int:
             | (VM_EXEC if prot & PROT_EXEC else 0))
 
 
+_PMD_SIZE = 512 * PAGE_SIZE
+"""2 MiB: the extent of a transparent huge page (one PMD)."""
+
+
 # --- the checks and the placement every engine shares (the bulk engine has no vmas) ---------
-def unmapped_area_topdown(spans: Iterable[tuple[int, int]], mmap_base: int, length: int) -> int:
+def unmapped_area_topdown(spans: Iterable[tuple[int, int]], mmap_base: int, length: int,
+                          *, pmd_align: bool = False) -> int:
     """Where a new mapping of *length* bytes goes: the top of the highest gap below
     *mmap_base* that fits it (``vm_unmapped_area``, top-down).
 
     *spans* are the (start, end) of the mapped areas, highest first; only the
     mapped addresses matter, not how they are cut into vmas.  Raises
     KernelError(ENOMEM) when no gap above the 16-page floor fits.
+
+    *pmd_align*: Linux 6.18 places an anonymous mapping without address hint
+    whose length is a multiple of 2 MiB on a 2 MiB boundary, so that it can
+    hold transparent huge pages (``thp_get_unmapped_area``; measured, THP
+    enabled or not): the highest gap that fits *length* + 2 MiB, the address
+    rounded down to 2 MiB; if no gap fits that, the ordinary placement.
     """
+    if pmd_align:
+        spans = list(spans)
+        try:
+            top = _gap_top(spans, mmap_base, length + _PMD_SIZE)
+        except KernelError:
+            pass
+        else:
+            return (top - length) & ~(_PMD_SIZE - 1)
+    return _gap_top(spans, mmap_base, length) - length
+
+
+def _gap_top(spans: Iterable[tuple[int, int]], mmap_base: int, length: int) -> int:
+    """The top of the highest gap below *mmap_base* that fits *length* bytes."""
     top = mmap_base
     for start, end in spans:
         if start >= top:
             continue
         if end <= top - length:
-            return top - length
+            return top
         top = start
     if top - length >= PAGE_SIZE * 16:
-        return top - length
+        return top
     raise kernel_error(errno.ENOMEM, "no room in the address space")
 
 
@@ -173,6 +197,7 @@ class VmaOps:
             raise kernel_error(errno.ENOMEM, "vm.max_map_count reached")
         upper = Vma(addr, vma.end, vma.flags, vma.linear_pgoff(addr), vma.file, vma.anon_vma,
                     vma.anon_vma_singular, vma.nid)
+        self.memory.split_pmd_at(mm, addr)
         vma.end = addr
         mm.insert_vma(upper)
         return upper
@@ -206,6 +231,7 @@ class VmaOps:
             if end == vma.end:
                 self._absorb(mm, prev, vma)
             else:
+                self.memory.split_pmd_at(mm, end)
                 prev.end = end
                 vma.start, vma.pgoff = end, vma.linear_pgoff(end)
                 if prev.anon_vma is None:
@@ -219,6 +245,7 @@ class VmaOps:
             if start == vma.start:
                 self._absorb(mm, nxt, vma)
             else:
+                self.memory.split_pmd_at(mm, start)
                 vma.end = start
                 nxt.start, nxt.pgoff = start, piece.pgoff
                 if nxt.anon_vma is None:
@@ -233,12 +260,17 @@ class VmaOps:
         return target
 
     # --- mmap ----------------------------------------------------------------------
-    def get_unmapped_area(self, mm: MmStruct, length: int, hint: int) -> int:
-        """Pick an address for a new mapping: the hint if free, else top-down below mmap_base."""
+    def get_unmapped_area(self, mm: MmStruct, length: int, hint: int, *,
+                          anonymous: bool = False) -> int:
+        """Pick an address for a new mapping: the hint if free, else top-down below
+        mmap_base (2 MiB-aligned for an *anonymous* one of a multiple of 2 MiB with no
+        hint, see :func:`unmapped_area_topdown`)."""
         if hint and hint + length <= TASK_SIZE and self._is_free(mm, hint, hint + length):
             return hint
         return unmapped_area_topdown(((v.start, v.end) for v in reversed(mm.vmas)),
-                                     mm.mmap_base, length)
+                                     mm.mmap_base, length,
+                                     pmd_align=anonymous and not hint
+                                     and length % _PMD_SIZE == 0)
 
     @staticmethod
     def _is_free(mm: MmStruct, start: int, end: int) -> bool:
@@ -305,7 +337,10 @@ class VmaOps:
                     raise kernel_error(errno.EEXIST, f"{start:#x} already mapped")
                 self.do_munmap(mm, start, size)
         else:
-            start = self.get_unmapped_area(mm, size, addr & ~(PAGE_SIZE - 1))
+            # MAP_SHARED|MAP_ANONYMOUS has its shmem file already (shmem's own
+            # placement aligns only for huge shmem, not modelled).
+            start = self.get_unmapped_area(mm, size, addr & ~(PAGE_SIZE - 1),
+                                           anonymous=file is None)
         if mm.map_count >= self.max_map_count:
             raise kernel_error(errno.ENOMEM, "vm.max_map_count reached")
         pgoff = offset >> PAGE_SHIFT if file is not None else start >> PAGE_SHIFT

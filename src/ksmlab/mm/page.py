@@ -29,6 +29,7 @@ from ksmlab.errors import ModelInvariantError
 
 if TYPE_CHECKING:
     from ksmlab.ksm.types import StableNode
+    from ksmlab.mm.mm_types import MmStruct
 
 ZERO_DATA = bytes(PAGE_SIZE)
 
@@ -94,10 +95,12 @@ class Frame:
             the merge and stable_tree_insert); the "keyhole" ksm.c checks.
         freed: the frame went back to the allocator; a stable node pointing
             here is stale.
+        thp: the transparent huge page this frame is one of (None for a small
+            page, and again after the THP is split).
     """
 
     __slots__ = ("anon", "data", "freed", "ksm", "mapcount", "nid", "pfn", "stable_node",
-                 "zero")
+                 "thp", "zero")
 
     def __init__(self, pfn: int, data: bytes, nid: int, *, anon: bool) -> None:
         self.pfn = pfn
@@ -109,10 +112,46 @@ class Frame:
         self.ksm = False
         self.stable_node: StableNode | None = None
         self.freed = False
+        self.thp: Thp | None = None
 
     def __repr__(self) -> str:
         kind = "zero" if self.zero else "ksm" if self.ksm else "anon" if self.anon else "file"
         return f"<Frame pfn={self.pfn} {kind} mapcount={self.mapcount} nid={self.nid}>"
+
+
+HPAGE_PMD_NR = 512
+"""Pages in a transparent huge page (2 MiB, one PMD, on x86-64)."""
+HPAGE_PMD_SIZE = HPAGE_PMD_NR * PAGE_SIZE
+
+
+class Thp:
+    """A transparent huge page (an anonymous PMD-sized folio): 512 frames of one
+    2 MiB-aligned virtual extent, allocated together (docs/kernel-behaviour.md, THP).
+
+    Which mms map it with one PMD is kept on each mm (``MmStruct.pmds``, by
+    extent) and mirrored here so that a split can find them.
+
+    Attributes:
+        frames: the 512 frames, in address order.
+        extent: the extent's first page number (a multiple of 512).
+        pmd_mms: the mms mapping the whole extent by PMD, by mm id.
+        mapcount: page-table entries mapping any of its frames, over all mms
+            (the sum of the frames' mapcounts; 512 when one mm maps it).
+    """
+
+    __slots__ = ("extent", "frames", "mapcount", "pmd_mms")
+
+    def __init__(self, frames: list[Frame], extent: int) -> None:
+        self.frames = frames
+        self.extent = extent
+        self.pmd_mms: dict[int, MmStruct] = {}
+        self.mapcount = 0
+        for f in frames:
+            f.thp = self
+
+    def __repr__(self) -> str:
+        return (f"<Thp extent={self.extent:#x} head pfn={self.frames[0].pfn} "
+                f"pmd_mms={sorted(self.pmd_mms)}>")
 
 
 class PhysMem:
@@ -166,6 +205,16 @@ class PhysMem:
             return None
         self.nr_frames += 1
         return Frame(next(self._pfns), data, nid, anon=anon)
+
+    def alloc_thp(self, data: bytes, nid: int, extent: int) -> Thp | None:
+        """Allocate a THP for the extent starting at page *extent*, every frame holding
+        *data*; None when the 512 frames do not fit (the fault then takes a small page,
+        as the kernel falls back when a huge page cannot be had)."""
+        if self.max_frames is not None and self.nr_frames + HPAGE_PMD_NR > self.max_frames:
+            return None
+        self.nr_frames += HPAGE_PMD_NR
+        return Thp([Frame(next(self._pfns), data, nid, anon=True)
+                    for _ in range(HPAGE_PMD_NR)], extent)
 
     def free(self, frame: Frame) -> None:
         """Return *frame*; a KSM frame keeps its ``stable_node`` so the node can see it is stale."""
