@@ -50,6 +50,7 @@ from ksmlab.bulk.columns import (
 )
 from ksmlab.bulk.content import ZERO_CONTENT
 from ksmlab.bulk.engine import BulkKsm
+from ksmlab.bulk.thp import end_step, pmd_mapped, split_thps
 from ksmlab.bulk.trees import TreeIndex
 from ksmlab.errors import vm_bug_on
 from ksmlab.ksm.defaults import AGE_MAX
@@ -158,6 +159,26 @@ class VectorKsm(BulkKsm):
     def _regular(self, lo: int, hi: int, visit: npt.NDArray[np.bool_],
                  skip: npt.NDArray[np.bool_], elig: npt.NDArray[np.bool_]) -> None:
         """Handle rows [lo, hi), none of them irregular, with array operations."""
+        vrows = np.flatnonzero(visit) + lo
+        if not self.thps:
+            self.work.pte_pages += len(vrows)
+            self._regular_steps(lo, hi, visit, skip, elig)
+            return
+        # Which pages the walk reaches through a THP's PMD: those PMD-mapped now whose
+        # THP no page before them splits (end_step, from the splits logged).
+        vf = self.pages.frame[vrows]
+        pmd0 = pmd_mapped(self, vrows, vf)
+        heads0 = self.frames.thp[vf[pmd0]].astype(np.int64)
+        self.split_log = []
+        try:
+            self._regular_steps(lo, hi, visit, skip, elig)
+            self.work.pte_pages += end_step(self, vrows, pmd0, heads0)
+        finally:
+            self.split_log = None
+
+    def _regular_steps(self, lo: int, hi: int, visit: npt.NDArray[np.bool_],
+                       skip: npt.NDArray[np.bool_], elig: npt.NDArray[np.bool_]) -> None:
+        """_regular's steps (the pages' items, checksums and merges)."""
         pages, frames, tally = self.pages, self.frames, self.tally
         sl = slice(lo, hi)
         state = pages.state[sl]
@@ -210,6 +231,7 @@ class VectorKsm(BulkKsm):
             # try_to_merge_with_zero_page: map the zero page, the item stays.
             zero = held & (content == ZERO_CONTENT)
             work.zero_merges += int(np.count_nonzero(zero))
+            split_thps(self, fr[zero], rows[zero])
             self.unmap(fr[zero])
             pages.frame[rows[zero]] = KSM_ZERO
             tally.zero_pages += int(np.count_nonzero(zero))
@@ -364,6 +386,7 @@ class VectorKsm(BulkKsm):
         pages, frames = self.pages, self.frames
         kframe = self.nodes.kframe[nodes]
         self.work.merges += len(rows)
+        split_thps(self, pages.frame[rows], rows)
         np.subtract.at(frames.mapcount, pages.frame[rows], 1)
         pages.frame[rows] = kframe
         np.add.at(frames.mapcount, kframe, 1)
@@ -408,6 +431,7 @@ class VectorKsm(BulkKsm):
         work.new_ksm += n
         work.stable_inserts += n
         work.stable_new += n
+        split_thps(self, np.concatenate([fr, pages.frame[ys]]), np.concatenate([rows, rows]))
         np.subtract.at(frames.mapcount, pages.frame[ys], 1)
         pages.frame[ys] = fr
         frames.mapcount[fr] += 1
