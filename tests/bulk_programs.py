@@ -81,7 +81,9 @@ def page(tag: int) -> bytes:
 
 TAGS = 6
 """Contents the programs write: page(0) .. page(TAGS - 1)."""
-TAG_OF = {key: t for t in range(8) for key in (page(t), fingerprint(page(t)))}
+THP_TAGS = range(8, 8 + 1536)
+"""Tags thp_program writes besides 0 to 3: one per page of three extents."""
+TAG_OF = {key: t for t in (*range(8), *THP_TAGS) for key in (page(t), fingerprint(page(t)))}
 """A page's tag from its bytes or its fingerprint (numa_program writes tags up to 6)."""
 PROTS = (PROT_READ, PROT_NONE, PROT_READ | PROT_WRITE, PROT_READ | PROT_EXEC,
          PROT_READ | PROT_WRITE | PROT_EXEC, PROT_WRITE, 0x8 | PROT_READ)
@@ -338,7 +340,8 @@ def thp_program(r: random.Random, steps: int = 30) -> list[Op]:
             e = r.randrange(n // HPAGE) * HPAGE
             i = e + r.choice([0, 0, r.randrange(HPAGE)])
             count = r.randint(1, HPAGE - (i - e)) if r.random() < 0.5 else HPAGE - (i - e)
-            tags = [r.choice([0, 1, 2, 3, i + k + 100 * p]) for k in range(count)]
+            tags = [r.choice([0, 1, 2, 3, THP_TAGS[(i + k) % len(THP_TAGS)]])
+                    for k in range(count)]
             ops.append(("write", p, m, i, tags))
         elif roll < 0.5:
             ops.append(("batches", r.randint(1, 6)))
