@@ -6,7 +6,8 @@ instead of SimKernel's kilobytes) and a vectorised scan.  It offers the part
 of the :class:`ksmlab.api.Kernel` interface that such workloads use: spawn,
 mmap of anonymous private memory (on a chosen NUMA node), munmap, mprotect,
 whole-page writes (as bytes, or as content ids for speed), MADV_MERGEABLE /
-MADV_UNMERGEABLE, prctl(PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE), fork,
+MADV_UNMERGEABLE, MADV_HUGEPAGE / MADV_NOHUGEPAGE (transparent huge pages,
+:mod:`ksmlab.bulk.thp`), prctl(PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE), fork,
 exec, exit, ksm_stat, every file of /sys/kernel/mm/ksm (the scan-time advisor
 and ``merge_across_nodes`` included), and ksmd on the same virtual clock and
 cost model as SimKernel.  Anything else raises NotModelledError naming the
@@ -535,7 +536,9 @@ class BulkProcess:
         ksm.pages.frame[row] = new
 
     def madvise(self, addr: int, length: int, advice: int) -> None:
-        """MADV_MERGEABLE or MADV_UNMERGEABLE, with madvise(2)'s checks and errnos.
+        """MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_HUGEPAGE or MADV_NOHUGEPAGE, with
+        madvise(2)'s checks and errnos (the last two set the vma's THP bits only; a
+        vma boundary this makes inside a PMD-mapped extent splits that PMD).
 
         Other advices Linux knows are NotModelledError; unknown ones EINVAL.
         As on Linux, the mapped parts of a range with holes are advised, then
