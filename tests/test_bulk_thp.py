@@ -164,13 +164,15 @@ def test_unique_thps_stay_pmd_mapped(vectorize: bool) -> None:
         assert (work["pages"], work["pte_pages"], work["thp_splits"]) == (2 * HPAGE, 0, 0)
 
 
-@pytest.mark.parametrize("batch", [1, 37, 511, 513])
-def test_batches_cut_inside_thps_count_as_the_per_page_walk(batch: int) -> None:
+@pytest.mark.parametrize("zero", ["0", "1"])
+@pytest.mark.parametrize("batch", [1, 37, 511, 513, 5000])
+def test_batches_cut_inside_thps_count_as_the_per_page_walk(batch: int, zero: str) -> None:
     """Batches ending inside an extent: both paths count the same pte_pages and splits,
-    and reach the same state (pages mixing merges, zero pages and unique ones)."""
+    and reach the same state (pages mixing merges, zero pages and unique ones; with
+    use_zero_pages=0 the zero pages of a THP meet each other in the unstable tree)."""
     kernels = []
     for vectorize in (True, False):
-        k = machine(vectorize, pages_to_scan=str(batch), use_zero_pages="1")
+        k = machine(vectorize, pages_to_scan=str(batch), use_zero_pages=zero)
         p, a = huge_area(k, 3)
         ids = k.contents.fresh(700)
         r = np.random.default_rng(5)

@@ -100,16 +100,6 @@ class VectorKsm(BulkKsm):
         total = int(cum[-1]) if width else 0
         cut = int(np.searchsorted(cum, want)) + 1 if total >= want else width
         visited = min(total, want)
-        if self.thps:
-            risky = self._same_thp_matches(first, f[:cut], visit[:cut] & ~ksm[:cut])
-            if risky is not None:
-                # Pages that may meet a page of their own THP in the unstable tree (whose
-                # merge fails, thp-spec rule 3): their outcome depends on when the THP
-                # is split, in scan order, so the per-page walk takes them.
-                lo, hi = risky
-                if lo:
-                    return self.scan_window(first, lo, want)
-                return super().scan_window(first, hi + 1, want)
         # Irregular rows, which the per-page path handles in place.
         sl = slice(first, first + cut)
         elig, ksm, visit, skip, state = elig[:cut], ksm[:cut], visit[:cut], skip[:cut], state[:cut]
@@ -123,6 +113,10 @@ class VectorKsm(BulkKsm):
             content = frames.content[f]
             irregular |= visit & ~ksm & (self.contents.checksum[content] == self.zero_checksum) & (
                 content != ZERO_CONTENT)
+        if self.thps:
+            # Pages that may meet a page of their own THP in the unstable tree (whose merge
+            # fails, thp-spec rule 3): the outcome depends on when the THP is split.
+            irregular[self._same_thp_matches(first, f, visit & ~ksm)] = True
         odd = np.flatnonzero(irregular)
         if len(odd) > cut // 8 + 16:
             vm_bug_on(super().scan_window(first, cut, want) != (visited, cut),
@@ -140,18 +134,20 @@ class VectorKsm(BulkKsm):
         return visited, cut
 
     def _same_thp_matches(self, first: int, f: npt.NDArray[np.int32],
-                          plain: npt.NDArray[np.bool_]) -> tuple[int, int] | None:
-        """The first and last offset of the window's pages (*plain*: visited ordinary pages,
-        frames *f*) that may find a page of their own THP in the unstable tree: a page of
-        the same THP and content before it in the window, or the tree's page of its
-        content; None if there is none.  A superset: only pages whose checksum held
-        search the trees."""
+                          plain: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
+        """The offsets of the window's pages (*plain*: visited ordinary pages, frames *f*)
+        that may find a page of their own THP in the unstable tree: the second page of a
+        THP and content in the window (the first was filed, or merged and split the THP,
+        so once the second is visited the THP is split), or a page whose content's tree
+        page is in its THP.  Only pages whose checksum held search the trees.  The THPs
+        are those at the window's start: a split during the window only removes risks."""
+        none = np.zeros(0, np.int64)
         off = np.flatnonzero(plain)
         fr = f[off]
         heads = self.frames.thp[fr]
         t = heads >= 0
         if not bool(t.any()):
-            return None
+            return none
         off, fr, heads = off[t], fr[t], heads[t].astype(np.int64)
         content = self.frames.content[fr].astype(np.int64)
         g = off + first
@@ -161,19 +157,20 @@ class VectorKsm(BulkKsm):
             held &= content != ZERO_CONTENT  # they merge with the zero page, not a tree page
         off, heads, content = off[held], heads[held], content[held]
         if not len(off):
-            return None
+            return none
         order = np.lexsort((off, content, heads))
         h, c = heads[order], content[order]
         risky = np.zeros(len(off), bool)
-        risky[order[1:][(h[1:] == h[:-1]) & (c[1:] == c[:-1])]] = True
+        same = np.r_[False, (h[1:] == h[:-1]) & (c[1:] == c[:-1])]
+        second = same & ~np.r_[False, same[:-1]]  # the second of each run, not the third
+        risky[order[second]] = True
         for ix in self.trees:
             y = ix.ctab.uindex[content]
             has = y >= 0
             fy = self.pages.frame[y[has]]
             risky[has] |= (fy >= 0) & (self.frames.thp[np.maximum(fy, 0)] == heads[has])
-        if not bool(risky.any()):
-            return None
-        return int(off[risky].min()), int(off[risky].max())
+        out: npt.NDArray[np.int64] = off[risky]
+        return out
 
     def free_items(self, first: int, count: int) -> None:
         """BulkKsm.free_items with array operations (a munmap of a terabyte leaves that many
