@@ -7,10 +7,13 @@ with SimKernel once SimKernel models THP (skipped until then, with the reason).
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bulk_programs import (
     HPAGE,
@@ -243,6 +246,19 @@ def test_a_vma_boundary_inside_an_extent_splits_its_pmd(change: str) -> None:
 @pytest.mark.parametrize("seed", range(12))
 def test_thp_programs_on_both_paths(seed: int) -> None:
     ops = thp_program(random.Random(seed))
+    assert execute(bulk(ops), ops, canonical) == execute(bulk(ops, vectorize=False), ops,
+                                                         canonical)
+
+
+FUZZ_EXAMPLES = int(os.environ.get("KSMLAB_FUZZ_EXAMPLES", "8"))
+"""Hypothesis budget of the THP fuzz test (bench/soak.py raises it)."""
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.randoms(use_true_random=False), st.integers(10, 60))
+def test_thp_programs_on_both_paths_hypothesis(r: random.Random, steps: int) -> None:
+    ops = thp_program(r, steps)
     assert execute(bulk(ops), ops, canonical) == execute(bulk(ops, vectorize=False), ops,
                                                          canonical)
 
