@@ -115,10 +115,12 @@ def _notes(e: Estimate) -> list[str]:
                    "relative count as separate pages, so the saving may be overstated")
     if p.thp:
         pmd = int(p.pmd.sum())
+        partial = (f", {p.thp - pmd} in partial extents (a THP mapped by PTEs), loaded as "
+                   f"small pages" if p.thp > pmd else "")
         out.append(f"{p.thp} pages were in transparent huge pages: {pmd} in whole 2 MiB extents, "
                    f"loaded as PMD-mapped THPs (ksmd splits one to merge a page of it, as the "
-                   f"kernel does)" + (f", {p.thp - pmd} in partial extents (a THP mapped by PTEs), "
-                                     f"loaded as small pages" if p.thp > pmd else ""))
+                   f"kernel does; a fork child's share of its parent's THP maps it by PTE)"
+                   f"{partial}")
     if e.settled is False:
         out.append("the saving was still moving when the run stopped at its cap; give --until")
     if p.swapped_rows:
