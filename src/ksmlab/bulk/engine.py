@@ -232,7 +232,7 @@ class BulkKsm(StableTrees, KsmTunables):
                     self.frames.thp[f] == self.frames.thp[self.pages.frame[y]]):
                 # Both pages in one THP: its split fails while the tree page is held, so
                 # the merge fails; then ksmd splits it and merges nothing on this visit
-                # (thp-spec, measured on Linux 6.18); the page is not inserted either.
+                # (measured on Linux 6.18); the page is not inserted either.
                 split_thps(self, np.array([f]), g)
                 return
             self.merge_two(ix, g, f, y, c)

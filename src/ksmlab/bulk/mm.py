@@ -139,7 +139,7 @@ class BulkMm(ListHead):
         """Where mmap puts *size* bytes (SimKernel's top-down placement); KernelError(ENOMEM).
 
         A length that is a multiple of 2 MiB is placed on a 2 MiB boundary, as Linux
-        6.18 places it (thp-spec, measured): the highest gap that fits *size* + 2 MiB,
+        6.18 places it (measured; docs/bulk.md, "THP"): the highest gap that fits *size* + 2 MiB,
         the address rounded down; if none does, the ordinary placement.
         """
         spans = [(s.addr, s.end) for s in reversed(self.segments)]

@@ -115,7 +115,7 @@ class VectorKsm(BulkKsm):
                 content != ZERO_CONTENT)
         if self.thps:
             # Pages that may meet a page of their own THP in the unstable tree (whose merge
-            # fails, thp-spec rule 3): the outcome depends on when the THP is split.
+            # fails, docs/bulk.md "THP"): the outcome depends on when the THP is split.
             irregular[self._same_thp_matches(first, f, visit & ~ksm)] = True
         odd = np.flatnonzero(irregular)
         if len(odd) > cut // 8 + 16:
