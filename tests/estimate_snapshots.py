@@ -40,6 +40,8 @@ class Page:
     ksm: bool = False
     changes: int = 0
     compared: int = 0
+    thp: bool = False
+    """Part of a transparent huge page (/proc/kpageflags bit 22)."""
 
 
 @dataclass
@@ -82,7 +84,7 @@ def write_snapshot(path: Path, procs: list[Proc], *, knobs: dict[str, str] | Non
         w.add(pid=p.pid, vma=np.zeros(n, np.uint32),
               addr=start + np.arange(n, dtype=np.uint64) * np.uint64(PAGE),
               present=present, swapped=np.zeros(n, bool), file=np.zeros(n, bool),
-              exclusive=np.ones(n, bool), thp=np.zeros(n, bool),
+              exclusive=np.ones(n, bool), thp=np.array([x.thp for x in p.pages], bool),
               ksm=np.array([x.ksm for x in p.pages], bool), zero_page=np.zeros(n, bool),
               pfn=np.array([x.pfn for x in p.pages], np.uint64) if pfn_known else None,
               fingerprint=fps, hashed=present,

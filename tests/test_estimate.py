@@ -19,10 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bulk_programs import SIM_MODELS_THP
 from estimate_snapshots import HOST_KNOBS, ZERO, Page, Pfns, Proc, write_snapshot
+from ksmlab.bulk import BulkKernel
 from ksmlab.cli import main
 from ksmlab.estimate import bound, load_plan, resolve_knobs, rewrite_rates, run_estimate
 from ksmlab.estimate.exposure import exposure
+from ksmlab.estimate.load import Machine, _layout, load_machine
+from ksmlab.estimate.plan import AreaPlan
+from ksmlab.estimate.report import _notes
 from ksmlab.estimate.simulate import RewriteSchedule
 from ksmlab.estimate.static import groups_bound, plan_bound
 from ksmlab.ksm.cost import FEATURES, KsmdClock, KsmdCost
@@ -401,3 +406,101 @@ def test_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
     for opt in ("--knob", "--until", "--sample", "--by", "--engine", "--seed", "--json",
                 "--timeline", "--plot", "--html", "--progress"):
         assert opt in out
+
+
+# --- transparent huge pages -----------------------------------------------------------------
+
+HP = 512  # pages of a THP
+
+
+def thp_snapshot(tmp: Path) -> Path:
+    """Three processes, addresses from a 2 MiB boundary (the synthetic writer's):
+    A (pid 1): extent 0 a THP of tags 0-511; extent 1 THP-flagged but page 1023 not (a
+    partial extent: a THP mapped by PTEs); 7 small pages.  B (pid 2): extent 0 a THP of
+    tags 0-511 too (merges with A's).  C (pid 3, A's fork child): extent 0 on A's frames
+    of extent 0, THP-flagged (fork kept its PMD); extent 1 of its own, tags 5000+."""
+    pfn = Pfns()
+    a0 = [Page(t, pfn(), thp=True) for t in range(HP)]
+    a1 = [Page(1000 + t, pfn(), thp=t < HP - 1) for t in range(HP)]
+    a = a0 + a1 + [Page(2000 + t, pfn()) for t in range(7)]
+    b = [Page(t, pfn(), thp=True) for t in range(HP)]
+    c = [Page(x.tag, x.pfn, thp=True) for x in a0] + [Page(5000 + t, pfn(), thp=True)
+                                                      for t in range(HP)]
+    return write_snapshot(tmp / "thp.parquet", [Proc(1, a), Proc(2, b), Proc(3, c)],
+                          knobs=knobs(pages_to_scan="5000", sleep_millisecs="0"))
+
+
+def test_plan_takes_whole_flagged_extents_as_pmd_mapped(tmp_path: Path) -> None:
+    plan = load_plan(read_snapshot(thp_snapshot(tmp_path)))
+    assert plan.thp == 4 * HP + HP - 1  # A: 512 + 511, B: 512, C: 1024
+    assert int(plan.pmd.sum()) == 4 * HP  # not A's partial extent
+    assert not bool(plan.pmd[HP:2 * HP].any())
+
+
+def test_layout_puts_each_thp_extent_on_a_2mib_boundary() -> None:
+    """5 small pages, an extent, 2 small pages, an extent: the first extent moves to offset
+    512 (a gap of 507), the 2 pages follow at 1024, the second extent moves to 1536 (510
+    more); 2048 pages in all, a multiple of 512 so that mmap aligns the mapping."""
+    pmd = np.zeros(5 + HP + 2 + HP, bool)
+    pmd[5:5 + HP] = pmd[5 + HP + 2:] = True
+    offsets, length, runs = _layout(AreaPlan(0, 0, pmd.size, True), pmd)
+    assert offsets[:5].tolist() == list(range(5))
+    assert (offsets[5], offsets[5 + HP], offsets[5 + HP + 2], offsets[-1]) == (512, 1024, 1536,
+                                                                               2047)
+    assert (length, runs) == (2048, [(512, HP), (1536, HP)])
+
+
+def thp_work(m: Machine, scans: int) -> list[dict[str, int]]:
+    """ksmd's pages, pte_pages and thp_splits in each of the next *scans* full scans."""
+    k = m.kernel
+    work = []
+    for _ in range(scans):
+        before = k.ksmd.meter.total.as_dict()
+        k.sysfs["run"] = "1"
+        k.wait_full_scans(1)
+        after = k.ksmd.meter.total.as_dict()
+        work.append({n: after[n] - before[n] for n in ("pages", "pte_pages", "thp_splits")})
+    return work
+
+
+def test_thp_extents_load_as_thps_on_the_bulk_engine(tmp_path: Path) -> None:
+    """A's and B's extent 0 and C's extent 1 fault in as THPs (3), on 2 MiB boundaries;
+    C's extent 0 maps A's THP by PTE (the model's fork child is not at A's addresses);
+    A's partial extent loads as 512 small pages.  The first full scan reaches the 3 * 512
+    pages of the three THPs by PMD: pte_pages are the other 2 * 512 + 7.  The second
+    merges B's extent 0 into A's (the same 512 contents): A's and B's THPs split (2); A's
+    extent 0 comes first (PMD: its pages find nothing yet), B's first page splits both,
+    its other 511 are reached by PTE; C's own THP stays PMD-mapped (unique contents)."""
+    m = load_machine(load_plan(read_snapshot(thp_snapshot(tmp_path))), "bulk",
+                     {"pages_to_scan": "100000", "sleep_millisecs": "0"})
+    k = m.kernel
+    assert isinstance(k, BulkKernel)
+    assert k.ksm.thps == 3
+    assert int(m.plan.pmd.sum()) == 4 * HP
+    own = m.plan.pmd & ~m.plan.shared
+    assert bool((m.addr[own][::HP] % (HP * 4096) == 0).all())
+    first, second = thp_work(m, 2)
+    assert first == {"pages": 5 * HP + 7, "pte_pages": 2 * HP + 7, "thp_splits": 0}
+    assert second == {"pages": 5 * HP + 7, "pte_pages": (HP + 7) + (HP - 1) + HP,
+                      "thp_splits": 2}
+
+
+@pytest.mark.skipif(not SIM_MODELS_THP, reason="SimKernel does not model THP yet "
+                    "(thpsim's branch): its ksmd counts no pte_pages nor thp_splits")
+def test_thp_snapshot_loads_alike_on_both_engines(tmp_path: Path) -> None:
+    """SimKernel, given the same calls (mmap, MADV_HUGEPAGE, writes), faults the same
+    THPs and its ksmd counts the same work."""
+    plan = load_plan(read_snapshot(thp_snapshot(tmp_path)))
+    knobs = {"pages_to_scan": "100000", "sleep_millisecs": "0"}
+    sim, bulk = (load_machine(plan, engine, knobs) for engine in ("sim", "bulk"))
+    assert thp_work(sim, 3) == thp_work(bulk, 3)
+
+
+def test_thp_snapshot_gives_the_same_timeline_on_both_engines(tmp_path: Path) -> None:
+    snap = read_snapshot(thp_snapshot(tmp_path))
+    sim = run_estimate(snap, engine="sim", until_ns=2 * S)
+    bulk = run_estimate(snap, engine="bulk", until_ns=2 * S)
+    assert sim.result.timeline == bulk.result.timeline
+    notes = "; ".join(_notes(bulk))
+    assert f"{4 * HP + HP - 1} pages were in transparent huge pages: {4 * HP} in whole" in notes
+    assert f"{HP - 1} in partial extents" in notes

@@ -90,6 +90,10 @@ class PageCols(_Table):
         oldsum: checksum at the previous visit (``rmap_item->oldchecksum``).
         age, skips: smart scan's ``age`` and ``remaining_skips``.
         head: when STABLE, the stable node (dup) the item hangs off.
+        thp: transparent huge page bits (:mod:`ksmlab.bulk.thp`): the page's vma
+            carries VM_HUGEPAGE (``THP_HUGE``) or VM_NOHUGEPAGE (``THP_NOHUGE``), and
+            ``THP_PMD``: this mm maps the page's 2 MiB extent with one PMD, which
+            holds while the frame's THP exists (``FrameCols.thp``).
         nid: (NUMA machines only) the node the page's mapping allocates on
             (``mmap(node=)``, the vma's policy).
         unid: (NUMA machines only) when UNSTABLE, the node whose unstable tree
@@ -104,10 +108,11 @@ class PageCols(_Table):
     age: npt.NDArray[np.uint8]
     skips: npt.NDArray[np.uint8]
     head: npt.NDArray[np.int32]
+    thp: npt.NDArray[np.uint8]
     FIELDS: ClassVar[dict[str, tuple[Any, int]]] = {
         "frame": (np.int32, NO_FRAME), "mergeable": (np.bool_, 0), "state": (np.int8, ABSENT),
         "seqnr": (np.uint8, 0), "oldsum": (np.uint32, 0), "age": (np.uint8, 0),
-        "skips": (np.uint8, 0), "head": (np.int32, -1),
+        "skips": (np.uint8, 0), "head": (np.int32, -1), "thp": (np.uint8, 0),
     }
     nid: npt.NDArray[np.int16]
     unid: npt.NDArray[np.int16]
@@ -122,14 +127,19 @@ class FrameCols(_Table):
         content: content id (see :class:`ksmlab.bulk.content.ContentTable`).
         mapcount: page-table entries mapping the frame; 0 means freed.
         knode: stable node of a KSM page, -1 for an ordinary page.
+        thp: the first frame of the transparent huge page this frame is one of
+            (its 512 frames are consecutive rows), -1 for a small page or once
+            the THP was split.
         nid: (NUMA machines only) the node the frame lives on.
     """
 
     content: npt.NDArray[np.int32]
     mapcount: npt.NDArray[np.int32]
     knode: npt.NDArray[np.int32]
+    thp: npt.NDArray[np.int32]
     FIELDS: ClassVar[dict[str, tuple[Any, int]]] = {
-        "content": (np.int32, 0), "mapcount": (np.int32, 0), "knode": (np.int32, -1)}
+        "content": (np.int32, 0), "mapcount": (np.int32, 0), "knode": (np.int32, -1),
+        "thp": (np.int32, -1)}
     nid: npt.NDArray[np.int16]
     NUMA_FIELDS: ClassVar[dict[str, tuple[Any, int]]] = {"nid": (np.int16, 0)}
 

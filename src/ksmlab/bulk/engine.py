@@ -35,6 +35,7 @@ import errno
 from collections.abc import Callable
 
 import numpy as np
+import numpy.typing as npt
 
 from ksmlab.bulk.columns import (
     ABSENT,
@@ -52,6 +53,7 @@ from ksmlab.bulk.content import ZERO_CONTENT, ContentTable
 from ksmlab.bulk.invariants import check_bulk
 from ksmlab.bulk.mm import BulkMm, Ghost
 from ksmlab.bulk.tally import Tally, count_columns, live_stable_entries, sysfs_counters
+from ksmlab.bulk.thp import THP_PMD, split_thps
 from ksmlab.bulk.trees import StableTrees, TreeIndex
 from ksmlab.constants import KSM_RUN_MERGE, KSM_RUN_UNMERGE, PAGE_SHIFT
 from ksmlab.errors import kernel_error, vm_bug_on
@@ -132,6 +134,12 @@ class BulkKsm(StableTrees, KsmTunables):
         """The dups the last ``stable_node_dup`` walk looked at, as the kernel's would."""
         self.ksm_frames_met: set[int] = set()
         """KSM frames ksmd's current batch has met (``work.ksm_frames`` counts each once)."""
+        self.thps = 0
+        """THPs ever allocated (:mod:`ksmlab.bulk.thp`); while 0 no THP step costs anything."""
+        self.thp_advised = False
+        """Some page was given MADV_HUGEPAGE or MADV_NOHUGEPAGE (writes look for THP faults)."""
+        self.split_log: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] | None = None
+        """While a vectorised step runs: the THPs it split and the rows that split them."""
 
     # --- content and frames ---------------------------------------------------------------
     def sync_contents(self) -> None:
@@ -162,9 +170,12 @@ class BulkKsm(StableTrees, KsmTunables):
             self.reopen(np.unique(knode[freed]).tolist())
 
     # --- merging -------------------------------------------------------------------------
-    def replace_page(self, g: int, kframe: int) -> None:
-        """Map *kframe* at page *g* instead of its frame (``replace_page``)."""
+    def replace_page(self, g: int, kframe: int, scanned: int | None = None) -> None:
+        """Map *kframe* at page *g* instead of its frame (``replace_page``); the merge
+        attempt is the scanned page *scanned*'s (*g* itself if None)."""
         old = int(self.pages.frame[g])
+        if self.thps:
+            split_thps(self, np.array([old]), g if scanned is None else scanned)
         self.frames.mapcount[old] -= 1
         self.pages.frame[g] = kframe
         if kframe >= 0:
@@ -178,7 +189,9 @@ class BulkKsm(StableTrees, KsmTunables):
         """Make *f* a KSM page, map it at *y* too, and file it in *ix* (``try_to_merge_two_pages``
         + ``stable_tree_insert``)."""
         self.work.new_ksm += 1
-        self.replace_page(y, f)
+        if self.thps:  # the scanned page's THP splits (the tree page's in replace_page)
+            split_thps(self, np.array([f]), g)
+        self.replace_page(y, f, g)
         self.remove_rmap_item_from_tree(y)
         d = self.stable_tree_insert(ix, c, f)
         self.stable_tree_append(y, d)
@@ -225,6 +238,13 @@ class BulkKsm(StableTrees, KsmTunables):
             return
         y = self.unstable_tree_search_insert(ix, g, f, c)
         if y >= 0:
+            if self.thps and self.frames.thp[f] >= 0 and (
+                    self.frames.thp[f] == self.frames.thp[self.pages.frame[y]]):
+                # Both pages in one THP: its split fails while the tree page is held, so
+                # the merge fails; then ksmd splits it and merges nothing on this visit
+                # (measured on Linux 6.18); the page is not inserted either.
+                split_thps(self, np.array([f]), g)
+                return
             self.merge_two(ix, g, f, y, c)
 
     # --- the scanner ---------------------------------------------------------------------
@@ -330,6 +350,8 @@ class BulkKsm(StableTrees, KsmTunables):
             self.new_item(g)
         if self.should_skip(g, f):
             return False
+        if not (self.thps and pages.thp[g] & THP_PMD and self.frames.thp[f] >= 0):
+            self.work.pte_pages += 1  # reached through a PTE, not a THP's PMD
         self.cmp_and_merge_page(g, f)
         return True
 

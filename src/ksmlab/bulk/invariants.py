@@ -54,10 +54,38 @@ def check_bulk(ksm: BulkKsm) -> None:
                   or ksm.chain_cols.ndups[chain.id] != len(chain.dups)
                   or ksm.chain_cols.others_open[chain.id] != len(chain.open - {head}),
                   f"bulk: chain {c} and its columns disagree")
+    if ksm.thps:
+        check_thps(ksm)
     mm = ksm.head.next
     while mm is not ksm.head:
         check_mm(ksm, mm)
         mm = mm.next
+
+
+def check_thps(ksm: BulkKsm) -> None:
+    """Each THP's 512 frames name it, and no KSM page is one; a PMD-mapped page's extent
+    is 512 consecutive rows, all PMD-mapped, mapping the THP's frames in order."""
+    from ksmlab.bulk.thp import HPAGE_PMD_NR, THP_PMD
+
+    frames, pages = ksm.frames, ksm.pages
+    thp = frames.thp[:frames.n].astype(np.int64)
+    heads = np.unique(thp[thp >= 0])
+    span = np.arange(HPAGE_PMD_NR)
+    vm_bug_on(bool((thp[(heads[:, None] + span)] != heads[:, None]).any()),
+              "bulk: a THP's frames do not all name it")
+    vm_bug_on(bool(((thp >= 0) & (frames.knode[:frames.n] >= 0)).any()), "bulk: a KSM page in a THP")
+    f = pages.frame[:pages.n].astype(np.int64)
+    mapped = np.flatnonzero(((pages.thp[:pages.n] & THP_PMD) != 0) & (f >= 0))
+    fm = f[mapped]
+    pmd = mapped[thp[fm] >= 0]
+    if len(pmd):
+        head = thp[f[pmd]]
+        first = np.unique(pmd - (f[pmd] - head))
+        rows = first[:, None] + span
+        h = thp[f[first]]
+        vm_bug_on(bool((f[rows] != h[:, None] + span).any()
+                       or ((pages.thp[rows] & THP_PMD) == 0).any()),
+                  "bulk: a PMD-mapped extent's rows do not map its THP in order")
 
 
 def check_mm(ksm: BulkKsm, mm: BulkMm) -> None:
@@ -71,5 +99,7 @@ def check_mm(ksm: BulkKsm, mm: BulkMm) -> None:
         vm_bug_on(end > start, f"bulk: mm {mm.id}: ranges overlap at {start:#x}")
     for g in mm.ghosts:
         sl = slice(g.row, g.row + g.pages)
-        vm_bug_on(bool((ksm.pages.frame[sl] != NO_FRAME).any() or ksm.pages.mergeable[sl].any()),
-                  f"bulk: mm {mm.id}: ghost at {g.addr:#x} maps a page or is mergeable")
+        vm_bug_on(bool((ksm.pages.frame[sl] != NO_FRAME).any() or ksm.pages.mergeable[sl].any()
+                       or ksm.pages.thp[sl].any()),
+                  f"bulk: mm {mm.id}: ghost at {g.addr:#x} maps a page, is mergeable or "
+                  f"has THP bits")

@@ -6,7 +6,8 @@ instead of SimKernel's kilobytes) and a vectorised scan.  It offers the part
 of the :class:`ksmlab.api.Kernel` interface that such workloads use: spawn,
 mmap of anonymous private memory (on a chosen NUMA node), munmap, mprotect,
 whole-page writes (as bytes, or as content ids for speed), MADV_MERGEABLE /
-MADV_UNMERGEABLE, prctl(PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE), fork,
+MADV_UNMERGEABLE, MADV_HUGEPAGE / MADV_NOHUGEPAGE (transparent huge pages,
+:mod:`ksmlab.bulk.thp`), prctl(PR_SET_MEMORY_MERGE / PR_GET_MEMORY_MERGE), fork,
 exec, exit, ksm_stat, every file of /sys/kernel/mm/ksm (the scan-time advisor
 and ``merge_across_nodes`` included), and ksmd on the same virtual clock and
 cost model as SimKernel.  Anything else raises NotModelledError naming the
@@ -25,6 +26,7 @@ import numpy.typing as npt
 
 from ksmlab import argcheck
 from ksmlab.api import SmapsEntry
+from ksmlab.bulk import thp
 from ksmlab.bulk.columns import ABSENT, KSM_ZERO, NO_FRAME, STABLE
 from ksmlab.bulk.content import NEW_CONTENT, ZERO_CONTENT, ContentTable
 from ksmlab.bulk.engine import BulkKsm
@@ -34,7 +36,9 @@ from ksmlab.bulk.vector import VectorKsm
 from ksmlab.bulk.writes import checked_writes, name_new_distinct, store_pages
 from ksmlab.capabilities import Capability
 from ksmlab.constants import (
+    MADV_HUGEPAGE,
     MADV_MERGEABLE,
+    MADV_NOHUGEPAGE,
     MADV_UNMERGEABLE,
     MAP_ANONYMOUS,
     MAP_PRIVATE,
@@ -175,6 +179,14 @@ class BulkKernel(KsmHooks):
         rows, ids = checked_writes(self, pids, addrs, cids)
         if len(rows):
             self.ksm.mutations += 1
+            if self.ksm.thps or self.ksm.thp_advised:
+                # The THP steps of the first writes, before the array step (rules 2, 4).
+                thp.cow_split(self.ksm, rows)
+                p = np.asarray(pids, dtype=np.int64)
+                a = np.asarray(addrs, dtype=np.int64)
+                for pid in np.unique(p).tolist():
+                    sel = p == pid
+                    thp.fault(self.ksm, self.processes[pid].mm, a[sel], rows[sel])
             store_pages(self.ksm, rows, ids)
 
     def memory_bytes(self) -> int:
@@ -308,10 +320,13 @@ class BulkProcess:
         addr, length = argcheck.ulong("addr", addr), argcheck.ulong("length", length)
         self._check_alive()
         end = munmap_end(addr, length)
+        ksm = self.kernel.ksm
+        if self.mm.pieces(addr, end)[0]:
+            for at in (addr, end):  # rule 5: a boundary inside an extent splits its PMD
+                thp.split_pmd_at(ksm, self.mm, at)
         gone = self.mm.unmap(addr, end)
         if not gone:
             return
-        ksm = self.kernel.ksm
         ksm.mutations += 1
         pages = ksm.pages
         for seg in gone:
@@ -320,6 +335,7 @@ class BulkProcess:
             ksm.tally.zero_mapped(pages.frame[sl], -1)
             pages.frame[sl] = NO_FRAME
             pages.mergeable[sl] = False
+            pages.thp[sl] = 0  # a new mapping here starts without THP bits
             if bool((pages.state[sl] != ABSENT).any()):
                 self.mm.add_ghost(seg)
 
@@ -350,7 +366,13 @@ class BulkProcess:
         if grows:
             raise kernel_error(errno.EINVAL, "PROT_GROWSUP: x86-64 has no VM_GROWSUP area")
         stop = mm.mapped_from(addr, end)
-        mm.protect(addr, stop, bits & (PROT_READ | PROT_WRITE | PROT_EXEC))
+        new_prot = bits & (PROT_READ | PROT_WRITE | PROT_EXEC)
+        for at in (addr, stop):  # rule 5, where the vma there changes (and so is split)
+            edge = at if at == addr else at - PAGE_SIZE
+            seg = next((s for s in mm.segments if s.addr <= edge < s.end), None)
+            if seg is not None and seg.prot != new_prot:
+                thp.split_pmd_at(self.kernel.ksm, mm, at)
+        mm.protect(addr, stop, new_prot)
         if stop < end:
             raise kernel_error(errno.ENOMEM, f"{stop:#x} is not mapped")
 
@@ -392,10 +414,11 @@ class BulkProcess:
         self._check_access(addr, len(data), force)
         self.kernel.ksm.mutations += 1
         if len(data) == PAGE_SIZE:  # the common case of a COW storm, without arrays
-            row = int(self._rows(addr, PAGE_SIZE)[0])
+            rows = self._rows(addr, PAGE_SIZE)
+            self._thp_first(addr, rows)
             cid = self.kernel.contents.intern(fingerprint(data))
             self.kernel.ksm.sync_contents()
-            self._write_one(row, cid)
+            self._write_one(int(rows[0]), cid)
             return
         ids = self.kernel.contents.of_pages(data)
         self._store(addr, np.asarray(ids, dtype=np.int64))
@@ -451,9 +474,20 @@ class BulkProcess:
                              f"or NEW_CONTENT ({NEW_CONTENT}), got {argcheck.describe(ids)}")
         return np.asarray(arr, dtype=np.int64)
 
+    def _thp_first(self, addr: int, rows: npt.NDArray[np.int64]) -> None:
+        """The THP steps of writes at *rows* (from *addr*): COW of a fork-shared THP splits
+        the writer's PMD (rule 4); a fault in a VM_HUGEPAGE extent allocates a THP (rule 2)."""
+        ksm = self.kernel.ksm
+        if ksm.thps or ksm.thp_advised:
+            thp.cow_split(ksm, rows)
+            thp.fault(ksm, self.mm, addr + (np.arange(len(rows), dtype=np.int64) << PAGE_SHIFT),
+                      rows)
+
     def _store(self, addr: int, cids: npt.NDArray[np.int64]) -> None:
         """Write pages of content *cids* at *addr* (checked: aligned, mapped, known ids)."""
         ksm = self.kernel.ksm
+        if ksm.thps or ksm.thp_advised:
+            self._thp_first(addr, self._rows(addr, len(cids) * PAGE_SIZE))
         new = cids < 0  # NEW_CONTENT: named as it is written
         if bool(new.any()) and (len(cids) == 1 or bool(ksm.contents.unique[cids[~new]].any())):
             store_pages(ksm, self._rows(addr, len(cids) * PAGE_SIZE), cids)
@@ -502,7 +536,9 @@ class BulkProcess:
         ksm.pages.frame[row] = new
 
     def madvise(self, addr: int, length: int, advice: int) -> None:
-        """MADV_MERGEABLE or MADV_UNMERGEABLE, with madvise(2)'s checks and errnos.
+        """MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_HUGEPAGE or MADV_NOHUGEPAGE, with
+        madvise(2)'s checks and errnos (the last two set the vma's THP bits only; a
+        vma boundary this makes inside a PMD-mapped extent splits that PMD).
 
         Other advices Linux knows are NotModelledError; unknown ones EINVAL.
         As on Linux, the mapped parts of a range with holes are advised, then
@@ -512,19 +548,45 @@ class BulkProcess:
         advice = argcheck.cint("advice", advice)
         self._check_alive()
         known = madvise_behavior_valid(advice, True) or advice in UNMODELLED_ADVICE
-        if known and advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE):
+        if known and advice not in (MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_HUGEPAGE,
+                                    MADV_NOHUGEPAGE):
             self._unmodelled(f"madvise advice {advice}",
-                             "only MADV_MERGEABLE and MADV_UNMERGEABLE are")
+                             "only MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_HUGEPAGE and "
+                             "MADV_NOHUGEPAGE are")
         end = madvise_check(addr, length, advice, config_ksm=True)
         if end == addr:
             return
         pieces, hole = self.mm.pieces(addr, end)
         if pieces:
             self.kernel.ksm.mutations += 1
-            self._advise(np.concatenate([np.arange(r, r + n, dtype=np.int64)
-                                         for _a, r, n in pieces]), advice)
+            rows = np.concatenate([np.arange(r, r + n, dtype=np.int64) for _a, r, n in pieces])
+            ksm = self.kernel.ksm
+            if ksm.thps:  # rule 5: a vma whose flags change is split at the range's ends
+                for at, row in ((pieces[0][0], pieces[0][1]),
+                                (pieces[-1][0] + (pieces[-1][2] << PAGE_SHIFT),
+                                 pieces[-1][1] + pieces[-1][2] - 1)):
+                    if self._advice_changes(row, advice):
+                        thp.split_pmd_at(ksm, self.mm, at)
+            if advice in (MADV_HUGEPAGE, MADV_NOHUGEPAGE):
+                on, off = ((thp.THP_HUGE, thp.THP_NOHUGE) if advice == MADV_HUGEPAGE
+                           else (thp.THP_NOHUGE, thp.THP_HUGE))
+                ksm.pages.thp[rows] = (ksm.pages.thp[rows] | on) & (0xFF ^ off)
+                ksm.thp_advised = True
+            else:
+                self._advise(rows, advice)
         if hole:
             raise kernel_error(errno.ENOMEM, f"part of [{addr:#x}, {end:#x}) is not mapped")
+
+    def _advice_changes(self, row: int, advice: int) -> bool:
+        """Whether *advice* changes the flags of the vma holding page *row* (else the kernel
+        leaves the vma whole: ``madvise_update_vma`` with equal flags)."""
+        pages = self.kernel.ksm.pages
+        bits = int(pages.thp[row])
+        if advice == MADV_HUGEPAGE:
+            return bits & (thp.THP_HUGE | thp.THP_NOHUGE) != thp.THP_HUGE
+        if advice == MADV_NOHUGEPAGE:
+            return bits & (thp.THP_HUGE | thp.THP_NOHUGE) != thp.THP_NOHUGE
+        return bool(pages.mergeable[row]) != (advice == MADV_MERGEABLE)
 
     def _advise(self, rows: npt.NDArray[np.int64], advice: int) -> None:
         """Apply MADV_MERGEABLE or MADV_UNMERGEABLE to the pages at *rows*."""
@@ -576,6 +638,8 @@ class BulkProcess:
             ksm.pages.frame[row:row + seg.pages] = src
             ksm.pages.mergeable[row:row + seg.pages] = ksm.pages.mergeable[seg.row:seg.row
                                                                            + seg.pages]
+            # The child's vmas keep VM_(NO)HUGEPAGE and copy_huge_pmd keeps each PMD mapping.
+            ksm.pages.thp[row:row + seg.pages] = ksm.pages.thp[seg.row:seg.row + seg.pages]
             if ksm.numa_nodes > 1:  # the child's mapping keeps the parent's policy
                 ksm.pages.nid[row:row + seg.pages] = ksm.pages.nid[seg.row:seg.row + seg.pages]
             np.add.at(ksm.frames.mapcount, src[src >= 0], 1)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from ksmlab.constants import PAGE_SHIFT, PAGE_SIZE, PROT_READ, PROT_WRITE
+from ksmlab.errors import KernelError
 from ksmlab.ksm.types import ListHead
 from ksmlab.mm.mmap import unmapped_area_topdown
 
@@ -60,6 +61,9 @@ class Ghost(Segment):
 
 
 S = TypeVar("S", bound=Segment)
+
+PMD_SIZE = 512 * PAGE_SIZE
+"""2 MiB, the extent of a transparent huge page."""
 
 
 def _first_ending_after(ranges: list[S], addr: int) -> int:
@@ -132,9 +136,21 @@ class BulkMm(ListHead):
 
     # --- mmap, munmap, mprotect ---------------------------------------------------------------
     def unmapped_area(self, size: int) -> int:
-        """Where mmap puts *size* bytes (SimKernel's top-down placement); KernelError(ENOMEM)."""
-        return unmapped_area_topdown(((s.addr, s.end) for s in reversed(self.segments)),
-                                     self.mmap_base, size)
+        """Where mmap puts *size* bytes (SimKernel's top-down placement); KernelError(ENOMEM).
+
+        A length that is a multiple of 2 MiB is placed on a 2 MiB boundary, as Linux
+        6.18 places it (measured; docs/bulk.md, "THP"): the highest gap that fits *size* + 2 MiB,
+        the address rounded down; if none does, the ordinary placement.
+        """
+        spans = [(s.addr, s.end) for s in reversed(self.segments)]
+        if size % PMD_SIZE == 0:
+            try:  # the gap's top is the address returned for size + 2 MiB, plus that
+                top = unmapped_area_topdown(spans, self.mmap_base, size + PMD_SIZE) + size + PMD_SIZE
+            except KernelError:
+                pass
+            else:
+                return (top - size) & ~(PMD_SIZE - 1)
+        return unmapped_area_topdown(spans, self.mmap_base, size)
 
     def map_area(self, start: int, pages: int,
                  alloc: Callable[[int], int]) -> list[tuple[int, int]]:

@@ -51,6 +51,7 @@ from ksmlab.bulk.columns import (
 )
 from ksmlab.bulk.content import ZERO_CONTENT
 from ksmlab.bulk.engine import BulkKsm
+from ksmlab.bulk.thp import end_step, pmd_mapped, split_thps
 from ksmlab.bulk.trees import TreeIndex
 from ksmlab.errors import vm_bug_on
 from ksmlab.ksm.defaults import AGE_MAX
@@ -113,6 +114,10 @@ class VectorKsm(BulkKsm):
             content = frames.content[f]
             irregular |= visit & ~ksm & (self.contents.checksum[content] == self.zero_checksum) & (
                 content != ZERO_CONTENT)
+        if self.thps:
+            # Pages that may meet a page of their own THP in the unstable tree (whose merge
+            # fails, docs/bulk.md "THP"): the outcome depends on when the THP is split.
+            irregular[self._same_thp_matches(first, f, visit & ~ksm)] = True
         odd = np.flatnonzero(irregular)
         if len(odd) > cut // 8 + 16:
             vm_bug_on(super().scan_window(first, cut, want) != (visited, cut),
@@ -128,6 +133,45 @@ class VectorKsm(BulkKsm):
         if cut > start:
             self._regular(first + start, first + cut, visit[start:], skip[start:], elig[start:])
         return visited, cut
+
+    def _same_thp_matches(self, first: int, f: npt.NDArray[np.int32],
+                          plain: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
+        """The offsets of the window's pages (*plain*: visited ordinary pages, frames *f*)
+        that may find a page of their own THP in the unstable tree: the second page of a
+        THP and content in the window (the first was filed, or merged and split the THP,
+        so once the second is visited the THP is split), or a page whose content's tree
+        page is in its THP.  Only pages whose checksum held search the trees.  The THPs
+        are those at the window's start: a split during the window only removes risks."""
+        none = np.zeros(0, np.int64)
+        off = np.flatnonzero(plain)
+        fr = f[off]
+        heads = self.frames.thp[fr]
+        t = heads >= 0
+        if not bool(t.any()):
+            return none
+        off, fr, heads = off[t], fr[t], heads[t].astype(np.int64)
+        content = self.frames.content[fr].astype(np.int64)
+        g = off + first
+        oldsum = np.where(self.pages.state[g] == ABSENT, 0, self.pages.oldsum[g])
+        held = oldsum == self.contents.checksum[content]
+        if self.use_zero_pages:
+            held &= content != ZERO_CONTENT  # they merge with the zero page, not a tree page
+        off, heads, content = off[held], heads[held], content[held]
+        if not len(off):
+            return none
+        order = np.lexsort((off, content, heads))
+        h, c = heads[order], content[order]
+        risky = np.zeros(len(off), bool)
+        same = np.r_[False, (h[1:] == h[:-1]) & (c[1:] == c[:-1])]
+        second = same & ~np.r_[False, same[:-1]]  # the second of each run, not the third
+        risky[order[second]] = True
+        for ix in self.trees:
+            y = ix.ctab.uindex[content]
+            has = y >= 0
+            fy = self.pages.frame[y[has]]
+            risky[has] |= (fy >= 0) & (self.frames.thp[np.maximum(fy, 0)] == heads[has])
+        out: npt.NDArray[np.int64] = off[risky]
+        return out
 
     def free_items(self, first: int, count: int) -> None:
         """BulkKsm.free_items with array operations (a munmap of a terabyte leaves that many
@@ -159,6 +203,26 @@ class VectorKsm(BulkKsm):
     def _regular(self, lo: int, hi: int, visit: npt.NDArray[np.bool_],
                  skip: npt.NDArray[np.bool_], elig: npt.NDArray[np.bool_]) -> None:
         """Handle rows [lo, hi), none of them irregular, with array operations."""
+        vrows = np.flatnonzero(visit) + lo
+        if not self.thps:
+            self.work.pte_pages += len(vrows)
+            self._regular_steps(lo, hi, visit, skip, elig)
+            return
+        # Which pages the walk reaches through a THP's PMD: those PMD-mapped now whose
+        # THP no page before them splits (end_step, from the splits logged).
+        vf = self.pages.frame[vrows]
+        pmd0 = pmd_mapped(self, vrows, vf)
+        heads0 = self.frames.thp[vf[pmd0]].astype(np.int64)
+        self.split_log = []
+        try:
+            self._regular_steps(lo, hi, visit, skip, elig)
+            self.work.pte_pages += end_step(self, vrows, pmd0, heads0)
+        finally:
+            self.split_log = None
+
+    def _regular_steps(self, lo: int, hi: int, visit: npt.NDArray[np.bool_],
+                       skip: npt.NDArray[np.bool_], elig: npt.NDArray[np.bool_]) -> None:
+        """_regular's steps (the pages' items, checksums and merges)."""
         pages, frames, tally = self.pages, self.frames, self.tally
         sl = slice(lo, hi)
         state = pages.state[sl]
@@ -214,6 +278,7 @@ class VectorKsm(BulkKsm):
             # try_to_merge_with_zero_page: map the zero page, the item stays.
             zero = held & (content == ZERO_CONTENT)
             work.zero_merges += int(np.count_nonzero(zero))
+            split_thps(self, fr[zero], rows[zero])
             self.unmap(fr[zero])
             pages.frame[rows[zero]] = KSM_ZERO
             tally.zero_pages += int(np.count_nonzero(zero))
@@ -377,6 +442,7 @@ class VectorKsm(BulkKsm):
         pages, frames = self.pages, self.frames
         kframe = self.nodes.kframe[nodes]
         self.work.merges += len(rows)
+        split_thps(self, pages.frame[rows], rows)
         np.subtract.at(frames.mapcount, pages.frame[rows], 1)
         pages.frame[rows] = kframe
         np.add.at(frames.mapcount, kframe, 1)
@@ -421,6 +487,7 @@ class VectorKsm(BulkKsm):
         work.new_ksm += n
         work.stable_inserts += n
         work.stable_new += n
+        split_thps(self, np.concatenate([fr, pages.frame[ys]]), np.concatenate([rows, rows]))
         np.subtract.at(frames.mapcount, pages.frame[ys], 1)
         pages.frame[ys] = fr
         frames.mapcount[fr] += 1

@@ -9,7 +9,8 @@ the same answer:
    made mergeable as the snapshot's policy says: ``merge-any``: every area
    by ``prctl(PR_SET_MEMORY_MERGE)``; ``as-is``: ``MADV_MERGEABLE`` on each
    area that was ``mg`` at capture.  An area is mapped with exactly its
-   loaded pages, in address order (see :mod:`ksmlab.estimate.plan`);
+   loaded pages, in address order (see :mod:`ksmlab.estimate.plan`), but for
+   the transparent huge pages below;
 3. the pages that were KSM pages at capture are written and merged again:
    ksmd runs with no sleep and a batch covering them all until they are
    (three full scans: checksum, merge, settle), then stops.  The clock, CPU
@@ -20,6 +21,20 @@ the same answer:
    mapped twice, copy-on-write.  ksmd then sees it as the kernel does: it
    never merges a page with itself, and once it merges the page with another
    copy, every mapping counts in ``pages_sharing``.
+
+Transparent huge pages: an extent the plan takes as PMD-mapped at capture
+(:attr:`~ksmlab.estimate.plan.LoadPlan.pmd`) is placed on a 2 MiB boundary
+of the model's address space (its area is mapped with a gap before it and
+its length rounded up to 2 MiB, so that mmap aligns it, as Linux 6.18 does),
+and given ``madvise(MADV_HUGEPAGE)`` before its pages are written: the first
+write faults the whole THP in, through the engine's own fault path, and the
+others store into it.  Where all 512 pages map frames of another process
+(a fork child's view of its parent's THP), they are mapped to those frames
+as in step 5 (not madvised, not moved), by PTEs on both engines: on the host the child maps the THP by
+PMD too until a split, but the model's child is not at its parent's
+addresses, so no fork can have copied that PMD (model choice: such pages
+cost ksmd as PTE-mapped pages).  An extent with some pages of its own and
+some shared loads as small pages.
 
 Contents: on SimKernel (fingerprint mode) a page holds its fingerprint; on
 the bulk engine each distinct content gets one fresh id (equal pages, equal
@@ -37,8 +52,14 @@ import numpy as np
 import numpy.typing as npt
 
 from ksmlab.api import Process
-from ksmlab.constants import MADV_MERGEABLE, PAGE_SHIFT, PAGE_SIZE, PR_SET_MEMORY_MERGE
-from ksmlab.estimate.plan import LoadPlan
+from ksmlab.constants import (
+    MADV_HUGEPAGE,
+    MADV_MERGEABLE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PR_SET_MEMORY_MERGE,
+)
+from ksmlab.estimate.plan import HPAGE_PMD_NR, AreaPlan, LoadPlan
 from ksmlab.kernel import SimKernel, SimProcess
 from ksmlab.ksm.cost import KsmdCost
 from ksmlab.mm.page import fingerprint
@@ -180,6 +201,9 @@ class Machine:
             assert vma is not None and vpn not in dst.mm.ptes and not frame.zero
             k.memory.anon_vma_prepare(dst.mm, vma)  # anon_vma_fork gives the child's area one
             frame.mapcount += 1
+            thp = getattr(frame, "thp", None)  # SimKernel with THP counts a THP's mappings
+            if thp is not None:
+                thp.mapcount += 1
             dst.mm.ptes[vpn] = frame
 
     def _share_bulk(self, idx: Ints, owners: Ints) -> None:
@@ -195,6 +219,46 @@ class Machine:
         ksm.pages.frame[dst] = frames
         np.add.at(ksm.frames.mapcount, frames, 1)
         ksm.mutations += 1
+
+
+def _thp_extents(plan: LoadPlan) -> npt.NDArray[np.bool_]:
+    """The plan's PMD-mapped extents that load as THPs: those whose 512 pages all own their
+    frame (written: the first write faults the THP in; see the module doc for the others)."""
+    pmd = plan.pmd.copy()
+    idx = np.flatnonzero(pmd).reshape(-1, HPAGE_PMD_NR)
+    if idx.size:
+        pmd[idx[plan.shared[idx].any(axis=1)].ravel()] = False
+    return pmd
+
+
+def _layout(area: AreaPlan, pmd: npt.NDArray[np.bool_]) -> tuple[Ints, int, list[tuple[int, int]]]:
+    """Where an area's pages go in the model: each page's offset in its mapping (in pages),
+    the mapping's length, and the (offset, pages) runs of its THP extents.
+
+    Pages keep their order without the holes between them, but each THP extent starts on
+    a multiple of 512 pages and the length is rounded up to one, so that mmap places the
+    mapping, and so the extents, on 2 MiB boundaries (see the module doc).
+    """
+    n = area.pages
+    offsets = np.arange(n, dtype=np.int64)
+    ext = np.flatnonzero(pmd[area.start:area.start + n])[::HPAGE_PMD_NR]
+    if not ext.size:
+        return offsets, n, []
+    pad = 0
+    gaps = np.zeros(n, np.int64)
+    runs: list[tuple[int, int]] = []
+    for j in ext.tolist():  # one step per extent; the pages move by arrays below
+        gap = -(j + pad) % HPAGE_PMD_NR
+        gaps[j] = gap
+        pad += gap
+        off = j + pad
+        if runs and runs[-1][0] + runs[-1][1] == off:
+            runs[-1] = (runs[-1][0], runs[-1][1] + HPAGE_PMD_NR)
+        else:
+            runs.append((off, HPAGE_PMD_NR))
+    offsets += np.cumsum(gaps)
+    length = int(offsets[-1]) + 1
+    return offsets, length + -length % HPAGE_PMD_NR, runs
 
 
 def write_knobs(k: SimKernel | BulkKernel, knobs: dict[str, str]) -> None:
@@ -249,6 +313,7 @@ def load_machine(plan: LoadPlan, engine: EngineName, knobs: dict[str, str], *,
         ids[np.unique(plan.content[plan.zero])] = ZERO_CONTENT  # the engine's zero-filled page
         m.bulk_ids = ids
     merge_any = plan.snapshot.policy == "merge-any"
+    pmd = _thp_extents(plan)
     for pi, pp in enumerate(plan.processes):
         p = kernel.spawn()
         m.procs.append(p)
@@ -258,18 +323,22 @@ def load_machine(plan: LoadPlan, engine: EngineName, knobs: dict[str, str], *,
         for area in reversed(pp.areas):
             if not area.pages:
                 continue
-            a = p.mmap(area.pages * PAGE_SIZE)
+            offsets, length, huge = _layout(area, pmd)
+            a = p.mmap(length * PAGE_SIZE)
             sl = slice(area.start, area.start + area.pages)
             m.proc_of[sl] = pi
-            m.addr[sl] = np.uint64(a) + np.arange(area.pages, dtype=np.uint64) * np.uint64(PAGE_SIZE)
+            m.addr[sl] = np.uint64(a) + offsets.astype(np.uint64) * np.uint64(PAGE_SIZE)
             if m.engine_row is not None:
                 from ksmlab.bulk import BulkProcess
 
                 assert isinstance(p, BulkProcess)
                 seg = next(s for s in p.mm.segments if s.addr == a)
-                m.engine_row[sl] = seg.row + np.arange(area.pages, dtype=np.int64)
+                m.engine_row[sl] = seg.row + offsets
             if not merge_any and area.mergeable:
-                p.madvise(a, area.pages * PAGE_SIZE, MADV_MERGEABLE)
+                p.madvise(a, length * PAGE_SIZE, MADV_MERGEABLE)
+            if a % (HPAGE_PMD_NR * PAGE_SIZE) == 0:  # else its THPs load as small pages
+                for off, pages in huge:
+                    p.madvise(a + off * PAGE_SIZE, pages * PAGE_SIZE, MADV_HUGEPAGE)
     if bool(plan.ksm.any()):
         _premerge(m)
     own = np.flatnonzero(~plan.ksm & ~plan.shared).astype(np.int64)

@@ -16,6 +16,14 @@ exposure), one entry per *loaded page*:
   Without PFNs (a capture without CAP_SYS_ADMIN) every row is its own frame.
 * **already merged**: rows that were KSM pages at capture (:attr:`LoadPlan.ksm`);
   the engines merge them again before the clock starts.
+* **transparent huge pages** (:attr:`LoadPlan.pmd`): a 2 MiB-aligned virtual
+  extent of one process and one area whose 512 pages are all loaded and all
+  THP-flagged (``/proc/kpageflags`` bit 22) is taken as a THP mapped by one PMD
+  at capture, and loaded as one.  The flags cannot tell a PMD mapping from a
+  large folio mapped by PTEs (after a partial munmap, mprotect or a fork child's
+  COW, say): a THP-flagged page of an extent not wholly present and flagged
+  loads as a small page, and an extent of a THP whose PMD was split but whose
+  512 pages are all still mapped loads as PMD-mapped.
 * **rewrite rate** per second, from ``changes`` / ``compared`` over the
   sampling interval (:func:`rewrite_rates`).
 
@@ -100,7 +108,10 @@ class LoadPlan:
     """Rewrites per second."""
     pfn_known: bool
     thp: int
-    """Loaded pages that were part of a transparent huge page (the model has no THP)."""
+    """Loaded pages that were part of a transparent huge page (THP-flagged)."""
+    pmd: Bools
+    """A page of an extent taken as a PMD-mapped THP at capture (see the module doc):
+    such extents are runs of 512 consecutive entries."""
     zero_page_rows: int
     """Rows mapping the shared zero page (not loaded: KSM never scans it)."""
     swapped_rows: int
@@ -185,14 +196,41 @@ def load_plan(snap: Snapshot) -> LoadPlan:
         content[idx] = content[owners]  # a page rewritten between two reads: the first's
         zero[idx] = zero[owners]
         del uniq
+    pmd = _pmd_extents(pages.pid[rows], pages.vma[rows], pages.addr[rows],
+                       pages.thp[rows] & ~ksm)
     rate = rewrite_rates(pages.changes[rows], pages.compared[rows], _interval_s(snap))
     procs = _processes(snap, rows)
     return LoadPlan(snapshot=snap, processes=procs, row=rows, content=content,
                     fingerprints=table, n_contents=n_contents, frame=frame, owner=owner,
                     ksm=ksm, zero=zero, rate=rate, pfn_known=pfn_known,
-                    thp=int(pages.thp[rows].sum()),
+                    thp=int(pages.thp[rows].sum()), pmd=pmd,
                     zero_page_rows=int((pages.present & pages.zero_page).sum()),
                     swapped_rows=int(pages.swapped.sum()))
+
+
+HPAGE_PMD_NR = 512
+"""Pages of a PMD-mapped THP (2 MiB)."""
+
+
+def _pmd_extents(pid: npt.NDArray[np.int32], vma: npt.NDArray[np.uint32],
+                 addr: npt.NDArray[np.uint64], thp: Bools) -> Bools:
+    """Which loaded pages (in plan order) lie in a 2 MiB-aligned extent of one process and
+    one area whose 512 pages are all loaded, in address order, and all THP-flagged."""
+    n = addr.size
+    out = np.zeros(n, bool)
+    if not n or not bool(thp.any()):
+        return out
+    page = (addr >> np.uint64(12)).astype(np.int64)
+    ext = page >> 9
+    brk = np.flatnonzero((np.diff(ext) != 0) | (np.diff(pid) != 0) | (np.diff(vma) != 0)
+                         | (np.diff(page) != 1)) + 1
+    starts = np.r_[0, brk]
+    sizes = np.diff(np.r_[starts, n])
+    full = (sizes == HPAGE_PMD_NR) & (page[starts] % HPAGE_PMD_NR == 0)
+    flagged = np.add.reduceat(thp.astype(np.int64), starts) == sizes
+    for s in starts[full & flagged].tolist():
+        out[s:s + HPAGE_PMD_NR] = True
+    return out
 
 
 def _zero_id(table: npt.NDArray[np.uint8]) -> int | None:

@@ -114,8 +114,13 @@ def _notes(e: Estimate) -> list[str]:
         out.append("the snapshot has no PFNs (taken without root): pages shared with a fork "
                    "relative count as separate pages, so the saving may be overstated")
     if p.thp:
-        out.append(f"{p.thp} pages were in transparent huge pages, which the model treats as "
-                   f"small pages (the kernel splits a THP to merge a page of it)")
+        pmd = int(p.pmd.sum())
+        partial = (f", {p.thp - pmd} in partial extents (a THP mapped by PTEs), loaded as "
+                   f"small pages" if p.thp > pmd else "")
+        out.append(f"{p.thp} pages were in transparent huge pages: {pmd} in whole 2 MiB extents, "
+                   f"loaded as PMD-mapped THPs (ksmd splits one to merge a page of it, as the "
+                   f"kernel does; a fork child's share of its parent's THP maps it by PTE)"
+                   f"{partial}")
     if e.settled is False:
         out.append("the saving was still moving when the run stopped at its cap; give --until")
     if p.swapped_rows:
@@ -251,7 +256,7 @@ def estimate_document(e: Estimate) -> dict[str, Any]:
             "created": snap.meta.get("created"), "policy": snap.policy,
             "samples": snap.samples, "interval_s": snap.interval_s,
             "processes": len(p.processes), "pages_loaded": len(p),
-            "pfn_known": p.pfn_known, "thp_pages": p.thp,
+            "pfn_known": p.pfn_known, "thp_pages": p.thp, "thp_pmd_pages": int(p.pmd.sum()),
             "zero_page_mapped": p.zero_page_rows, "swapped_pages": p.swapped_rows,
             "ksm_pages_at_capture": int(p.ksm.sum()), "fork_shared_pages": int(p.shared.sum()),
             "rewritten_pages": int((p.rate > 0).sum()), "rewrites_per_s": float(p.rate.sum()),
