@@ -42,22 +42,6 @@ Op = tuple[Any, ...]
 Kernel = SimKernel | BulkKernel
 
 
-def sim_models_thp() -> bool:
-    """Whether SimKernel models transparent huge pages (docs/bulk.md, "THP": one
-    write in an aligned MADV_HUGEPAGE extent makes its 512 pages present), asked through
-    its public calls.  Until it does, it counts no ``pte_pages`` (its ksmd work has them 0),
-    which the bulk engine counts: the comparisons leave that count out then."""
-    k = SimKernel(trace=False, content="fingerprint")
-    p = k.spawn()
-    a = p.mmap(2 * 512 * PAGE_SIZE)
-    p.madvise(a, 2 * 512 * PAGE_SIZE, MADV_HUGEPAGE)
-    e = (a + 512 * PAGE_SIZE - 1) & ~(512 * PAGE_SIZE - 1)  # the aligned extent inside
-    p.write(e, bytes(PAGE_SIZE))
-    return p.pfns(e + PAGE_SIZE, PAGE_SIZE)[0] is not None
-
-
-SIM_MODELS_THP = sim_models_thp()
-
 TREE_WALK = ("pages_shared", "pages_sharing", "pages_volatile", "stable_node_chains",
              "stable_node_dups", "general_profit")
 """Counters that can move at a different moment when the kernel's tree walk passes
@@ -701,8 +685,6 @@ def clock(k: Kernel) -> tuple[int, int, dict[str, int]]:
     """Virtual time, ksmd's CPU time and every step ksmd counted for its cost model:
     both engines run one ksmd and must agree on these too."""
     total = k.ksmd.meter.total.as_dict()
-    if not SIM_MODELS_THP:
-        del total["pte_pages"]  # SimKernel counts them once it models THP (see sim_models_thp)
     return k.ksmd.now_ns, k.ksmd.cpu_ns, total
 
 

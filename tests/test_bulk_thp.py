@@ -2,7 +2,7 @@
 
 Expected values come from the THP rules (measured on Linux 6.18) and arithmetic stated in each test;
 the two paths of the engine are compared with each other (whole state), and
-with SimKernel once SimKernel models THP (skipped until then, with the reason).
+with SimKernel in lockstep.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from bulk_programs import (
     HPAGE,
-    SIM_MODELS_THP,
     bulk,
     canonical,
     execute,
@@ -263,9 +262,6 @@ def test_thp_programs_on_both_paths_hypothesis(r: random.Random, steps: int) -> 
                                                          canonical)
 
 
-@pytest.mark.skipif(not SIM_MODELS_THP,
-                    reason="SimKernel does not model THP yet (thpsim's branch): one write in an "
-                           "aligned MADV_HUGEPAGE extent leaves 511 pages absent there")
 @pytest.mark.parametrize("seed", range(16))
 def test_thp_programs_match_simkernel(seed: int) -> None:
     """Lockstep against SimKernel: counters, ksm_stat, what every page holds and ksmd's

@@ -215,10 +215,8 @@ def ten_identical(kind: type, mps: str = "256", pages: int = 10) -> Any:
 
 def counts(k: Any) -> dict[str, int]:
     d = {n: v for n, v in k.ksmd.meter.total.as_dict().items() if v and n != "stable_base"}
-    # No THP here, so every page scanned is a pte_page (thp-spec); an engine that does
-    # not count them yet shows 0 (the bulk engine until its THP branch is merged).
-    pte = d.pop("pte_pages", 0)
-    assert pte in (0, d.get("pages", 0)), (pte, d)
+    # No THP here, so every page scanned is reached through a PTE (docs/cost-model.md).
+    assert d.pop("pte_pages", 0) == d.get("pages", 0), d
     return d
 
 

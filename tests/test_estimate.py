@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bulk_programs import SIM_MODELS_THP
 from estimate_snapshots import HOST_KNOBS, ZERO, Page, Pfns, Proc, write_snapshot
 from ksmlab.bulk import BulkKernel
 from ksmlab.cli import main
@@ -485,8 +484,6 @@ def test_thp_extents_load_as_thps_on_the_bulk_engine(tmp_path: Path) -> None:
                       "thp_splits": 2}
 
 
-@pytest.mark.skipif(not SIM_MODELS_THP, reason="SimKernel does not model THP yet "
-                    "(thpsim's branch): its ksmd counts no pte_pages nor thp_splits")
 def test_thp_snapshot_loads_alike_on_both_engines(tmp_path: Path) -> None:
     """SimKernel, given the same calls (mmap, MADV_HUGEPAGE, writes), faults the same
     THPs and its ksmd counts the same work."""

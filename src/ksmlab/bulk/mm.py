@@ -28,7 +28,6 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from ksmlab.constants import PAGE_SHIFT, PAGE_SIZE, PROT_READ, PROT_WRITE
-from ksmlab.errors import KernelError
 from ksmlab.ksm.types import ListHead
 from ksmlab.mm.mmap import unmapped_area_topdown
 
@@ -143,14 +142,8 @@ class BulkMm(ListHead):
         the address rounded down; if none does, the ordinary placement.
         """
         spans = [(s.addr, s.end) for s in reversed(self.segments)]
-        if size % PMD_SIZE == 0:
-            try:  # the gap's top is the address returned for size + 2 MiB, plus that
-                top = unmapped_area_topdown(spans, self.mmap_base, size + PMD_SIZE) + size + PMD_SIZE
-            except KernelError:
-                pass
-            else:
-                return (top - size) & ~(PMD_SIZE - 1)
-        return unmapped_area_topdown(spans, self.mmap_base, size)
+        return unmapped_area_topdown(spans, self.mmap_base, size,
+                                     pmd_align=size % PMD_SIZE == 0)
 
     def map_area(self, start: int, pages: int,
                  alloc: Callable[[int], int]) -> list[tuple[int, int]]:
