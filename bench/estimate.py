@@ -45,6 +45,7 @@ from ksmlab.backends.linux import LinuxKernel, linux_ksm_unavailable_reason
 from ksmlab.backends.linux_knobs import boot_knobs
 from ksmlab.estimate import run_estimate
 from ksmlab.estimate.report import gross_figures
+from ksmlab.ksm.cost import KsmdCost
 from ksmlab.scenario import host
 from ksmlab.scenario.knobs import WRITE_ORDER
 from ksmlab.scenario.model import GLOBAL_COUNTERS
@@ -235,8 +236,11 @@ def run_workload(w: Workload, tmp: str, keep: str | None = None) -> dict[str, An
     }
 
 
-def replay(recorded: str, snapshots: str | None, only: list[str] | None) -> int:
-    """Estimate the kept snapshots again and compare with the recorded real runs."""
+def replay(recorded: str, snapshots: str | None, only: list[str] | None,
+           cost_file: str | None = None) -> int:
+    """Estimate the kept snapshots again (with *cost_file*'s model, else the shipped one)
+    and compare with the recorded real runs."""
+    cost = KsmdCost.load(cost_file) if cost_file else None
     if not snapshots:
         print("bench/estimate.py: --replay needs --keep DIR (where the snapshots were kept)",
               file=sys.stderr)
@@ -248,7 +252,8 @@ def replay(recorded: str, snapshots: str | None, only: list[str] | None) -> int:
         if only and r["name"] not in only:
             continue
         e = run_estimate(read_snapshot(os.path.join(snapshots, f"{r['name']}.parquet")),
-                         until_ns=int(r["seconds"] * 1e9), sample_ns=int(SAMPLE_S * 1e9))
+                         until_ns=int(r["seconds"] * 1e9), sample_ns=int(SAMPLE_S * 1e9),
+                         cost=cost)
         pred = _figures(e.result.timeline)
         errors = {k: _error(pred[f], r["real"][f]) for k, f in
                   (("saved", "saved_pages"), ("t50", "t50_s"), ("t90", "t90_s"),
@@ -330,9 +335,13 @@ def main() -> int:
     ap.add_argument("--replay", metavar="JSON",
                     help="no kernel: estimate the snapshots kept in --keep DIR again and compare "
                          "with the real runs recorded in JSON (a model change, same workloads)")
+    ap.add_argument("--cost", metavar="FILE",
+                    help="with --replay: the model's cost file (default: the shipped model)")
     args = ap.parse_args()
+    if args.cost and not args.replay:
+        ap.error("--cost applies to --replay (a live run uses the shipped model)")
     if args.replay:
-        return replay(args.replay, args.keep, args.only)
+        return replay(args.replay, args.keep, args.only, args.cost)
     reason = linux_ksm_unavailable_reason()
     if reason:
         print(f"bench/estimate.py: {reason}", file=sys.stderr)
