@@ -206,6 +206,32 @@ class Machine:
                 thp.mapcount += 1
             dst.mm.ptes[vpn] = frame
 
+    def map_forked_thps(self, forked: Ints) -> None:
+        """Map each fork child's extent of *forked* (rows: first entry of the child's extent,
+        first entry of its owner's; see :func:`_thp_extents`), whose pages already map the
+        owner's frames, by one PMD, as fork leaves a child: where the owner's extent is a
+        THP mapped by PMD in the engine and the child's extent is 2 MiB-aligned (else its
+        pages stay mapped by PTE, as after a split)."""
+        huge = HPAGE_PMD_NR * PAGE_SIZE
+        for c, o in forked.tolist():
+            if int(self.addr[c]) % huge:
+                continue
+            src, dst = self.procs[int(self.proc_of[o])], self.procs[int(self.proc_of[c])]
+            k = self.kernel
+            if isinstance(k, SimKernel):
+                assert isinstance(src, SimProcess) and isinstance(dst, SimProcess)
+                thp = src.mm.pmds.get(int(self.addr[o]) >> PAGE_SHIFT)
+                if thp is not None:
+                    k.memory.map_thp_pmd(dst.mm, int(self.addr[c]) >> PAGE_SHIFT, thp)
+                continue
+            from ksmlab.bulk import thp as bulk_thp
+
+            assert self.engine_row is not None
+            ro = int(self.engine_row[o])
+            f = int(k.ksm.pages.frame[ro])
+            if k.ksm.pages.thp[ro] & bulk_thp.THP_PMD and f >= 0 and k.ksm.frames.thp[f] == f:
+                bulk_thp.map_pmd(k.ksm, int(self.engine_row[c]))
+
     def _share_bulk(self, idx: Ints, owners: Ints) -> None:
         from ksmlab.bulk.columns import NO_FRAME
 
@@ -221,14 +247,24 @@ class Machine:
         ksm.mutations += 1
 
 
-def _thp_extents(plan: LoadPlan) -> npt.NDArray[np.bool_]:
-    """The plan's PMD-mapped extents that load as THPs: those whose 512 pages all own their
-    frame (written: the first write faults the THP in; see the module doc for the others)."""
-    pmd = plan.pmd.copy()
-    idx = np.flatnonzero(pmd).reshape(-1, HPAGE_PMD_NR)
-    if idx.size:
-        pmd[idx[plan.shared[idx].any(axis=1)].ravel()] = False
-    return pmd
+def _thp_extents(plan: LoadPlan) -> tuple[npt.NDArray[np.bool_], Ints]:
+    """The plan's PMD-mapped extents the loader places on 2 MiB boundaries (see the module
+    doc): the pages of those that load as THPs (their 512 pages all own their frame: the
+    first write faults the THP in), and the fork children's views of those THPs, as rows
+    (first entry of the child's extent, first entry of the owner's): all 512 pages map the
+    frames of one such extent of another process, page j frame j."""
+    own = np.zeros(len(plan), bool)
+    idx = np.flatnonzero(plan.pmd).reshape(-1, HPAGE_PMD_NR)
+    if not idx.size:
+        return own, np.zeros((0, 2), np.int64)
+    mine = ~plan.shared[idx].any(axis=1)
+    own[idx[mine].ravel()] = True
+    owners = plan.owner[idx]
+    head = owners[:, 0]
+    pid = plan.snapshot.pages.pid[plan.row]
+    forked = (~mine & (owners == head[:, None] + np.arange(HPAGE_PMD_NR)).all(axis=1)
+              & np.isin(head, idx[mine, 0]) & (pid[head] != pid[idx[:, 0]]))
+    return own, np.stack([idx[forked, 0], head[forked]], axis=1).astype(np.int64)
 
 
 def _layout(area: AreaPlan, pmd: npt.NDArray[np.bool_]) -> tuple[Ints, int, list[tuple[int, int]]]:
@@ -313,7 +349,10 @@ def load_machine(plan: LoadPlan, engine: EngineName, knobs: dict[str, str], *,
         ids[np.unique(plan.content[plan.zero])] = ZERO_CONTENT  # the engine's zero-filled page
         m.bulk_ids = ids
     merge_any = plan.snapshot.policy == "merge-any"
-    pmd = _thp_extents(plan)
+    own_thp, forked = _thp_extents(plan)
+    pmd = own_thp.copy()  # the extents placed on 2 MiB boundaries and advised MADV_HUGEPAGE
+    for c in forked[:, 0].tolist():
+        pmd[c:c + HPAGE_PMD_NR] = True
     for pi, pp in enumerate(plan.processes):
         p = kernel.spawn()
         m.procs.append(p)
@@ -348,6 +387,7 @@ def load_machine(plan: LoadPlan, engine: EngineName, knobs: dict[str, str], *,
         if progress is not None:
             progress(min(s + step, own.size), n)
     m.share_frames(np.flatnonzero(plan.shared).astype(np.int64))
+    m.map_forked_thps(forked)
     if progress is not None:
         progress(n, n)
     return m
