@@ -25,7 +25,7 @@ from ksmlab.bulk import BulkKernel
 from ksmlab.bulk.invariants import check_bulk
 from ksmlab.bulk.thp import THP_PMD
 from ksmlab.estimate import load_plan, run_estimate
-from ksmlab.estimate.load import Machine, load_machine
+from ksmlab.estimate.load import EngineName, Machine, load_machine
 from ksmlab.invariants import check_invariants
 from ksmlab.kernel import SimKernel, SimProcess
 from ksmlab.snapshot import read_snapshot
@@ -34,7 +34,7 @@ HP = 512  # pages of a THP
 EXTENT = HP * 4096
 S = 1_000_000_000
 KNOBS = {"pages_to_scan": "100000", "sleep_millisecs": "0", "smart_scan": "0"}
-ENGINES = ("sim", "bulk")
+ENGINES: tuple[EngineName, ...] = ("sim", "bulk")
 
 
 def snapshot(tmp: Path, child: str) -> Path:
@@ -66,9 +66,8 @@ def snapshot(tmp: Path, child: str) -> Path:
                           knobs=HOST_KNOBS | {"pages_to_scan": "5000", "sleep_millisecs": "0"})
 
 
-def load(tmp: Path, child: str, engine: str) -> Machine:
-    m = load_machine(load_plan(read_snapshot(snapshot(tmp, child))), engine,  # type: ignore[arg-type]
-                     KNOBS)
+def load(tmp: Path, child: str, engine: EngineName) -> Machine:
+    m = load_machine(load_plan(read_snapshot(snapshot(tmp, child))), engine, KNOBS)
     check(m)
     return m
 
@@ -116,7 +115,7 @@ def brief(w: list[dict[str, int]]) -> list[tuple[int, int, int]]:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_child_maps_both_thps_by_pmd(tmp_path: Path, engine: str) -> None:
+def test_child_maps_both_thps_by_pmd(tmp_path: Path, engine: EngineName) -> None:
     """C's two extents map P's two THPs by PMD, on 2 MiB boundaries of C's mapping.  Each
     full scan walks 2 * 1024 pages, none under a PTE.  Nothing merges: P's contents are
     unique, and C's pages are P's frames (ksmd never merges a page with itself), so no
@@ -131,7 +130,7 @@ def test_child_maps_both_thps_by_pmd(tmp_path: Path, engine: str) -> None:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_child_write_splits_only_its_own_pmd(tmp_path: Path, engine: str) -> None:
+def test_child_write_splits_only_its_own_pmd(tmp_path: Path, engine: EngineName) -> None:
     """Rule 4 at the child's addresses: C rewrites page 7 of its second extent, a page of
     P's THP E1 that P maps too: C's PMD of E1 is split (its other 511 pages stay, by PTE),
     the page gets a copy of its own, P keeps both PMDs.  The next full scan walks the same
@@ -148,7 +147,7 @@ def test_child_write_splits_only_its_own_pmd(tmp_path: Path, engine: str) -> Non
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("child", ["cow", "shifted", "parent-partial"])
-def test_other_shared_extents_stay_mapped_by_pte(tmp_path: Path, engine: str,
+def test_other_shared_extents_stay_mapped_by_pte(tmp_path: Path, engine: EngineName,
                                                  child: str) -> None:
     """C's first extent maps E0 by PMD in every case; its second extent is reached by PTE,
     512 pages per full scan:
@@ -180,7 +179,7 @@ def merging_snapshot(tmp: Path) -> Path:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_merge_splits_the_thp_for_parent_and_child(tmp_path: Path, engine: str) -> None:
+def test_merge_splits_the_thp_for_parent_and_child(tmp_path: Path, engine: EngineName) -> None:
     """B's page 5 merges with P's E0 page 5 (the unstable tree's; P comes first in scan
     order): the merge attempt splits E0 (1 split), which takes P's PMD and C's (rule 3:
     every mm that PMD-mapped it).  Scan 1 checksums only: 2049 pages, B's under a PTE.
@@ -188,8 +187,7 @@ def test_merge_splits_the_thp_for_parent_and_child(tmp_path: Path, engine: str) 
     C's 1024 pages (its own pages are P's: nothing), B's page merges and splits E0
     after all of them: pte_pages 1 (B).  Scan 3: E0 is small pages in P and C: 1024
     under PTEs, and B's: 1025; E1 stays a THP mapped by both."""
-    m = load_machine(load_plan(read_snapshot(merging_snapshot(tmp_path))),
-                     engine, KNOBS)  # type: ignore[arg-type]
+    m = load_machine(load_plan(read_snapshot(merging_snapshot(tmp_path))), engine, KNOBS)
     check(m)
     assert brief(work(m, 3)) == [(4 * HP + 1, 1, 0), (4 * HP + 1, 1, 1),
                                  (4 * HP + 1, 2 * HP + 1, 0)]

@@ -23,18 +23,25 @@ the same answer:
    copy, every mapping counts in ``pages_sharing``.
 
 Transparent huge pages: an extent the plan takes as PMD-mapped at capture
-(:attr:`~ksmlab.estimate.plan.LoadPlan.pmd`) is placed on a 2 MiB boundary
+(:attr:`~ksmlab.estimate.plan.LoadPlan.pmd`) whose pages own their frames is placed on a 2 MiB boundary
 of the model's address space (its area is mapped with a gap before it and
 its length rounded up to 2 MiB, so that mmap aligns it, as Linux 6.18 does),
 and given ``madvise(MADV_HUGEPAGE)`` before its pages are written: the first
 write faults the whole THP in, through the engine's own fault path, and the
-others store into it.  Where all 512 pages map frames of another process
-(a fork child's view of its parent's THP), they are mapped to those frames
-as in step 5 (not madvised, not moved), by PTEs on both engines: on the host the child maps the THP by
-PMD too until a split, but the model's child is not at its parent's
-addresses, so no fork can have copied that PMD (model choice: such pages
-cost ksmd as PTE-mapped pages).  An extent with some pages of its own and
-some shared loads as small pages.
+others store into it.  A fork child's view of its parent's THP (an extent
+whose 512 pages map, in order, the frames of one such extent of another
+process: page j, frame j) is placed and advised the same way, mapped to
+those frames as in step 5, and then mapped by one PMD, as fork's
+``copy_huge_pmd`` leaves a child (the engine's own bookkeeping: SimKernel's
+:meth:`~ksmlab.mm.memory.Memory.map_thp_pmd`, the bulk engine's
+:func:`~ksmlab.bulk.thp.map_pmd`): ksmd reaches its pages under the PMD, and
+a write by the child or a merge splits it as on the host.  The model's child
+is not at its parent's addresses (an mm may map a THP by PMD at an extent of
+its own).  Where the owner's extent did not load as a THP or the child's
+is not on a 2 MiB boundary (either mapping was not aligned by mmap), the
+child's pages stay mapped by PTE.  Any other extent with shared pages
+(some pages of its own, or frames not of one THP in order) loads as small
+pages, the shared ones mapped by PTE.
 
 Contents: on SimKernel (fingerprint mode) a page holds its fingerprint; on
 the bulk engine each distinct content gets one fresh id (equal pages, equal
