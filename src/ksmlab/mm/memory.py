@@ -13,11 +13,13 @@ choice: ``always`` and ``never`` are not modelled; docs/kernel-behaviour.md,
 "Transparent huge pages"): a first write in a VM_HUGEPAGE private anonymous
 area whose 2 MiB-aligned extent lies wholly inside the area, with nothing but
 the zero page of a read mapped there yet, allocates a :class:`~ksmlab.mm.page.Thp`
-of 512 frames and maps it by PMD (``MmStruct.pmds``).  The PMD is split (the
-extent stays mapped, by PTE) when any page-table entry of the extent goes
-(munmap, MADV_DONTNEED, a COW copy, KSM's replace_page), when a vma boundary
-comes to lie inside the extent (:meth:`Memory.split_pmd_at`), and when the
-writer's THP is also mapped by another mm (fork).  KSM splits the THP itself
+of 512 frames and maps it by PMD (``MmStruct.pmds``; a fork child maps it by PMD
+too, :meth:`Memory.map_thp_pmd`: each mm at most once, at an extent of its own
+address space).  The PMD is split (the extent stays mapped, by PTE) when any
+page-table entry of the extent goes (munmap, MADV_DONTNEED, a COW copy, KSM's
+replace_page), when a vma boundary comes to lie inside the extent
+(:meth:`Memory.split_pmd_at`), and when the writer's THP is also mapped by
+another mm (fork).  KSM splits the THP itself
 before merging a page of it (:meth:`Memory.split_thp`).  Model choices: the
 huge zero page of a read is the ordinary zero page in each PTE (so a write
 still gets a THP; a read made before MADV_HUGEPAGE would block it on Linux);
