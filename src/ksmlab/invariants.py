@@ -454,7 +454,7 @@ def _check_thps(c: _Census) -> None:
                 thps[id(frame.thp)] = frame.thp
         for extent, thp in mm.pmds.items():
             thps[id(thp)] = thp
-            if thp.extent != extent or thp.pmd_mms.get(mm.id) is not mm:
+            if extent % HPAGE_PMD_NR or thp.pmd_mms.get(mm.id) != (mm, extent):
                 _fail("thp", f"mm {mm.id} maps {thp!r} by PMD at {extent:#x}, not recorded there")
             vma = mm.vma_lookup(extent << PAGE_SHIFT)
             if vma is None or vma.end < (extent + HPAGE_PMD_NR) << PAGE_SHIFT:
@@ -465,8 +465,8 @@ def _check_thps(c: _Census) -> None:
                 _fail("thp", f"mm {mm.id}: the PTEs under the PMD at {extent << PAGE_SHIFT:#x} "
                       f"do not map {thp!r}'s frames in order")
     for thp in thps.values():
-        for mm_id, mm in thp.pmd_mms.items():
-            if mm.id != mm_id or mm.pmds.get(thp.extent) is not thp:
+        for mm_id, (mm, extent) in thp.pmd_mms.items():
+            if mm.id != mm_id or mm.pmds.get(extent) is not thp:
                 _fail("thp", f"{thp!r} says mm {mm_id} maps it by PMD, which it does not")
         if thp.mapcount != sum(f.mapcount for f in thp.frames):
             _fail("thp", f"{thp!r}: mapcount {thp.mapcount}, its frames' sum "

@@ -30,6 +30,7 @@ import numpy.typing as npt
 from ksmlab.bulk.columns import NO_FRAME
 from ksmlab.bulk.content import ZERO_CONTENT
 from ksmlab.constants import PAGE_SHIFT
+from ksmlab.errors import vm_bug_on
 
 if TYPE_CHECKING:
     from ksmlab.bulk.engine import BulkKsm
@@ -164,6 +165,20 @@ def fault(ksm: BulkKsm, mm: BulkMm, addrs: Ints, rows: Ints) -> None:
         pages.frame[sl] = np.arange(first, first + HPAGE_PMD_NR, dtype=np.int32)
         pages.thp[sl] |= THP_PMD
         ksm.thps += 1
+
+
+def map_pmd(ksm: BulkKsm, r0: int) -> None:
+    """Map the 512 rows from *r0* (one vma's, at a 2 MiB-aligned extent, already mapping a
+    THP's frames in order, with their mapcounts) by one PMD, as fork's ``copy_huge_pmd``
+    leaves a child (fork copies the bits with its rows; ksmlab.estimate's loader, whose
+    fork child of a snapshot is not at its parent's addresses, calls this)."""
+    sl = slice(r0, r0 + HPAGE_PMD_NR)
+    f = ksm.pages.frame[sl].astype(np.int64)
+    head = int(ksm.frames.thp[f[0]]) if f[0] >= 0 else -1
+    vm_bug_on(head != f[0] or bool((f != head + _SPAN).any()),
+              f"bulk: rows {r0}.. do not map one THP's frames in order")
+    ksm.pages.thp[sl] |= THP_PMD
+    ksm.mutations += 1
 
 
 def cow_split(ksm: BulkKsm, rows: Ints) -> None:

@@ -23,18 +23,25 @@ the same answer:
    copy, every mapping counts in ``pages_sharing``.
 
 Transparent huge pages: an extent the plan takes as PMD-mapped at capture
-(:attr:`~ksmlab.estimate.plan.LoadPlan.pmd`) is placed on a 2 MiB boundary
+(:attr:`~ksmlab.estimate.plan.LoadPlan.pmd`) whose pages own their frames is placed on a 2 MiB boundary
 of the model's address space (its area is mapped with a gap before it and
 its length rounded up to 2 MiB, so that mmap aligns it, as Linux 6.18 does),
 and given ``madvise(MADV_HUGEPAGE)`` before its pages are written: the first
 write faults the whole THP in, through the engine's own fault path, and the
-others store into it.  Where all 512 pages map frames of another process
-(a fork child's view of its parent's THP), they are mapped to those frames
-as in step 5 (not madvised, not moved), by PTEs on both engines: on the host the child maps the THP by
-PMD too until a split, but the model's child is not at its parent's
-addresses, so no fork can have copied that PMD (model choice: such pages
-cost ksmd as PTE-mapped pages).  An extent with some pages of its own and
-some shared loads as small pages.
+others store into it.  A fork child's view of its parent's THP (an extent
+whose 512 pages map, in order, the frames of one such extent of another
+process: page j, frame j) is placed and advised the same way, mapped to
+those frames as in step 5, and then mapped by one PMD, as fork's
+``copy_huge_pmd`` leaves a child (the engine's own bookkeeping: SimKernel's
+:meth:`~ksmlab.mm.memory.Memory.map_thp_pmd`, the bulk engine's
+:func:`~ksmlab.bulk.thp.map_pmd`): ksmd reaches its pages under the PMD, and
+a write by the child or a merge splits it as on the host.  The model's child
+is not at its parent's addresses (an mm may map a THP by PMD at an extent of
+its own).  Where the owner's extent did not load as a THP or the child's
+is not on a 2 MiB boundary (either mapping was not aligned by mmap), the
+child's pages stay mapped by PTE.  Any other extent with shared pages
+(some pages of its own, or frames not of one THP in order) loads as small
+pages, the shared ones mapped by PTE.
 
 Contents: on SimKernel (fingerprint mode) a page holds its fingerprint; on
 the bulk engine each distinct content gets one fresh id (equal pages, equal
@@ -206,6 +213,32 @@ class Machine:
                 thp.mapcount += 1
             dst.mm.ptes[vpn] = frame
 
+    def map_forked_thps(self, forked: Ints) -> None:
+        """Map each fork child's extent of *forked* (rows: first entry of the child's extent,
+        first entry of its owner's; see :func:`_thp_extents`), whose pages already map the
+        owner's frames, by one PMD, as fork leaves a child: where the owner's extent is a
+        THP mapped by PMD in the engine and the child's extent is 2 MiB-aligned (else its
+        pages stay mapped by PTE, as after a split)."""
+        huge = HPAGE_PMD_NR * PAGE_SIZE
+        for c, o in forked.tolist():
+            if int(self.addr[c]) % huge:
+                continue
+            src, dst = self.procs[int(self.proc_of[o])], self.procs[int(self.proc_of[c])]
+            k = self.kernel
+            if isinstance(k, SimKernel):
+                assert isinstance(src, SimProcess) and isinstance(dst, SimProcess)
+                thp = src.mm.pmds.get(int(self.addr[o]) >> PAGE_SHIFT)
+                if thp is not None:
+                    k.memory.map_thp_pmd(dst.mm, int(self.addr[c]) >> PAGE_SHIFT, thp)
+                continue
+            from ksmlab.bulk import thp as bulk_thp
+
+            assert self.engine_row is not None
+            ro = int(self.engine_row[o])
+            f = int(k.ksm.pages.frame[ro])
+            if k.ksm.pages.thp[ro] & bulk_thp.THP_PMD and f >= 0 and k.ksm.frames.thp[f] == f:
+                bulk_thp.map_pmd(k.ksm, int(self.engine_row[c]))
+
     def _share_bulk(self, idx: Ints, owners: Ints) -> None:
         from ksmlab.bulk.columns import NO_FRAME
 
@@ -221,14 +254,24 @@ class Machine:
         ksm.mutations += 1
 
 
-def _thp_extents(plan: LoadPlan) -> npt.NDArray[np.bool_]:
-    """The plan's PMD-mapped extents that load as THPs: those whose 512 pages all own their
-    frame (written: the first write faults the THP in; see the module doc for the others)."""
-    pmd = plan.pmd.copy()
-    idx = np.flatnonzero(pmd).reshape(-1, HPAGE_PMD_NR)
-    if idx.size:
-        pmd[idx[plan.shared[idx].any(axis=1)].ravel()] = False
-    return pmd
+def _thp_extents(plan: LoadPlan) -> tuple[npt.NDArray[np.bool_], Ints]:
+    """The plan's PMD-mapped extents the loader places on 2 MiB boundaries (see the module
+    doc): the pages of those that load as THPs (their 512 pages all own their frame: the
+    first write faults the THP in), and the fork children's views of those THPs, as rows
+    (first entry of the child's extent, first entry of the owner's): all 512 pages map the
+    frames of one such extent of another process, page j frame j."""
+    own = np.zeros(len(plan), bool)
+    idx = np.flatnonzero(plan.pmd).reshape(-1, HPAGE_PMD_NR)
+    if not idx.size:
+        return own, np.zeros((0, 2), np.int64)
+    mine = ~plan.shared[idx].any(axis=1)
+    own[idx[mine].ravel()] = True
+    owners = plan.owner[idx]
+    head = owners[:, 0]
+    pid = plan.snapshot.pages.pid[plan.row]
+    forked = (~mine & (owners == head[:, None] + np.arange(HPAGE_PMD_NR)).all(axis=1)
+              & np.isin(head, idx[mine, 0]) & (pid[head] != pid[idx[:, 0]]))
+    return own, np.stack([idx[forked, 0], head[forked]], axis=1).astype(np.int64)
 
 
 def _layout(area: AreaPlan, pmd: npt.NDArray[np.bool_]) -> tuple[Ints, int, list[tuple[int, int]]]:
@@ -313,7 +356,10 @@ def load_machine(plan: LoadPlan, engine: EngineName, knobs: dict[str, str], *,
         ids[np.unique(plan.content[plan.zero])] = ZERO_CONTENT  # the engine's zero-filled page
         m.bulk_ids = ids
     merge_any = plan.snapshot.policy == "merge-any"
-    pmd = _thp_extents(plan)
+    own_thp, forked = _thp_extents(plan)
+    pmd = own_thp.copy()  # the extents placed on 2 MiB boundaries and advised MADV_HUGEPAGE
+    for c in forked[:, 0].tolist():
+        pmd[c:c + HPAGE_PMD_NR] = True
     for pi, pp in enumerate(plan.processes):
         p = kernel.spawn()
         m.procs.append(p)
@@ -348,6 +394,7 @@ def load_machine(plan: LoadPlan, engine: EngineName, knobs: dict[str, str], *,
         if progress is not None:
             progress(min(s + step, own.size), n)
     m.share_frames(np.flatnonzero(plan.shared).astype(np.int64))
+    m.map_forked_thps(forked)
     if progress is not None:
         progress(n, n)
     return m

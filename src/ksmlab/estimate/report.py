@@ -119,7 +119,8 @@ def _notes(e: Estimate) -> list[str]:
                    f"small pages" if p.thp > pmd else "")
         out.append(f"{p.thp} pages were in transparent huge pages: {pmd} in whole 2 MiB extents, "
                    f"loaded as PMD-mapped THPs (ksmd splits one to merge a page of it, as the "
-                   f"kernel does; a fork child's share of its parent's THP maps it by PTE)"
+                   f"kernel does; a fork child's whole extent of its parent's THP maps it by "
+                   f"PMD too, as after fork)"
                    f"{partial}")
     if e.settled is False:
         out.append("the saving was still moving when the run stopped at its cap; give --until")

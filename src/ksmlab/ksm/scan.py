@@ -20,7 +20,10 @@ from ksmlab.ksm.defaults import AGE_MAX
 from ksmlab.ksm.ksm import KsmCore
 from ksmlab.ksm.types import MmSlot, RmapItem, StableNode, is_stable_node_chain
 from ksmlab.mm.mm_types import MmStruct
-from ksmlab.mm.page import Frame
+from ksmlab.mm.page import HPAGE_PMD_NR, Frame
+
+_EXTENT_MASK = ~(HPAGE_PMD_NR - 1)
+"""A page number's 2 MiB extent (its first page number): where a PMD would map it."""
 
 
 def skip_age(age: int) -> int:
@@ -161,8 +164,9 @@ class KsmScanner(KsmCore):
                     if self.should_skip_rmap_item(page, item):
                         continue
                     thp = page.thp
-                    if thp is None or mm.pmds.get(thp.extent) is not thp:
-                        self.work.pte_pages += 1  # not under a PMD-mapped THP
+                    if thp is None or mm.pmds.get(
+                            ((scan.address - PAGE_SIZE) >> PAGE_SHIFT) & _EXTENT_MASK) is not thp:
+                        self.work.pte_pages += 1  # not under a PMD of this mm mapping its THP
                     return item, page
                 if page is not None:
                     self.work.pte_walk += 1  # present, nothing to scan: the zero page

@@ -13,11 +13,13 @@ choice: ``always`` and ``never`` are not modelled; docs/kernel-behaviour.md,
 "Transparent huge pages"): a first write in a VM_HUGEPAGE private anonymous
 area whose 2 MiB-aligned extent lies wholly inside the area, with nothing but
 the zero page of a read mapped there yet, allocates a :class:`~ksmlab.mm.page.Thp`
-of 512 frames and maps it by PMD (``MmStruct.pmds``).  The PMD is split (the
-extent stays mapped, by PTE) when any page-table entry of the extent goes
-(munmap, MADV_DONTNEED, a COW copy, KSM's replace_page), when a vma boundary
-comes to lie inside the extent (:meth:`Memory.split_pmd_at`), and when the
-writer's THP is also mapped by another mm (fork).  KSM splits the THP itself
+of 512 frames and maps it by PMD (``MmStruct.pmds``; a fork child maps it by PMD
+too, :meth:`Memory.map_thp_pmd`: each mm at most once, at an extent of its own
+address space).  The PMD is split (the extent stays mapped, by PTE) when any
+page-table entry of the extent goes (munmap, MADV_DONTNEED, a COW copy, KSM's
+replace_page), when a vma boundary comes to lie inside the extent
+(:meth:`Memory.split_pmd_at`), and when the writer's THP is also mapped by
+another mm (fork).  KSM splits the THP itself
 before merging a page of it (:meth:`Memory.split_thp`).  Model choices: the
 huge zero page of a read is the ordinary zero page in each PTE (so a write
 still gets a THP; a read made before MADV_HUGEPAGE would block it on Linux);
@@ -110,8 +112,9 @@ class Memory:
             if thp is not None:
                 # An entry of the extent goes: the PMD mapping it whole is split first.
                 thp.mapcount -= 1
-                if mm.pmds.get(thp.extent) is thp:
-                    self.split_pmd(mm, thp.extent)
+                first = vpn & ~(HPAGE_PMD_NR - 1)
+                if mm.pmds.get(first) is thp:
+                    self.split_pmd(mm, first)
             frame.mapcount -= 1
             if frame.mapcount < 0:  # hot path: the message is formatted only on failure
                 raise ModelInvariantError(f"negative mapcount on {frame!r}")
@@ -132,11 +135,27 @@ class Memory:
         if addr % HPAGE_PMD_SIZE:
             self.split_pmd(mm, (addr >> PAGE_SHIFT) & ~(HPAGE_PMD_NR - 1))
 
+    def map_thp_pmd(self, mm: MmStruct, extent: int, thp: Thp) -> None:
+        """Record that *mm* maps *thp* whole by one PMD at *extent* (a first page number,
+        a multiple of 512), as a THP fault or fork's ``copy_huge_pmd`` leaves it.
+
+        The caller has mapped the THP's 512 frames by PTE at the extent, in order (with
+        their mapcounts): the PMD is the overlay of ``MmStruct.pmds``.  Used by the fault,
+        by fork, and by ksmlab.estimate's loader for a fork child of a snapshot, whose
+        extent may lie elsewhere than its parent's.
+        """
+        ptes = mm.ptes
+        vm_bug_on(extent % HPAGE_PMD_NR != 0 or mm.id in thp.pmd_mms or extent in mm.pmds
+                  or any(ptes.get(extent + i) is not f for i, f in enumerate(thp.frames)),
+                  f"mm {mm.id}: cannot map {thp!r} by PMD at {extent << PAGE_SHIFT:#x}")
+        mm.pmds[extent] = thp
+        thp.pmd_mms[mm.id] = (mm, extent)
+
     def split_thp(self, thp: Thp) -> None:
         """Split *thp* into 512 small pages (``split_huge_page``): every mm that mapped
         it by PMD now maps the same frames by PTE; contents and mapcounts stay."""
-        for mm in thp.pmd_mms.values():
-            del mm.pmds[thp.extent]
+        for mm, extent in thp.pmd_mms.values():
+            del mm.pmds[extent]
         thp.pmd_mms.clear()
         for frame in thp.frames:
             frame.thp = None
@@ -170,8 +189,7 @@ class Memory:
             if first + i in ptes:
                 self.zap_pte(mm, first + i)  # the zero page a read mapped
             self._map(mm, first + i, frame)
-        mm.pmds[first] = thp
-        thp.pmd_mms[mm.id] = mm
+        self.map_thp_pmd(mm, first, thp)
         return True
 
     def zap_range(self, mm: MmStruct, start: int, end: int) -> None:
@@ -223,11 +241,12 @@ class Memory:
             if not self.can_write_in_place(vma, frame):
                 return self._do_wp_page(mm, vma, vpn, frame)  # (splits a PMD in zap_pte)
             thp = frame.thp
-            if (thp is not None and thp.mapcount > HPAGE_PMD_NR
-                    and mm.pmds.get(thp.extent) is thp):
-                # Another mm (a fork relative) maps part of this THP: the writer's PMD
-                # is split; the page itself is written in place, as a small page would be.
-                self.split_pmd(mm, thp.extent)
+            if thp is not None and thp.mapcount > HPAGE_PMD_NR:
+                first = vpn & ~(HPAGE_PMD_NR - 1)
+                if mm.pmds.get(first) is thp:
+                    # Another mm (a fork relative) maps part of this THP: the writer's PMD is
+                    # split; the page itself is written in place, as a small page would be.
+                    self.split_pmd(mm, first)
         return Fault.OK
 
     def can_write_in_place(self, vma: Vma, frame: Frame) -> bool:
@@ -351,8 +370,7 @@ class Memory:
                 self._map(dst, vpn, frame)
         for extent, thp in src.pmds.items():  # copy_huge_pmd: the child maps it by PMD too
             if first <= extent < last:
-                dst.pmds[extent] = thp
-                thp.pmd_mms[dst.id] = dst
+                self.map_thp_pmd(dst, extent, thp)
 
 
 def _anon_vma_compatible(a: Vma, b: Vma) -> bool:

@@ -129,12 +129,17 @@ class Thp:
     2 MiB-aligned virtual extent, allocated together (docs/kernel-behaviour.md, THP).
 
     Which mms map it with one PMD is kept on each mm (``MmStruct.pmds``, by
-    extent) and mirrored here so that a split can find them.
+    extent) and mirrored here so that a split can find them.  Each mm maps it at
+    most once, at an extent of its own address space: a fork child at its
+    parent's, a loaded snapshot's fork child (ksmlab.estimate) wherever its
+    mapping is.
 
     Attributes:
         frames: the 512 frames, in address order.
-        extent: the extent's first page number (a multiple of 512).
-        pmd_mms: the mms mapping the whole extent by PMD, by mm id.
+        extent: the first page number (a multiple of 512) of the extent it was
+            faulted in at; other mms may map it by PMD elsewhere (``pmd_mms``).
+        pmd_mms: the mms mapping it whole by PMD, by mm id: the mm and its
+            extent there (first page number, a multiple of 512).
         mapcount: page-table entries mapping any of its frames, over all mms
             (the sum of the frames' mapcounts; 512 when one mm maps it).
     """
@@ -144,7 +149,7 @@ class Thp:
     def __init__(self, frames: list[Frame], extent: int) -> None:
         self.frames = frames
         self.extent = extent
-        self.pmd_mms: dict[int, MmStruct] = {}
+        self.pmd_mms: dict[int, tuple[MmStruct, int]] = {}
         self.mapcount = 0
         for f in frames:
             f.thp = self
