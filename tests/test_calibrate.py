@@ -77,6 +77,25 @@ def test_fit_gives_back_the_parameters_of_the_samples(
     assert max(abs(r.error) for r in residuals) < 0.10
 
 
+def test_a_term_the_prior_never_fitted_is_not_pulled_to_zero(
+        model_scans: dict[str, list[ScanSample]]) -> None:
+    """A term added since the prior was fitted costs 0 there (a cost file without it reads
+    as 0).  With the default pull, samples made with that term at 200 ns still give about
+    200 ns back (a pull towards 0 with the 1 ns floor would hold it near 0), and every
+    sample is predicted within 10%."""
+    true = {f: 100.0 + 37.0 * i for i, f in enumerate(FEATURES)}
+    true["ksm_frame"] = 200.0
+    samples = []
+    for ss in model_scans.values():
+        for s in ss:
+            s.cpu_ns = round(sum(true[f] * s.features[f] for f in FEATURES))
+            samples.append(s)
+    prior = KsmdCost({f: 0.0 if f == "ksm_frame" else true[f] for f in FEATURES})
+    params, residuals = fit_cpu(samples, prior)
+    assert params["ksm_frame"] == pytest.approx(200.0, rel=0.10)
+    assert max(abs(r.error) for r in residuals) < 0.10
+
+
 def _sample(cpu_ns: int) -> ScanSample:
     return ScanSample("w", 0, 0, cpu_ns, 0, dict.fromkeys(FEATURES, 0.0), [], 20, 1, 1)
 

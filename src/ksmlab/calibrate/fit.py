@@ -110,10 +110,13 @@ def fit_cpu(samples: Sequence[ScanSample], prior: KsmdCost, *,
     share = np.sqrt(np.array([1.0 / per[s.workload] for s in rows]))
     a = x / y[:, None] * share[:, None]
     b = share
+    # A term the prior never fitted (0: added since, LATER_FEATURES) is not pulled: a pull
+    # towards 0 relative to a 1 ns floor would outweigh every workload that measures it.
+    known = np.array([prior.ns[f] > 0 for f in FEATURES])
     priors = np.array([max(prior.ns[f], 1.0) for f in FEATURES])
     reg = math.sqrt(prior_weight)
-    a = np.vstack([a, np.diag(reg / priors)])
-    b = np.concatenate([b, np.full(len(FEATURES), reg)])
+    a = np.vstack([a, np.diag(np.where(known, reg / priors, 0.0))])
+    b = np.concatenate([b, np.where(known, reg, 0.0)])
     p = nnls(a, b)
     params = {f: float(v) for f, v in zip(FEATURES, p, strict=True)}
     pred = x @ p
