@@ -204,7 +204,9 @@ class StableTrees:
         The kernel looks at every dup up to the first one with room (all of
         them when pruning); dups not in ``chain.open`` are full with their page
         alive, so they can only be the answer when they come first, and the
-        walk stops once it has seen every open dup.
+        walk stops once it has seen every open dup.  ``dups_walked`` is what
+        the cost model charges: the live dups looked at, 1 when the dup found
+        moves to the head, 0 when the chain collapses (docs/cost-model.md).
         """
         chain = ix.chains[c]
         now = int(self.now_ms())
@@ -217,9 +219,8 @@ class StableTrees:
         found, found_len = -1, 0
         dups, open_dups = chain.dups, chain.open
         todo = len(open_dups)
-        i = removed = 0
-        # The kernel's walk looks at every dup unless it stops at the first with room.
-        self.dups_walked = len(dups)
+        i = 0
+        walked = -1  # the live dups looked at, if the walk stops at one with room
         while i < len(dups) and (todo or found < 0):
             d = dups[i]
             if d not in open_dups:
@@ -230,7 +231,6 @@ class StableTrees:
             todo -= 1
             if self.stale(d):
                 self.remove_node(d)  # out of dups: i now names the next one
-                removed += 1
                 continue
             candidate = self.is_candidate(d)
             if count[d] >= self.max_page_sharing:
@@ -239,9 +239,11 @@ class StableTrees:
                     not self.is_candidate(found) or int(count[d]) > found_len)):
                 found, found_len = d, int(count[d])
                 if not prune and candidate:
-                    self.dups_walked = i + removed + 1
+                    walked = i + 1
                     break
             i += 1
+        # Else every live dup (stale ones, which it drops, are not charged).
+        self.dups_walked = walked if walked >= 0 else len(dups)
         if found < 0:
             self.drop_chain(ix, c, STABLE_NONE)
             return -1
@@ -252,6 +254,8 @@ class StableTrees:
         if chain.dups[0] != found and self.is_candidate(found, 1):
             chain.dups.remove(found)
             chain.dups.insert(0, found)
+            if not prune:
+                self.dups_walked = 1  # as if at the head already (SimKernel's model choice)
         self.sync_chain(chain)
         return found
 

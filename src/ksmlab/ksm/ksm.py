@@ -503,10 +503,12 @@ class KsmCore(KsmTunables):
         tree_page: Frame | None = None
         walked = 0
         for dup in list(chain.dups):
-            walked += 1
             page = self.ksm_get_folio(dup)
             if page is None:
+                # A stale dup is not charged: a search for another content passing the
+                # chain may drop it first, which the bulk engine cannot see (cost model).
                 continue
+            walked += 1
             if found is None or (self.is_page_sharing_candidate(dup) and (
                     not self.is_page_sharing_candidate(found) or dup.rmap_hlist_len > found_len)):
                 found, found_len, tree_page = dup, dup.rmap_hlist_len, page
@@ -531,6 +533,10 @@ class KsmCore(KsmTunables):
         if chain.dups[0] is not found and self.__is_page_sharing_candidate(found, 1):
             chain.dups.remove(found)
             chain.dups.insert(0, found)
+            if not prune:
+                # Charged as if found were at the head already (cost model): a search
+                # for another content passing the chain may have moved it there first.
+                self._dups_walked = 1
         return tree_page, found, chain
 
     def __stable_node_chain(self, node: StableNode, root: RbRoot,
