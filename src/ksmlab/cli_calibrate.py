@@ -26,8 +26,9 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter], epilog: str) -> None
         help="fit the model's ksmd CPU and clock to this machine's ksmd (root)",
         description="Run micro-workloads on this machine's ksmd and on the model (all-identical, "
                     "all-unique and\nzero pages, pairs, many contents, pages rewritten between "
-                    "scans, long chains, many\nprocesses, several pages_to_scan and "
-                    "sleep_millisecs), read ksmd's CPU time from\n/proc/<ksmd>/schedstat for "
+                    "scans, long chains, many\nprocesses, steady KSM pages, transparent huge pages, "
+                    "several pages_to_scan and\nsleep_millisecs), read ksmd's CPU time from\n"
+                    "/proc/<ksmd>/schedstat for "
                     "each full scan, fit the cost model's parameters\n(non-negative least "
                     "squares) and the clock's scheduling delay, and write them to\nFILE for "
                     "`ksmlab run --cost FILE` and SimKernel/BulkKernel(cost=KsmdCost.load(FILE)).\n"
