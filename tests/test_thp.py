@@ -1,5 +1,5 @@
-"""Transparent huge pages in SimKernel's mm and as KSM meets them (/work notes thp-spec,
-docs/kernel-behaviour.md "Transparent huge pages").
+"""Transparent huge pages in SimKernel's mm and as KSM meets them (docs/kernel-behaviour.md
+3.13, "Transparent huge pages").
 
 Expected values come from the rules measured on Linux 6.18 (host THP mode ``madvise``)
 and from arithmetic stated next to each check; the ``linux`` tests run the same
@@ -260,7 +260,7 @@ def merge_program(k: Kernel) -> Iterator[tuple[Process, int, dict[str, str]]]:
 
 MEASURED = [  # (AnonHugePages kB, pages_shared, pages_sharing, pages_unshared), Linux 6.18
     (6144, 0, 0, 0), (6144, 0, 0, 0), (2048, 4, 1019, 512), (2048, 4, 1020, 512)]
-"""The real kernel on :func:`merge_program` (thp-spec, Findings): scan 1 only checksums;
+"""The real kernel on :func:`merge_program` (docs/kernel-behaviour.md 3.13): scan 1 only checksums;
 scan 2 splits both identical THPs and merges all but one page (page 1 of the first THP
 matched page 0 of the same THP: no merge until scan 3); the unique THP is never split."""
 
