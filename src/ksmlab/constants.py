@@ -15,6 +15,11 @@ PAGE_SHIFT: Final = 12
 PAGE_SIZE: Final = 1 << PAGE_SHIFT
 """Size of a base page in bytes (4096 on x86-64)."""
 
+HPAGE_PMD_NR: Final = 512
+"""Pages of a PMD-mapped transparent huge page (x86-64)."""
+HPAGE_PMD_SIZE: Final = HPAGE_PMD_NR * PAGE_SIZE
+"""Bytes of a PMD-mapped transparent huge page: 2 MiB, the extent one PMD maps."""
+
 TASK_SIZE: Final = 1 << 47
 """Top of the user address space on x86-64 with 4-level page tables."""
 

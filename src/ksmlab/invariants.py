@@ -43,12 +43,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NoReturn
 
-from ksmlab.constants import PAGE_SHIFT, PAGE_SIZE
+from ksmlab.constants import HPAGE_PMD_NR, PAGE_SHIFT, PAGE_SIZE
 from ksmlab.errors import ModelInvariantError
 from ksmlab.ksm.rbtree import RbRoot, rb_check
 from ksmlab.ksm.types import SEQNR_MASK, MmSlot, NodeKind, RmapItem, RmapState, StableNode
 from ksmlab.mm.mm_types import MappedFile, MmStruct
-from ksmlab.mm.page import HPAGE_PMD_NR, Frame, Thp
+from ksmlab.mm.page import Frame, Thp
 
 if TYPE_CHECKING:
     from ksmlab.kernel import SimKernel

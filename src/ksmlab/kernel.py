@@ -18,6 +18,8 @@ from typing import Any, Self, cast
 from ksmlab import argcheck
 from ksmlab.api import KsmStat, SmapsEntry
 from ksmlab.constants import (
+    HPAGE_PMD_NR,
+    HPAGE_PMD_SIZE,
     MAP_ANONYMOUS,
     MAP_PRIVATE,
     MAP_SHARED,
@@ -50,8 +52,6 @@ from ksmlab.mm.mm_types import MappedFile, MmStruct, Vma
 from ksmlab.mm.mmap import VmaOps
 from ksmlab.mm.page import (
     FINGERPRINT_SIZE,
-    HPAGE_PMD_NR,
-    HPAGE_PMD_SIZE,
     ContentMode,
     Frame,
     PhysMem,

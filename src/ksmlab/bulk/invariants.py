@@ -65,7 +65,8 @@ def check_bulk(ksm: BulkKsm) -> None:
 def check_thps(ksm: BulkKsm) -> None:
     """Each THP's 512 frames name it, and no KSM page is one; a PMD-mapped page's extent
     is 512 consecutive rows, all PMD-mapped, mapping the THP's frames in order."""
-    from ksmlab.bulk.thp import HPAGE_PMD_NR, THP_PMD
+    from ksmlab.bulk.thp import THP_PMD
+    from ksmlab.constants import HPAGE_PMD_NR
 
     frames, pages = ksm.frames, ksm.pages
     thp = frames.thp[:frames.n].astype(np.int64)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from ksmlab.constants import PAGE_SHIFT, PAGE_SIZE, PROT_READ, PROT_WRITE
+from ksmlab.constants import HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, PROT_READ, PROT_WRITE
 from ksmlab.ksm.types import ListHead
 from ksmlab.mm.mmap import unmapped_area_topdown
 
@@ -61,8 +61,6 @@ class Ghost(Segment):
 
 S = TypeVar("S", bound=Segment)
 
-PMD_SIZE = 512 * PAGE_SIZE
-"""2 MiB, the extent of a transparent huge page."""
 
 
 def _first_ending_after(ranges: list[S], addr: int) -> int:
@@ -143,7 +141,7 @@ class BulkMm(ListHead):
         """
         spans = [(s.addr, s.end) for s in reversed(self.segments)]
         return unmapped_area_topdown(spans, self.mmap_base, size,
-                                     pmd_align=size % PMD_SIZE == 0)
+                                     pmd_align=size % HPAGE_PMD_SIZE == 0)
 
     def map_area(self, start: int, pages: int,
                  alloc: Callable[[int], int]) -> list[tuple[int, int]]:

@@ -29,7 +29,7 @@ import numpy.typing as npt
 
 from ksmlab.bulk.columns import NO_FRAME
 from ksmlab.bulk.content import ZERO_CONTENT
-from ksmlab.constants import PAGE_SHIFT
+from ksmlab.constants import HPAGE_PMD_NR, HPAGE_PMD_SIZE
 from ksmlab.errors import vm_bug_on
 
 if TYPE_CHECKING:
@@ -45,9 +45,6 @@ THP_NOHUGE = 2
 """``PageCols.thp`` bit: the page's vma carries VM_NOHUGEPAGE (MADV_NOHUGEPAGE)."""
 THP_PMD = 4
 """``PageCols.thp`` bit: this mm maps the page's extent by one PMD (while its THP exists)."""
-HPAGE_PMD_NR = 512
-"""Pages of a PMD-sized THP (x86-64: 2 MiB)."""
-HPAGE_PMD_SIZE = HPAGE_PMD_NR << PAGE_SHIFT
 HPAGE_MASK = ~(HPAGE_PMD_SIZE - 1)
 
 _SPAN = np.arange(HPAGE_PMD_NR, dtype=np.int64)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ksmlab.api import Kernel, Process
-from ksmlab.constants import MADV_HUGEPAGE, MADV_MERGEABLE, PAGE_SIZE
+from ksmlab.constants import HPAGE_PMD_NR, HPAGE_PMD_SIZE, MADV_HUGEPAGE, MADV_MERGEABLE, PAGE_SIZE
 from ksmlab.ksm.defaults import (
     DEFAULT_MAX_PAGE_SHARING,
     DEFAULT_PAGES_TO_SCAN,
@@ -70,9 +70,9 @@ class Workload:
     thp: bool = False
 
     def __post_init__(self) -> None:
-        if self.thp and (self.pages <= 0 or self.pages % THP_PAGES):
+        if self.thp and (self.pages <= 0 or self.pages % HPAGE_PMD_NR):
             msg = (f"workload {self.name!r}: a THP workload's pages must be a positive "
-                   f"multiple of {THP_PAGES}, got {self.pages}")
+                   f"multiple of {HPAGE_PMD_NR}, got {self.pages}")
             raise ValueError(msg)
 
     @property
@@ -81,8 +81,6 @@ class Workload:
         return int(self.knobs.get("sleep_millisecs", "20"))
 
 
-THP_PAGES = 512
-"""Pages in a transparent huge page (2 MiB)."""
 
 BOOT_KNOBS = {
     "max_page_sharing": str(DEFAULT_MAX_PAGE_SHARING),
@@ -121,7 +119,7 @@ def build(k: Kernel, w: Workload) -> list[tuple[Process, int]]:
         p = k.spawn()
         a = p.mmap(w.pages * PAGE_SIZE)
         if w.thp:
-            if a % (THP_PAGES * PAGE_SIZE):
+            if a % (HPAGE_PMD_SIZE):
                 raise RuntimeError(f"workload {w.name!r}: mapping at {a:#x} is not 2 MiB-aligned")
             p.madvise(a, w.pages * PAGE_SIZE, MADV_HUGEPAGE)
         p.write(a, _fill(w, proc, 0))
@@ -171,7 +169,7 @@ def workloads(scale: int = 16384) -> list[Workload]:
     where a batch's tree searches share fewer nodes and per-page costs are higher.
     """
     n, q = scale, max(64, scale // 4)
-    h = max(THP_PAGES, n - n % THP_PAGES)  # the THP workloads' size: whole huge pages
+    h = max(HPAGE_PMD_NR, n - n % HPAGE_PMD_NR)  # the THP workloads' size: whole huge pages
     unique: Tag = lambda p, i, s: 1 + p * n + i  # noqa: E731
     same: Tag = lambda p, i, s: 7  # noqa: E731
     pairs: Tag = lambda p, i, s: 1 + i // 2  # noqa: E731
@@ -235,5 +233,5 @@ def workloads(scale: int = 16384) -> list[Workload]:
     ]
 
 
-__all__ = ["THP_PAGES", "Workload", "build", "page_bytes", "rewrite", "teardown", "thp_shortfall",
+__all__ = ["Workload", "build", "page_bytes", "rewrite", "teardown", "thp_shortfall",
            "workloads"]

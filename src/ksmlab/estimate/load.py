@@ -60,13 +60,14 @@ import numpy.typing as npt
 
 from ksmlab.api import Process
 from ksmlab.constants import (
+    HPAGE_PMD_NR,
     MADV_HUGEPAGE,
     MADV_MERGEABLE,
     PAGE_SHIFT,
     PAGE_SIZE,
     PR_SET_MEMORY_MERGE,
 )
-from ksmlab.estimate.plan import HPAGE_PMD_NR, AreaPlan, LoadPlan
+from ksmlab.estimate.plan import AreaPlan, LoadPlan
 from ksmlab.kernel import SimKernel, SimProcess
 from ksmlab.ksm.cost import KsmdCost
 from ksmlab.mm.page import fingerprint

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from ksmlab.constants import HPAGE_PMD_NR
 from ksmlab.mm.page import ZERO_FINGERPRINT
 from ksmlab.snapshot.reader import Snapshot
 
@@ -208,8 +209,6 @@ def load_plan(snap: Snapshot) -> LoadPlan:
                     swapped_rows=int(pages.swapped.sum()))
 
 
-HPAGE_PMD_NR = 512
-"""Pages of a PMD-mapped THP (2 MiB)."""
 
 
 def _pmd_extents(pid: npt.NDArray[np.int32], vma: npt.NDArray[np.uint32],

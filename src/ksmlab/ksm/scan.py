@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from enum import Enum
 
-from ksmlab.constants import PAGE_SHIFT, PAGE_SIZE, VM_MERGEABLE
+from ksmlab.constants import HPAGE_PMD_NR, PAGE_SHIFT, PAGE_SIZE, VM_MERGEABLE
 from ksmlab.ksm import advisor as ksm_advisor
 from ksmlab.ksm.defaults import AGE_MAX
 from ksmlab.ksm.ksm import KsmCore
 from ksmlab.ksm.types import MmSlot, RmapItem, StableNode, is_stable_node_chain
 from ksmlab.mm.mm_types import MmStruct
-from ksmlab.mm.page import HPAGE_PMD_NR, Frame
+from ksmlab.mm.page import Frame
 
 _EXTENT_MASK = ~(HPAGE_PMD_NR - 1)
 """A page number's 2 MiB extent (its first page number): where a PMD would map it."""

@@ -33,6 +33,8 @@ from collections.abc import Callable
 from enum import Enum
 
 from ksmlab.constants import (
+    HPAGE_PMD_NR,
+    HPAGE_PMD_SIZE,
     PAGE_SHIFT,
     PAGE_SIZE,
     VM_EXEC,
@@ -44,7 +46,7 @@ from ksmlab.constants import (
 )
 from ksmlab.errors import ModelInvariantError, vm_bug_on
 from ksmlab.mm.mm_types import AnonVma, MmStruct, Vma
-from ksmlab.mm.page import HPAGE_PMD_NR, HPAGE_PMD_SIZE, Frame, PhysMem, Thp
+from ksmlab.mm.page import Frame, PhysMem, Thp
 
 _ANON_COMPAT_IGNORE = VM_READ | VM_WRITE | VM_EXEC
 FAULT_AROUND_PAGES = 16

@@ -6,6 +6,7 @@ import errno
 from collections.abc import Callable, Iterable
 
 from ksmlab.constants import (
+    HPAGE_PMD_SIZE,
     MAP_ANONYMOUS,
     MAP_DROPPABLE,
     MAP_FIXED,
@@ -66,8 +67,6 @@ def calc_vm_prot_bits(prot: int) -> int:
             | (VM_EXEC if prot & PROT_EXEC else 0))
 
 
-_PMD_SIZE = 512 * PAGE_SIZE
-"""2 MiB: the extent of a transparent huge page (one PMD)."""
 
 
 # --- the checks and the placement every engine shares (the bulk engine has no vmas) ---------
@@ -89,11 +88,11 @@ def unmapped_area_topdown(spans: Iterable[tuple[int, int]], mmap_base: int, leng
     if pmd_align:
         spans = list(spans)
         try:
-            top = _gap_top(spans, mmap_base, length + _PMD_SIZE)
+            top = _gap_top(spans, mmap_base, length + HPAGE_PMD_SIZE)
         except KernelError:
             pass
         else:
-            return (top - length) & ~(_PMD_SIZE - 1)
+            return (top - length) & ~(HPAGE_PMD_SIZE - 1)
     return _gap_top(spans, mmap_base, length) - length
 
 
@@ -270,7 +269,7 @@ class VmaOps:
         return unmapped_area_topdown(((v.start, v.end) for v in reversed(mm.vmas)),
                                      mm.mmap_base, length,
                                      pmd_align=anonymous and not hint
-                                     and length % _PMD_SIZE == 0)
+                                     and length % HPAGE_PMD_SIZE == 0)
 
     @staticmethod
     def _is_free(mm: MmStruct, start: int, end: int) -> bool:

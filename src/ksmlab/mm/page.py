@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 import xxhash
 
-from ksmlab.constants import PAGE_SIZE
+from ksmlab.constants import HPAGE_PMD_NR, PAGE_SIZE
 from ksmlab.errors import ModelInvariantError
 
 if TYPE_CHECKING:
@@ -117,11 +117,6 @@ class Frame:
     def __repr__(self) -> str:
         kind = "zero" if self.zero else "ksm" if self.ksm else "anon" if self.anon else "file"
         return f"<Frame pfn={self.pfn} {kind} mapcount={self.mapcount} nid={self.nid}>"
-
-
-HPAGE_PMD_NR = 512
-"""Pages in a transparent huge page (2 MiB, one PMD, on x86-64)."""
-HPAGE_PMD_SIZE = HPAGE_PMD_NR * PAGE_SIZE
 
 
 class Thp:
