@@ -461,6 +461,9 @@ def test_cli_bad_input_exits_2(tmp_path: Path) -> None:
          "ksmlab snapshot: --samples 3 needs --interval DUR"),
         (["--pid", "1", "--interval", "1s", "-o", "s.parquet"],
          "ksmlab snapshot: --interval applies with --samples N above 1 only"),
+        (["--pid", "1", "--samples", "2", "--interval", "0", "-o", "s.parquet"],
+         "ksmlab snapshot: argument --interval: expected a duration > 0, got '0' "
+         "(see ksmlab snapshot --help)"),
         (["--pid", "0", "-o", "s.parquet"],
          "ksmlab snapshot: argument --pid: expected a process id > 0, got '0' "
          "(see ksmlab snapshot --help)"),

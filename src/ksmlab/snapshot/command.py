@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from ksmlab.scenario.units import NS_PER_S, format_bytes, format_duration, parse_duration_ns
+from ksmlab.cli_common import positive_duration_arg
+from ksmlab.scenario.units import NS_PER_S, format_bytes, format_duration
 from ksmlab.snapshot.procfs import POLICIES
 
 if TYPE_CHECKING:
@@ -70,16 +71,6 @@ def _samples_arg(text: str) -> int:
     return n
 
 
-def _interval_arg(text: str) -> int:
-    try:
-        ns = parse_duration_ns(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected {e}, got {text!r}") from None
-    if ns <= 0:
-        raise argparse.ArgumentTypeError(f"expected a duration > 0, got {text!r}")
-    return ns
-
-
 def add_snapshot_parser(sub: argparse._SubParsersAction[Any],
                         formatter: type[argparse.HelpFormatter], epilog: str) -> None:
     """Register ``snapshot`` on the subcommand parsers *sub*."""
@@ -103,7 +94,7 @@ def add_snapshot_parser(sub: argparse._SubParsersAction[Any],
     p.add_argument("--samples", type=_samples_arg, default=1, metavar="N",
                    help="take N passes, --interval apart, and record for each page how many "
                         "times its content changed between them (default 1)")
-    p.add_argument("--interval", type=_interval_arg, metavar="DUR",
+    p.add_argument("--interval", type=positive_duration_arg, metavar="DUR",
                    help="time from one pass's start to the next (e.g. 10s; needed with "
                         "--samples above 1)")
     p.add_argument("--policy", choices=POLICIES, default="as-is",
