@@ -156,6 +156,9 @@ def test_a_configuration_the_scenario_refuses_is_found_before_running(
     (["--scheduler", "tcp://127.0.0.1:1", "--workers", "2"], "--workers applies to the "
                                                             "LocalCluster"),
     (["--plot", "t.gif"], "--plot: expected a file name ending in .png, .svg or .pdf"),
+    (["--backend", "linux", "--cost", "c.json"], "ksmlab tune: --cost applies to the model "
+                                                  "(--backend sim or bulk): the real kernel has "
+                                                  "its own ksmd"),
     (["--seed", "-1"], "--seed: expected an integer from 0 to 9223372036854775807, got '-1'"),
     (["--seed", "2**9"], "--seed: expected an integer from 0 to 9223372036854775807"),
 ])

@@ -60,6 +60,7 @@ from ksmlab.cli_common import (
     knob_arg,
     ksmd_cpu_arg,
     load_cost_arg,
+    model_only,
     resolve_ksmd_cpu,
     seed_arg,
     write_file,
@@ -149,10 +150,8 @@ def _load(args: argparse.Namespace) -> Scenario:
             sc = with_sample_interval(sc, args.sample)
         cpu = getattr(args, "ksmd_cpu_at_start", None)
         if cpu is not None:
-            if args.backend == "linux":
-                raise CliError("ksmlab: --ksmd-cpu-at-start applies to the model (--backend sim "
-                               "or bulk): the real kernel's ksmd has its own CPU time",
-                               EXIT_INVALID)
+            model_only("ksmlab", "--ksmd-cpu-at-start", args.backend,
+                       "the real kernel's ksmd has its own CPU time")
             sc = with_ksmd_cpu_at_start(sc, resolve_ksmd_cpu(cpu, "ksmlab"))
     except ScenarioError as e:
         raise CliError(str(e), EXIT_INVALID) from None
@@ -240,9 +239,8 @@ def _plan(sc: Scenario, backend: str, content: str) -> preflight.Plan:
 
 def _execute(sc: Scenario, args: argparse.Namespace, stop: StopRequest | None = None) -> RunResult:
     progress = _want_progress(args)
-    if args.cost is not None and args.backend == "linux":
-        raise CliError("ksmlab: --cost applies to the model (--backend sim or bulk): the real "
-                       "kernel has its own ksmd", EXIT_INVALID)
+    if args.cost is not None:
+        model_only("ksmlab", "--cost", args.backend, "the real kernel has its own ksmd")
     cost = load_cost_arg(args.cost, "ksmlab")
     plan = _plan(sc, args.backend, args.content)
     backend_name = plan.backend

@@ -33,6 +33,14 @@ class CliError(KsmSimError):
         self.code = code
 
 
+def model_only(command: str, option: str, backend: str, why: str) -> None:
+    """Refuse *option* on ``--backend linux`` (CliError, exit 2): it sets something of the
+    model's ksmd, and *why* says what the real kernel has instead."""
+    if backend == "linux":
+        raise CliError(f"{command}: {option} applies to the model (--backend sim or bulk): "
+                       f"{why}", EXIT_INVALID)
+
+
 def console() -> Console:
     """The stdout console; when stdout is not a terminal, wide enough for the table."""
     out = Console(highlight=False)
@@ -54,7 +62,7 @@ def write_file(path: Path, data: str | bytes) -> None:
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_INVALID", "EXIT_OK", "EXIT_UNAVAILABLE",
            "KSMD_CPU_HELP", "TABLE_WIDTH", "CliError", "console", "duration_arg", "knob_arg",
-           "ksmd_cpu_arg", "load_cost_arg", "positive_duration_arg", "resolve_ksmd_cpu",
+           "ksmd_cpu_arg", "load_cost_arg", "model_only", "positive_duration_arg", "resolve_ksmd_cpu",
            "seed_arg", "write_file"]
 
 

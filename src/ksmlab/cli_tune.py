@@ -33,6 +33,7 @@ from ksmlab.cli_common import (
     duration_arg,
     ksmd_cpu_arg,
     load_cost_arg,
+    model_only,
     resolve_ksmd_cpu,
     seed_arg,
     write_file,
@@ -262,9 +263,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.scheduler is not None and args.backend == "linux":
         raise CliError("ksmlab tune: --scheduler: the real kernel's runs go one after the other "
                        "on this machine (--backend linux), not on a Dask cluster", EXIT_INVALID)
-    if args.cost is not None and args.backend == "linux":
-        raise CliError("ksmlab tune: --cost applies to the model (--backend sim or bulk): the "
-                       "real kernel has its own ksmd", EXIT_INVALID)
+    if args.cost is not None:
+        model_only("ksmlab tune", "--cost", args.backend, "the real kernel has its own ksmd")
     if args.scheduler is not None and args.workers is not None:
         raise CliError("ksmlab tune: --workers applies to the LocalCluster; the cluster at "
                        "--scheduler has its own workers", EXIT_INVALID)
