@@ -406,6 +406,11 @@ class KsmCore(KsmTunables):
             self.memory.replace_pte(mm, vpn, kpage)
             self.work.merges += 1
 
+    def split_huge_page(self, thp: Thp) -> None:
+        """ksmd splits *thp* to merge a page of it (``split_huge_page``), counted as ksmd's work."""
+        self.memory.split_thp(thp)
+        self.work.thp_splits += 1
+
     def try_to_merge_one_page(self, mm: MmStruct, addr: int, page: Frame,
                               kpage: Frame | None) -> int:
         """Merge *page* (mapped at *addr*) into *kpage*, or make it a KSM page (``try_to_merge_one_page``).
@@ -421,8 +426,7 @@ class KsmCore(KsmTunables):
                 # split_huge_page fails: the unstable tree's page of the same THP
                 # holds a reference (cmp_and_merge_page splits it afterwards).
                 return errno.EFAULT
-            self.memory.split_thp(page.thp)
-            self.work.thp_splits += 1
+            self.split_huge_page(page.thp)
         # write_protect_page: in the model nothing else holds a reference, so
         # write-protecting always succeeds (no GUP pins, no swap cache).
         if kpage is None:
@@ -730,8 +734,7 @@ class KsmCore(KsmTunables):
             self._held_thp = None
         if kpage is None:
             if same_thp and page.thp is not None:
-                self.memory.split_thp(page.thp)
-                self.work.thp_splits += 1
+                self.split_huge_page(page.thp)
             return
         node = self.stable_tree_insert(kpage)
         if node is not None:
