@@ -61,6 +61,7 @@ import numpy.typing as npt
 from ksmlab.api import Process
 from ksmlab.constants import (
     HPAGE_PMD_NR,
+    HPAGE_PMD_SIZE,
     MADV_HUGEPAGE,
     MADV_MERGEABLE,
     PAGE_SHIFT,
@@ -208,11 +209,7 @@ class Machine:
             vma = dst.mm.find_vma(int(self.addr[i]))
             assert vma is not None and vpn not in dst.mm.ptes and not frame.zero
             k.memory.anon_vma_prepare(dst.mm, vma)  # anon_vma_fork gives the child's area one
-            frame.mapcount += 1
-            thp = getattr(frame, "thp", None)  # SimKernel with THP counts a THP's mappings
-            if thp is not None:
-                thp.mapcount += 1
-            dst.mm.ptes[vpn] = frame
+            k.memory.copy_present_pte(dst.mm, vpn, frame)
 
     def map_forked_thps(self, forked: Ints) -> None:
         """Map each fork child's extent of *forked* (rows: first entry of the child's extent,
@@ -220,9 +217,8 @@ class Machine:
         owner's frames, by one PMD, as fork leaves a child: where the owner's extent is a
         THP mapped by PMD in the engine and the child's extent is 2 MiB-aligned (else its
         pages stay mapped by PTE, as after a split)."""
-        huge = HPAGE_PMD_NR * PAGE_SIZE
         for c, o in forked.tolist():
-            if int(self.addr[c]) % huge:
+            if int(self.addr[c]) % HPAGE_PMD_SIZE:
                 continue
             src, dst = self.procs[int(self.proc_of[o])], self.procs[int(self.proc_of[c])]
             k = self.kernel
@@ -383,7 +379,7 @@ def load_machine(plan: LoadPlan, engine: EngineName, knobs: dict[str, str], *,
                 m.engine_row[sl] = seg.row + offsets
             if not merge_any and area.mergeable:
                 p.madvise(a, length * PAGE_SIZE, MADV_MERGEABLE)
-            if a % (HPAGE_PMD_NR * PAGE_SIZE) == 0:  # else its THPs load as small pages
+            if a % HPAGE_PMD_SIZE == 0:  # else its THPs load as small pages
                 for off, pages in huge:
                     p.madvise(a + off * PAGE_SIZE, pages * PAGE_SIZE, MADV_HUGEPAGE)
     if bool(plan.ksm.any()):

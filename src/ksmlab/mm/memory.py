@@ -369,10 +369,15 @@ class Memory:
         for vpn in range(first, last):
             frame = src.ptes.get(vpn)
             if frame is not None:
-                self._map(dst, vpn, frame)
+                self.copy_present_pte(dst, vpn, frame)
         for extent, thp in src.pmds.items():  # copy_huge_pmd: the child maps it by PMD too
             if first <= extent < last:
                 self.map_thp_pmd(dst, extent, thp)
+
+    def copy_present_pte(self, dst: MmStruct, vpn: int, frame: Frame) -> None:
+        """Map the parent's page *frame* at *vpn* of the child *dst* too (``copy_present_pte``):
+        one more mapping of the same page, copy-on-write for both."""
+        self._map(dst, vpn, frame)
 
 
 def _anon_vma_compatible(a: Vma, b: Vma) -> bool:
