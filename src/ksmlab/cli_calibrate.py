@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ from ksmlab.ksm.cost import FEATURES, KsmdCost
 
 if TYPE_CHECKING:
     from ksmlab.calibrate import Calibration
+    from ksmlab.scenario.backends import LinuxBackend
 
 QUICK_SCALE = 512
 """Pages of the big workloads with ``--quick`` (a check that everything runs, not a fit)."""
@@ -34,7 +36,10 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter], epilog: str) -> None
                     "`ksmlab run --cost FILE` and SimKernel/BulkKernel(cost=KsmdCost.load(FILE)).\n"
                     "Needs root and KSM; it takes the ksmlab lock and puts every knob back, "
                     "like\n--backend linux. It takes a few minutes per repetition; the result "
-                    "depends on\nthe machine's load, which it records. See docs/cost-model.md.",
+                    "depends on\nthe machine's load, which it records. With --speed it keeps "
+                    "a model's terms and\nre-measures, in about a minute, only how fast this "
+                    "machine's ksmd runs now\n(cpu_scale) and how often its timer wakes late. "
+                    "See docs/cost-model.md.",
         epilog=epilog)
     cal.add_argument("-o", "--output", default="ksmd-cost.json", metavar="FILE",
                      help="where to write the fitted model (default ksmd-cost.json)")
@@ -46,6 +51,14 @@ def add_parser(sub: Any, fmt: type[argparse.HelpFormatter], epilog: str) -> None
     cal.add_argument("--quick", action="store_true",
                      help=f"small workloads ({QUICK_SCALE} pages): checks that calibration "
                           "runs here, too noisy to fit")
+    cal.add_argument("--speed", action="store_true",
+                     help="keep the terms of --cost FILE (default: the shipped model) and "
+                          "measure only this machine's speed now against them, on six of the "
+                          "workloads (about a minute): writes that model with cpu_scale and "
+                          "the late share of timer wake-ups measured now")
+    cal.add_argument("--cost", metavar="FILE",
+                     help="with --speed: the model whose terms are kept (a file of `ksmlab "
+                          "calibrate`; default: the shipped model)")
     cal.add_argument("--lock-timeout", type=float, default=600.0, metavar="SECONDS",
                      help="how long to wait for another ksmlab session on this machine to "
                           "release the KSM lock (default 600)")
@@ -67,6 +80,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise CliError(f"ksmlab calibrate: --output: {out} is a directory", EXIT_INVALID)
+    if args.cost is not None and not args.speed:
+        raise CliError("ksmlab calibrate: --cost: only with --speed (a full calibration fits "
+                       "every term itself)", EXIT_INVALID)
+    if args.speed and args.samples:
+        raise CliError("ksmlab calibrate: --samples: not with --speed", EXIT_INVALID)
+    base = None
+    if args.speed:
+        from ksmlab.calibrate.speed import reference_of
+        from ksmlab.cli_common import load_cost_arg
+        from ksmlab.ksm.cost import default_cost
+
+        base = load_cost_arg(args.cost, "ksmlab calibrate") or default_cost()
+        try:
+            reference_of(base)
+        except ValueError as e:
+            raise CliError(f"ksmlab calibrate: --speed: {e}", EXIT_INVALID) from None
     from ksmlab.calibrate import calibrate, spread
     from ksmlab.scenario.backends import BackendUnavailableError, LinuxBackend
 
@@ -76,10 +105,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     except BackendUnavailableError as e:
         raise CliError(f"ksmlab calibrate: this machine's KSM is unavailable: {e}",
                        EXIT_UNAVAILABLE) from None
+    def log(m: str) -> None:
+        print(f"ksmlab calibrate: {m}", file=sys.stderr, flush=True)
+
     try:
-        cal = calibrate(backend.kernel, repeats=args.repeat, scale=scale,
-                        log=lambda m: print(f"ksmlab calibrate: {m}", file=sys.stderr,
-                                            flush=True))
+        if base is not None:
+            return _speed(backend, base, args, scale, out, log)
+        cal = calibrate(backend.kernel, repeats=args.repeat, scale=scale, log=log)
     except (OSError, RuntimeError, ValueError) as e:
         raise CliError(f"ksmlab calibrate: failed: {e}", EXIT_FAILED) from None
     finally:
@@ -94,6 +126,33 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(json.dumps(cal.cost.to_dict(), indent=1))
     else:
         _print(cal.cost, spread(cal.per_repeat), out)
+    return EXIT_OK
+
+
+def _speed(backend: LinuxBackend, base: KsmdCost, args: argparse.Namespace, scale: int,
+           out: Path, log: Callable[[str], None]) -> int:
+    from ksmlab.calibrate.speed import measure_speed
+
+    sp = measure_speed(backend.kernel, base, repeats=args.repeat, scale=scale, log=log)
+    backend.close()  # the host's knobs back before the file is written
+    try:
+        sp.cost.save(out)
+    except OSError as e:
+        raise CliError(f"ksmlab calibrate: cannot write {out}: {e.strerror}", EXIT_FAILED) from None
+    if args.json:
+        print(json.dumps(sp.cost.to_dict(), indent=1))
+        return EXIT_OK
+    console = _console()
+    speed = sp.cost.fit["speed"]
+    console.print(f"speed of this machine's ksmd against {base.source}'s terms: "
+                  f"{sp.ratio:.3f} x their prediction now, {sp.reference:.3f} when they were "
+                  f"fitted ({speed['clean_samples']} of {speed['samples']} scans clean): "
+                  f"{sp.factor:.3f} x as slow")
+    console.print(f"cpu_scale {base.cpu_scale:.3f} -> {sp.cost.cpu_scale:.3f} "
+                  f"(the fit's own {speed['cpu_scale_at_fit']:.3f} x {sp.factor:.3f}); "
+                  f"timer wake-ups a jiffy late {base.clock.late_fraction:.0%} -> "
+                  f"{sp.late_fraction:.0%}")
+    console.print(f"wrote {out}")
     return EXIT_OK
 
 

@@ -43,6 +43,7 @@ from ksmlab.calibrate.measure import (
     run_model,
     run_real,
 )
+from ksmlab.calibrate.speed import speed_ratio
 from ksmlab.calibrate.workloads import Workload, workloads
 from ksmlab.ksm.cost import FEATURES, KsmdClock, KsmdCost, default_cost
 from ksmlab.ksm.jiffies import sleep_end_ns
@@ -147,6 +148,9 @@ def calibrate(k: Kernel, *, repeats: int = 1, scale: int = 16384,
         "per_repeat": per_repeat,
         "cpu_scale_per_repeat": busy_per_repeat,
         "disturbance": disturbance(residuals),
+        # What `ksmlab calibrate --speed` later measures the machine against.
+        "cpu_scale_measured": busy,
+        "speed_reference": speed_ratio(samples, params),
     }
     cost = KsmdCost(params, clock, "ksmlab calibrate", fit, busy)
     return Calibration(cost, samples, residuals, walls, per_repeat)
