@@ -9,7 +9,11 @@ Two parts (docs/tune.md and docs/performance.md record the results):
   LocalCluster) and then on this machine's kernel (one after the other, each
   a LinuxKernel session: it takes the machine-wide lock).  Per configuration:
   the memory saved and ksmd's CPU on both, their differences, and whether the
-  same configuration is recommended under the same budget.  The model's runs
+  same configuration is recommended under the same budget.  With ``--runs N``
+  every real configuration runs N times (the whole grid, then again) and the
+  model is compared with their mean, the kernel's own spread beside it (its
+  ksmd's CPU for the same run moves by 15 % or more over an hour on a shared
+  machine: docs/tune.md).  The model's runs
   start with ``ksmd_cpu_at_start`` set to the real ksmd's CPU time since boot,
   so the scan-time advisor reference is compared like for like;
 * **scale** (``--only scale``): a 100-configuration sweep (10 ``pages_to_scan``
@@ -21,7 +25,7 @@ Two parts (docs/tune.md and docs/performance.md record the results):
 ::
 
     sudo python bench/tune.py                       # both
-    sudo python bench/tune.py --only fidelity --seconds 20 --json docs/tune-bench.json
+    sudo python bench/tune.py --only fidelity --seconds 20 --runs 2 --json docs/tune-bench.json
     python bench/tune.py --only scale
 
 Timings and differences are printed, never asserted.
@@ -37,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ksmlab.backends.linux_knobs import boot_knobs
+from ksmlab.ksm.cost import KsmdCost
 from ksmlab.scenario import host
 from ksmlab.scenario.loader import load_builtin, load_scenario, parse_scenario, truncate
 from ksmlab.scenario.model import Scenario
@@ -81,9 +86,10 @@ def _configs(grid: Grid) -> tuple[list[Config], int]:
     return configs + references(grid, boot_knobs()), len(configs)
 
 
-def _sweep(sc: Scenario, backend: str, grid: Grid, workers: int | None = None) -> TuneResult:
+def _sweep(sc: Scenario, backend: str, grid: Grid, workers: int | None = None,
+           cost: KsmdCost | None = None) -> TuneResult:
     configs, n = _configs(grid)
-    w = Workload(sc.name, sc.source, backend, mergeable_bytes(sc), scenario=sc,
+    w = Workload(sc.name, sc.source, backend, mergeable_bytes(sc), scenario=sc, cost=cost,
                  lock_timeout_s=3600.0)  # others' benches may hold the kernel a while
 
     def progress(i: int, cfg: Config, o: Any) -> None:
@@ -100,12 +106,33 @@ def _rel(model: float | None, real: float | None) -> float | None:
     return 100 * (model - real) / abs(real)
 
 
-def fidelity(seconds: float) -> dict[str, Any]:
-    """Both workloads on the model and on the kernel (see the module doc)."""
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _spread(xs: list[float]) -> float | None:
+    """The kernel's own spread over its runs: (max - min) / mean, percent."""
+    m = _mean(xs)
+    return None if len(xs) < 2 or m == 0 else 100 * (max(xs) - min(xs)) / abs(m)
+
+
+def _real_choice(rows: list[dict[str, Any]], n_grid: int) -> tuple[list[int], int | None]:
+    """The front and the recommendation over the real runs' mean figures."""
+    pts = [Point(r["index"], r["real_cpu_percent"], round(r["real_saved_bytes"]),
+                 scan_rate(dict(kv.split("=", 1) for kv in r["config"].split())))
+           for r in rows[:n_grid]]
+    return pareto_front(pts), recommend(pts, BUDGET).index
+
+
+def fidelity(seconds: float, runs: int = 1, cost: KsmdCost | None = None) -> dict[str, Any]:
+    """Both workloads on the model and on the kernel (see the module doc); *runs* real runs of
+    each configuration, compared by their mean (the kernel's own spread recorded)."""
     grid = parse_grid(FIDELITY_GRID)
     workloads = [truncate(load_builtin(), int(seconds * NS)),
                  truncate(load_scenario(ROOT / "examples" / "disk-image.toml"), int(seconds * NS))]
-    out: dict[str, Any] = {"seconds": seconds, "budget_percent": BUDGET, "workloads": []}
+    out: dict[str, Any] = {"seconds": seconds, "budget_percent": BUDGET, "real_runs": runs,
+                           "cost": "shipped" if cost is None else Path(cost.source).name,
+                           "workloads": []}
     for sc in workloads:
         # The model's ksmd starts with the real one's CPU since boot, which the scan-time
         # advisor's first step counts (the real runs follow: their ksmd has a few seconds
@@ -113,35 +140,81 @@ def fidelity(seconds: float) -> dict[str, Any]:
         boot_cpu = host.ksmd_cpu_ns()
         print(f"{sc.name}: model (ksmd CPU at start {boot_cpu} ns)", file=sys.stderr)
         model = _sweep(sc if boot_cpu is None else with_ksmd_cpu_at_start(sc, boot_cpu), "sim",
-                       grid)
-        print(f"{sc.name}: real kernel", file=sys.stderr)
-        real = _sweep(sc, "linux", grid)
+                       grid, cost=cost)
+        reals = []
+        for k in range(runs):
+            print(f"{sc.name}: real kernel, run {k + 1} of {runs}", file=sys.stderr)
+            reals.append(_sweep(sc, "linux", grid))
         rows = []
         for i, cfg in enumerate(model.configs):
-            m, r = model.outcome(i), real.outcome(i)
-            assert m is not None and r is not None
-            rows.append({
-                "index": i, "config": cfg.label, "model_saved_bytes": m.saved_bytes,
-                "real_saved_bytes": r.saved_bytes, "saved_diff_percent": _rel(m.saved_bytes,
-                                                                              r.saved_bytes),
-                "saved_diff_percent_of_mergeable": None if m.saved_bytes is None
-                or r.saved_bytes is None else 100 * (m.saved_bytes - r.saved_bytes)
-                / m.mergeable_bytes,
-                "model_cpu_percent": m.ksmd_cpu_percent, "real_cpu_percent": r.ksmd_cpu_percent,
-                "cpu_diff_percent": _rel(m.ksmd_cpu_percent, r.ksmd_cpu_percent),
-                "model_t90_s": m.time_to_90_s, "real_t90_s": r.time_to_90_s,
-                "model_on_front": i in model.front, "real_on_front": i in real.front})
+            m = model.outcome(i)
+            rs = [real.outcome(i) for real in reals]
+            assert m is not None and m.saved_bytes is not None and m.ksmd_cpu_percent is not None
+            assert all(r is not None and r.saved_bytes is not None
+                       and r.ksmd_cpu_percent is not None for r in rs)
+            cpus = [r.ksmd_cpu_percent for r in rs if r is not None and r.ksmd_cpu_percent is not None]
+            saved = [float(r.saved_bytes) for r in rs if r is not None and r.saved_bytes is not None]
+            t90 = [r.time_to_90_s for r in rs if r is not None]
+            real_saved, real_cpu = _mean(saved), _mean(cpus)
+            row = {"index": i, "config": cfg.label,
+                   "real_saved_bytes": real_saved, "real_saved_bytes_runs": saved,
+                   "real_cpu_percent": real_cpu, "real_cpu_percent_runs": cpus,
+                   "real_cpu_spread_percent": _spread(cpus),
+                   "real_t90_s": t90[0] if len(t90) == 1 else t90}
+            _model_fields(row, m, model.front)
+            rows.append(row)
+        real_front, real_rec = _real_choice(rows, model.n_grid)
+        for r in rows:
+            r["real_on_front"] = r["index"] in real_front
         out["workloads"].append({
             "name": sc.name, "source": _repo_relative(sc.source),
             "mergeable_bytes": mergeable_bytes(sc),
             "model_ksmd_cpu_at_start_s": None if boot_cpu is None else boot_cpu / NS,
-            "rows": rows, "model_front": list(model.front), "real_front": list(real.front),
+            "rows": rows, "model_front": list(model.front), "real_front": real_front,
             "model_recommendation": model.recommendation.index,
-            "real_recommendation": real.recommendation.index,
-            "same_recommendation": model.recommendation.index == real.recommendation.index,
-            "model_wall_s": model.sweep.wall_s, "real_wall_s": real.sweep.wall_s})
+            "real_recommendation": real_rec,
+            "real_recommendation_per_run": [real.recommendation.index for real in reals],
+            "same_recommendation": model.recommendation.index == real_rec,
+            "model_wall_s": model.sweep.wall_s,
+            "real_wall_s": sum(real.sweep.wall_s for real in reals)})
         _print_fidelity(out["workloads"][-1])
     return out
+
+
+def _model_fields(row: dict[str, Any], m: Any, front: tuple[int, ...]) -> None:
+    """Set *row*'s model columns (and the differences) from the model's outcome *m*."""
+    real_saved, real_cpu = row["real_saved_bytes"], row["real_cpu_percent"]
+    row.update({
+        "model_saved_bytes": m.saved_bytes,
+        "saved_diff_percent": _rel(m.saved_bytes, real_saved),
+        "saved_diff_percent_of_mergeable": 100 * (m.saved_bytes - real_saved) / m.mergeable_bytes,
+        "model_cpu_percent": m.ksmd_cpu_percent,
+        "cpu_diff_percent": _rel(m.ksmd_cpu_percent, real_cpu),
+        "model_t90_s": m.time_to_90_s, "model_on_front": row["index"] in front})
+
+
+def remodel(fid: dict[str, Any], cost: KsmdCost | None) -> None:
+    """No kernel: run the model side of stored fidelity runs again (another cost file, or the
+    shipped one after a refit) against the same real runs, and recompute what depends on it."""
+    grid = parse_grid(FIDELITY_GRID)
+    seconds = fid["seconds"]
+    fid["cost"] = "shipped" if cost is None else Path(cost.source).name
+    for w in fid["workloads"]:
+        src = w["source"]
+        sc = load_builtin() if src == "<built-in>" else load_scenario(ROOT / src)
+        sc = truncate(sc, int(seconds * NS))
+        boot = w["model_ksmd_cpu_at_start_s"]
+        model = _sweep(sc if boot is None else with_ksmd_cpu_at_start(sc, round(boot * NS)), "sim",
+                       grid, cost=cost)
+        for row in w["rows"]:
+            m = model.outcome(row["index"])
+            assert m is not None and m.saved_bytes is not None
+            _model_fields(row, m, model.front)
+        w["model_front"] = list(model.front)
+        w["model_recommendation"] = model.recommendation.index
+        w["same_recommendation"] = w["model_recommendation"] == w["real_recommendation"]
+        w["model_wall_s"] = model.sweep.wall_s
+        _print_fidelity(w)
 
 
 def _repo_relative(source: str) -> str:
@@ -245,23 +318,37 @@ def main() -> None:
                     default=["fidelity", "scale"])
     ap.add_argument("--seconds", type=float, default=20.0,
                     help="each fidelity run's length (real seconds on the kernel)")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="real runs of each fidelity configuration (compared by their mean; "
+                         "the kernel's own spread is recorded)")
+    ap.add_argument("--cost", metavar="FILE",
+                    help="the model's cost file for the fidelity runs (default: the shipped one)")
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ap.add_argument("--plot", metavar="FILE", help="draw the fidelity fronts side by side")
+    ap.add_argument("--remodel", metavar="JSON",
+                    help="no kernel: run the model side of the fidelity runs stored in JSON "
+                         "again (with --cost, or the shipped model), then write --json/--plot")
     ap.add_argument("--rerank", metavar="JSON",
                     help="no kernel: re-apply the recommendation rule to the fidelity runs stored "
                          "in JSON (written by --json), then write --json/--plot from them")
     args = ap.parse_args()
     results: dict[str, Any] = {}
-    if args.rerank:
+    cost = KsmdCost.load(args.cost) if args.cost else None
+    if args.remodel:
+        results = json.loads(Path(args.remodel).read_text())
+        remodel(results["fidelity"], cost)
+        if args.plot:
+            plot_fronts(results["fidelity"], args.plot)
+    elif args.rerank:
         results = json.loads(Path(args.rerank).read_text())
         rerank(results["fidelity"])
         if args.plot:
             plot_fronts(results["fidelity"], args.plot)
     elif "fidelity" in args.only:
-        results["fidelity"] = fidelity(args.seconds)
+        results["fidelity"] = fidelity(args.seconds, args.runs, cost)
         if args.plot:
             plot_fronts(results["fidelity"], args.plot)
-    if "scale" in args.only and not args.rerank:
+    if "scale" in args.only and not (args.rerank or args.remodel):
         results["scale"] = scale()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
