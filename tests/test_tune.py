@@ -218,9 +218,25 @@ def test_recommendation_treats_near_ties_as_ties() -> None:
     # 0.40 is more than 10 % above 0.333: the cheaper one wins whatever its rate.
     assert recommend([Point(0, 0.333, 1000, 2500.0), Point(1, 0.40, 1000, 2000.0)],
                      5.0).index == 0
+    # The close call is reported: the tied one beside the choice; none beside a clear one.
+    assert recommend(pts, 5.0).equivalent == (0,)
+    assert recommend([Point(0, 0.333, 1000, 2500.0), Point(1, 0.40, 1000, 2000.0)],
+                     5.0).equivalent == ()
     # Negative savings (metadata over savings): the tolerance is 5 % of the magnitude.
     assert recommend([Point(0, 1.0, -100, 1.0), Point(1, 1.0, -104, 0.5)], None).index == 1
     assert recommend([Point(0, 1.0, -100, 1.0), Point(1, 1.0, -106, 0.5)], None).index == 0
+
+
+def test_equivalent_configurations_in_the_rule_s_order() -> None:
+    """Every configuration the rule counted as equal, after the choice, by scan rate then CPU;
+    a saving outside 5 % or a CPU share outside 10 % of the least is not among them."""
+    pts = [Point(0, 1.00, 1000, 4000.0), Point(1, 1.05, 990, 1000.0), Point(2, 1.09, 1000, 2000.0),
+           Point(3, 1.20, 1000, 500.0), Point(4, 0.90, 900, 100.0), Point(5, 1.02, 960, 1000.0)]
+    # Savings >= 950: 0, 1, 2, 3, 5; least CPU 1.00, so CPU <= 1.10: 0, 1, 2, 5. By rate
+    # (then CPU): 5 (1000, 1.02), 1 (1000, 1.05), 2 (2000), 0 (4000).
+    r = recommend(pts, None)
+    assert (r.index, r.equivalent) == (5, (1, 2, 0))
+    assert recommend(pts, 0.95).equivalent == ()  # only 4 fits the budget
 
 
 def test_scan_rate_of_knobs() -> None:
@@ -372,6 +388,7 @@ def test_tune_end_to_end_on_a_local_cluster(tmp_path: Path,
     assert refs["ksmtuned"]["controller"][0]["time_s"] == 0.0
     rec = doc["recommendation"]
     assert rec["index"] in doc["pareto_front"]
+    assert rec["index"] not in rec["equivalent"] and all(0 <= i < 2 for i in rec["equivalent"])
     chosen = confs[rec["index"]]
     assert chosen["ksmd_cpu_percent"] <= 5
     assert all(c["saved_bytes"] <= chosen["saved_bytes"] for c in confs

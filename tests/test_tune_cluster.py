@@ -100,6 +100,27 @@ def test_an_unreachable_scheduler_is_exit_3(monkeypatch: pytest.MonkeyPatch,
     assert f"ksmlab tune: cannot run on tcp://127.0.0.1:{port}:" in err
 
 
+def test_a_close_call_reports_the_equivalent_configuration(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """identical-pages has 1024 pages: 2000 and 4000 pages a batch both scan them all in one
+    batch, so the two runs do the same work and save the same 3080192 bytes at the same
+    CPU; the rule takes the lower scan rate and names the other as equivalent."""
+    code, doc = _tune([str(EXAMPLES / "identical-pages.toml"), "--grid",
+                       "pages_to_scan=2000,4000", "--until", "2s", "--workers", "1"], capsys)
+    assert code == 0
+    confs = doc["configurations"]
+    assert [c["saved_bytes"] for c in confs] == [3080192, 3080192]
+    assert confs[0]["ksmd_cpu_s"] == confs[1]["ksmd_cpu_s"]
+    assert doc["recommendation"]["index"] == 0 and doc["recommendation"]["equivalent"] == [1]
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["tune", str(EXAMPLES / "identical-pages.toml"), "--grid",
+                 "pages_to_scan=2000,4000", "--until", "2s", "--workers", "1",
+                 "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("Equivalent") and "pages_to_scan=4000: saves 2.9 MiB" in line
+               and "a close call" in line for line in lines), lines
+
+
 def test_an_interrupted_sweep_keeps_and_reports_what_finished(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import ksmlab.tune.sweep as sweep

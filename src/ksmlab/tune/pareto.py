@@ -17,7 +17,9 @@ the budget (all of them without a budget):
    the larger saving, the earlier configuration.
 
 So an operator is not sent to twice the scan rate for a saving or a CPU
-share that the next run could reverse.  The answer can lie off the front,
+share that the next run could reverse.  The others that step 2 kept are
+reported beside the choice as equivalent: which of them the rule names is
+a close call.  The answer can lie off the front,
 but by less than these tolerances.  (A strict "most saving" rule flipped
 between the model and the kernel on savings 1 to 3 % apart: docs/tune.md.)
 """
@@ -51,10 +53,19 @@ class Point:
 
 @dataclass(frozen=True, slots=True)
 class Recommendation:
-    """The rule's answer: the configuration chosen (None: none fits) and why, in words."""
+    """The rule's answer: the configuration chosen (None: none fits) and why, in words.
+
+    Attributes:
+        index: the configuration chosen, or None.
+        reason: why, in words.
+        equivalent: the other configurations the rule counted as equal to it (saving and
+            CPU share within the tolerances), in the rule's order: a close call that
+            another run, or the real kernel, may decide the other way.
+    """
 
     index: int | None
     reason: str
+    equivalent: tuple[int, ...] = ()
 
 
 def _dominates(q: Point, p: Point) -> bool:
@@ -94,10 +105,12 @@ def recommend(points: Sequence[Point], cpu_budget_percent: float | None) -> Reco
     ties = [p for p in fits if p.saved_bytes >= top - SAVING_TIE * abs(top)]
     least = min(p.cpu_percent for p in ties)
     calm = [p for p in ties if p.cpu_percent <= least * (1 + CPU_TIE)]
-    best = min(calm, key=lambda p: (p.scan_rate, p.cpu_percent, -p.saved_bytes, p.index))
+    ranked = sorted(calm, key=lambda p: (p.scan_rate, p.cpu_percent, -p.saved_bytes, p.index))
+    best = ranked[0]
     within = ("" if cpu_budget_percent is None
               else f" within the budget of {cpu_budget_percent:g}% of one CPU")
     return Recommendation(best.index, f"saves the most{within} ({len(fits)} of {len(points)} "
                                       f"configurations fit), counting savings within "
                                       f"{SAVING_TIE:.0%} and CPU shares within {CPU_TIE:.0%} as "
-                                      f"equal and then taking the lowest scan rate")
+                                      f"equal and then taking the lowest scan rate",
+                          tuple(p.index for p in ranked[1:]))

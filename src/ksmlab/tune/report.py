@@ -80,6 +80,10 @@ def answer_lines(r: TuneResult) -> list[tuple[str, str]]:
         lines.append(("Recommended", f"{_config_text(r, rec.index)}: saves {_saved(o)}, 90% by "
                                      f"{_t90(o)}, ksmd {_pct(o.ksmd_cpu_percent)} of one CPU; "
                                      f"{rec.reason}"))
+        if rec.equivalent:
+            lines.append(("Equivalent", "; ".join(_equivalent_text(r, i)
+                                                  for i in rec.equivalent)
+                          + " (within the same tolerances: a close call)"))
     for name in REFERENCES:
         _, _, o = r.reference(name)
         if o is None:
@@ -95,6 +99,13 @@ def answer_lines(r: TuneResult) -> list[tuple[str, str]]:
                            f"{_where(r)}, in {r.sweep.wall_s:.1f} s of wall time; figures at each "
                            f"run's end ({clock} time)"))
     return lines
+
+
+def _equivalent_text(r: TuneResult, i: int) -> str:
+    o = r.outcome(i)
+    assert o is not None
+    return (f"{_config_text(r, i)}: saves {_saved(o)}, 90% by {_t90(o)}, "
+            f"ksmd {_pct(o.ksmd_cpu_percent)}")
 
 
 def _where(r: TuneResult) -> str:
@@ -181,7 +192,8 @@ def tune_document(r: TuneResult) -> dict[str, Any]:
                        for i, c in enumerate(r.configs) if c.reference is not None},
         "pareto_front": list(r.front),
         "recommendation": {"index": rec.index, "reason": rec.reason,
-                           "knobs": None if rec.index is None else dict(r.configs[rec.index].knobs)},
+                           "knobs": None if rec.index is None else dict(r.configs[rec.index].knobs),
+                           "equivalent": list(rec.equivalent)},
     }
 
 
