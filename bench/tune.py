@@ -172,6 +172,7 @@ def fidelity(seconds: float, runs: int = 1, cost: KsmdCost | None = None) -> dic
             "model_ksmd_cpu_at_start_s": None if boot_cpu is None else boot_cpu / NS,
             "rows": rows, "model_front": list(model.front), "real_front": real_front,
             "model_recommendation": model.recommendation.index,
+            "model_equivalent": list(model.recommendation.equivalent),
             "real_recommendation": real_rec,
             "real_recommendation_per_run": [real.recommendation.index for real in reals],
             "same_recommendation": model.recommendation.index == real_rec,
@@ -212,6 +213,7 @@ def remodel(fid: dict[str, Any], cost: KsmdCost | None) -> None:
             _model_fields(row, m, model.front)
         w["model_front"] = list(model.front)
         w["model_recommendation"] = model.recommendation.index
+        w["model_equivalent"] = list(model.recommendation.equivalent)
         w["same_recommendation"] = w["model_recommendation"] == w["real_recommendation"]
         w["model_wall_s"] = model.sweep.wall_s
         _print_fidelity(w)
@@ -240,7 +242,8 @@ def _print_fidelity(w: dict[str, Any]) -> None:
               f"{_fmt(r['saved_diff_percent'], '%'):>8} {r['model_cpu_percent']:11.3f} "
               f"{r['real_cpu_percent']:7.3f} {_fmt(r['cpu_diff_percent'], '%'):>8}")
     print(f"front: model {w['model_front']}, real {w['real_front']}; recommended (<= {BUDGET}%): "
-          f"model {w['model_recommendation']}, real {w['real_recommendation']}")
+          f"model {w['model_recommendation']} (equivalent: {w.get('model_equivalent', [])}), "
+          f"real {w['real_recommendation']}")
 
 
 def scale() -> dict[str, Any]:
