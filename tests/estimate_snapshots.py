@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-only
-"""Synthetic snapshot files for the estimate's model-only tests, written by the snapshot writer.
+"""Synthetic snapshot files for the estimate's model-only tests, written by the snapshot writer,
+and ksmd's work on a machine loaded from one, full scan by full scan (:func:`work`).
 
 A page is described by what it holds (a tag: pages with equal tags hold equal
 bytes; ``ZERO`` is a zero-filled page), its PFN (equal PFNs: one physical
@@ -15,6 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from ksmlab.bulk.invariants import check_bulk
+from ksmlab.estimate.load import Machine
+from ksmlab.invariants import check_invariants
+from ksmlab.kernel import SimKernel
 from ksmlab.mm.page import fingerprint
 from ksmlab.snapshot.schema import SCHEMA_ID
 from ksmlab.snapshot.writer import SnapshotWriter
@@ -119,3 +124,30 @@ HOST_KNOBS = {"advisor_max_cpu": "70", "advisor_min_pages_to_scan": "500",
               "stable_node_chains_prune_millisecs": "2000", "merge_across_nodes": "1",
               "max_page_sharing": "256", "run": "0"}
 """A host's knobs at capture, as the snapshot records them (boot values, ksmd stopped)."""
+
+
+# --- a loaded estimate's ksmd, scan by scan ---------------------------------------------------
+
+def check(m: Machine) -> None:
+    """The engine's own invariant checks (SimKernel's THP checks, the bulk engine's)."""
+    k = m.kernel
+    if isinstance(k, SimKernel):
+        check_invariants(k)
+    else:
+        check_bulk(k.ksm)
+
+
+def work(m: Machine, scans: int) -> list[dict[str, int]]:
+    """ksmd's counts (every KsmdWork field) in each of the next *scans* full scans, ksmd
+    stopped after each and the engine's invariants checked (:func:`check`)."""
+    k = m.kernel
+    out = []
+    for _ in range(scans):
+        before = k.ksmd.meter.total.as_dict()
+        k.sysfs["run"] = "1"
+        k.wait_full_scans(1)
+        k.sysfs["run"] = "0"
+        after = k.ksmd.meter.total.as_dict()
+        out.append({n: after[n] - before[n] for n in after if n != "stable_base"})
+        check(m)
+    return out

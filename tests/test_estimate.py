@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from estimate_snapshots import HOST_KNOBS, ZERO, Page, Pfns, Proc, write_snapshot
+from estimate_snapshots import HOST_KNOBS, ZERO, Page, Pfns, Proc, work, write_snapshot
 from ksmlab.bulk import BulkKernel
 from ksmlab.cli import main
 from ksmlab.estimate import bound, load_plan, resolve_knobs, rewrite_rates, run_estimate
@@ -451,15 +451,7 @@ def test_layout_puts_each_thp_extent_on_a_2mib_boundary() -> None:
 
 def thp_work(m: Machine, scans: int) -> list[dict[str, int]]:
     """ksmd's pages, pte_pages and thp_splits in each of the next *scans* full scans."""
-    k = m.kernel
-    work = []
-    for _ in range(scans):
-        before = k.ksmd.meter.total.as_dict()
-        k.sysfs["run"] = "1"
-        k.wait_full_scans(1)
-        after = k.ksmd.meter.total.as_dict()
-        work.append({n: after[n] - before[n] for n in ("pages", "pte_pages", "thp_splits")})
-    return work
+    return [{n: w[n] for n in ("pages", "pte_pages", "thp_splits")} for w in work(m, scans)]
 
 
 def test_thp_extents_load_as_thps_on_the_bulk_engine(tmp_path: Path) -> None:

@@ -20,13 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from estimate_snapshots import HOST_KNOBS, Page, Pfns, Proc, write_snapshot
+from estimate_snapshots import HOST_KNOBS, Page, Pfns, Proc, check, work, write_snapshot
 from ksmlab.bulk import BulkKernel
-from ksmlab.bulk.invariants import check_bulk
 from ksmlab.bulk.thp import THP_PMD
 from ksmlab.estimate import load_plan, run_estimate
 from ksmlab.estimate.load import EngineName, Machine, load_machine
-from ksmlab.invariants import check_invariants
 from ksmlab.kernel import SimKernel, SimProcess
 from ksmlab.snapshot import read_snapshot
 
@@ -72,15 +70,6 @@ def load(tmp: Path, child: str, engine: EngineName) -> Machine:
     return m
 
 
-def check(m: Machine) -> None:
-    """The engine's own invariant checks (SimKernel's THP checks, the bulk engine's)."""
-    k = m.kernel
-    if isinstance(k, SimKernel):
-        check_invariants(k)
-    else:
-        check_bulk(k.ksm)
-
-
 def pmd_extents(m: Machine, proc: int) -> list[int]:
     """The model addresses of the extents process *proc* (0: P, 1: C) maps by PMD."""
     k, p = m.kernel, m.procs[proc]
@@ -93,21 +82,6 @@ def pmd_extents(m: Machine, proc: int) -> list[int]:
     frames = k.ksm.pages.frame[rows].astype(np.int64)
     pmd = ((k.ksm.pages.thp[rows] & THP_PMD) != 0) & (k.ksm.frames.thp[frames] >= 0)
     return sorted({int(a) & ~(EXTENT - 1) for a in m.addr[sel][pmd]})
-
-
-def work(m: Machine, scans: int) -> list[dict[str, int]]:
-    """ksmd's counts (every KsmdWork field) in each of the next *scans* full scans."""
-    k = m.kernel
-    out = []
-    for _ in range(scans):
-        before = k.ksmd.meter.total.as_dict()
-        k.sysfs["run"] = "1"
-        k.wait_full_scans(1)
-        k.sysfs["run"] = "0"
-        after = k.ksmd.meter.total.as_dict()
-        out.append({n: after[n] - before[n] for n in after if n != "stable_base"})
-        check(m)
-    return out
 
 
 def brief(w: list[dict[str, int]]) -> list[tuple[int, int, int]]:
