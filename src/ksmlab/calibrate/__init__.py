@@ -35,23 +35,13 @@ from ksmlab.calibrate.fit import (
     late_fraction,
     summarise,
 )
-from ksmlab.calibrate.measure import (
-    PROBE_SLEEP_MS,
-    ModelScan,
-    ScanSample,
-    probe_periods,
-    run_model,
-    run_real,
-)
+from ksmlab.calibrate.measure import PROBE_SLEEP_MS, ScanSample, measure
 from ksmlab.calibrate.speed import speed_ratio
 from ksmlab.calibrate.workloads import Workload, workloads
 from ksmlab.ksm.cost import FEATURES, KsmdClock, KsmdCost, default_cost
 from ksmlab.ksm.jiffies import sleep_end_ns
 
 Log = Callable[[str], None]
-
-PROBE_S = 1.5
-"""Seconds of the timer probe before each workload (see :func:`probe_periods`)."""
 
 
 @dataclass
@@ -104,18 +94,7 @@ def calibrate(k: Kernel, *, repeats: int = 1, scale: int = 16384,
     wl = chosen if chosen is not None else workloads(scale)
     load_before = _loadavg()
     started = datetime.datetime.now(datetime.UTC)
-    model: dict[str, list[ModelScan]] = {}
-    for w in wl:
-        log(f"model: {w.name}")
-        model[w.name] = run_model(w)
-    samples: list[ScanSample] = []
-    gaps: list[int] = []
-    for r in range(repeats):
-        for w in wl:
-            # Late wake-ups come and go with the machine's state: probe all along.
-            log(f"kernel, run {r + 1}/{repeats}: ksmd's timer, then {w.name}")
-            gaps += probe_periods(k, PROBE_S)
-            samples += run_real(k, w, model[w.name], r)
+    samples, gaps = measure(k, wl, repeats, log)
     prior = default_cost()
     params, residuals = fit_cpu(samples, prior)
     per_repeat = [fit_cpu([s for s in samples if s.repeat == r], prior)[0]

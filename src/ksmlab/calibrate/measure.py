@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ksmlab.api import Kernel
@@ -205,4 +205,29 @@ def probe_periods(k: Kernel, seconds: float = 6.0,
     return [b - a for (a, _), (b, n) in itertools.pairwise(times) if n == 1]
 
 
-__all__ = ["ModelScan", "ScanSample", "probe_periods", "run_model", "run_real"]
+PROBE_S = 1.5
+"""Seconds of the timer probe before each workload (see :func:`probe_periods`)."""
+
+
+def measure(k: Kernel, chosen: Sequence[Workload], repeats: int,
+            log: Callable[[str], None] = lambda _: None) -> tuple[list[ScanSample], list[int]]:
+    """Every workload of *chosen* on the model once, then *repeats* times on *k* (a
+    LinuxKernel session), each run after a probe of ksmd's timer: the real scans'
+    samples, and the probes' gaps between batches (:func:`probe_periods`)."""
+    model: dict[str, list[ModelScan]] = {}
+    for w in chosen:
+        log(f"model: {w.name}")
+        model[w.name] = run_model(w)
+    samples: list[ScanSample] = []
+    gaps: list[int] = []
+    for r in range(repeats):
+        for w in chosen:
+            # Late wake-ups come and go with the machine's state: probe all along.
+            log(f"kernel, run {r + 1}/{repeats}: ksmd's timer, then {w.name}")
+            gaps += probe_periods(k, PROBE_S)
+            samples += run_real(k, w, model[w.name], r)
+    return samples, gaps
+
+
+__all__ = ["PROBE_S", "ModelScan", "ScanSample", "measure", "probe_periods", "run_model",
+           "run_real"]

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ksmlab.api import Kernel
-from ksmlab.calibrate.measure import PROBE_SLEEP_MS, ScanSample, probe_periods, run_model, run_real
+from ksmlab.calibrate.measure import PROBE_SLEEP_MS, ScanSample, measure
 from ksmlab.calibrate.workloads import Workload, workloads
 from ksmlab.ksm.cost import FEATURES, KsmdCost
 
@@ -46,9 +46,6 @@ SPEED_WORKLOADS = (
     "host mix: 8 processes, smart_scan 0",
 )
 """The calibration workloads whose scans measure the speed ratio (see the module doc)."""
-
-SPEED_PROBE_S = 1.5
-"""Seconds of the timer probe before each workload (as ``ksmlab calibrate``'s)."""
 
 
 def speed_workloads(scale: int = 16384) -> list[Workload]:
@@ -119,15 +116,8 @@ def measure_speed(k: Kernel, base: KsmdCost, *, repeats: int = 1, scale: int = 1
 
     reference, at_fit = reference_of(base)
     chosen = speed_workloads(scale)
-    model = {w.name: run_model(w) for w in chosen}
-    samples: list[ScanSample] = []
-    gaps: list[int] = []
     started = datetime.datetime.now(datetime.UTC)
-    for r in range(repeats):
-        for w in chosen:
-            log(f"kernel, run {r + 1}/{repeats}: ksmd's timer, then {w.name}")
-            gaps += probe_periods(k, SPEED_PROBE_S)
-            samples += run_real(k, w, model[w.name], r)
+    samples, gaps = measure(k, chosen, repeats, log)
     ratio = speed_ratio(samples, base.ns)
     if ratio is None:
         raise ValueError("no clean scan to measure the speed from")
