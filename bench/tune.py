@@ -47,7 +47,7 @@ from ksmlab.scenario.loader import load_builtin, load_scenario, parse_scenario, 
 from ksmlab.scenario.model import Scenario
 from ksmlab.scenario.transform import with_ksmd_cpu_at_start
 from ksmlab.tune.grid import REFERENCES, Config, Grid, parse_grid, references
-from ksmlab.tune.pareto import Point, pareto_front, recommend
+from ksmlab.tune.pareto import Point, Recommendation, pareto_front, recommend
 from ksmlab.tune.result import TuneResult, assemble, scan_rate
 from ksmlab.tune.sweep import run_sweep
 from ksmlab.tune.work import Workload, mergeable_bytes
@@ -116,12 +116,14 @@ def _spread(xs: list[float]) -> float | None:
     return None if len(xs) < 2 or m == 0 else 100 * (max(xs) - min(xs)) / abs(m)
 
 
-def _real_choice(rows: list[dict[str, Any]], n_grid: int) -> tuple[list[int], int | None]:
-    """The front and the recommendation over the real runs' mean figures."""
-    pts = [Point(r["index"], r["real_cpu_percent"], round(r["real_saved_bytes"]),
+def _choice(rows: list[dict[str, Any]], side: str,
+            budget: float = BUDGET) -> tuple[list[int], Recommendation]:
+    """The front and the recommendation over one side's figures (``model`` or ``real``: the
+    real runs' mean) of the grid's rows (the references are never candidates)."""
+    pts = [Point(r["index"], r[f"{side}_cpu_percent"], round(r[f"{side}_saved_bytes"]),
                  scan_rate(dict(kv.split("=", 1) for kv in r["config"].split())))
-           for r in rows[:n_grid]]
-    return pareto_front(pts), recommend(pts, BUDGET).index
+           for r in rows[:len(rows) - len(REFERENCES)]]
+    return pareto_front(pts), recommend(pts, budget)
 
 
 def fidelity(seconds: float, runs: int = 1, cost: KsmdCost | None = None) -> dict[str, Any]:
@@ -163,7 +165,8 @@ def fidelity(seconds: float, runs: int = 1, cost: KsmdCost | None = None) -> dic
                    "real_t90_s": t90[0] if len(t90) == 1 else t90}
             _model_fields(row, m, model.front)
             rows.append(row)
-        real_front, real_rec = _real_choice(rows, model.n_grid)
+        real_front, real_choice = _choice(rows, "real")
+        real_rec = real_choice.index
         for r in rows:
             r["real_on_front"] = r["index"] in real_front
         out["workloads"].append({
@@ -304,13 +307,12 @@ def rerank(fid: dict[str, Any]) -> None:
     """Apply the current recommendation rule (ksmlab.tune.pareto) again to stored fidelity runs:
     the measured savings and CPU shares are kept, the fronts and recommendations recomputed."""
     for w in fid["workloads"]:
-        rows = [r for r in w["rows"] if r["index"] < len(w["rows"]) - len(REFERENCES)]
         for side in ("model", "real"):
-            pts = [Point(r["index"], r[f"{side}_cpu_percent"], r[f"{side}_saved_bytes"],
-                         scan_rate(dict(kv.split("=", 1) for kv in r["config"].split())))
-                   for r in rows]
-            w[f"{side}_front"] = pareto_front(pts)
-            w[f"{side}_recommendation"] = recommend(pts, fid["budget_percent"]).index
+            front, rec = _choice(w["rows"], side, fid["budget_percent"])
+            w[f"{side}_front"] = front
+            w[f"{side}_recommendation"] = rec.index
+            if side == "model":
+                w["model_equivalent"] = list(rec.equivalent)
         w["same_recommendation"] = w["model_recommendation"] == w["real_recommendation"]
         _print_fidelity(w)
 
