@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ksmlab.api import Kernel
+from ksmlab.calibrate.fit import late_fraction
 from ksmlab.calibrate.measure import PROBE_SLEEP_MS, ScanSample, measure
 from ksmlab.calibrate.workloads import Workload, workloads
 from ksmlab.ksm.cost import FEATURES, KsmdCost
@@ -112,8 +113,6 @@ def measure_speed(k: Kernel, base: KsmdCost, *, repeats: int = 1, scale: int = 1
     Raises:
         ValueError: *base* has no speed reference, or no scan was clean.
     """
-    from ksmlab.calibrate.fit import late_fraction
-
     reference, at_fit = reference_of(base)
     chosen = speed_workloads(scale)
     started = datetime.datetime.now(datetime.UTC)

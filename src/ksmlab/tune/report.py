@@ -77,8 +77,7 @@ def answer_lines(r: TuneResult) -> list[tuple[str, str]]:
     else:
         o = r.outcome(rec.index)
         assert o is not None
-        lines.append(("Recommended", f"{_config_text(r, rec.index)}: saves {_saved(o)}, 90% by "
-                                     f"{_t90(o)}, ksmd {_pct(o.ksmd_cpu_percent)} of one CPU; "
+        lines.append(("Recommended", f"{_config_text(r, rec.index)}: {_figures(o)} of one CPU; "
                                      f"{rec.reason}"))
         if rec.equivalent:
             lines.append(("Equivalent", "; ".join(_equivalent_text(r, i)
@@ -91,7 +90,7 @@ def answer_lines(r: TuneResult) -> list[tuple[str, str]]:
         elif not o.ok:
             text = f"failed: {o.error}"
         else:
-            text = f"saves {_saved(o)}, 90% by {_t90(o)}, ksmd {_pct(o.ksmd_cpu_percent)}"
+            text = _figures(o)
         lines.append((name, f"{_REF_TEXT[name]}: {text}"))
     clock = "real" if r.workload.backend == "linux" else "virtual"
     lines.append(("Sweep", f"{done} of {total} runs ({r.n_grid} grid configurations and "
@@ -101,11 +100,15 @@ def answer_lines(r: TuneResult) -> list[tuple[str, str]]:
     return lines
 
 
+def _figures(o: Outcome) -> str:
+    """A finished run's answer in words: the saving, the time to 90 % of it, ksmd's CPU."""
+    return f"saves {_saved(o)}, 90% by {_t90(o)}, ksmd {_pct(o.ksmd_cpu_percent)}"
+
+
 def _equivalent_text(r: TuneResult, i: int) -> str:
     o = r.outcome(i)
     assert o is not None
-    return (f"{_config_text(r, i)}: saves {_saved(o)}, 90% by {_t90(o)}, "
-            f"ksmd {_pct(o.ksmd_cpu_percent)}")
+    return f"{_config_text(r, i)}: {_figures(o)}"
 
 
 def _where(r: TuneResult) -> str:
