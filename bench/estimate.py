@@ -346,6 +346,9 @@ def main() -> int:
     if reason:
         print(f"bench/estimate.py: {reason}", file=sys.stderr)
         return 3
+    if args.keep:
+        # Before anything runs, so a bad DIR fails in a second, not after the first workload.
+        os.makedirs(args.keep, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="ksmlab-estimate-") as tmp:
         os.chmod(tmp, 0o755)

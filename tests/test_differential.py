@@ -260,7 +260,7 @@ class TestFunctional:
         agree(program, "test_prctl")
 
     def test_prctl_merge_any(self) -> None:
-        """-M -t 1: prctl marks existing areas, and areas mapped later, mergeable (per region)."""
+        """-M -t 1: prctl marks existing areas, and areas mapped later, mergeable."""
         def program(k: Kernel, cp: Checkpoint) -> None:
             setup(k)
             p = k.spawn()
@@ -279,8 +279,7 @@ class TestFunctional:
             cp("scanned")
             p.prctl(PR_SET_MEMORY_MERGE, 0)
             cp("prctl cleared")
-        report = agree(program, "ksm_tests -M -t 1")
-        assert report.per_region_only
+        agree(program, "ksm_tests -M -t 1")
 
     def test_prctl_fork(self) -> None:
         """test_prctl_fork: merge-any is inherited, and the child's new area merges."""
@@ -765,12 +764,11 @@ def test_random_program(seed: int) -> None:
 
 @pytest.mark.parametrize("seed", range(30))
 def test_random_program_merge_any(seed: int) -> None:
-    """The same under prctl merge-any (inherited by forks), per region."""
+    """The same under prctl merge-any (inherited by forks): global counters and ksm_stat too."""
     program = random_program(seed, merge_any=True)
     report = differential(program)
     if not report.ok:
         pytest.fail(f"{program}\n\n{report}", pytrace=False)
-    assert report.per_region_only
 
 
 @pytest.mark.parametrize("seed", range(60))
@@ -786,12 +784,11 @@ def test_random_program_bulk_engine(seed: int) -> None:
 
 @pytest.mark.parametrize("seed", range(20))
 def test_random_program_bulk_engine_merge_any(seed: int) -> None:
-    """The same under prctl merge-any on the bulk engine, per region."""
+    """The same under prctl merge-any on the bulk engine: global counters and ksm_stat too."""
     program = random_program(seed, engine="bulk", merge_any=True)
     report = differential(program, engine="bulk")
     if not report.ok:
         pytest.fail(f"{program}\n\n{report}", pytrace=False)
-    assert report.per_region_only
 
 
 # --- the runner itself ---------------------------------------------------------------------------

@@ -404,6 +404,36 @@ def test_prctl_merge_any_survives_fork_and_exec(kernel: LinuxKernel) -> None:
     assert p.ksm_stat()["ksm_merge_any"] is False
 
 
+def test_merge_any_leaves_the_helpers_own_memory_out(kernel: LinuxKernel) -> None:
+    """prctl merge-any marks the caller's areas only: the helper withdraws its own (before
+    any mmap: data, bss, heap, stack) with MADV_UNMERGEABLE, also in a fork child and after
+    exec, so ksm_stat counts the caller's pages alone (docs/linux-backend.md)."""
+    p = kernel.spawn()
+    own = [(e.start, e.end) for e in p.smaps()]
+    a = p.mmap(4 * P)
+    p.write(a, b"x" * 2 * P + b"y" * 2 * P)  # two pairs: 2 KSM pages, 2 sharers
+    assert p.prctl(PR_SET_MEMORY_MERGE, 1) == 0
+    (area,) = [e for e in p.smaps() if e.start <= a < e.end]
+    assert area.mergeable  # spec 2.6: existing anonymous areas are marked
+    assert not [e for e in p.smaps() if e.mergeable and (e.start, e.end) != (area.start, area.end)]
+    c = p.fork()
+    assert [e.start for e in c.smaps() if e.mergeable] == [area.start]
+    c.exec()
+    assert c.prctl(PR_GET_MEMORY_MERGE) == 1
+    assert not [e for e in c.smaps() if e.mergeable]  # nothing of the caller's yet
+    assert own  # the helper has areas of its own to leave out
+    kernel.sysfs["pages_to_scan"] = "100"
+    kernel.sysfs["sleep_millisecs"] = "0"
+    kernel.sysfs["run"] = "1"
+    kernel.wait_full_scans(2)
+    kernel.sysfs["run"] = "0"
+    stat = p.ksm_stat()
+    # One rmap_item per present page of the one mergeable area; pairs merge (spec 3.x).
+    assert (stat["ksm_rmap_items"], stat["ksm_merging_pages"]) == (4, 4)
+    assert c.ksm_stat()["ksm_rmap_items"] == 0
+    assert (kernel.sysfs["pages_shared"], kernel.sysfs["pages_sharing"]) == ("2", "2")
+
+
 def test_exec_gives_a_fresh_address_space(kernel: LinuxKernel) -> None:
     p = kernel.spawn()
     a = p.mmap(P)

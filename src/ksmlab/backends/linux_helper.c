@@ -6,7 +6,7 @@
  * VMA of the process becomes mergeable, and a Python interpreter's heap holds
  * thousands of identical (mostly zero) pages that would pollute the global
  * KSM counters.  This helper keeps almost nothing in memory besides what the
- * caller maps.
+ * caller maps, and takes that little out of merging (withdraw_own).
  *
  * Usage: ksmlab-helper CHANNEL_FD ROLE      (ROLE is "stub" or "helper")
  *
@@ -69,8 +69,16 @@ struct req {
 #define PR_GET_THP_DISABLE_ 42
 #define PR_THP_DISABLE_EXCEPT_ADVISED_ (1 << 1) /* Linux 6.18 */
 #define MADV_HUGEPAGE_ 14
+#define MADV_UNMERGEABLE_ 13
+#define PR_SET_MEMORY_MERGE_ 67
+#define PR_GET_MEMORY_MERGE_ 68
+#define MAX_OWN 64
 
 static int chan_fd = -1;
+/* The areas the helper had before any OP_MMAP: its own data, bss, heap, stack. */
+static uintptr_t own_start[MAX_OWN], own_end[MAX_OWN];
+static int own_count;
+static char maps_buf[16384];
 static char self_path[MAX_PATH];
 static unsigned char msgbuf[sizeof(struct req) + MAX_PATH + 1];
 
@@ -191,6 +199,82 @@ static int64_t do_exec(void)
 	return neg_errno();
 }
 
+/*
+ * Read /proc/self/maps into maps_buf (no stdio: a FILE buffer would be heap
+ * the helper did not have before).  Returns the length, 0 on failure.
+ */
+static size_t read_maps(void)
+{
+	size_t len = 0;
+	ssize_t n;
+	int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+
+	if (fd < 0)
+		return 0;
+	while (len < sizeof(maps_buf) - 1
+	       && (n = read(fd, maps_buf + len, sizeof(maps_buf) - 1 - len)) > 0)
+		len += (size_t)n;
+	close(fd);
+	maps_buf[len] = '\0';
+	return len;
+}
+
+/* Calls fn(start, end) for each line of maps_buf. */
+static void each_area(void (*fn)(uintptr_t, uintptr_t))
+{
+	char *line = maps_buf;
+
+	while (*line) {
+		char *end;
+		uintptr_t a = (uintptr_t)strtoull(line, &end, 16);
+		uintptr_t b = (*end == '-') ? (uintptr_t)strtoull(end + 1, NULL, 16) : 0;
+
+		if (b > a)
+			fn(a, b);
+		line = strchr(line, '\n');
+		if (!line)
+			break;
+		line++;
+	}
+}
+
+static void remember_own(uintptr_t a, uintptr_t b)
+{
+	if (own_count < MAX_OWN) {
+		own_start[own_count] = a;
+		own_end[own_count] = b;
+		own_count++;
+	}
+}
+
+static void withdraw_if_own(uintptr_t a, uintptr_t b)
+{
+	int i;
+
+	/* An area that overlaps one of the start-up areas is one of them (the stack grew). */
+	for (i = 0; i < own_count; i++)
+		if (a < own_end[i] && own_start[i] < b) {
+			/* Areas KSM never touches ignore the advice; failures change nothing. */
+			madvise((void *)a, b - a, MADV_UNMERGEABLE_);
+			return;
+		}
+}
+
+/*
+ * prctl(PR_SET_MEMORY_MERGE) marks every compatible area of the process
+ * mergeable, the helper's own data, bss, heap and stack included, and sets
+ * them again after exec.  The model's processes have only the caller's
+ * areas, so the helper takes its own back out with MADV_UNMERGEABLE: the
+ * global counters (general_profit, pages_sharing, ksm_rmap_items) are then
+ * the caller's memory alone.  Model choice of the instrument, not of the
+ * kernel: a real program's own memory would be merged.
+ */
+static void withdraw_own(void)
+{
+	if (prctl(PR_GET_MEMORY_MERGE_, 0, 0, 0, 0) == 1 && read_maps())
+		each_area(withdraw_if_own);
+}
+
 static void setup(void)
 {
 	struct sigaction sa;
@@ -251,6 +335,9 @@ int main(int argc, char **argv)
 	if (strcmp(argv[2], "stub") == 0)
 		stub();
 	setup();
+	if (read_maps())
+		each_area(remember_own);
+	withdraw_own(); /* after exec under MERGE_ANY */
 	reply((int64_t)getpid());
 
 	for (;;) {
@@ -325,6 +412,8 @@ int main(int argc, char **argv)
 				      (unsigned long)r.a[3], (unsigned long)r.a[4]);
 
 			ret = v < 0 ? neg_errno() : (int64_t)v;
+			if (v >= 0 && (int)r.a[0] == PR_SET_MEMORY_MERGE_ && r.a[1] == 1)
+				withdraw_own();
 			break;
 		}
 		case OP_FORK:

@@ -86,8 +86,8 @@ def build_helper() -> Path:
     The binary is cached in ``$XDG_CACHE_HOME/ksmlab`` (or ``~/.cache/ksmlab``)
     under a name that includes the source's hash, so an edited source is
     rebuilt.  ``$CC`` or ``gcc`` or ``cc`` is used; a static link is tried first
-    because it keeps the helper's own mappings (and so its contribution to a
-    MERGE_ANY process's KSM figures) minimal.
+    because it keeps the helper's own mappings few (the helper takes them out
+    of merging under MERGE_ANY, ``withdraw_own`` in the source).
 
     Raises:
         HelperBuildError: no compiler, or the compilation failed.

@@ -136,9 +136,7 @@ def random_program(seed: int, *, steps: int = 50, max_procs: int = 4, max_pages:
         max_procs: at most this many live processes.
         max_pages: the largest region, in pages.
         merge_any: the first process sets prctl(PR_SET_MEMORY_MERGE, 1) (its
-            children inherit it); only per-region figures are compared then,
-            and no zero-filled page is written (the helper's own zero pages
-            would be partners the model does not have).
+            children inherit it), and processes may set or clear it later.
         engine: ``"sim"`` (every step) or ``"bulk"``: only what the bulk
             engine models (:data:`BULK_OPS`); a step it does not model is
             drawn and dropped, so the rest of the program is what it would be.
@@ -153,7 +151,6 @@ def random_program(seed: int, *, steps: int = 50, max_procs: int = 4, max_pages:
     procs: dict[str, dict[str, int]] = {}  # live process -> {region: pages}
     shared: set[str] = set()
     counter = {"P": 0, "r": 0}
-    patterns = len(PATTERNS) - 1 if merge_any else len(PATTERNS)
 
     def new(kind: str) -> str:
         label = f"{kind}{counter[kind]}"
@@ -184,13 +181,10 @@ def random_program(seed: int, *, steps: int = 50, max_procs: int = 4, max_pages:
     add("knob", "sleep_millisecs", "0")
     add("knob", "smart_scan", rng.choice(("0", "1")))
     add("knob", "use_zero_pages", rng.choice(("0", "0", "1")))
-    # Under merge-any the helper's own pages are searched in the stable tree
-    # too, and every descent may reorder the dups of a chain it passes: only
-    # compare chains without them.
     # The bulk engine finds a chain's stale dups at other moments than the
     # kernel's tree walk (docs/bulk.md): its programs keep to one dup per content.
     mps = rng.choice(("256", "256", "2", "3"))
-    add("knob", "max_page_sharing", "256" if merge_any or engine == "bulk" else mps)
+    add("knob", "max_page_sharing", "256" if engine == "bulk" else mps)
     add("knob", "run", "1")
     first = spawn()
     if merge_any:
@@ -212,7 +206,7 @@ def random_program(seed: int, *, steps: int = 50, max_procs: int = 4, max_pages:
         if roll < 0.12:
             mmap(pl)
         elif roll < 0.36:
-            add("write", pl, r, lo, cnt, rng.randrange(patterns), force)
+            add("write", pl, r, lo, cnt, rng.randrange(len(PATTERNS)), force)
         elif roll < 0.42:
             add("poke", pl, r, lo, rng.randrange(P), force)
         elif roll < 0.56:
@@ -252,7 +246,7 @@ def random_program(seed: int, *, steps: int = 50, max_procs: int = 4, max_pages:
         elif roll < 0.985:
             knobs = [("use_zero_pages", "0"), ("use_zero_pages", "1"), ("smart_scan", "0"),
                      ("smart_scan", "1")]
-            if not merge_any and engine == "sim":  # EBUSY while the helper's pages are merged
+            if engine == "sim":
                 knobs += [("max_page_sharing", "2"), ("max_page_sharing", "256")]
             add("knob", *rng.choice(knobs))
         else:

@@ -157,8 +157,9 @@ class RunRecord:
         calls: every call, in order.
         checkpoints: every checkpoint, in order (the last one, ``(end)``, is
             taken after the program returns).
-        merge_any: some process enabled prctl(PR_SET_MEMORY_MERGE): only
-            per-region figures are comparable then.
+        merge_any: some process enabled prctl(PR_SET_MEMORY_MERGE).  Compared
+            as fully as madvise programs: the Linux helper takes its own
+            memory back out of merging (docs/differential.md).
         error: the exception the program raised (other than OSError), if any.
         stalls: for each ``wait_full_scans``, whether it stalled.
         detail: vmas and physical pages were recorded (False on the bulk
@@ -227,16 +228,12 @@ class DiffReport:
         differences: every disagreement, in program order.
         model: the model's record.
         kernel: the kernel's record.
-        per_region_only: prctl merge-any was used, so global counters and the
-            numeric ksm_stat lines were not compared (the helper's own memory
-            is mergeable then; see docs/differential.md).
     """
 
     scenario: str
     differences: tuple[Difference, ...]
     model: RunRecord
     kernel: RunRecord
-    per_region_only: bool = False
 
     @property
     def ok(self) -> bool:
@@ -244,11 +241,10 @@ class DiffReport:
         return not self.differences
 
     def __str__(self) -> str:
-        scope = " (per-region figures only: prctl merge-any)" if self.per_region_only else ""
         if self.ok:
             return (f"{self.scenario}: model and kernel agree on {len(self.model.calls)} calls "
-                    f"and {len(self.model.checkpoints)} checkpoints{scope}")
-        lines = [f"{self.scenario}: {len(self.differences)} difference(s){scope}"]
+                    f"and {len(self.model.checkpoints)} checkpoints")
+        lines = [f"{self.scenario}: {len(self.differences)} difference(s)"]
         lines += [f"  {d}" for d in self.differences]
         lines += ["", str(self.model), "", str(self.kernel)]
         return "\n".join(lines)
@@ -278,18 +274,12 @@ def _render_pages(ids: Sequence[int | None]) -> str:
 # Comparing
 
 
-_MERGE_ANY_SAFE_STAT = ("ksm_merge_any",)
-
-
 def compare(model: RunRecord, kernel: RunRecord, scenario: str = "program") -> DiffReport:
     """Compare two records of the same program, field by field.
 
-    Under prctl merge-any (in either run) only per-region figures are
-    compared: calls, vmas, shared pages and ``ksm_merge_any``.  When either
-    run has no detail (:attr:`RunRecord.detail`), vmas and pages are not
-    compared.
+    When either run has no detail (:attr:`RunRecord.detail`), vmas and
+    pages are not compared.
     """
-    per_region = model.merge_any or kernel.merge_any
     detail = model.detail and kernel.detail
     diffs: list[Difference] = []
     add = diffs.append
@@ -299,8 +289,6 @@ def compare(model: RunRecord, kernel: RunRecord, scenario: str = "program") -> D
         if mc is None or kc is None:
             add(Difference(f"call #{i}", "call", str(mc), str(kc)))
             continue
-        if per_region and mc.call.startswith("wait_full_scans("):
-            continue  # the helper's own mergeable memory keeps the kernel's ksmd busy
         if (mc.proc, mc.result) != (kc.proc, kc.result) or mc.call.split("(")[0] != \
                 kc.call.split("(")[0]:
             add(Difference(f"call #{i} {mc.proc}.{mc.call}", "result", mc.result, kc.result))
@@ -313,22 +301,20 @@ def compare(model: RunRecord, kernel: RunRecord, scenario: str = "program") -> D
             add(Difference(f"cp #{i}", "checkpoint", mcp and mcp.name, kcp and kcp.name))
             continue
         where = f"cp #{i} {mcp.name!r}"
-        if not per_region:
-            for c in COUNTERS:
-                if mcp.counters.get(c) != kcp.counters.get(c):
-                    add(Difference(where, c, mcp.counters.get(c), kcp.counters.get(c)))
-        _compare_procs(where, mcp.processes, kcp.processes, per_region, detail, add)
-    return DiffReport(scenario, tuple(diffs), model, kernel, per_region)
+        for c in COUNTERS:
+            if mcp.counters.get(c) != kcp.counters.get(c):
+                add(Difference(where, c, mcp.counters.get(c), kcp.counters.get(c)))
+        _compare_procs(where, mcp.processes, kcp.processes, detail, add)
+    return DiffReport(scenario, tuple(diffs), model, kernel)
 
 
 def _compare_procs(where: str, mps: tuple[ProcessRecord, ...], kps: tuple[ProcessRecord, ...],
-                   per_region: bool, detail: bool, add: Callable[[Difference], None]) -> None:
+                   detail: bool, add: Callable[[Difference], None]) -> None:
     if [p.label for p in mps] != [p.label for p in kps]:
         add(Difference(where, "live processes", [p.label for p in mps], [p.label for p in kps]))
         return
     for mp, kp in zip(mps, kps, strict=True):
-        keys = _MERGE_ANY_SAFE_STAT if per_region else sorted({*mp.ksm_stat, *kp.ksm_stat})
-        for key in keys:
+        for key in sorted({*mp.ksm_stat, *kp.ksm_stat}):
             if mp.ksm_stat.get(key) != kp.ksm_stat.get(key):
                 add(Difference(where, f"{mp.label}.ksm_stat.{key}", mp.ksm_stat.get(key),
                                kp.ksm_stat.get(key)))
