@@ -20,11 +20,18 @@ result (memory saved as ``pages_sharing + ksm_zero_pages`` at the end, time
 to 50 % and 90 % of it, ksmd's CPU time), with the prediction's error, and
 writes them to ``--out`` (JSON) and a figure (``--plot``) for docs/estimate.md.
 
+With ``--speed``, step 1 also measures this machine's ksmd speed as
+``ksmlab calibrate --speed`` does (about 30 s, in the same session, just
+before the workload starts), and step 4 estimates with that cost, as an
+operator would with ``ksmlab estimate --cost``.  The shipped model's
+prediction is recorded beside it (``predicted_shipped``, computed after the
+real run from the same snapshot), so both can be shown.
+
 Usage (root, KSM; takes the ksmlab lock like every LinuxKernel user)::
 
     python bench/estimate.py                          # every workload
     python bench/estimate.py --only dataset zeros     # some
-    python bench/estimate.py --out docs/estimate-bench.json --plot docs/estimate-bench.png
+    python bench/estimate.py --speed --out docs/estimate-bench.json --plot docs/estimate-bench.png
 """
 
 from __future__ import annotations
@@ -43,9 +50,10 @@ import numpy as np
 
 from ksmlab.backends.linux import LinuxKernel, linux_ksm_unavailable_reason
 from ksmlab.backends.linux_knobs import boot_knobs
+from ksmlab.calibrate.speed import measure_speed
 from ksmlab.estimate import run_estimate
 from ksmlab.estimate.report import gross_figures
-from ksmlab.ksm.cost import KsmdCost
+from ksmlab.ksm.cost import KsmdCost, default_cost
 from ksmlab.scenario import host
 from ksmlab.scenario.knobs import WRITE_ORDER
 from ksmlab.scenario.model import GLOBAL_COUNTERS
@@ -177,10 +185,20 @@ def other_ksm_users(pids: set[int]) -> list[int]:
     return out
 
 
-def run_workload(w: Workload, tmp: str, keep: str | None = None) -> dict[str, Any]:
-    """Steps 1-6 of the module doc for *w*."""
+def run_workload(w: Workload, tmp: str, keep: str | None = None,
+                 speed: bool = False) -> dict[str, Any]:
+    """Steps 1-6 of the module doc for *w* (with ``--speed``, the machine's speed first)."""
     load = os.getloadavg()
+    cost: KsmdCost | None = None
+    speed_info: dict[str, Any] | None = None
     with LinuxKernel(lock_timeout=3600) as k:
+        if speed:
+            sp = measure_speed(k, default_cost())
+            cost = sp.cost
+            speed_info = {"ratio": sp.ratio, "reference": sp.reference, "factor": sp.factor,
+                          "cpu_scale": sp.cost.cpu_scale, "late_fraction": sp.late_fraction}
+            print(f"   speed: {sp.factor:.3f} x as slow as at the fit; cpu_scale "
+                  f"{sp.cost.cpu_scale:.3f}", flush=True)
         k.reset_knobs(boot_knobs())  # run=0 (un-merging what ran before), boot values
         for name in WRITE_ORDER:
             if name in w.knobs:
@@ -204,7 +222,7 @@ def run_workload(w: Workload, tmp: str, keep: str | None = None) -> dict[str, An
             capture_s = time.monotonic() - t
             t = time.monotonic()
             e = run_estimate(read_snapshot(path), until_ns=int(w.seconds * 1e9),
-                             sample_ns=int(SAMPLE_S * 1e9))
+                             sample_ns=int(SAMPLE_S * 1e9), cost=cost)
             estimate_s = time.monotonic() - t
             real = real_run(k, w.seconds)
         finally:
@@ -214,12 +232,16 @@ def run_workload(w: Workload, tmp: str, keep: str | None = None) -> dict[str, An
             for p in procs:
                 p.wait(timeout=60)
     pred, actual = _figures(e.result.timeline), _figures(real)
-    errors = {"saved": _error(pred["saved_pages"], actual["saved_pages"]),
-              "t50": _error(pred["t50_s"], actual["t50_s"]),
-              "t90": _error(pred["t90_s"], actual["t90_s"]),
-              "cpu": _error(pred["ksmd_cpu_s"], actual["ksmd_cpu_s"])}
+    errors = _errors(pred, actual)
+    shipped: dict[str, Any] = {}
+    if cost is not None:  # the same snapshot under the shipped model, for comparison
+        es = run_estimate(read_snapshot(path), until_ns=int(w.seconds * 1e9),
+                          sample_ns=int(SAMPLE_S * 1e9))
+        ps = _figures(es.result.timeline)
+        shipped = {"speed": speed_info, "predicted_shipped": ps,
+                   "errors_shipped": _errors(ps, actual)}
     plan = e.plan
-    return {
+    return shipped | {
         "name": w.name, "description": w.description, "knobs": w.knobs, "seconds": w.seconds,
         "load_before": load, "load_after": os.getloadavg(), "other_ksm_processes": others,
         "processes": len(pids), "snapshot": {
@@ -234,6 +256,14 @@ def run_workload(w: Workload, tmp: str, keep: str | None = None) -> dict[str, An
         "timeline_predicted": [list(r) for r in e.result.timeline],
         "timeline_real": [list(r) for r in real],
     }
+
+
+def _errors(pred: dict[str, Any], actual: dict[str, Any]) -> dict[str, float | None]:
+    """The prediction's error against the real run, percent, per target."""
+    return {"saved": _error(pred["saved_pages"], actual["saved_pages"]),
+            "t50": _error(pred["t50_s"], actual["t50_s"]),
+            "t90": _error(pred["t90_s"], actual["t90_s"]),
+            "cpu": _error(pred["ksmd_cpu_s"], actual["ksmd_cpu_s"])}
 
 
 def replay(recorded: str, snapshots: str | None, only: list[str] | None,
@@ -255,9 +285,7 @@ def replay(recorded: str, snapshots: str | None, only: list[str] | None,
                          until_ns=int(r["seconds"] * 1e9), sample_ns=int(SAMPLE_S * 1e9),
                          cost=cost)
         pred = _figures(e.result.timeline)
-        errors = {k: _error(pred[f], r["real"][f]) for k, f in
-                  (("saved", "saved_pages"), ("t50", "t50_s"), ("t90", "t90_s"),
-                   ("cpu", "ksmd_cpu_s"))}
+        errors = _errors(pred, r["real"])
         results.append(r | {"predicted": pred, "errors": errors,
                             "timeline_predicted": [list(x) for x in e.result.timeline]})
     print_table(results)
@@ -277,10 +305,13 @@ def _fmt(x: float | None, unit: str = "") -> str:
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    """One markdown table: per workload, bound, prediction, real, errors."""
+    """One markdown table: per workload, bound, prediction, real, errors (and, after a
+    ``--speed`` run, the shipped model's CPU)."""
+    shipped = any("predicted_shipped" in r for r in results)
     print("| workload | static bound | saved: predicted / real (error) | 50 %: predicted / real "
-          "(error) | 90 %: predicted / real (error) | ksmd CPU: predicted / real (error) |")
-    print("|---|---|---|---|---|---|")
+          "(error) | 90 %: predicted / real (error) | ksmd CPU: predicted / real (error) |"
+          + (" ksmd CPU, shipped model (error) | speed |" if shipped else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|" if shipped else ""))
     for r in results:
         p, a, e = r["predicted"], r["real"], r["errors"]
         mib = 4096 / 2**20
@@ -289,7 +320,12 @@ def print_table(results: list[dict[str, Any]]) -> None:
               f"({_fmt(e['saved'], ' %')}) | {_fmt(p['t50_s'], ' s')} / {_fmt(a['t50_s'], ' s')} "
               f"({_fmt(e['t50'], ' %')}) | {_fmt(p['t90_s'], ' s')} / {_fmt(a['t90_s'], ' s')} "
               f"({_fmt(e['t90'], ' %')}) | {_fmt(p['ksmd_cpu_s'], ' s')} / "
-              f"{_fmt(a['ksmd_cpu_s'], ' s')} ({_fmt(e['cpu'], ' %')}) |")
+              f"{_fmt(a['ksmd_cpu_s'], ' s')} ({_fmt(e['cpu'], ' %')}) |", end="")
+        if "predicted_shipped" in r:
+            print(f" {_fmt(r['predicted_shipped']['ksmd_cpu_s'], ' s')} "
+                  f"({_fmt(r['errors_shipped']['cpu'], ' %')}) | {r['speed']['factor']:.3f} |",
+                  end="")
+        print()
 
 
 def plot(results: list[dict[str, Any]], path: str) -> None:
@@ -335,6 +371,10 @@ def main() -> int:
     ap.add_argument("--replay", metavar="JSON",
                     help="no kernel: estimate the snapshots kept in --keep DIR again and compare "
                          "with the real runs recorded in JSON (a model change, same workloads)")
+    ap.add_argument("--speed", action="store_true",
+                    help="measure this machine's ksmd speed before each workload (about 30 s, "
+                         "as `ksmlab calibrate --speed`) and estimate with it; the shipped "
+                         "model's prediction is recorded beside it")
     ap.add_argument("--cost", metavar="FILE",
                     help="with --replay: the model's cost file (default: the shipped model)")
     args = ap.parse_args()
@@ -357,7 +397,7 @@ def main() -> int:
             if args.only and w.name not in args.only:
                 continue
             print(f"== {w.name}: {w.description}", flush=True)
-            r = run_workload(w, tmp, args.keep)
+            r = run_workload(w, tmp, args.keep, args.speed)
             results.append(r)
             p, a = r["predicted"], r["real"]
             print(f"   load {r['load_before'][0]:.1f}; {r['processes']} processes, "
@@ -366,6 +406,8 @@ def main() -> int:
                   f"{r['snapshot']['rewritten_pages']} rewritten); engine {r['engine']}, "
                   f"estimate {r['estimate_seconds']:.1f} s", flush=True)
             print(f"   predicted {p}\n   real      {a}\n   errors %  {r['errors']}", flush=True)
+            if "errors_shipped" in r:
+                print(f"   shipped model's errors % {r['errors_shipped']}", flush=True)
     print_table(results)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

@@ -28,6 +28,13 @@ Usage (root, KSM available)::
     python bench/timing.py --only builtin --runs 1
     python bench/timing.py --json timing.json   # the figures docs/cost-model.md records
     python bench/timing.py --cost my-cost.json  # another cost model
+    python bench/timing.py --speed              # the machine's speed measured per scenario
+
+With ``--speed``, before each scenario's real runs the machine's ksmd speed is
+measured as ``ksmlab calibrate --speed`` does (about 30 s), and the model runs
+with that cost; the shipped (or ``--cost``) model's CPU is recorded beside it
+(``cpu_model_base_s``), so a drift of the machine over the day shows apart from
+the model's own error.
 
 The model's runs start with ``ksmd_cpu_at_start`` set to the real ksmd's CPU
 time since boot (the scan-time advisor's first step counts all of it).  Timings are printed, never asserted.
@@ -48,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ksmlab.calibrate.speed import measure_speed_now
 from ksmlab.ksm.cost import KsmdCost
 from ksmlab.scenario import host
 from ksmlab.scenario.backends import LinuxBackend, SimBackend
@@ -255,7 +263,7 @@ def compare(name: str, model: Trace, reals: list[Trace]) -> dict[str, Any]:
     real = reals[0]
     n = min(len(model.scan_ends_s), len(real.scan_ends_s))
     scan_err = [rel(model.scan_ends_s[i], real.scan_ends_s[i]) for i in range(n)]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for mc, rc in zip(model.result.checkpoints, real.result.checkpoints, strict=False):
         other = [r.result.checkpoints[len(rows)] for r in reals[1:]
                  if len(r.result.checkpoints) > len(rows)]
@@ -303,7 +311,8 @@ def report(c: dict[str, Any], mem: int) -> None:
         row["kernel_cpu_spread"] = cpu_spread
         print(f"   {row['checkpoint']:>12}: scans {row['full_scans_model']}/{row['full_scans_real']}"
               f"  CPU {1e3 * (row['cpu_model_s'] or 0):7.1f}/{1e3 * (row['cpu_real_s'] or 0):7.1f} ms"
-              f" ({row['cpu_error']:+.1%}; kernel's own {', '.join(f'{x:+.1%}' for x in cpu_spread) or '-'})"
+              f" ({row['cpu_error']:+.1%}; kernel's own {', '.join(f'{x:+.1%}' for x in cpu_spread) or '-'}"
+              + (f"; unscaled {row['cpu_error_base']:+.1%}" if "cpu_error_base" in row else "") + ")"
               f"  profit {row['profit_model'] / 2**20:6.1f}/"
               f"{row['profit_real'] / 2**20:6.1f} MiB ({p_err:+.1%} of mergeable; kernel's own "
               f"spread {', '.join(f'{s:.1%}' for s in spread) or '-'})")
@@ -334,6 +343,9 @@ def main() -> int:
     ap.add_argument("--randoms", type=int, default=3, help="random scenarios (default 3)")
     ap.add_argument("--only", action="append", help="only these scenarios (repeatable)")
     ap.add_argument("--cost", help="the model's cost file (default: the shipped model)")
+    ap.add_argument("--speed", action="store_true",
+                    help="measure the machine's ksmd speed before each scenario (about 30 s) "
+                         "and run the model with it")
     ap.add_argument("--json", help="write the comparison here")
     args = ap.parse_args()
     cost = KsmdCost.load(args.cost) if args.cost else None
@@ -343,14 +355,25 @@ def main() -> int:
     for name, sc in scenarios(parse_duration_ns(args.until), args.randoms).items():
         if args.only and name not in args.only:
             continue
-        model = run_model(sc, cost)
+        speed = measure_speed_now(cost) if args.speed else None
+        model = run_model(sc, speed.cost if speed else cost)
         reals = [run_real(sc) for _ in range(args.runs)]
         c = compare(name, model, reals)
+        if speed:
+            base = run_model(sc, cost)
+            c["speed"] = {"factor": speed.factor, "cpu_scale": speed.cost.cpu_scale,
+                          "late_fraction": speed.late_fraction}
+            for row, bc in zip(c["checkpoints"], base.result.checkpoints, strict=False):
+                row["cpu_model_base_s"] = bc.ksmd_cpu_s
+                row["cpu_error_base"] = rel(bc.ksmd_cpu_s or 0.0, row["cpu_real_s"] or 0.0)
+            print(f"\n   speed: {speed.factor:.3f} x as slow as at the fit (cpu_scale "
+                  f"{speed.cost.cpu_scale:.3f})", end="")
         report(c, mergeable_bytes(model.result))
         out.append(c)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
             "loadavg_before": load0, "loadavg_after": os.getloadavg(),
-            "cost": (cost.source if cost else "defaults"), "runs": args.runs}
+            "cost": (cost.source if cost else "defaults"), "runs": args.runs,
+            "speed": args.speed}
     print(f"\nload average {load0} -> {os.getloadavg()}; {time.time() - started:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "scenarios": out}, indent=1))
@@ -360,6 +383,12 @@ def main() -> int:
     print(f"scan ends within 10 %: {sum(summary)}/{len(summary)}; "
           f"CPU within 20 %: {sum(cpu)}/{len(cpu)}; median |CPU error| "
           f"{statistics.median(cpu_errors) if cpu_errors else 0.0:.1%}")
+    unscaled = [abs(r["cpu_error_base"]) for c in out for r in c["checkpoints"]
+                if r["cpu_real_s"] and "cpu_error_base" in r]
+    if unscaled:
+        print(f"without the speed measured (the {meta['cost']} model): CPU within 20 %: "
+              f"{sum(e <= 0.20 for e in unscaled)}/{len(unscaled)}; median |CPU error| "
+              f"{statistics.median(unscaled):.1%}")
     return 0
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ksmlab.backends.linux_knobs import boot_knobs
+from ksmlab.calibrate.speed import measure_speed_now
 from ksmlab.ksm.cost import KsmdCost
 from ksmlab.scenario import host
 from ksmlab.scenario.loader import load_builtin, load_scenario, parse_scenario, truncate
@@ -126,23 +127,30 @@ def _choice(rows: list[dict[str, Any]], side: str,
     return pareto_front(pts), recommend(pts, budget)
 
 
-def fidelity(seconds: float, runs: int = 1, cost: KsmdCost | None = None) -> dict[str, Any]:
+def fidelity(seconds: float, runs: int = 1, cost: KsmdCost | None = None,
+             speed: bool = False) -> dict[str, Any]:
     """Both workloads on the model and on the kernel (see the module doc); *runs* real runs of
-    each configuration, compared by their mean (the kernel's own spread recorded)."""
+    each configuration, compared by their mean (the kernel's own spread recorded).  With
+    *speed*, the machine's ksmd speed is measured before each workload and the model runs
+    with it (``--remodel`` with the unscaled cost gives the other side for comparison)."""
     grid = parse_grid(FIDELITY_GRID)
     workloads = [truncate(load_builtin(), int(seconds * NS)),
                  truncate(load_scenario(ROOT / "examples" / "disk-image.toml"), int(seconds * NS))]
     out: dict[str, Any] = {"seconds": seconds, "budget_percent": BUDGET, "real_runs": runs,
                            "cost": "shipped" if cost is None else Path(cost.source).name,
-                           "workloads": []}
+                           "speed": speed, "workloads": []}
     for sc in workloads:
+        sp = measure_speed_now(cost) if speed else None
+        if sp:
+            print(f"{sc.name}: speed {sp.factor:.3f} x as slow as at the fit, cpu_scale "
+                  f"{sp.cost.cpu_scale:.3f}", file=sys.stderr)
         # The model's ksmd starts with the real one's CPU since boot, which the scan-time
         # advisor's first step counts (the real runs follow: their ksmd has a few seconds
         # more by then, which changes nothing the advisor computes from minutes).
         boot_cpu = host.ksmd_cpu_ns()
         print(f"{sc.name}: model (ksmd CPU at start {boot_cpu} ns)", file=sys.stderr)
         model = _sweep(sc if boot_cpu is None else with_ksmd_cpu_at_start(sc, boot_cpu), "sim",
-                       grid, cost=cost)
+                       grid, cost=sp.cost if sp else cost)
         reals = []
         for k in range(runs):
             print(f"{sc.name}: real kernel, run {k + 1} of {runs}", file=sys.stderr)
@@ -173,6 +181,8 @@ def fidelity(seconds: float, runs: int = 1, cost: KsmdCost | None = None) -> dic
             "name": sc.name, "source": _repo_relative(sc.source),
             "mergeable_bytes": mergeable_bytes(sc),
             "model_ksmd_cpu_at_start_s": None if boot_cpu is None else boot_cpu / NS,
+            "speed": None if sp is None else {"factor": sp.factor, "cpu_scale": sp.cost.cpu_scale,
+                                              "late_fraction": sp.late_fraction},
             "rows": rows, "model_front": list(model.front), "real_front": real_front,
             "model_recommendation": model.recommendation.index,
             "model_equivalent": list(model.recommendation.equivalent),
@@ -203,6 +213,7 @@ def remodel(fid: dict[str, Any], cost: KsmdCost | None) -> None:
     grid = parse_grid(FIDELITY_GRID)
     seconds = fid["seconds"]
     fid["cost"] = "shipped" if cost is None else Path(cost.source).name
+    fid["speed"] = False  # the model side no longer uses the speeds measured (kept per workload)
     for w in fid["workloads"]:
         src = w["source"]
         sc = load_builtin() if src == "<built-in>" else load_scenario(ROOT / src)
@@ -328,6 +339,9 @@ def main() -> None:
                          "the kernel's own spread is recorded)")
     ap.add_argument("--cost", metavar="FILE",
                     help="the model's cost file for the fidelity runs (default: the shipped one)")
+    ap.add_argument("--speed", action="store_true",
+                    help="measure the machine's ksmd speed before each fidelity workload (about "
+                         "30 s, as `ksmlab calibrate --speed`) and run the model with it")
     ap.add_argument("--json", metavar="FILE", help="write the results as JSON")
     ap.add_argument("--plot", metavar="FILE", help="draw the fidelity fronts side by side")
     ap.add_argument("--remodel", metavar="JSON",
@@ -350,7 +364,7 @@ def main() -> None:
         if args.plot:
             plot_fronts(results["fidelity"], args.plot)
     elif "fidelity" in args.only:
-        results["fidelity"] = fidelity(args.seconds, args.runs, cost)
+        results["fidelity"] = fidelity(args.seconds, args.runs, cost, args.speed)
         if args.plot:
             plot_fronts(results["fidelity"], args.plot)
     if "scale" in args.only and not (args.rerank or args.remodel):

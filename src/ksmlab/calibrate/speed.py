@@ -136,5 +136,20 @@ def measure_speed(k: Kernel, base: KsmdCost, *, repeats: int = 1, scale: int = 1
     return Speed(cost, ratio, reference, factor, late, samples)
 
 
-__all__ = ["SPEED_WORKLOADS", "Speed", "measure_speed", "reference_of", "speed_ratio",
-           "speed_workloads"]
+def measure_speed_now(base: KsmdCost | None = None, *, lock_timeout: float = 3600.0,
+                      log: Log = lambda _: None) -> Speed:
+    """:func:`measure_speed` in a LinuxKernel session of its own (the machine-wide lock, every
+    knob put back), against *base* (default: the shipped model).
+
+    For a bench that compares the model with the real kernel: the machine's speed just before
+    its real runs, so a drift of the machine over the day is not counted as the model's error.
+    """
+    from ksmlab.backends.linux import LinuxKernel
+    from ksmlab.ksm.cost import default_cost
+
+    with LinuxKernel(lock_timeout=lock_timeout) as k:
+        return measure_speed(k, base or default_cost(), log=log)
+
+
+__all__ = ["SPEED_WORKLOADS", "Speed", "measure_speed", "measure_speed_now", "reference_of",
+           "speed_ratio", "speed_workloads"]
