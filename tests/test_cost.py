@@ -26,6 +26,7 @@ from ksmlab import MADV_MERGEABLE, PAGE_SIZE, SimKernel
 from ksmlab.bulk import BulkKernel
 from ksmlab.ksm.cost import (
     FEATURES,
+    WALK_START_PAGES,
     KsmdClock,
     KsmdCost,
     KsmdWork,
@@ -507,3 +508,27 @@ def test_real_ksmd_wait_queues() -> None:
         time.sleep(0.2)
         assert int(k.sysfs["full_scans"]) == int(scans) + 1
         k.sysfs["run"] = "0"
+
+
+def walk_start_per_batch(k: Any) -> list[float]:
+    """Each batch's ``walk_start`` feature over the next full scan."""
+    scans, out = k.ksmd.engine.full_scans, []
+    while k.ksmd.engine.full_scans == scans:
+        assert k.ksmd.batch()
+        out.append(k.ksmd.meter.last["walk_start"])
+    return out
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_walk_start_counts_the_first_pages_of_each_batch(kind: Any) -> None:
+    """8 processes x 30 pages at 100 pages a batch: a full scan of 240 pages is batches of
+    100, 100 and 40 pages, each paying walk_start for its first WALK_START_PAGES (16)
+    pages: 16, 16, 16.  At pages_to_scan 7 the 240 pages are 34 batches of 7 and one of 2:
+    7 each, then 2."""
+    assert WALK_START_PAGES == 16
+    k = merged(kind, 8, 30, lambda p, i: 7)
+    assert walk_start_per_batch(k) == [16.0, 16.0, 16.0]
+    k.sysfs["pages_to_scan"] = "7"
+    walk_start_per_batch(k)  # the scan the new batch size starts in the middle of
+    assert walk_start_per_batch(k) == [7.0] * 34 + [2.0]
+

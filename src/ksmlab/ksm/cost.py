@@ -38,6 +38,9 @@ thp_split       a transparent huge page split so that a page of it can merge
                 (``split_huge_page`` in ``try_to_merge_one_page``)
 ksm_frame       a KSM page the batch's walk met for the first time in the batch
                 (its folio and stable node read: a cache miss per distinct page)
+walk_start      one of the first :data:`WALK_START_PAGES` pages of a batch (the
+                walk starting from cold caches and TLB: the mm's lock and vma,
+                the first page tables, the rmap list)
 ==============  ===============================================================
 
 Model choices (documented in docs/cost-model.md):
@@ -91,16 +94,20 @@ from ksmlab.ksm.jiffies import late_wake, sleep_end_ns, tick_nsec, wake_delay_ns
 FEATURES: Final = ("batch", "scan_start", "mm_end", "page", "pte_walk", "skip", "item", "checksum",
                    "stable_step", "stable_cold", "unstable_step", "unstable_cold", "full_cmp",
                    "chain_dup", "merge", "new_ksm", "zero_merge", "pte_page", "thp_split",
-                   "ksm_frame")
+                   "ksm_frame", "walk_start")
 """The cost's terms, in file order; parameter ``<name>_ns`` is the cost of one unit."""
 
 DEFAULT_FILE: Final = "data/ksmd-cost.json"
 FORMAT: Final = "ksmlab-ksmd-cost"
 VERSION: Final = 1
 _LN2: Final = math.log(2)
-LATER_FEATURES: Final = ("pte_page", "thp_split", "ksm_frame")
+LATER_FEATURES: Final = ("pte_page", "thp_split", "ksm_frame", "walk_start")
 """Terms added after version-1 files were first written: a file without them costs them 0
 (its fit never saw them)."""
+WALK_START_PAGES: Final = 16
+"""Pages at the start of a batch that pay ``walk_start`` (an offline refit of the 15:56
+calibration explained the same share of the 100-page workloads' cost with any bound from 8
+to 200: docs/cost-model.md, "Open: the start of a batch's walk")."""
 _CLOCK_FIELDS: Final = ("hz", "wake_delay_ns", "late_fraction", "run_stretch")
 
 
@@ -202,7 +209,7 @@ def features(w: KsmdWork, stable: tuple[int, int], unstable: tuple[int, int]) ->
         "full_cmp": s_eq + w.unstable_equal + w.merges + w.zero_merges,
         "chain_dup": w.chain_dups, "merge": w.merges, "new_ksm": w.new_ksm,
         "zero_merge": w.zero_merges, "pte_page": w.pte_pages, "thp_split": w.thp_splits,
-        "ksm_frame": w.ksm_frames,
+        "ksm_frame": w.ksm_frames, "walk_start": min(w.pages, WALK_START_PAGES),
     }
 
 
@@ -428,6 +435,6 @@ class KsmdMeter:
         return self.cost.cost_ns(feats)
 
 
-__all__ = ["FEATURES", "LATER_FEATURES", "KsmdClock", "KsmdCost", "KsmdMeter", "KsmdWork", "checked_cost",
-           "cold_nodes", "default_cost",
-           "features", "mean_depth"]
+__all__ = ["FEATURES", "LATER_FEATURES", "WALK_START_PAGES", "KsmdClock", "KsmdCost",
+           "KsmdMeter", "KsmdWork", "checked_cost", "cold_nodes", "default_cost", "features",
+           "mean_depth"]
