@@ -221,7 +221,8 @@ def run_workload(w: Workload, tmp: str, keep: str | None = None,
                                        samples=w.samples, interval_s=w.interval_s)
             capture_s = time.monotonic() - t
             t = time.monotonic()
-            e = run_estimate(read_snapshot(path), until_ns=int(w.seconds * 1e9),
+            snap = read_snapshot(path)
+            e = run_estimate(snap, until_ns=int(w.seconds * 1e9),
                              sample_ns=int(SAMPLE_S * 1e9), cost=cost)
             estimate_s = time.monotonic() - t
             real = real_run(k, w.seconds)
@@ -235,8 +236,7 @@ def run_workload(w: Workload, tmp: str, keep: str | None = None,
     errors = _errors(pred, actual)
     shipped: dict[str, Any] = {}
     if cost is not None:  # the same snapshot under the shipped model, for comparison
-        es = run_estimate(read_snapshot(path), until_ns=int(w.seconds * 1e9),
-                          sample_ns=int(SAMPLE_S * 1e9))
+        es = run_estimate(snap, until_ns=int(w.seconds * 1e9), sample_ns=int(SAMPLE_S * 1e9))
         ps = _figures(es.result.timeline)
         shipped = {"speed": speed_info, "predicted_shipped": ps,
                    "errors_shipped": _errors(ps, actual)}

@@ -24,7 +24,6 @@ from ksmlab.constants import (
     MAP_ANONYMOUS,
     MAP_PRIVATE,
     PAGE_SIZE,
-    PR_SET_MEMORY_MERGE,
     PROT_READ,
     PROT_WRITE,
 )
@@ -76,7 +75,6 @@ class _Run:
         self.checkpoints: list[CheckpointRecord] = []
         self.procs: list[_Proc] = []
         self.nregions = 0
-        self.merge_any = False
         self.stalls: list[bool] = []
 
     def record(self, proc: str, call: str, result: str) -> None:
@@ -170,11 +168,9 @@ class _Proc:
 
     def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0,
               arg5: int = 0) -> int:
-        ok, value = self._do(f"prctl({option}, {arg2}, {arg3}, {arg4}, {arg5})",
-                             lambda: self._inner.prctl(option, arg2, arg3, arg4, arg5),
-                             lambda v: f"-> {v}")
-        if ok and option == PR_SET_MEMORY_MERGE and arg2:
-            self._run.merge_any = True
+        _, value = self._do(f"prctl({option}, {arg2}, {arg3}, {arg4}, {arg5})",
+                            lambda: self._inner.prctl(option, arg2, arg3, arg4, arg5),
+                            lambda v: f"-> {v}")
         return value if isinstance(value, int) else 0
 
     def write(self, addr: int, data: bytes, *, force: bool = False) -> None:

@@ -157,9 +157,6 @@ class RunRecord:
         calls: every call, in order.
         checkpoints: every checkpoint, in order (the last one, ``(end)``, is
             taken after the program returns).
-        merge_any: some process enabled prctl(PR_SET_MEMORY_MERGE).  Compared
-            as fully as madvise programs: the Linux helper takes its own
-            memory back out of merging (docs/differential.md).
         error: the exception the program raised (other than OSError), if any.
         stalls: for each ``wait_full_scans``, whether it stalled.
         detail: vmas and physical pages were recorded (False on the bulk
@@ -170,7 +167,6 @@ class RunRecord:
     backend: str
     calls: tuple[CallRecord, ...]
     checkpoints: tuple[CheckpointRecord, ...]
-    merge_any: bool
     error: str | None
     stalls: tuple[bool, ...]
     detail: bool = True

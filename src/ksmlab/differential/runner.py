@@ -99,7 +99,7 @@ def _run(program: Program, driver: _Driver, backend: str, *, detail: bool = True
         error = f"{type(exc).__name__}: {exc}{at}"
     else:
         cp("(end)")
-    return RunRecord(backend, tuple(run.calls), tuple(run.checkpoints), run.merge_any, error,
+    return RunRecord(backend, tuple(run.calls), tuple(run.checkpoints), error,
                      tuple(run.stalls), detail)
 
 
