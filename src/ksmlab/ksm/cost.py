@@ -107,7 +107,7 @@ LATER_FEATURES: Final = ("pte_page", "thp_split", "ksm_frame", "walk_start")
 WALK_START_PAGES: Final = 16
 """Pages at the start of a batch that pay ``walk_start`` (an offline refit of the 15:56
 calibration explained the same share of the 100-page workloads' cost with any bound from 8
-to 200: docs/cost-model.md, "Open: the start of a batch's walk")."""
+to 200: docs/cost-model.md, "The start of a batch's walk")."""
 _CLOCK_FIELDS: Final = ("hz", "wake_delay_ns", "late_fraction", "run_stretch")
 
 
