@@ -214,6 +214,7 @@ def remodel(fid: dict[str, Any], cost: KsmdCost | None) -> None:
     seconds = fid["seconds"]
     fid["cost"] = "shipped" if cost is None else Path(cost.source).name
     fid["speed"] = False  # the model side no longer uses the speeds measured (kept per workload)
+    fid["remodelled"] = True  # the model side ran after the real runs, not beside them
     for w in fid["workloads"]:
         src = w["source"]
         sc = load_builtin() if src == "<built-in>" else load_scenario(ROOT / src)
