@@ -8,6 +8,7 @@ nothing here touches KSM.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -252,8 +253,6 @@ def test_the_local_clusters_workers_keep_distributeds_error_records_off_the_term
     # Seen once in CI: after a Ctrl-C, a worker's heartbeat raced the scheduler's
     # close and distributed logged it at ERROR with a traceback.  A failed
     # configuration reaches the user through its future, so only CRITICAL passes.
-    import logging
-
     from ksmlab.tune.sweep import _client
 
     client, cluster = _client(None, 1)
